@@ -1,0 +1,14 @@
+"""Differentially private training for PyTorch with per-example clipping fused into backward."""
+
+from dpfused.accounting import PrivacyBudgetExhausted, PrivacyReport
+from dpfused.engine import PrivacyEngine
+from dpfused.instrument import detach, explain
+from dpfused.losses import per_example_lm_loss
+from dpfused.optimizer import DPOptimizer
+from dpfused.validate import fix
+
+__all__ = [
+    "PrivacyEngine", "DPOptimizer", "PrivacyBudgetExhausted", "PrivacyReport",
+    "detach", "explain", "fix", "per_example_lm_loss",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,333 @@
+"""PrivacyEngine: make an existing PyTorch training loop differentially private.
+
+    engine = dpfused.PrivacyEngine()
+    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer,
+        data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    ... the user's loop, unchanged ...
+    engine.get_epsilon(delta=1e-5)
+
+Opacus' keyword arguments are accepted and each is mapped or refused explicitly (``_OpacusArgs``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+
+from dpfused import accounting, validate
+from dpfused.clipping import CLIPPING_MODES
+from dpfused.instrument import detach, instrument
+from dpfused.optimizer import DPOptimizer
+
+__all__ = ["PrivacyEngine"]
+
+ACCOUNTANTS = ("pld", "rdp")
+SAMPLINGS = ("poisson", "cyclic", "shuffle")
+LOSS_REDUCTIONS = ("mean", "sum")
+NEIGHBORINGS = ("add_remove", "replace_one")
+
+
+class PrivacyEngine:
+    """Makes modules, optimizers and data loaders private and accounts for the privacy spent.
+
+    Args:
+        accountant: "pld" (default; dp_accounting's privacy-loss-distribution accountant) or
+            "rdp". Opacus' "prv" maps to "pld" (both numerical, tight composition); "gdp" is refused.
+        neighboring: "add_remove" (default) or "replace_one" (sensitivity 2C).
+        secure_mode: Opacus' flag. True is refused: dpfused has no cryptographically secure noise
+            source yet.
+    """
+
+    def __init__(self, *, accountant: str = "pld", neighboring: str = "add_remove",
+                 secure_mode: bool = False):
+        accountant = _map_accountant(accountant)
+        _check_choice("neighboring", neighboring, NEIGHBORINGS)
+        _refuse_secure_mode(secure_mode)
+        self.accountant = accounting.PrivacyAccountant(mechanism=accountant, neighboring=neighboring)
+        self.accountant_name = accountant
+        self.neighboring = neighboring
+        self.optimizer: DPOptimizer | None = None
+        self.data_loader = None
+        self.module: nn.Module | None = None
+
+    # ---- make_private ---------------------------------------------------------------------------
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: torch.utils.data.DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float | list[float],
+        clipping: str = "flat",
+        loss_reduction: str = "mean",
+        sampling: str | None = None,
+        thresholds: dict[str, float] | list[float] | None = None,
+        batch_first: bool = True,
+        max_physical_batch_size: int | None = None,
+        shuffle_once: bool = False,
+        drop_last: bool = True,
+        noise_generator: torch.Generator | None = None,
+        sampling_generator: torch.Generator | None = None,
+        max_epsilon: float | None = None,
+        delta: float | None = None,
+        **opacus_kwargs,
+    ):
+        """Instrument ``module`` in place and wrap ``optimizer`` and ``data_loader``.
+
+        Args:
+            module: the model, in train mode. The same object is returned, instrumented in place.
+            optimizer: any torch.optim optimizer over the module's parameters.
+            data_loader: a DataLoader over a map-style dataset; rebuilt with a DP batch sampler.
+            noise_multiplier: sigma >= 0 (noise std is sigma * C).
+            max_grad_norm: C, the total clipping norm (sqrt(sum_g C_g^2) for group-wise clipping).
+            clipping: "flat" (one group; book-keeping), "per_layer" (a group per layer; fast path)
+                or "per_device" (a group per device).
+            loss_reduction: "mean" or "sum": how the loss you backpropagate reduces over examples.
+            sampling: "poisson" (default), "cyclic" or "shuffle" (DESIGN §6).
+            thresholds: per_layer/per_device group thresholds, a dict {group: C_g} or a list.
+            batch_first: False when the model's inputs are (T, B, ...).
+            max_physical_batch_size: split logical batches into physical ones of at most this size.
+            shuffle_once: cyclic sampling: draw one seeded order before training.
+            drop_last: cyclic/shuffle: drop the last partial batch of an epoch.
+            noise_generator: torch.Generator for the noise.
+            sampling_generator: torch.Generator for the batch sampler.
+            max_epsilon, delta: a budget; a step that would exceed it raises PrivacyBudgetExhausted.
+            **opacus_kwargs: Opacus' poisson_sampling, grad_sample_mode, criterion, secure_mode.
+
+        Returns:
+            ``(module, optimizer, data_loader)``; ``(module, optimizer, criterion, data_loader)`` when
+            Opacus' ``criterion=`` is passed, so Opacus code that unpacks four values runs unchanged.
+
+        Raises:
+            ValueError / TypeError: a bad argument or a module that cannot be made private, before
+                anything is changed.
+        """
+        opacus = _OpacusArgs.parse(opacus_kwargs, sampling=sampling, clipping=clipping)
+        sampling = opacus.sampling or "poisson"
+        max_grad_norm, thresholds = _split_max_grad_norm(max_grad_norm, thresholds, clipping)
+        _check_arguments(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         clipping=clipping, loss_reduction=loss_reduction, sampling=sampling,
+                         max_epsilon=max_epsilon, delta=delta,
+                         max_physical_batch_size=max_physical_batch_size)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, DPOptimizer):
+            raise ValueError("optimizer is already a DPOptimizer; pass the original optimizer")
+        validate.check_module(module)
+        validate.check_optimizer(optimizer, module)
+        opacus.check_criterion(loss_reduction)
+
+        from dpfused import sampling as dp_sampling  # TEMP until sampling lands
+
+        loader = dp_sampling.make_private_data_loader(
+            data_loader, sampling=sampling, max_physical_batch_size=max_physical_batch_size,
+            shuffle_once=shuffle_once, drop_last=drop_last, generator=sampling_generator,
+        )
+        inst = instrument(module, clipping=clipping, max_grad_norm=max_grad_norm,
+                          thresholds=thresholds, loss_reduction=loss_reduction,
+                          batch_first=batch_first)
+        dp_optimizer = DPOptimizer(
+            optimizer, instrumentation=inst, noise_multiplier=noise_multiplier,
+            loss_reduction=loss_reduction, expected_batch_size=_expected_batch_size(loader),
+            sampling=sampling, data_loader=loader, accountant=self.accountant,
+            generator=noise_generator, max_epsilon=max_epsilon, delta=delta,
+        )
+        self.module, self.optimizer, self.data_loader = module, dp_optimizer, loader
+        if opacus.criterion is not None:
+            return module, dp_optimizer, opacus.criterion, loader
+        return module, dp_optimizer, loader
+
+    def make_private_with_epsilon(self, *, module, optimizer, data_loader, target_epsilon: float,
+                                  target_delta: float, epochs: int | None = None,
+                                  steps: int | None = None, **kwargs):
+        """make_private with sigma calibrated so that ``epochs`` of training spend ``target_epsilon``.
+
+        The calibration uses the same accountant and sampling as training and returns the
+        conservative side (epsilon(sigma) <= target_epsilon).
+        """
+        if "noise_multiplier" in kwargs:
+            raise ValueError("make_private_with_epsilon sets noise_multiplier itself; remove it")
+        opacus = _OpacusArgs.parse(dict(kwargs), sampling=kwargs.get("sampling"),
+                                   clipping=kwargs.get("clipping", "flat"))
+        sampling = opacus.sampling or "poisson"
+        num_samples = len(data_loader.dataset)
+        batch_size = data_loader.batch_size
+        if batch_size is None:
+            raise ValueError("data_loader must have a batch_size (the expected logical batch size)")
+        sigma = accounting.calibrate_noise_multiplier(
+            target_epsilon=target_epsilon, delta=target_delta, sampling=sampling,
+            sample_rate=batch_size / num_samples if sampling == "poisson" else None,
+            num_samples=num_samples, batch_size=batch_size, epochs=epochs, steps=steps,
+            mechanism=self.accountant_name, neighboring=self.neighboring,
+        )
+        return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
+                                 noise_multiplier=sigma, **kwargs)
+
+    # ---- accounting -----------------------------------------------------------------------------
+    def get_epsilon(self, delta: float) -> float:
+        """Composed epsilon (every iterate released) for the steps taken so far (Opacus-compatible)."""
+        return self.accountant.get_epsilon(delta)
+
+    def privacy_report(self, delta: float, *, smoothness: float | None = None,
+                       convex: bool = False) -> accounting.PrivacyReport:
+        """Composed and (where its assumptions hold) last-iterate epsilon, with the assumptions."""
+        return accounting.privacy_report(self.accountant, delta, smoothness=smoothness,
+                                         convex=convex)
+
+    def state_dict(self) -> dict:
+        """Accountant ledger and sampler position: resume gives the same batches and epsilon."""
+        state = {"accountant": self.accountant.state_dict()}
+        if self.data_loader is not None:
+            state["data_loader"] = self.data_loader.state_dict()
+        if self.optimizer is not None:
+            state["steps_taken"] = self.optimizer.steps_taken
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        if "data_loader" in state:
+            if self.data_loader is None:
+                raise ValueError("call make_private before load_state_dict: the saved state has a "
+                                 "data loader position to restore")
+            self.data_loader.load_state_dict(state["data_loader"])
+        if self.optimizer is not None and "steps_taken" in state:
+            self.optimizer.steps_taken = state["steps_taken"]
+
+    @staticmethod
+    def detach(module: nn.Module) -> nn.Module:
+        return detach(module)
+
+
+def _expected_batch_size(loader) -> float:
+    if loader.sampling == "poisson":
+        return loader.sample_rate * loader.num_samples
+    return float(loader.batch_size)
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}")
+
+
+def _map_accountant(name):
+    if name == "prv":
+        warnings.warn("accountant='prv' (Opacus) maps to dpfused's 'pld' (dp_accounting's "
+                      "privacy-loss-distribution accountant): both compose numerically and tightly",
+                      stacklevel=3)
+        return "pld"
+    if name == "gdp":
+        raise ValueError("accountant='gdp' is refused: the Gaussian-DP CLT approximation is not an "
+                         "upper bound on epsilon; use 'pld' (default) or 'rdp'")
+    _check_choice("accountant", name, ACCOUNTANTS)
+    return name
+
+
+def _refuse_secure_mode(secure_mode):
+    if secure_mode:
+        raise ValueError(
+            "secure_mode=True needs a cryptographically secure noise and sampling source, which "
+            "dpfused does not ship yet (torch's generators are not CSPRNGs); use secure_mode=False"
+        )
+
+
+def _split_max_grad_norm(max_grad_norm, thresholds, clipping):
+    """Opacus passes per-layer thresholds as a list in max_grad_norm; accept it for per_layer."""
+    if isinstance(max_grad_norm, (list, tuple)):
+        if clipping not in ("per_layer", "per_device"):
+            raise ValueError(f"max_grad_norm is a list but clipping={clipping!r}; a list of "
+                             "thresholds needs clipping='per_layer' or 'per_device'")
+        if thresholds is not None:
+            raise ValueError("give group thresholds either as max_grad_norm=[...] or thresholds=, not both")
+        values = [float(v) for v in max_grad_norm]
+        return math.sqrt(sum(v * v for v in values)), values
+    if isinstance(thresholds, dict):
+        total = math.sqrt(sum(float(v) ** 2 for v in thresholds.values()))
+        if not math.isclose(total, float(max_grad_norm), rel_tol=1e-6):
+            raise ValueError(f"thresholds give sqrt(sum C_g^2) = {total:.6g} but max_grad_norm="
+                             f"{max_grad_norm}; make them agree (max_grad_norm is the sensitivity)")
+    if isinstance(thresholds, (list, tuple)):
+        total = math.sqrt(sum(float(v) ** 2 for v in thresholds))
+        if not math.isclose(total, float(max_grad_norm), rel_tol=1e-6):
+            raise ValueError(f"thresholds give sqrt(sum C_g^2) = {total:.6g} but max_grad_norm="
+                             f"{max_grad_norm}; make them agree (max_grad_norm is the sensitivity)")
+    return max_grad_norm, thresholds
+
+
+def _check_arguments(*, noise_multiplier, max_grad_norm, clipping, loss_reduction, sampling,
+                     max_epsilon, delta, max_physical_batch_size):
+    if not isinstance(max_grad_norm, (int, float)) or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+    if (not isinstance(noise_multiplier, (int, float)) or not math.isfinite(noise_multiplier)
+            or noise_multiplier < 0):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    _check_choice("clipping", clipping, CLIPPING_MODES)
+    _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+    _check_choice("sampling", sampling, SAMPLINGS)
+    if max_physical_batch_size is not None and (
+            not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1):
+        raise ValueError(f"max_physical_batch_size must be a positive int, got {max_physical_batch_size!r}")
+    if (max_epsilon is None) != (delta is None):
+        raise ValueError("max_epsilon and delta go together: give both or neither")
+    if max_epsilon is not None and not max_epsilon > 0:
+        raise ValueError(f"max_epsilon must be > 0, got {max_epsilon!r}")
+    if delta is not None and not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+
+
+class _OpacusArgs:
+    """Opacus' make_private keywords, each mapped onto dpfused's or refused with the reason."""
+
+    def __init__(self):
+        self.sampling = None
+        self.criterion = None
+
+    @classmethod
+    def parse(cls, kwargs, *, sampling, clipping):
+        args = cls()
+        args.sampling = sampling
+        kwargs = dict(kwargs)
+        if "poisson_sampling" in kwargs:
+            mapped = "poisson" if kwargs.pop("poisson_sampling") else "shuffle"
+            if sampling is not None and sampling != mapped:
+                raise ValueError(f"poisson_sampling contradicts sampling={sampling!r}; give one")
+            # Opacus accounts a non-Poisson loader as if it were Poisson, which understates
+            # epsilon (DESIGN §7); dpfused samples and accounts shuffled batches honestly.
+            args.sampling = mapped
+        if "grad_sample_mode" in kwargs:
+            mode = kwargs.pop("grad_sample_mode")
+            if mode not in ("hooks", "ghost", "functorch", "ew"):
+                raise ValueError(
+                    f"grad_sample_mode={mode!r}: dpfused computes per-example norms inside backward "
+                    "for every clipping mode; Opacus' 'hooks', 'ghost', 'functorch' and 'ew' are "
+                    "accepted (they only choose Opacus' implementation); use clipping= to choose "
+                    "the clipping groups"
+                )
+            if mode == "ghost" and clipping != "flat":
+                raise ValueError("grad_sample_mode='ghost' is flat clipping in Opacus; it "
+                                 f"contradicts clipping={clipping!r}")
+        if "secure_mode" in kwargs:
+            _refuse_secure_mode(kwargs.pop("secure_mode"))
+        if "criterion" in kwargs:
+            args.criterion = kwargs.pop("criterion")
+        if clipping == "adaptive":
+            raise ValueError("clipping='adaptive' is not implemented in dpfused yet; use 'flat', "
+                             "'per_layer' or 'per_device'")
+        if kwargs:
+            raise TypeError(f"make_private got unexpected keyword argument(s) {sorted(kwargs)}")
+        return args
+
+    def check_criterion(self, loss_reduction):
+        if self.criterion is None:
+            return
+        reduction = getattr(self.criterion, "reduction", None)
+        if reduction is not None and reduction != loss_reduction:
+            raise ValueError(
+                f"criterion has reduction={reduction!r} but loss_reduction={loss_reduction!r}; "
+                "they must match, or per-example gradients are scaled wrongly"
+            )

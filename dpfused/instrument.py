@@ -1,0 +1,148 @@
+"""Instrument a module in place: each layer that owns trainable parameters runs through its rule.
+
+The module object, its parameters and its state_dict keys stay the same; only ``forward`` of each
+instrumented submodule is overridden on the instance (``detach`` deletes the override). Forwards
+run without grad (evaluation, ``generate``) go straight to the original code.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from dpfused.clipping import Bookkeeper, Layer, build_groups
+from dpfused.rules import fallback_rule, rule_for
+from dpfused.rules.functorch import bypassing
+
+__all__ = ["Instrumentation", "instrument", "detach", "explain", "instrumentation_of"]
+
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Instrumentation]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Instrumentation:
+    """What make_private did to a module: its layers, groups and book-keeping."""
+
+    module: nn.Module
+    layers: list[Layer]
+    book: Bookkeeper
+    clipping: str
+
+    @property
+    def groups(self):
+        return self.book.groups
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for g in self.groups for p in g.params]
+
+
+def instrument(module, *, clipping, max_grad_norm, thresholds, loss_reduction, batch_first):
+    """Find the layers, build the clipping groups and patch the forwards. Raises before patching."""
+    if module in _ACTIVE:
+        raise ValueError(
+            "module is already instrumented by dpfused; call dpfused.detach(model) before making "
+            "it private again"
+        )
+    layers = _find_layers(module)
+    _check_coverage(module, layers)
+    groups = build_groups(layers, clipping=clipping, max_grad_norm=max_grad_norm,
+                          thresholds=thresholds)
+    book = Bookkeeper(groups, loss_reduction=loss_reduction, batch_first=batch_first)
+    for layer in layers:
+        _patch(layer, book.tap(layer))
+    inst = Instrumentation(module, layers, book, clipping)
+    _ACTIVE[module] = inst
+    return inst
+
+
+def _find_layers(module):
+    layers, claimed = [], set()
+    for path, sub in module.named_modules():
+        if id(sub) in claimed:
+            continue
+        rule = rule_for(sub)
+        if rule is not None and rule.claims_children:
+            params = [p for p in sub.parameters() if p.requires_grad]
+            claimed.update(id(m) for m in sub.modules())
+        else:
+            params = [p for p in sub.parameters(recurse=False) if p.requires_grad]
+        if not params:
+            continue
+        rule = rule or fallback_rule()
+        rule.check(sub, path or "<root>")
+        layers.append(Layer(path or "<root>", sub, rule, params))
+    return layers
+
+
+def _check_coverage(module, layers):
+    handled = {id(p) for layer in layers for p in layer.params}
+    for name, p in module.named_parameters():
+        if p.requires_grad and id(p) not in handled:
+            raise ValueError(
+                f"parameter '{name}' is trainable but no layer rule handles it; freeze it or "
+                "register a rule for its module (dpfused.rules.register)"
+            )
+    if not handled:
+        raise ValueError("module has no trainable parameters; nothing to make private")
+
+
+def _patch(layer, tap):
+    module = layer.module
+    original = module.forward  # bound method (or an instance override, restored by detach)
+    had_override = "forward" in module.__dict__
+
+    def forward(*args, **kwargs):
+        if bypassing() or not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        return layer.rule.forward(module, tap, *args, **kwargs)
+
+    forward._dpfused_original = (original if had_override else None)  # type: ignore[attr-defined]
+    module.forward = forward
+
+
+def detach(module: nn.Module) -> nn.Module:
+    """Remove dpfused's instrumentation from ``module`` (in place); returns the module.
+
+    Raises:
+        ValueError: the module was not made private by dpfused.
+    """
+    inst = _ACTIVE.pop(module, None)
+    if inst is None:
+        raise ValueError("module is not instrumented by dpfused (nothing to detach)")
+    for layer in inst.layers:
+        patched = layer.module.__dict__.pop("forward", None)
+        original = getattr(patched, "_dpfused_original", None)
+        if original is not None:
+            layer.module.forward = original
+    return module
+
+
+def instrumentation_of(module: nn.Module) -> Instrumentation | None:
+    return _ACTIVE.get(module)
+
+
+def explain(module: nn.Module) -> str:
+    """A table of the instrumented layers: rule, clipping group, threshold and norm path taken.
+
+    The path (ghost / direct) is the one the last backward pass chose for the layer's shapes.
+    """
+    inst = _ACTIVE.get(module)
+    if inst is None:
+        raise ValueError("module is not instrumented by dpfused; call make_private first")
+    group_of = {path: g for g in inst.groups for path in g.layers}
+    rows = [("layer", "rule", "group", "C_g", "norm path")]
+    for layer in inst.layers:
+        group = group_of.get(layer.path)
+        rows.append((
+            layer.path, layer.rule.name, group.name if group else "-",
+            f"{group.threshold:.4g}" if group else "-",
+            inst.book.paths.get(layer.path, "-"),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""LayerNorm and RMSNorm (torch and HuggingFace variants): per-example gradients materialized.
+
+Their per-example gradients are small vectors (sum_t x_hat_t * g_t and sum_t g_t, DESIGN §3), so
+they are DensePieces; the kernel computes them together with the input gradient in one pass.
+nn.GroupNorm goes through the torch.func rule (correct; its parameters are tiny).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpfused import kernels
+from dpfused.pieces import DensePiece
+from dpfused.rules import register
+from dpfused.rules._shape import batch_major
+
+# HuggingFace RMSNorm classes known to compute weight * (x / rms(x)).to(dtype) with no offset.
+# Others (Gemma's 1 + weight, ...) fall back to the torch.func rule, which is exact for any form.
+HF_RMSNORMS = (
+    "LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
+    "MixtralRMSNorm", "SmolLM3RMSNorm", "OlmoRMSNorm", "Olmo2RMSNorm", "GraniteRMSNorm",
+)
+
+
+class _NormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, tap, spec):
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.bias, ctx.tap, ctx.spec = weight, bias, tap, spec
+        return _norm_forward(x, weight, bias, spec)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        spec, tap = ctx.spec, ctx.tap
+        xb, gb = batch_major(x, tap.batch_first), batch_major(grad_out, tap.batch_first)
+        grad_x, weight_grads, bias_grads = kernels.norm_layer_backward(
+            xb, gb, ctx.weight, normalized_shape=spec["shape"], eps=spec["eps"],
+            rms=spec["rms"], has_bias=ctx.bias is not None,
+        )
+        pieces = []
+        if ctx.weight is not None and ctx.weight.requires_grad:
+            pieces.append(DensePiece(ctx.weight, weight_grads))
+        if ctx.bias is not None and ctx.bias.requires_grad:
+            pieces.append(DensePiece(ctx.bias, bias_grads))
+        tap.deliver(pieces)
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        grad_x = grad_x if tap.batch_first or x.dim() < 3 else grad_x.movedim(0, 1)
+        return grad_x.to(x.dtype), None, None, None, None
+
+
+def _norm_forward(x, weight, bias, spec):
+    if not spec["rms"]:
+        return F.layer_norm(x, spec["shape"], weight, bias, spec["eps"])
+    dims = tuple(range(-len(spec["shape"]), 0))
+    xf = x.to(torch.float32)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + spec["eps"])
+    if spec["hf"]:  # HuggingFace casts before the weight multiply
+        return weight * normed.to(x.dtype)
+    out = normed if weight is None else normed * weight.to(torch.float32)
+    return out.to(x.dtype)
+
+
+def _apply(module, tap, x, spec):
+    tap.record_forward()
+    return _NormFunction.apply(x, module.weight, getattr(module, "bias", None), tap, spec)
+
+
+@register(nn.LayerNorm)
+class LayerNormRule:
+    name = "layer_norm"
+    claims_children = False
+
+    def check(self, module, path):
+        pass
+
+    def forward(self, module, tap, x):
+        spec = {"shape": tuple(module.normalized_shape), "eps": module.eps, "rms": False, "hf": False}
+        return _apply(module, tap, x, spec)
+
+
+@register(nn.RMSNorm)
+class RMSNormRule:
+    name = "rms_norm"
+    claims_children = False
+
+    def check(self, module, path):
+        pass
+
+    def forward(self, module, tap, x):
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        spec = {"shape": tuple(module.normalized_shape), "eps": eps, "rms": True, "hf": False}
+        return _apply(module, tap, x, spec)
+
+
+@register(*HF_RMSNORMS)
+class HFRMSNormRule:
+    name = "rms_norm_hf"
+    claims_children = False
+
+    def check(self, module, path):
+        if not isinstance(getattr(module, "weight", None), nn.Parameter) or not hasattr(
+            module, "variance_epsilon"
+        ):
+            raise ValueError(
+                f"module '{path}' ({type(module).__name__}) does not look like a HuggingFace RMSNorm "
+                "(weight, variance_epsilon); please report it"
+            )
+
+    def forward(self, module, tap, x):
+        spec = {"shape": (module.weight.shape[-1],), "eps": module.variance_epsilon,
+                "rms": True, "hf": True}
+        return _apply(module, tap, x, spec)

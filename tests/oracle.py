@@ -1,0 +1,54 @@
+"""The independent float64 oracle: per-example gradients from torch.func, one example at a time.
+
+Nothing here uses dpfused's rules or kernels: per-example gradients come from ``vmap(grad(...))``
+through ``functional_call`` on an uninstrumented copy of the model (tied weights stay tied), are
+clipped per group with thresholds from the test, and summed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+
+def per_example_grads(model, example_loss, inputs):
+    """{param name: (B, *shape)} per-example gradients of ``example_loss(model_output, i)``.
+
+    Args:
+        model: an UNINSTRUMENTED module (a deepcopy taken before make_private).
+        example_loss: (module, single-example inputs as batch of 1) -> scalar loss of that example.
+        inputs: tuple of batched tensors; example i is ``tuple(t[i:i+1] for t in inputs)``.
+    """
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {n: b for n, b in model.named_buffers()}
+
+    def loss_one(params, *example):
+        batched = tuple(t.unsqueeze(0) for t in example)
+
+        def call(*args, **kwargs):
+            return functional_call(model, {**params, **frozen, **buffers}, args, kwargs)
+
+        return example_loss(call, batched)
+
+    return vmap(grad(loss_one), in_dims=(None,) + (0,) * len(inputs), randomness="error")(
+        params, *inputs
+    )
+
+
+def clipped_sums(grads, groups, *, threshold_of):
+    """sum_i c_ig G_ig for groups given as lists of parameter names."""
+    sums = {}
+    for name_list in groups:
+        flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in name_list], dim=1)
+        norms = flat.norm(dim=1)
+        factors = (threshold_of(name_list) / (norms + 1e-6)).clamp(max=1.0)
+        for n in name_list:
+            sums[n] = torch.einsum("b,b...->...", factors, grads[n])
+    return sums
+
+
+def snapshot(model):
+    return copy.deepcopy(model)
