@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from dpfused import accounting, validate
+from dpfused import sampling as dp_sampling
 from dpfused.clipping import CLIPPING_MODES
 from dpfused.instrument import detach, instrument
 from dpfused.optimizer import DPOptimizer
@@ -122,8 +123,6 @@ class PrivacyEngine:
         validate.check_module(module)
         validate.check_optimizer(optimizer, module)
         opacus.check_criterion(loss_reduction)
-
-        from dpfused import sampling as dp_sampling  # TEMP until sampling lands
 
         loader = dp_sampling.make_private_data_loader(
             data_loader, sampling=sampling, max_physical_batch_size=max_physical_batch_size,

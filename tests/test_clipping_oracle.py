@@ -72,3 +72,24 @@ def test_tied_weights_form_one_group_and_use_the_summed_gradient():
 def test_lora_clips_only_adapters():
     _, ours, model, _ = _run("gpt2_lora", 3, "flat")
     assert ours and all("lora_" in name for name in ours)
+
+
+# HuggingFace models cannot forward a zero-size batch themselves (their reshape(..., -1) calls);
+# for them an empty logical batch is a step without backward (tests/test_engine.py).
+OWN_FAMILIES = [n for n in sorted(models.FACTORIES) if not n.startswith(("gpt2", "llama"))]
+
+
+@pytest.mark.parametrize("name", OWN_FAMILIES)
+def test_empty_batch_goes_through_every_model(name):
+    """Poisson batches can be empty: forward/backward must work and contribute nothing."""
+    case = models.FACTORIES[name](2)
+    empty = tuple(t[:0] for t in case.inputs)
+    inst = instrument(case.model, clipping="flat", max_grad_norm=1.0, thresholds=None,
+                      loss_reduction="sum", batch_first="seq_first" not in name)
+    try:
+        case.batch_loss(case.model, empty, "sum").backward()
+        step = inst.book.take_step_sums()
+        assert step.examples == 0 and step.backward_passes == 1
+        assert all(float(s.abs().sum()) == 0.0 for s in step.sums.values())
+    finally:
+        detach(case.model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -20,4 +22,5 @@ def as_sequence(t: torch.Tensor, batch_first: bool) -> torch.Tensor:
             f"an input of shape {tuple(t.shape)} has no batch dimension; dpfused needs batched "
             "inputs (B, ..., features)"
         )
-    return t.reshape(t.shape[0], -1, t.shape[-1])
+    positions = math.prod(t.shape[1:-1])  # explicit: -1 is ambiguous for an empty batch
+    return t.reshape(t.shape[0], positions, t.shape[-1])

@@ -6,6 +6,8 @@ diagonal: one FactorPiece per group, each on its own rows of the weight (no cros
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -93,13 +95,14 @@ def _unfold(x, module):
         patches = patches[..., :: module.dilation[d]]
     batch, channels = x.shape[:2]
     patches = patches.permute(0, 2, 3, 4, 1, 5, 6, 7)  # (B, oD, oH, oW, C, kD, kH, kW)
-    return patches.reshape(batch, -1, channels * module.kernel_size[0] * module.kernel_size[1]
-                           * module.kernel_size[2])
+    positions = math.prod(patches.shape[1:4])
+    return patches.reshape(batch, positions, channels * math.prod(module.kernel_size))
 
 
 def _pieces(padded, grad_out, weight, bias, module):
     batch, out_channels = grad_out.shape[:2]
-    g = grad_out.reshape(batch, out_channels, -1).transpose(1, 2)  # (B, L, C_out)
+    positions = math.prod(grad_out.shape[2:])  # explicit: -1 is ambiguous for an empty batch
+    g = grad_out.reshape(batch, out_channels, positions).transpose(1, 2)  # (B, L, C_out)
     pieces = []
     if weight.requires_grad:
         a = _unfold(padded, module)  # (B, L, C_in * k)

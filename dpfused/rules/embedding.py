@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,10 +30,11 @@ class _EmbeddingFunction(torch.autograd.Function):
             ids_b = ids if batch_first else ids.movedim(1, 0)
         grad_b = batch_major(grad_out, batch_first)
         batch, dim = ids_b.shape[0], grad_out.shape[-1]
+        positions = math.prod(ids_b.shape[1:])  # explicit: -1 is ambiguous for an empty batch
         piece = OnehotPiece(
             ctx.weight,
-            ids=ids_b.reshape(batch, -1),
-            grad=grad_b.reshape(batch, -1, dim),
+            ids=ids_b.reshape(batch, positions),
+            grad=grad_b.reshape(batch, positions, dim),
             padding_idx=ctx.padding_idx,
         )
         ctx.tap.deliver([piece])

@@ -86,6 +86,9 @@ class _Call:
             _, pullback = vjp(lambda p, xs: self.run(p, xs, batched=False), params, example_inputs)
             return pullback(g)
 
+        if grad_out.shape[0] == 0:  # vmap cannot map over an empty batch
+            return ({n: p.new_zeros(0, *p.shape) for n, p in params.items()},
+                    tuple(torch.zeros_like(x) for x in inputs))
         try:
             param_grads, input_grads = vmap(one_example)(tuple(inputs), grad_out)
         except Exception as err:  # name the module: torch.func errors do not

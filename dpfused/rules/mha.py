@@ -120,4 +120,4 @@ def _attend(module, q, k, v, mask):
     weights = torch.softmax(scores, dim=-1)
     dropped = F.dropout(weights, p=module.dropout, training=module.training)
     out = (dropped @ v).transpose(1, 2)  # (N, L, H, E/H)
-    return out.reshape(out.shape[0], out.shape[1], -1), weights
+    return out.reshape(out.shape[0], out.shape[1], q.shape[1] * q.shape[3]), weights

@@ -36,10 +36,7 @@ class _NormFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         spec, tap = ctx.spec, ctx.tap
         xb, gb = batch_major(x, tap.batch_first), batch_major(grad_out, tap.batch_first)
-        grad_x, weight_grads, bias_grads = kernels.norm_layer_backward(
-            xb, gb, ctx.weight, normalized_shape=spec["shape"], eps=spec["eps"],
-            rms=spec["rms"], has_bias=ctx.bias is not None,
-        )
+        grad_x, weight_grads, bias_grads = _backward(xb, gb, ctx.weight, ctx.bias, spec)
         pieces = []
         if ctx.weight is not None and ctx.weight.requires_grad:
             pieces.append(DensePiece(ctx.weight, weight_grads))
@@ -50,6 +47,16 @@ class _NormFunction(torch.autograd.Function):
             return None, None, None, None, None
         grad_x = grad_x if tap.batch_first or x.dim() < 3 else grad_x.movedim(0, 1)
         return grad_x.to(x.dtype), None, None, None, None
+
+
+def _backward(x, grad_out, weight, bias, spec):
+    if x.shape[0] == 0:  # an empty Poisson batch: nothing to normalize, nothing to clip
+        empty = x.new_zeros(0, *spec["shape"], dtype=torch.float32)
+        return torch.zeros_like(x), empty, empty
+    return kernels.norm_layer_backward(
+        x, grad_out, weight, normalized_shape=spec["shape"], eps=spec["eps"], rms=spec["rms"],
+        has_bias=bias is not None,
+    )
 
 
 def _norm_forward(x, weight, bias, spec):

@@ -1,0 +1,126 @@
+"""Bad input gets a clear error that names the argument or module and the fix (issue 2, item 9)."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dpfused
+
+
+def _loader():
+    return DataLoader(TensorDataset(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)), batch_size=4)
+
+
+def _make(model, optimizer=None, **kwargs):
+    kwargs.setdefault("noise_multiplier", 1.0)
+    kwargs.setdefault("max_grad_norm", 1.0)
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
+    return dpfused.PrivacyEngine().make_private(module=model, optimizer=optimizer,
+                                                data_loader=_loader(), **kwargs)
+
+
+def _cnn_with_batchnorm():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+
+
+def test_batchnorm_is_refused_with_the_fix_named():
+    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm2d\) mixes examples.*dpfused.fix"):
+        _make(_cnn_with_batchnorm())
+
+
+def test_fix_swaps_batchnorm_for_groupnorm():
+    model = dpfused.fix(_cnn_with_batchnorm())
+    assert isinstance(model[1], nn.GroupNorm) and model[1].num_channels == 8
+    _make(model)
+
+
+def test_eval_mode_is_refused():
+    with pytest.raises(ValueError, match="eval mode.*model.train"):
+        _make(nn.Linear(4, 2).eval())
+
+
+def test_optimizer_parameter_outside_module_is_refused():
+    model, stray = nn.Linear(4, 2), nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD(list(model.parameters()) + [stray], lr=0.1)
+    with pytest.raises(ValueError, match=r"param_groups\[0\].*not in the module"):
+        _make(model, optimizer)
+
+
+def test_recurrent_layer_is_refused():
+    with pytest.raises(ValueError, match=r"module 'rnn' \(LSTM\).*no per-example gradient rule"):
+        _make(nn.ModuleDict({"rnn": nn.LSTM(4, 4)}))
+
+
+def test_module_with_own_and_child_parameters_is_refused():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(4))
+            self.lin = nn.Linear(4, 2)
+
+    with pytest.raises(ValueError, match=r"module '<root>' \(Mixed\) owns trainable parameters"):
+        _make(Mixed())
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_max_grad_norm(value):
+    with pytest.raises(ValueError, match="max_grad_norm must be a finite number > 0"):
+        _make(nn.Linear(4, 2), max_grad_norm=value)
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan")])
+def test_bad_noise_multiplier(value):
+    with pytest.raises(ValueError, match="noise_multiplier must be a finite number >= 0"):
+        _make(nn.Linear(4, 2), noise_multiplier=value)
+
+
+@pytest.mark.parametrize("name,value", [("clipping", "per_sample"), ("loss_reduction", "avg"),
+                                        ("sampling", "uniform")])
+def test_bad_choices_list_the_allowed_values(name, value):
+    with pytest.raises(ValueError, match=f"{name}='{value}' is not supported; use one of"):
+        _make(nn.Linear(4, 2), **{name: value})
+
+
+def test_embedding_max_norm_is_refused():
+    with pytest.raises(ValueError, match="max_norm"):
+        _make(nn.Embedding(10, 4, max_norm=1.0))
+
+
+def test_nothing_is_changed_when_make_private_fails():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4))
+    with pytest.raises(ValueError):
+        _make(model)
+    assert "forward" not in model[0].__dict__
+
+
+def test_opacus_keywords_are_mapped_or_refused():
+    module, _, loader = _make(nn.Linear(4, 2), poisson_sampling=False, grad_sample_mode="hooks")
+    assert loader.sampling == "shuffle"
+    dpfused.detach(module)
+    with pytest.raises(ValueError, match="grad_sample_mode='ghost_fsdp'"):
+        _make(nn.Linear(4, 2), grad_sample_mode="ghost_fsdp")
+    with pytest.raises(ValueError, match="secure_mode=True"):
+        _make(nn.Linear(4, 2), secure_mode=True)
+    with pytest.raises(ValueError, match="poisson_sampling contradicts"):
+        _make(nn.Linear(4, 2), poisson_sampling=True, sampling="cyclic")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        _make(nn.Linear(4, 2), clip_per_sample=True)
+    with pytest.raises(ValueError, match="accountant='gdp'"):
+        dpfused.PrivacyEngine(accountant="gdp")
+
+
+def test_opacus_criterion_returns_four_values_and_checks_reduction():
+    criterion = nn.CrossEntropyLoss()
+    model, optimizer, crit, loader = _make(nn.Linear(4, 2), criterion=criterion,
+                                           grad_sample_mode="ghost")
+    assert crit is criterion
+    dpfused.detach(model)
+    with pytest.raises(ValueError, match="reduction='sum'.*loss_reduction='mean'"):
+        _make(nn.Linear(4, 2), criterion=nn.CrossEntropyLoss(reduction="sum"))
+
+
+def test_per_layer_thresholds_must_match_groups():
+    with pytest.raises(ValueError, match="thresholds: got 1 values for 2 clipping groups"):
+        _make(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), clipping="per_layer",
+              max_grad_norm=[1.0])
