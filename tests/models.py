@@ -50,11 +50,12 @@ class SequenceMLP(nn.Module):
     def __init__(self):
         super().__init__()
         self.inner = nn.Linear(5, 9)
+        self.norm = nn.RMSNorm(9)
         self.wide = nn.Linear(9, 3, bias=False)
         self.head = nn.Linear(3, 4)
 
     def forward(self, x):  # (B, T1, T2, 5)
-        h = torch.tanh(self.inner(x)).flatten(1, 2)  # (B, T, 9)
+        h = self.norm(torch.tanh(self.inner(x))).flatten(1, 2)  # (B, T, 9)
         return self.head(torch.tanh(self.wide(h)).mean(dim=1))
 
 
@@ -84,6 +85,22 @@ def cnn(batch, seed=0):
     torch.manual_seed(seed)
     return _classification(SmallCNN().double(), (torch.randn(batch, 3, 7, 6, dtype=torch.float64),),
                            torch.randint(0, 5, (batch,)))
+
+
+class Volume(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=1)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):  # (B, 2, 4, 5, 3)
+        return self.head(torch.tanh(self.conv(x)).mean(dim=(2, 3, 4)))
+
+
+def conv3d(batch, seed=0):
+    torch.manual_seed(seed)
+    return _classification(Volume().double(), (torch.randn(batch, 2, 4, 5, 3, dtype=torch.float64),),
+                           torch.randint(0, 2, (batch,)))
 
 
 class PaddedBag(nn.Module):
@@ -196,6 +213,7 @@ FACTORIES = {
     "mlp": mlp,
     "sequence_mlp": sequence_mlp,
     "cnn_groupnorm": cnn,
+    "conv3d": conv3d,
     "padded_embedding": padded_embedding,
     "transformer_encoder": transformer,
     "transformer_seq_first": lambda b, seed=0: transformer(b, seed, batch_first=False),

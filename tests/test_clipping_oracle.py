@@ -56,6 +56,18 @@ def test_batch_sizes(name, batch):
     _assert_close(expected, ours)
 
 
+@pytest.mark.parametrize("path", ["ghost", "direct"])
+@pytest.mark.parametrize("name", ["sequence_mlp", "cnn_groupnorm", "conv3d", "gpt2_tied",
+                                  "transformer_encoder"])
+def test_both_norm_paths(name, path, monkeypatch):
+    """The FLOP model picks ghost or direct per layer; both must give the oracle's answer."""
+    from dpfused import kernels
+
+    monkeypatch.setattr(kernels, "choose_norm_path", lambda **_: path)
+    expected, ours, _, _ = _run(name, 3, "flat")
+    _assert_close(expected, ours)
+
+
 @pytest.mark.parametrize("name", ["mlp", "gpt2_tied"])
 def test_sum_reduction(name):
     expected, ours, _, _ = _run(name, 3, "flat", reduction="sum")
