@@ -152,9 +152,7 @@ class PrivacyEngine:
         """
         if "noise_multiplier" in kwargs:
             raise ValueError("make_private_with_epsilon sets noise_multiplier itself; remove it")
-        opacus = _OpacusArgs.parse(dict(kwargs), sampling=kwargs.get("sampling"),
-                                   clipping=kwargs.get("clipping", "flat"))
-        sampling = opacus.sampling or "poisson"
+        sampling = _OpacusArgs.sampling_of(kwargs) or "poisson"
         num_samples = len(data_loader.dataset)
         batch_size = data_loader.batch_size
         if batch_size is None:
@@ -291,13 +289,8 @@ class _OpacusArgs:
         args = cls()
         args.sampling = sampling
         kwargs = dict(kwargs)
-        if "poisson_sampling" in kwargs:
-            mapped = "poisson" if kwargs.pop("poisson_sampling") else "shuffle"
-            if sampling is not None and sampling != mapped:
-                raise ValueError(f"poisson_sampling contradicts sampling={sampling!r}; give one")
-            # Opacus accounts a non-Poisson loader as if it were Poisson, which understates
-            # epsilon (DESIGN §7); dpfused samples and accounts shuffled batches honestly.
-            args.sampling = mapped
+        args.sampling = cls.sampling_of({**kwargs, "sampling": sampling})
+        kwargs.pop("poisson_sampling", None)
         if "grad_sample_mode" in kwargs:
             mode = kwargs.pop("grad_sample_mode")
             if mode not in ("hooks", "ghost", "functorch", "ew"):
@@ -320,6 +313,19 @@ class _OpacusArgs:
         if kwargs:
             raise TypeError(f"make_private got unexpected keyword argument(s) {sorted(kwargs)}")
         return args
+
+    @staticmethod
+    def sampling_of(kwargs):
+        """dpfused's sampling from ``sampling=`` or Opacus' ``poisson_sampling=`` (None: default)."""
+        sampling = kwargs.get("sampling")
+        if "poisson_sampling" not in kwargs:
+            return sampling
+        # Opacus accounts a non-Poisson loader as if it were Poisson, which understates epsilon
+        # (DESIGN §7); dpfused samples and accounts shuffled batches honestly.
+        mapped = "poisson" if kwargs["poisson_sampling"] else "shuffle"
+        if sampling is not None and sampling != mapped:
+            raise ValueError(f"poisson_sampling contradicts sampling={sampling!r}; give one")
+        return mapped
 
     def check_criterion(self, loss_reduction):
         if self.criterion is None:
