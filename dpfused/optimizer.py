@@ -193,8 +193,8 @@ class DPOptimizer(torch.optim.Optimizer):
     def _check_budget(self, record):
         if self.max_epsilon is None or self.accountant is None:
             return
-        epsilon = self.accountant.get_epsilon_if(record, self.delta)
-        if epsilon > self.max_epsilon:
+        epsilon = self.accountant.epsilon_if_over_budget(record, self.delta, self.max_epsilon)
+        if epsilon is not None:
             raise PrivacyBudgetExhausted(
                 f"this step would raise epsilon to {epsilon:.4g} > max_epsilon={self.max_epsilon} "
                 f"(delta={self.delta}); the step was not applied"

@@ -567,3 +567,18 @@ def test_record_step_type_and_budget_error():
     with pytest.raises(TypeError, match="expects a StepRecord"):
         PrivacyAccountant().record_step({"noise_multiplier": 1.0})
     assert issubclass(PrivacyBudgetExhausted, RuntimeError)
+
+
+def test_budget_screen_agrees_with_the_exact_check():
+    """epsilon_if_over_budget may skip PLD only when RDP (also an upper bound) is within budget."""
+    from dpfused.accounting import PrivacyAccountant, StepRecord
+
+    accountant = PrivacyAccountant(mechanism="pld")
+    rec = StepRecord(noise_multiplier=1.0, sampling="poisson", sample_rate=0.05)
+    for _ in range(200):
+        accountant.record_step(rec)
+    exact = accountant.get_epsilon_if(rec, 1e-5)
+    assert accountant.epsilon_if_over_budget(rec, 1e-5, exact * 1.5) is None
+    assert accountant.epsilon_if_over_budget(rec, 1e-5, exact * 0.9) == pytest.approx(exact)
+    # between PLD and RDP: the screen fails, the exact check decides (within budget)
+    assert accountant.epsilon_if_over_budget(rec, 1e-5, exact * 1.0001) is None
