@@ -212,12 +212,20 @@ class Bookkeeper:
 
     # ---- forward ---------------------------------------------------------------------------
     def record_forward(self, layer, batch=None):
-        # Forwards re-run inside a backward (activation checkpointing) are not counted: their
-        # groups then complete at the end of the pass, which is always correct.
-        if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+        if not torch.is_grad_enabled():
+            return
+        task = torch._C._current_graph_task_id()
+        if task == -1:
             self._expected[layer.path] += 1
             if batch is not None and batch != 1:
                 self.forward_batch = batch
+            return
+        # A forward re-run inside a backward (activation checkpointing). It is not counted, so
+        # its groups complete at the end of the pass. Reentrant checkpointing then runs a nested
+        # backward (a new graph task): mark this task as its host so the nested task's pieces
+        # join this pass instead of starting a new one (DESIGN §4: one backward, one clipping).
+        self._enter_pass()
+        self._hosts.add(task)
 
     # ---- backward --------------------------------------------------------------------------
     def deliver(self, layer, pieces):
@@ -237,7 +245,10 @@ class Bookkeeper:
 
     def _enter_pass(self):
         task = torch._C._current_graph_task_id()
-        if task == self._task:
+        if task == self._task or task in self._nested:
+            return
+        if self._task is not None and self._hosts:
+            self._nested.add(task)  # a backward nested in this pass (reentrant checkpointing)
             return
         if self._failure is not None:
             raise RuntimeError(
@@ -249,6 +260,8 @@ class Bookkeeper:
 
     def _reset_pass(self):
         self._task = None
+        self._hosts: set[int] = set()  # graph tasks of this pass that re-ran forwards
+        self._nested: set[int] = set()  # backward tasks nested in this pass
         self._pieces = defaultdict(list)
         self._arrived = defaultdict(int)
         self._pass_batch = None
@@ -341,7 +354,11 @@ class Bookkeeper:
         if self._failure is not None:
             raise RuntimeError(f"{self._failure}; call optimizer.zero_grad() and redo the batch")
         if self._task is not None:
-            raise RuntimeError("optimizer.step() was called during a backward pass")
+            raise RuntimeError(
+                "optimizer.step() was called while a backward pass is unfinished (during "
+                "backward, or after a backward that raised: then call optimizer.zero_grad() and "
+                "redo the batch)"
+            )
         step, self._step = self._step, StepSums()
         return step
 

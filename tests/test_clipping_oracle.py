@@ -105,3 +105,27 @@ def test_empty_batch_goes_through_every_model(name):
         assert all(float(s.abs().sum()) == 0.0 for s in step.sums.values())
     finally:
         detach(case.model)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_activation_checkpointing_stays_exact(clipping, reentrant):
+    """Checkpointed layers re-run their forward inside backward; groups must still be exact."""
+    case = models.gpt2(3)
+    reference = snapshot(case.model)
+    grads = per_example_grads(reference, case.example_loss, case.inputs)
+    case.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    case.model.config.use_cache = False
+    inst = instrument(case.model, clipping=clipping, max_grad_norm=0.5, thresholds=None,
+                      loss_reduction="mean", batch_first=True)
+    try:
+        case.batch_loss(case.model, case.inputs, "mean").backward()
+        step = inst.book.take_step_sums()
+        names = {id(p): n for n, p in case.model.named_parameters()}
+        groups = [[names[id(p)] for p in g.params] for g in inst.groups]
+        threshold = {tuple(names[id(p)] for p in g.params): g.threshold for g in inst.groups}
+        expected = clipped_sums(grads, groups, threshold_of=lambda ns: threshold[tuple(ns)])
+        _assert_close(expected, {names[k]: v for k, v in step.sums.items()})
+    finally:
+        detach(case.model)
