@@ -116,6 +116,12 @@ class PrivacyEngine:
                          max_physical_batch_size=max_physical_batch_size)
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "module is wrapped in DistributedDataParallel; pass the unwrapped model. dpfused "
+                "all-reduces the clipped sums itself when torch.distributed is initialized (DDP's "
+                "gradient all-reduce never sees a gradient: per-example clipping replaces it)"
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DPOptimizer):
@@ -124,9 +130,14 @@ class PrivacyEngine:
         validate.check_optimizer(optimizer, module)
         opacus.check_criterion(loss_reduction)
 
+        rank, world_size = _data_parallel_world()
+        if world_size > 1:
+            _broadcast_parameters(module)
+            sampling_generator = _shared_generator(sampling_generator)
         loader = dp_sampling.make_private_data_loader(
             data_loader, sampling=sampling, max_physical_batch_size=max_physical_batch_size,
             shuffle_once=shuffle_once, drop_last=drop_last, generator=sampling_generator,
+            rank=rank, world_size=world_size,
         )
         inst = instrument(module, clipping=clipping, max_grad_norm=max_grad_norm,
                           thresholds=thresholds, loss_reduction=loss_reduction,
@@ -136,6 +147,7 @@ class PrivacyEngine:
             loss_reduction=loss_reduction, expected_batch_size=_expected_batch_size(loader),
             sampling=sampling, data_loader=loader, accountant=self.accountant,
             generator=noise_generator, max_epsilon=max_epsilon, delta=delta,
+            distributed=world_size > 1,
         )
         self.module, self.optimizer, self.data_loader = module, dp_optimizer, loader
         if opacus.criterion is not None:
@@ -199,6 +211,34 @@ class PrivacyEngine:
     @staticmethod
     def detach(module: nn.Module) -> nn.Module:
         return detach(module)
+
+
+def _data_parallel_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed's default group; (0, 1) without one."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _broadcast_parameters(module: nn.Module) -> None:
+    """Every rank starts from rank 0's parameters and buffers (they then stay equal: every rank
+    applies the same all-reduced noised gradient)."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _shared_generator(generator: torch.Generator | None) -> torch.Generator:
+    """One sampler seed for all ranks: each rank keeps its slice of the SAME logical batch, so the
+    union over ranks is the Poisson/cyclic/shuffled batch the accountant assumes."""
+    if generator is None:  # as on one process: seeded from torch's global RNG (rank 0's)
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+    state = generator.get_state()
+    torch.distributed.broadcast(state, src=0)
+    shared = torch.Generator()
+    shared.set_state(state)
+    return shared
 
 
 def _expected_batch_size(loader) -> float:

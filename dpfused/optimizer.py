@@ -31,11 +31,13 @@ class DPOptimizer(torch.optim.Optimizer):
         accountant: records one event per logical step, or None.
         generator: torch.Generator for the noise (None: torch's default generator).
         max_epsilon, delta: budget; a step that would exceed it raises PrivacyBudgetExhausted.
+        distributed: data parallel: clipped sums are all-reduced over torch.distributed's default
+            group, and only rank 0 adds noise.
     """
 
     def __init__(self, optimizer, *, instrumentation, noise_multiplier, loss_reduction,
                  expected_batch_size, sampling, data_loader=None, accountant=None, generator=None,
-                 max_epsilon=None, delta=None):
+                 max_epsilon=None, delta=None, distributed=False):
         # Deliberately no super().__init__: this object is a view that shares the wrapped
         # optimizer's param_groups and state, so schedulers and checkpoints act on the real one.
         self.original_optimizer = optimizer
@@ -48,6 +50,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.accountant = accountant
         self.generator = generator
         self.max_epsilon, self.delta = max_epsilon, delta
+        self.distributed = distributed
+        self.rank = torch.distributed.get_rank() if distributed else 0
         self._private_ids = {id(p) for p in instrumentation.params}
         self._accumulating = False  # a physical batch was skipped: keep sums across zero_grad
         self.steps_taken = 0
@@ -134,34 +138,40 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _check_pending(self, batch):
         pending = self.instrumentation.book.peek_step()
-        empty_batch = batch is not None and batch.logical_size == 0
+        empty_batch = batch is not None and batch.local_size == 0
         if pending.backward_passes == 0 and not empty_batch:
             raise RuntimeError(
                 "optimizer.step() was called without loss.backward() since the last step (or "
                 "zero_grad() cleared it). Only an empty logical batch may step without a backward: "
                 "it still takes a noised step"
             )
-        if batch is not None and pending.examples != batch.logical_size:
+        if batch is not None and pending.examples != batch.local_size:
             raise RuntimeError(
-                f"the logical batch has {batch.logical_size} examples but the backward passes since "
+                f"the logical batch has {batch.local_size} examples (on this process) but the "
+                "backward passes since "
                 f"the last step saw {pending.examples}: each example must go through exactly one "
                 "backward pass per step (clipping per pass bounds only that pass's contribution)"
             )
         return pending
 
     def _write_noised_gradients(self, sums):
-        std = self.noise_std
+        std = privacy_math.noise_std_on_rank(self.noise_std, rank=self.rank)
         normalizer = privacy_math.gradient_normalizer(
             loss_reduction=self.loss_reduction, sampling=self.sampling,
             expected_batch_size=self.expected_batch_size,
         )
-        for group in self._groups:
-            for p in group.params:
-                grad = privacy_math.noised_gradient(
-                    sums.sums.get(id(p)), shape=p.shape, std=std, normalizer=normalizer,
-                    device=p.device, generator=self.generator,
-                )
-                p.grad = grad.to(p.dtype)
+        params = [p for group in self._groups for p in group.params]
+        grads = [
+            privacy_math.noised_gradient(
+                sums.sums.get(id(p)), shape=p.shape, std=std, normalizer=normalizer,
+                device=p.device, generator=self.generator,
+            )
+            for p in params
+        ]
+        if self.distributed:
+            grads = _all_reduce_sum(grads)
+        for p, grad in zip(params, grads):
+            p.grad = grad.to(p.dtype)
 
     def _step_record(self, batch, examples):
         group = self.param_groups[0]
@@ -199,3 +209,17 @@ class DPOptimizer(torch.optim.Optimizer):
                 f"this step would raise epsilon to {epsilon:.4g} > max_epsilon={self.max_epsilon} "
                 f"(delta={self.delta}); the step was not applied"
             )
+
+
+def _all_reduce_sum(tensors):
+    """Sum each tensor over all ranks with one collective per device (flattened buffers)."""
+    by_device = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out = list(tensors)
+    for indices in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        torch.distributed.all_reduce(flat)
+        for i, chunk in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+            out[i] = chunk.view_as(tensors[i])
+    return out

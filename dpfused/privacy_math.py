@@ -22,6 +22,7 @@ __all__ = [
     "default_group_thresholds",
     "sensitivity",
     "noise_std",
+    "noise_std_on_rank",
     "gradient_normalizer",
     "noised_gradient",
 ]
@@ -74,6 +75,14 @@ def sensitivity(thresholds: Sequence[float]) -> float:
 def noise_std(noise_multiplier: float, thresholds: Sequence[float]) -> float:
     """Standard deviation of the Gaussian noise on every coordinate: sigma * C."""
     return noise_multiplier * sensitivity(thresholds)
+
+
+def noise_std_on_rank(std: float, *, rank: int) -> float:
+    """Data parallel: rank 0 adds all the noise; the all-reduced sum then carries it exactly once.
+
+    Every other rank contributes only its clipped sums (DESIGN §5).
+    """
+    return std if rank == 0 else 0.0
 
 
 def gradient_normalizer(

@@ -421,6 +421,7 @@ class PhysicalBatchInfo:
         logical_size: examples in this logical batch.
         physical_size: examples in this physical batch.
         is_last_physical: True on the physical batch that completes its logical batch.
+        local_size: examples of this logical batch on this rank (= logical_size on one process).
     """
 
     step: int
@@ -430,6 +431,11 @@ class PhysicalBatchInfo:
     logical_size: int
     physical_size: int
     is_last_physical: bool
+    local_size: int = -1
+
+    def __post_init__(self) -> None:
+        if self.local_size < 0:
+            object.__setattr__(self, "local_size", self.logical_size)
 
 
 class _PhysicalBatchSampler(Sampler[list[int]]):
@@ -440,9 +446,11 @@ class _PhysicalBatchSampler(Sampler[list[int]]):
     infos FIFO. Each ``iter`` gets a fresh queue so an abandoned iteration leaves nothing stale.
     """
 
-    def __init__(self, logical: _DPBatchSampler, max_physical_batch_size: int | None) -> None:
+    def __init__(self, logical: _DPBatchSampler, max_physical_batch_size: int | None,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.logical = logical
         self.max_physical_batch_size = max_physical_batch_size
+        self.rank, self.world_size = rank, world_size
         self.first_step = 0
         self.infos: deque[PhysicalBatchInfo] = deque()
 
@@ -454,16 +462,17 @@ class _PhysicalBatchSampler(Sampler[list[int]]):
         return self._generate(self.infos, self.first_step)
 
     def _generate(self, infos: deque, step: int) -> Iterator[list[int]]:
-        # Data parallel (not built): each rank would keep its own slice of every logical batch
-        # here, e.g. ``batch[rank::world_size]``, with the same sampler seed on every rank so the
-        # union over ranks is the logical batch the accountant sees; ``logical_size`` stays global.
+        # Data parallel: every rank draws the same logical batch (the engine gives all ranks one
+        # sampler seed) and keeps its slice ``batch[rank::world_size]``, so the union over ranks is
+        # the logical batch the accountant sees; ``logical_size`` stays global.
         k = self.max_physical_batch_size
         for batch in self.logical:
             position = self.logical.position - 1
-            if not batch or k is None:
-                chunks = [batch]  # an empty logical batch is one empty physical batch
+            share = batch[self.rank :: self.world_size]
+            if not share or k is None:
+                chunks = [share]  # an empty share is one empty physical batch
             else:
-                chunks = [batch[i : i + k] for i in range(0, len(batch), k)]
+                chunks = [share[i : i + k] for i in range(0, len(share), k)]
             for j, chunk in enumerate(chunks):
                 infos.append(
                     PhysicalBatchInfo(
@@ -474,6 +483,7 @@ class _PhysicalBatchSampler(Sampler[list[int]]):
                         logical_size=len(batch),
                         physical_size=len(chunk),
                         is_last_physical=j == len(chunks) - 1,
+                        local_size=len(share),
                     )
                 )
                 yield chunk
@@ -513,6 +523,8 @@ class DPDataLoader:
         batch_sampler: _DPBatchSampler,
         max_physical_batch_size: int | None = None,
         collate_fn: Callable[[list], Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
         **data_loader_kwargs: Any,
     ) -> None:
         if isinstance(dataset, IterableDataset):
@@ -544,7 +556,11 @@ class DPDataLoader:
         self.batch_sampler = batch_sampler
         self.max_physical_batch_size = max_physical_batch_size
         self.collate_fn = _EmptySafeCollate(collate_fn or default_collate, dataset)
-        self._physical = _PhysicalBatchSampler(batch_sampler, max_physical_batch_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is not in [0, world_size={world_size}).")
+        self.rank, self.world_size = rank, world_size
+        self._physical = _PhysicalBatchSampler(batch_sampler, max_physical_batch_size,
+                                               rank, world_size)
         self.data_loader = DataLoader(
             dataset,
             batch_sampler=self._physical,
@@ -670,6 +686,8 @@ def make_private_data_loader(
     generator: torch.Generator | None = None,
     secure_mode: bool = False,
     steps_per_epoch: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DPDataLoader:
     """Rebuild ``data_loader`` around a DP batch sampler.
 
@@ -689,6 +707,8 @@ def make_private_data_loader(
         generator: CPU generator seeding the sampler (copied).
         secure_mode: seed the sampler from the OS entropy source (not a CSPRNG stream).
         steps_per_epoch: Poisson steps per nominal epoch; default round(1/q).
+        rank, world_size: data parallel: this process keeps ``batch[rank::world_size]`` of every
+            logical batch; every rank must use the same sampler seed.
 
     Returns:
         The DPDataLoader.
@@ -792,5 +812,7 @@ def make_private_data_loader(
         batch_sampler=batch_sampler,
         max_physical_batch_size=max_physical_batch_size,
         collate_fn=collate_fn,
+        rank=rank,
+        world_size=world_size,
         **kwargs,
     )

@@ -124,3 +124,15 @@ def test_per_layer_thresholds_must_match_groups():
     with pytest.raises(ValueError, match="thresholds: got 1 values for 2 clipping groups"):
         _make(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), clipping="per_layer",
               max_grad_norm=[1.0])
+
+
+def test_ddp_wrapped_module_is_refused(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
+        with pytest.raises(ValueError, match="DistributedDataParallel; pass the unwrapped model"):
+            _make(ddp)
+    finally:
+        dist.destroy_process_group()
