@@ -235,13 +235,18 @@ class Bookkeeper:
         for piece in pieces:
             self._check_batch(layer, piece.batch_size)
             g = self._group_of[id(piece.param)]
+            if not self._completes_now(g, layer):
+                piece = P.compact(piece)  # kept until the end of backward: keep the smaller form
             self._pieces[g].append((layer.path, piece))
             touched.add(g)
         for g in touched:
-            group = self.groups[g]
-            if (group.completes_in_backward and self._expected[layer.path] == 1
-                    and self._arrived[layer.path] == 1):
+            if self._completes_now(g, layer):
                 self._complete(g)
+
+    def _completes_now(self, g, layer):
+        """The per_layer fast path: the group's only layer, called once, has delivered."""
+        return (self.groups[g].completes_in_backward and self._expected[layer.path] == 1
+                and self._arrived[layer.path] == 1)
 
     def _enter_pass(self):
         task = torch._C._current_graph_task_id()

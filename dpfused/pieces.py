@@ -26,7 +26,8 @@ import torch
 
 from dpfused import kernels
 
-__all__ = ["FactorPiece", "OnehotPiece", "DensePiece", "Piece", "norm_sq", "inner", "weighted_sum"]
+__all__ = ["FactorPiece", "OnehotPiece", "DensePiece", "Piece", "norm_sq", "inner", "weighted_sum",
+           "compact"]
 
 
 @dataclass
@@ -116,6 +117,20 @@ def _place_rows(per_example: torch.Tensor, param: torch.Tensor, rows: slice | No
     full = per_example.new_zeros(batch, param.shape[0], param[0].numel())
     full[:, rows] = per_example.reshape(batch, rows.stop - rows.start, -1)
     return full.reshape(batch, *param.shape)
+
+
+def compact(piece: Piece) -> Piece:
+    """The smaller of a factor piece and its per-example gradients, for pieces kept until the end
+    of backward (flat book-keeping, DESIGN §4): (left, right) hold B*T*(m+n) numbers, the
+    per-example gradients B*m*n; convolutions with many output positions are the common case."""
+    if not isinstance(piece, FactorPiece) or piece.batch_size == 0:
+        return piece
+    batch, seq, rows = piece.left.shape
+    cols = piece.right.shape[2]
+    if rows * cols >= seq * (rows + cols):
+        return piece
+    piece.path = "direct"
+    return DensePiece(piece.param, piece.materialize())
 
 
 def norm_sq(piece: Piece) -> torch.Tensor:
