@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 
 import torch.nn as nn
 
-__all__ = ["LayerRule", "register", "rule_for", "Tap"]
+__all__ = ["BaseRule", "LayerRule", "register", "rule_for", "Tap"]
 
 
 class Tap(Protocol):
@@ -42,6 +42,16 @@ class LayerRule(Protocol):
     def check(self, module: nn.Module, path: str) -> None: ...
 
     def forward(self, module: nn.Module, tap: Tap, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class BaseRule:
+    """Defaults for a rule: no extra checks, owns only its module's own parameters."""
+
+    name = "base"
+    claims_children = False
+
+    def check(self, module: nn.Module, path: str) -> None:
+        """Raise ValueError naming ``path`` if the module's configuration cannot be made private."""
 
 
 _BY_TYPE: dict[type, LayerRule] = {}

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpfused.pieces import DensePiece, FactorPiece
-from dpfused.rules import register
+from dpfused.rules import BaseRule, register
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
@@ -120,10 +120,8 @@ def _pieces(padded, grad_out, weight, bias, module):
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-class ConvRule:
+class ConvRule(BaseRule):
     name = "conv"
-    claims_children = False
-
     def check(self, module, path):
         if module.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
             raise ValueError(f"module '{path}': unknown padding_mode {module.padding_mode!r}")

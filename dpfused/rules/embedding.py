@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpfused.pieces import OnehotPiece
-from dpfused.rules import register
+from dpfused.rules import BaseRule, register
 from dpfused.rules._shape import batch_major
 
 
@@ -42,10 +42,8 @@ class _EmbeddingFunction(torch.autograd.Function):
 
 
 @register(nn.Embedding)
-class EmbeddingRule:
+class EmbeddingRule(BaseRule):
     name = "embedding"
-    claims_children = False
-
     def check(self, module, path):
         if module.max_norm is not None:
             raise ValueError(

@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.func import functional_call, vjp, vmap
 
 from dpfused.pieces import DensePiece
-from dpfused.rules import register
+from dpfused.rules import BaseRule, register
 
 _BYPASS = threading.local()
 
@@ -113,7 +113,7 @@ def _batch_size(args, batch_first):
 
 
 @register(nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-class FunctorchRule:
+class FunctorchRule(BaseRule):
     """Also the explicit rule for GroupNorm/InstanceNorm: per-example parameter grads are tiny."""
 
     name = "functorch"

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpfused.pieces import DensePiece, FactorPiece
-from dpfused.rules import register
+from dpfused.rules import BaseRule, register
 from dpfused.rules._shape import as_sequence, batch_major
 
 
@@ -78,24 +78,14 @@ def linear_use(x, weight, bias, *, tap, input_major=False, rows=None):
 
 
 @register(nn.Linear)
-class LinearRule:
+class LinearRule(BaseRule):
     name = "linear"
-    claims_children = False
-
-    def check(self, module, path):
-        pass
-
     def forward(self, module, tap, x):
         return linear_use(x, module.weight, module.bias, tap=tap)
 
 
 @register("transformers.pytorch_utils.Conv1D")
-class HFConv1DRule:
+class HFConv1DRule(BaseRule):
     name = "conv1d_hf"
-    claims_children = False
-
-    def check(self, module, path):
-        pass
-
     def forward(self, module, tap, x):
         return linear_use(x, module.weight, module.bias, tap=tap, input_major=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpfused.rules import register
+from dpfused.rules import BaseRule, register
 from dpfused.rules.linear import linear_use
 
 
@@ -38,7 +38,7 @@ class _BatchFirstTap:
 
 
 @register(nn.MultiheadAttention)
-class MultiheadAttentionRule:
+class MultiheadAttentionRule(BaseRule):
     name = "multihead_attention"
     claims_children = True
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from dpfused import kernels
 from dpfused.pieces import DensePiece
-from dpfused.rules import register
+from dpfused.rules import BaseRule, register
 from dpfused.rules._shape import batch_major
 
 # HuggingFace RMSNorm classes known to compute weight * (x / rms(x)).to(dtype) with no offset.
@@ -77,26 +77,16 @@ def _apply(module, tap, x, spec):
 
 
 @register(nn.LayerNorm)
-class LayerNormRule:
+class LayerNormRule(BaseRule):
     name = "layer_norm"
-    claims_children = False
-
-    def check(self, module, path):
-        pass
-
     def forward(self, module, tap, x):
         spec = {"shape": tuple(module.normalized_shape), "eps": module.eps, "rms": False, "hf": False}
         return _apply(module, tap, x, spec)
 
 
 @register(nn.RMSNorm)
-class RMSNormRule:
+class RMSNormRule(BaseRule):
     name = "rms_norm"
-    claims_children = False
-
-    def check(self, module, path):
-        pass
-
     def forward(self, module, tap, x):
         eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
         spec = {"shape": tuple(module.normalized_shape), "eps": eps, "rms": True, "hf": False}
@@ -104,10 +94,8 @@ class RMSNormRule:
 
 
 @register(*HF_RMSNORMS)
-class HFRMSNormRule:
+class HFRMSNormRule(BaseRule):
     name = "rms_norm_hf"
-    claims_children = False
-
     def check(self, module, path):
         if not isinstance(getattr(module, "weight", None), nn.Parameter) or not hasattr(
             module, "variance_epsilon"
