@@ -156,11 +156,19 @@ class PrivacyEngine:
 
     def make_private_with_epsilon(self, *, module, optimizer, data_loader, target_epsilon: float,
                                   target_delta: float, epochs: int | None = None,
-                                  steps: int | None = None, **kwargs):
+                                  steps: int | None = None, last_iterate: dict | None = None,
+                                  **kwargs):
         """make_private with sigma calibrated so that ``epochs`` of training spend ``target_epsilon``.
 
         The calibration uses the same accountant and sampling as training and returns the
         conservative side (epsilon(sigma) <= target_epsilon).
+
+        Args:
+            last_iterate: calibrate the last-iterate bound instead of the composed one (cyclic
+                sampling, plain SGD at a constant learning rate): a dict with ``smoothness`` (L),
+                and optionally ``weight_decay`` and ``convex``; the learning rate is read from the
+                optimizer. ``privacy_report`` then reports that bound for the run.
+            **kwargs: everything else make_private takes, except noise_multiplier.
         """
         if "noise_multiplier" in kwargs:
             raise ValueError("make_private_with_epsilon sets noise_multiplier itself; remove it")
@@ -169,11 +177,14 @@ class PrivacyEngine:
         batch_size = data_loader.batch_size
         if batch_size is None:
             raise ValueError("data_loader must have a batch_size (the expected logical batch size)")
+        if last_iterate is not None:
+            last_iterate = {**last_iterate, "learning_rate": _constant_learning_rate(optimizer)}
         sigma = accounting.calibrate_noise_multiplier(
             target_epsilon=target_epsilon, delta=target_delta, sampling=sampling,
             sample_rate=batch_size / num_samples if sampling == "poisson" else None,
             num_samples=num_samples, batch_size=batch_size, epochs=epochs, steps=steps,
             mechanism=self.accountant_name, neighboring=self.neighboring,
+            last_iterate=last_iterate, drop_last=kwargs.get("drop_last", True),
         )
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, **kwargs)
@@ -211,6 +222,16 @@ class PrivacyEngine:
     @staticmethod
     def detach(module: nn.Module) -> nn.Module:
         return detach(module)
+
+
+def _constant_learning_rate(optimizer) -> float:
+    rates = {float(group["lr"]) for group in optimizer.param_groups}
+    if len(rates) != 1:
+        raise ValueError(
+            f"last_iterate calibration needs one learning rate for all parameter groups; the "
+            f"optimizer has {sorted(rates)}"
+        )
+    return rates.pop()
 
 
 def _data_parallel_world() -> tuple[int, int]:

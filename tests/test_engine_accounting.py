@@ -124,3 +124,20 @@ def test_report_gives_last_iterate_for_cyclic_sgd_and_a_reason_otherwise():
     _train(model, optimizer, loader, 3)
     report = engine.privacy_report(1e-5, smoothness=1.0)
     assert report.last_iterate_epsilon is None and "SGD" in report.last_iterate_reason
+
+
+def test_make_private_with_epsilon_can_calibrate_the_last_iterate_bound():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3))
+    engine = dpfused.PrivacyEngine()
+    model, optimizer, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        data_loader=DataLoader(_dataset(), batch_size=10), target_epsilon=2.0, target_delta=1e-5,
+        epochs=3, max_grad_norm=1.0, sampling="cyclic", last_iterate={"smoothness": 1.0})
+    composed_sigma = dpfused.accounting.calibrate_noise_multiplier(
+        target_epsilon=2.0, delta=1e-5, sampling="cyclic", num_samples=60, batch_size=10, epochs=3)
+    assert optimizer.noise_multiplier < composed_sigma  # the last-iterate bound needs less noise
+    for _ in range(3):
+        _train(model, optimizer, loader, len(loader))
+    report = engine.privacy_report(1e-5, smoothness=1.0)
+    assert report.last_iterate_epsilon <= 2.0 < report.composed_epsilon
