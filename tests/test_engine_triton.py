@@ -55,3 +55,33 @@ def test_triton_path_matches_oracle(name, clipping, triton_only):
         ref = expected[names[key]]
         err = (value.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)
         assert err < 1e-4, f"{names[key]}: relative error {err:.3g} on the Triton path"
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_autocast_bf16(clipping, path, monkeypatch):
+    """Under torch.autocast the rules see bf16 output gradients next to fp32 saved inputs."""
+    if path == "triton":
+        for name in FORCED:
+            monkeypatch.setattr(kernels, name,
+                                functools.partial(getattr(kernels, name), impl="triton"))
+    case = models.gpt2(3)
+    grads = per_example_grads(snapshot(case.model), case.example_loss, case.inputs)
+    model = case.model.float().to(DEVICE)
+    inputs = tuple(_to(t, torch.float32) for t in case.inputs)
+    inst = instrument(model, clipping=clipping, max_grad_norm=0.5, thresholds=None,
+                      loss_reduction="mean", batch_first=True)
+    try:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = case.batch_loss(model, inputs, "mean")
+        loss.backward()
+        step = inst.book.take_step_sums()
+    finally:
+        detach(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g.params] for g in inst.groups]
+    threshold = {tuple(names[id(p)] for p in g.params): g.threshold for g in inst.groups}
+    expected = clipped_sums(grads, groups, threshold_of=lambda ns: threshold[tuple(ns)])
+    ours = torch.cat([step.sums[k].double().cpu().flatten() for k in sorted(step.sums)])
+    ref = torch.cat([expected[names[k]].flatten() for k in sorted(step.sums)])
+    assert (ours - ref).norm() / ref.norm() < 5e-2  # bf16 forward: ~1e-2 relative
