@@ -48,10 +48,17 @@ def per_example_lm_loss(
             f"{tuple(logits.shape)} and labels {tuple(labels.shape)}"
         )
     if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        # Shift the labels, not the logits: slicing the logits would cost a full-size copy and a
+        # zero-filled gradient in backward. The last position predicts nothing.
+        labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    batch, seq, vocab = logits.shape
+    flat = logits.reshape(batch * seq, vocab)
+    if flat.dtype != torch.float64:  # bf16/fp16 logits: the softmax in float32
+        flat = flat.float()
     token_loss = F.cross_entropy(
-        logits.transpose(1, 2).float(), labels, ignore_index=ignore_index, reduction="none"
-    )  # (B, T)
+        flat, labels.reshape(batch * seq),
+        ignore_index=ignore_index, reduction="none",
+    ).view(batch, seq)
     counted = (labels != ignore_index).sum(dim=1)  # (B,)
     example_loss = token_loss.sum(dim=1) / counted.clamp(min=1)  # (B,)
     if reduction == "none":

