@@ -52,3 +52,15 @@ def clipped_sums(grads, groups, *, threshold_of):
 
 def snapshot(model):
     return copy.deepcopy(model)
+
+
+def expected_for(model, inst, grads):
+    """The oracle's clipped sums for ``inst``'s groups and thresholds, keyed by parameter name.
+
+    Returns:
+        (expected {name: sum}, names {id(param): name}) — names maps dpfused's sums to the oracle's.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g.params] for g in inst.groups]
+    threshold = {tuple(names[id(p)] for p in g.params): g.threshold for g in inst.groups}
+    return clipped_sums(grads, groups, threshold_of=lambda ns: threshold[tuple(ns)]), names

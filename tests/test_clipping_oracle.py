@@ -9,7 +9,7 @@ import torch
 
 from dpfused.instrument import detach, instrument
 from tests import models
-from tests.oracle import clipped_sums, per_example_grads, snapshot
+from tests.oracle import expected_for, per_example_grads, snapshot
 
 MODES = ("flat", "per_layer", "per_device")
 
@@ -25,10 +25,7 @@ def _run(name, batch, clipping, *, reduction="mean", seed=0):
     try:
         case.batch_loss(case.model, case.inputs, reduction).backward()
         step = inst.book.take_step_sums()
-        names = {id(p): n for n, p in case.model.named_parameters()}
-        groups = [[names[id(p)] for p in g.params] for g in inst.groups]
-        threshold = {tuple(names[id(p)] for p in g.params): g.threshold for g in inst.groups}
-        expected = clipped_sums(grads, groups, threshold_of=lambda ns: threshold[tuple(ns)])
+        expected, names = expected_for(case.model, inst, grads)
         ours = {names[key]: value for key, value in step.sums.items()}
         return expected, ours, case.model, inst
     finally:
@@ -125,10 +122,7 @@ def test_activation_checkpointing_stays_exact(clipping, reentrant):
     try:
         case.batch_loss(case.model, case.inputs, "mean").backward()
         step = inst.book.take_step_sums()
-        names = {id(p): n for n, p in case.model.named_parameters()}
-        groups = [[names[id(p)] for p in g.params] for g in inst.groups]
-        threshold = {tuple(names[id(p)] for p in g.params): g.threshold for g in inst.groups}
-        expected = clipped_sums(grads, groups, threshold_of=lambda ns: threshold[tuple(ns)])
+        expected, names = expected_for(case.model, inst, grads)
         _assert_close(expected, {names[k]: v for k, v in step.sums.items()})
     finally:
         detach(case.model)

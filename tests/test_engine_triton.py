@@ -13,7 +13,7 @@ import torch
 from dpfused import kernels
 from dpfused.instrument import detach, instrument
 from tests import models
-from tests.oracle import clipped_sums, per_example_grads, snapshot
+from tests.oracle import expected_for, per_example_grads, snapshot
 
 FORCED = ("ghost_norm_sq", "ghost_inner", "direct_norm_sq", "clipped_weight_grad",
           "embedding_norm_sq", "embedding_dense_inner", "embedding_clipped_grad",
@@ -47,10 +47,7 @@ def test_triton_path_matches_oracle(name, clipping, triton_only):
         step = inst.book.take_step_sums()
     finally:
         detach(model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = [[names[id(p)] for p in g.params] for g in inst.groups]
-    threshold = {tuple(names[id(p)] for p in g.params): g.threshold for g in inst.groups}
-    expected = clipped_sums(grads, groups, threshold_of=lambda ns: threshold[tuple(ns)])
+    expected, names = expected_for(model, inst, grads)
     for key, value in step.sums.items():
         ref = expected[names[key]]
         err = (value.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)
@@ -78,10 +75,7 @@ def test_autocast_bf16(clipping, path, monkeypatch):
         step = inst.book.take_step_sums()
     finally:
         detach(model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = [[names[id(p)] for p in g.params] for g in inst.groups]
-    threshold = {tuple(names[id(p)] for p in g.params): g.threshold for g in inst.groups}
-    expected = clipped_sums(grads, groups, threshold_of=lambda ns: threshold[tuple(ns)])
+    expected, names = expected_for(model, inst, grads)
     ours = torch.cat([step.sums[k].double().cpu().flatten() for k in sorted(step.sums)])
     ref = torch.cat([expected[names[k]].flatten() for k in sorted(step.sums)])
     assert (ours - ref).norm() / ref.norm() < 5e-2  # bf16 forward: ~1e-2 relative
