@@ -202,10 +202,7 @@ class Bookkeeper:
         self._step = StepSums()
         self._failure: str | None = None
         self._reset_pass()
-        self._expected = defaultdict(int)
-        # Batch size seen by the layers of the current forward (for broadcast lookups, see
-        # rules/embedding.py); reset after each backward pass.
-        self.forward_batch: int | None = None
+        self._reset_forward()
 
     def tap(self, layer):
         return _LayerTap(self, layer)
@@ -271,6 +268,12 @@ class Bookkeeper:
         self._arrived = defaultdict(int)
         self._pass_batch = None
         self._pass_sums: dict[int, torch.Tensor] = {}
+
+    def _reset_forward(self):
+        self._expected = defaultdict(int)  # forward calls per layer since the last pass
+        # Batch size seen by the layers of the current forward (for broadcast lookups, see
+        # rules/embedding.py).
+        self.forward_batch: int | None = None
 
     def _check_batch(self, layer, batch):
         if self._pass_batch is None:
@@ -339,8 +342,7 @@ class Bookkeeper:
         self._step.examples += self._pass_batch or 0
         self._step.backward_passes += 1
         self._reset_pass()
-        self._expected = defaultdict(int)
-        self.forward_batch = None
+        self._reset_forward()
 
     def _check_no_autograd_gradients(self):
         leaked = [p for p in self._params if p.grad is not None and bool(p.grad.any())]
@@ -375,5 +377,4 @@ class Bookkeeper:
         self._step = StepSums()
         self._failure = None
         self._reset_pass()
-        self._expected = defaultdict(int)
-        self.forward_batch = None
+        self._reset_forward()

@@ -304,13 +304,9 @@ def _split_max_grad_norm(max_grad_norm, thresholds, clipping):
             raise ValueError("give group thresholds either as max_grad_norm=[...] or thresholds=, not both")
         values = [float(v) for v in max_grad_norm]
         return math.sqrt(sum(v * v for v in values)), values
-    if isinstance(thresholds, dict):
-        total = math.sqrt(sum(float(v) ** 2 for v in thresholds.values()))
-        if not math.isclose(total, float(max_grad_norm), rel_tol=1e-6):
-            raise ValueError(f"thresholds give sqrt(sum C_g^2) = {total:.6g} but max_grad_norm="
-                             f"{max_grad_norm}; make them agree (max_grad_norm is the sensitivity)")
-    if isinstance(thresholds, (list, tuple)):
-        total = math.sqrt(sum(float(v) ** 2 for v in thresholds))
+    if isinstance(thresholds, (dict, list, tuple)):
+        values = thresholds.values() if isinstance(thresholds, dict) else thresholds
+        total = math.sqrt(sum(float(v) ** 2 for v in values))
         if not math.isclose(total, float(max_grad_norm), rel_tol=1e-6):
             raise ValueError(f"thresholds give sqrt(sum C_g^2) = {total:.6g} but max_grad_norm="
                              f"{max_grad_norm}; make them agree (max_grad_norm is the sensitivity)")

@@ -157,8 +157,7 @@ class DPOptimizer(torch.optim.Optimizer):
     def _write_noised_gradients(self, sums):
         std = privacy_math.noise_std_on_rank(self.noise_std, rank=self.rank)
         normalizer = privacy_math.gradient_normalizer(
-            loss_reduction=self.loss_reduction, sampling=self.sampling,
-            expected_batch_size=self.expected_batch_size,
+            loss_reduction=self.loss_reduction, expected_batch_size=self.expected_batch_size,
         )
         params = [p for group in self._groups for p in group.params]
         grads = [
@@ -174,11 +173,11 @@ class DPOptimizer(torch.optim.Optimizer):
             p.grad = grad.to(p.dtype)
 
     def _step_record(self, batch, examples):
-        group = self.param_groups[0]
-        opt = self.original_optimizer
-        plain_sgd = (type(opt) is torch.optim.SGD and all(
-            g.get("momentum", 0) == 0 and not g.get("nesterov", False) for g in self.param_groups))
         lrs = {float(g["lr"]) for g in self.param_groups if "lr" in g}
+        learning_rate = next(iter(lrs)) if len(lrs) == 1 else None
+        # One learning rate for all groups is part of "plain SGD" for the last-iterate bound.
+        plain_sgd = (type(self.original_optimizer) is torch.optim.SGD and len(lrs) <= 1 and all(
+            g.get("momentum", 0) == 0 and not g.get("nesterov", False) for g in self.param_groups))
         decays = {float(g.get("weight_decay", 0.0)) for g in self.param_groups}
         loader = self.data_loader
         return StepRecord(
@@ -190,9 +189,9 @@ class DPOptimizer(torch.optim.Optimizer):
             position_in_epoch=(batch.position_in_epoch if batch is not None
                                else self.steps_taken % self._batches_per_epoch()),
             batches_per_epoch=self._batches_per_epoch(),
-            learning_rate=lrs.pop() if len(lrs) == 1 else None,
+            learning_rate=learning_rate,
             weight_decay=max(decays) if decays else 0.0,
-            plain_sgd=plain_sgd and len(lrs) <= 1 and group is not None,
+            plain_sgd=plain_sgd,
             batch_size_actual=examples,
         )
 

@@ -40,14 +40,12 @@ class FactorPiece:
         right: ``(B, T, n)``; for nn.Linear the input activations.
         rows: where the (m, n) matrix sits in ``param`` viewed as ``(param.shape[0], -1)``; None for
             all of it. Used by grouped convolutions and cross-attention in_proj slices.
-        transposed: the parameter stores the matrix transposed (HuggingFace Conv1D).
     """
 
     param: torch.nn.Parameter
     left: torch.Tensor
     right: torch.Tensor
     rows: slice | None = None
-    transposed: bool = False
     path: str = ""  # "ghost" | "direct", filled by norm_sq for explain()
 
     @property
@@ -57,8 +55,6 @@ class FactorPiece:
     def materialize(self) -> torch.Tensor:
         """(B, *param.shape) per-example gradients. Only for rare cases (shared, sliced)."""
         per_example = torch.einsum("btm,btn->bmn", self.left, self.right)
-        if self.transposed:
-            per_example = per_example.transpose(1, 2)
         return _place_rows(per_example, self.param, self.rows)
 
 
@@ -163,9 +159,9 @@ def inner(p: Piece, q: Piece) -> torch.Tensor:
         p, q = q, p
     if _disjoint_rows(p, q):
         return torch.zeros(p.batch_size, dtype=torch.float32, device=p.param.device)
-    if _plain_factor(p) and _plain_factor(q) and p.transposed == q.transposed:
+    if _plain_factor(p) and _plain_factor(q):
         return kernels.ghost_inner(p.left, p.right, q.left, q.right)
-    if isinstance(p, OnehotPiece) and _plain_factor(q) and not q.transposed:
+    if isinstance(p, OnehotPiece) and _plain_factor(q):
         # Tied input embedding and LM head: <G_e, G_h> = sum_{t,s} left_s[ids_t] (grad_t . right_s).
         return kernels.embedding_dense_inner(
             p.ids, p.grad, q.left, q.right, padding_idx=p.padding_idx
@@ -206,8 +202,6 @@ def weighted_sum(piece: Piece, weights: torch.Tensor) -> torch.Tensor:
         return torch.zeros(param.shape, dtype=dtype, device=param.device)
     if isinstance(piece, FactorPiece):
         matrix = kernels.clipped_weight_grad(piece.left, piece.right, weights)
-        if piece.transposed:
-            matrix = matrix.t()
         if piece.rows is None:
             return matrix.reshape(param.shape).to(dtype)
         full = torch.zeros(param.shape[0], param[0].numel(), dtype=dtype, device=param.device)

