@@ -1,5 +1,6 @@
 """Differentially private training for PyTorch with per-example clipping fused into backward."""
 
+from dpfused.adaptive import AdaptiveClipping
 from dpfused.accounting import PrivacyBudgetExhausted, PrivacyReport
 from dpfused.engine import PrivacyEngine
 from dpfused.instrument import detach, explain
@@ -8,7 +9,7 @@ from dpfused.optimizer import DPOptimizer
 from dpfused.validate import fix
 
 __all__ = [
-    "PrivacyEngine", "DPOptimizer", "PrivacyBudgetExhausted", "PrivacyReport",
+    "PrivacyEngine", "DPOptimizer", "AdaptiveClipping", "PrivacyBudgetExhausted", "PrivacyReport",
     "detach", "explain", "fix", "per_example_lm_loss",
 ]
 __version__ = "0.1.0"

@@ -108,6 +108,8 @@ class StepRecord:
         weight_decay: SGD ``weight_decay`` (lambda) of the step.
         plain_sgd: True iff the optimizer is ``torch.optim.SGD`` with momentum 0 and no Nesterov.
         batch_size_actual: examples in this logical batch.
+        adaptive_clipping: the step also released noisy unclipped counts (already folded into
+            ``noise_multiplier`` as sigma_eff); the thresholds then depend on the data.
     """
 
     noise_multiplier: float
@@ -121,6 +123,7 @@ class StepRecord:
     weight_decay: float = 0.0
     plain_sgd: bool = False
     batch_size_actual: int = 0
+    adaptive_clipping: bool = False
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
@@ -494,6 +497,12 @@ def _check_last_iterate(
                 f"last-iterate accounting needs plain SGD (torch.optim.SGD with momentum=0, "
                 f"nesterov=False); step {k} used another optimizer (momentum, Nesterov or an "
                 "adaptive method such as Adam are not covered)."
+            )
+        if rec.adaptive_clipping:
+            raise LastIterateUnavailable(
+                f"last-iterate accounting needs fixed clipping thresholds; step {k} adapted them "
+                "from noisy counts (adaptive_clipping), so the update maps depend on released "
+                "data. Report the composed epsilon, or train without adaptive_clipping."
             )
         if rec.learning_rate is None:
             raise LastIterateUnavailable(

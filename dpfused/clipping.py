@@ -185,6 +185,9 @@ class StepSums:
     """What the optimizer takes at a step: clipped sums by parameter id, and how they were made."""
 
     sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Adaptive thresholds only: per group index, sum_i (1[||G_ig|| <= C_g] - 1/2), un-noised.
+    # Private: only privacy_math.noised_counts may read it.
+    unclipped: dict[int, torch.Tensor] = field(default_factory=dict)
     examples: int = 0
     backward_passes: int = 0
 
@@ -192,8 +195,9 @@ class StepSums:
 class Bookkeeper:
     """Collects pieces during backward passes and turns them into clipped sums."""
 
-    def __init__(self, groups, *, loss_reduction, batch_first):
+    def __init__(self, groups, *, loss_reduction, batch_first, count_unclipped=False):
         self.groups = groups
+        self.count_unclipped = count_unclipped  # adaptive thresholds need per-group counts
         self.loss_reduction = loss_reduction
         self.batch_first = batch_first
         self._group_of = {id(p): i for i, g in enumerate(groups) for p in g.params}
@@ -268,6 +272,7 @@ class Bookkeeper:
         self._arrived = defaultdict(int)
         self._pass_batch = None
         self._pass_sums: dict[int, torch.Tensor] = {}
+        self._pass_counts: dict[int, torch.Tensor] = {}
 
     def _reset_forward(self):
         self._expected = defaultdict(int)  # forward calls per layer since the last pass
@@ -305,6 +310,9 @@ class Bookkeeper:
                 "(check the loss for inf/nan, e.g. an example with no counted token)"
             )
         multipliers = privacy_math.example_multipliers(norm_sq, group.threshold, self._loss_scale())
+        if self.count_unclipped:
+            self._pass_counts[g] = privacy_math.centered_unclipped_count(
+                norm_sq, group.threshold, self._loss_scale())
         for path, piece in tagged:
             clipped = P.weighted_sum(piece, multipliers)
             key = id(piece.param)
@@ -334,11 +342,9 @@ class Bookkeeper:
         for g in list(self._pieces):
             self._complete(g)
         self._check_no_autograd_gradients()
-        for key, clipped in self._pass_sums.items():
-            if key in self._step.sums:
-                self._step.sums[key].add_(clipped)
-            else:
-                self._step.sums[key] = clipped
+        _merge(self._step.sums, self._pass_sums)
+        if self.count_unclipped:
+            _merge(self._step.unclipped, self._pass_counts_of_every_group())
         self._step.examples += self._pass_batch or 0
         self._step.backward_passes += 1
         self._reset_pass()
@@ -354,6 +360,12 @@ class Bookkeeper:
                 "a parameter is used outside its module's forward (e.g. F.linear(x, layer.weight)), "
                 "which dpfused cannot clip per example; call the module instead"
             )
+
+    def _pass_counts_of_every_group(self):
+        """A group no example touched in this pass (an unused layer) clipped nobody: +1/2 each."""
+        examples = self._pass_batch or 0
+        return {g: self._pass_counts.get(g, torch.tensor(0.5 * examples, dtype=torch.float64))
+                for g in range(len(self.groups))}
 
     # ---- step ------------------------------------------------------------------------------
     def take_step_sums(self) -> StepSums:
@@ -378,3 +390,12 @@ class Bookkeeper:
         self._failure = None
         self._reset_pass()
         self._reset_forward()
+
+
+def _merge(into: dict, new: dict) -> None:
+    """Add a pass's tensors into the step's, in place (the pass's dict is dropped afterwards)."""
+    for key, value in new.items():
+        if key in into:
+            into[key].add_(value.to(into[key].device))
+        else:
+            into[key] = value

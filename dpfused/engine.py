@@ -17,10 +17,11 @@ import warnings
 import torch
 import torch.nn as nn
 
-from dpfused import accounting, validate
+from dpfused import accounting, privacy_math, validate
 from dpfused import sampling as dp_sampling
+from dpfused.adaptive import AdaptiveClipping
 from dpfused.clipping import CLIPPING_MODES
-from dpfused.instrument import detach, instrument
+from dpfused.instrument import detach, instrument, plan
 from dpfused.optimizer import DPOptimizer
 
 __all__ = ["PrivacyEngine"]
@@ -67,6 +68,7 @@ class PrivacyEngine:
         loss_reduction: str = "mean",
         sampling: str | None = None,
         thresholds: dict[str, float] | list[float] | None = None,
+        adaptive_clipping: AdaptiveClipping | None = None,
         batch_first: bool = True,
         max_physical_batch_size: int | None = None,
         shuffle_once: bool = False,
@@ -89,7 +91,11 @@ class PrivacyEngine:
                 or "per_device" (a group per device).
             loss_reduction: "mean" or "sum": how the loss you backpropagate reduces over examples.
             sampling: "poisson" (default), "cyclic" or "shuffle" (DESIGN §6).
-            thresholds: per_layer/per_device group thresholds, a dict {group: C_g} or a list.
+            thresholds: per_layer/per_device group thresholds, a dict {group: C_g} or a list
+                (with ``adaptive_clipping``, the starting values).
+            adaptive_clipping: an ``AdaptiveClipping``: thresholds follow a quantile of the
+                per-example norms, from noisy counts released with each step; ``noise_multiplier``
+                stays the gradient's sigma and the accountant records sigma_eff < sigma.
             batch_first: False when the model's inputs are (T, B, ...).
             max_physical_batch_size: split logical batches into physical ones of at most this size.
             shuffle_once: cyclic sampling: draw one seeded order before training.
@@ -97,7 +103,9 @@ class PrivacyEngine:
             noise_generator: torch.Generator for the noise.
             sampling_generator: torch.Generator for the batch sampler.
             max_epsilon, delta: a budget; a step that would exceed it raises PrivacyBudgetExhausted.
-            **opacus_kwargs: Opacus' poisson_sampling, grad_sample_mode, criterion, secure_mode.
+            **opacus_kwargs: Opacus' poisson_sampling, grad_sample_mode, criterion, secure_mode,
+                and clipping="adaptive" with its target_unclipped_quantile, clipbound_learning_rate,
+                min_clipbound, max_clipbound and unclipped_num_std.
 
         Returns:
             ``(module, optimizer, data_loader)``; ``(module, optimizer, criterion, data_loader)`` when
@@ -107,8 +115,17 @@ class PrivacyEngine:
             ValueError / TypeError: a bad argument or a module that cannot be made private, before
                 anything is changed.
         """
-        opacus = _OpacusArgs.parse(opacus_kwargs, sampling=sampling, clipping=clipping)
+        opacus = _OpacusArgs.parse(opacus_kwargs, sampling=sampling, clipping=clipping,
+                                   adaptive_clipping=adaptive_clipping)
         sampling = opacus.sampling or "poisson"
+        clipping, adaptive_clipping = opacus.clipping, opacus.adaptive_clipping
+        if opacus.mapped_adaptive:
+            warnings.warn(
+                "clipping='adaptive': noise_multiplier is the gradient's sigma in dpfused and the "
+                "accountant records sigma_eff (1/sigma_eff^2 = 1/sigma^2 + 1/(4 "
+                "unclipped_num_std^2)), so epsilon is higher than without adaptive clipping at the "
+                "same sigma (Opacus lowers the gradient noise instead). Use "
+                "make_private_with_epsilon to target an epsilon", stacklevel=2)
         max_grad_norm, thresholds = _split_max_grad_norm(max_grad_norm, thresholds, clipping)
         _check_arguments(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          clipping=clipping, loss_reduction=loss_reduction, sampling=sampling,
@@ -126,6 +143,7 @@ class PrivacyEngine:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DPOptimizer):
             raise ValueError("optimizer is already a DPOptimizer; pass the original optimizer")
+        _check_adaptive(adaptive_clipping, clipping)
         validate.check_module(module)
         validate.check_optimizer(optimizer, module)
         opacus.check_criterion(loss_reduction)
@@ -141,13 +159,13 @@ class PrivacyEngine:
         )
         inst = instrument(module, clipping=clipping, max_grad_norm=max_grad_norm,
                           thresholds=thresholds, loss_reduction=loss_reduction,
-                          batch_first=batch_first)
+                          batch_first=batch_first, count_unclipped=adaptive_clipping is not None)
         dp_optimizer = DPOptimizer(
             optimizer, instrumentation=inst, noise_multiplier=noise_multiplier,
             loss_reduction=loss_reduction, expected_batch_size=_expected_batch_size(loader),
             sampling=sampling, data_loader=loader, accountant=self.accountant,
             generator=noise_generator, max_epsilon=max_epsilon, delta=delta,
-            distributed=world_size > 1,
+            distributed=world_size > 1, adaptive_clipping=adaptive_clipping,
         )
         self.module, self.optimizer, self.data_loader = module, dp_optimizer, loader
         if opacus.criterion is not None:
@@ -168,15 +186,21 @@ class PrivacyEngine:
                 sampling, plain SGD at a constant learning rate): a dict with ``smoothness`` (L),
                 and optionally ``weight_decay`` and ``convex``; the learning rate is read from the
                 optimizer. ``privacy_report`` then reports that bound for the run.
-            **kwargs: everything else make_private takes, except noise_multiplier.
+            **kwargs: everything else make_private takes, except noise_multiplier. With
+                ``adaptive_clipping`` the calibrated sigma is sigma_eff of gradient and counts
+                together; the gradient's sigma is solved from it.
         """
         if "noise_multiplier" in kwargs:
             raise ValueError("make_private_with_epsilon sets noise_multiplier itself; remove it")
+        kwargs, adaptive = _resolve_adaptive(kwargs)
         sampling = _OpacusArgs.sampling_of(kwargs) or "poisson"
         num_samples = len(data_loader.dataset)
         batch_size = data_loader.batch_size
         if batch_size is None:
             raise ValueError("data_loader must have a batch_size (the expected logical batch size)")
+        if last_iterate is not None and adaptive is not None:
+            raise ValueError("last_iterate calibration needs fixed clipping thresholds; drop "
+                             "adaptive_clipping or last_iterate")
         if last_iterate is not None:
             last_iterate = {**last_iterate, "learning_rate": _constant_learning_rate(optimizer)}
         sigma = accounting.calibrate_noise_multiplier(
@@ -186,6 +210,11 @@ class PrivacyEngine:
             mechanism=self.accountant_name, neighboring=self.neighboring,
             last_iterate=last_iterate, drop_last=kwargs.get("drop_last", True),
         )
+        if adaptive is not None:
+            # The count query's cost grows with the number of groups K; thresholds do not matter.
+            _, groups = plan(module, clipping=kwargs["clipping"], max_grad_norm=1.0)
+            sigma = privacy_math.gradient_noise_multiplier(sigma, adaptive.count_noise_std,
+                                                           len(groups))
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, **kwargs)
 
@@ -207,6 +236,8 @@ class PrivacyEngine:
             state["data_loader"] = self.data_loader.state_dict()
         if self.optimizer is not None:
             state["steps_taken"] = self.optimizer.steps_taken
+            # Adaptive thresholds move: resume from where they were.
+            state["thresholds"] = [g.threshold for g in self.optimizer.instrumentation.groups]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -218,6 +249,16 @@ class PrivacyEngine:
             self.data_loader.load_state_dict(state["data_loader"])
         if self.optimizer is not None and "steps_taken" in state:
             self.optimizer.steps_taken = state["steps_taken"]
+        if self.optimizer is not None and "thresholds" in state:
+            groups = self.optimizer.instrumentation.groups
+            if len(state["thresholds"]) != len(groups):
+                raise ValueError(
+                    f"load_state_dict: the saved state has {len(state['thresholds'])} clipping "
+                    f"thresholds but this model has {len(groups)} clipping groups; make_private "
+                    "with the same model and clipping= as the saved run"
+                )
+            for group, threshold in zip(groups, state["thresholds"]):
+                group.threshold = float(threshold)
 
     @staticmethod
     def detach(module: nn.Module) -> nn.Module:
@@ -260,6 +301,26 @@ def _shared_generator(generator: torch.Generator | None) -> torch.Generator:
     shared = torch.Generator()
     shared.set_state(state)
     return shared
+
+
+def _check_adaptive(adaptive_clipping, clipping):
+    if adaptive_clipping is None:
+        return
+    if not isinstance(adaptive_clipping, AdaptiveClipping):
+        raise TypeError("adaptive_clipping must be a dpfused.AdaptiveClipping (or None), got "
+                        f"{type(adaptive_clipping).__name__}")
+    adaptive_clipping.check_clipping(clipping)
+
+
+def _resolve_adaptive(kwargs):
+    """make_private keywords with Opacus' adaptive ones mapped; and the AdaptiveClipping or None."""
+    adaptive_keys = {k: kwargs[k] for k in _OpacusArgs.ADAPTIVE_KEYS if k in kwargs}
+    args = _OpacusArgs.parse(adaptive_keys, sampling=None, clipping=kwargs.get("clipping", "flat"),
+                             adaptive_clipping=kwargs.get("adaptive_clipping"))
+    _check_adaptive(args.adaptive_clipping, args.clipping)
+    kwargs = {k: v for k, v in kwargs.items() if k not in adaptive_keys}
+    kwargs.update(clipping=args.clipping, adaptive_clipping=args.adaptive_clipping)
+    return kwargs, args.adaptive_clipping
 
 
 def _expected_batch_size(loader) -> float:
@@ -337,14 +398,22 @@ def _check_arguments(*, noise_multiplier, max_grad_norm, clipping, loss_reductio
 class _OpacusArgs:
     """Opacus' make_private keywords, each mapped onto dpfused's or refused with the reason."""
 
+    # Opacus' AdaClipDPOptimizer keywords (clipping="adaptive").
+    ADAPTIVE_KEYS = ("target_unclipped_quantile", "clipbound_learning_rate", "max_clipbound",
+                     "min_clipbound", "unclipped_num_std")
+
     def __init__(self):
         self.sampling = None
         self.criterion = None
+        self.clipping = "flat"
+        self.adaptive_clipping = None
+        self.mapped_adaptive = False  # Opacus' clipping="adaptive" keywords were given
 
     @classmethod
-    def parse(cls, kwargs, *, sampling, clipping):
+    def parse(cls, kwargs, *, sampling, clipping, adaptive_clipping=None):
         args = cls()
         args.sampling = sampling
+        args.clipping, args.adaptive_clipping = clipping, adaptive_clipping
         kwargs = dict(kwargs)
         args.sampling = cls.sampling_of({**kwargs, "sampling": sampling})
         kwargs.pop("poisson_sampling", None)
@@ -364,12 +433,33 @@ class _OpacusArgs:
             _refuse_secure_mode(kwargs.pop("secure_mode"))
         if "criterion" in kwargs:
             args.criterion = kwargs.pop("criterion")
-        if clipping == "adaptive":
-            raise ValueError("clipping='adaptive' is not implemented in dpfused yet; use 'flat', "
-                             "'per_layer' or 'per_device'")
+        args._parse_adaptive(kwargs)
         if kwargs:
             raise TypeError(f"make_private got unexpected keyword argument(s) {sorted(kwargs)}")
         return args
+
+    def _parse_adaptive(self, kwargs):
+        """Opacus' clipping="adaptive" is flat clipping with a moving norm (Andrew et al.)."""
+        given = {k: kwargs.pop(k) for k in self.ADAPTIVE_KEYS if k in kwargs}
+        if self.clipping != "adaptive":
+            if given:
+                raise ValueError(f"{sorted(given)} configure Opacus' clipping='adaptive'; with "
+                                 f"clipping={self.clipping!r} use adaptive_clipping=AdaptiveClipping(...)")
+            return
+        if self.adaptive_clipping is not None:
+            raise ValueError("give clipping='adaptive' with Opacus' keywords or "
+                             "adaptive_clipping=AdaptiveClipping(...), not both")
+        missing = [k for k in self.ADAPTIVE_KEYS if k not in given]
+        if missing:
+            raise ValueError(f"clipping='adaptive' (Opacus) needs {missing}; or use "
+                             "clipping='flat', adaptive_clipping=dpfused.AdaptiveClipping(...)")
+        self.mapped_adaptive = True
+        self.clipping = "flat"
+        self.adaptive_clipping = AdaptiveClipping(
+            count_noise_std=given["unclipped_num_std"],
+            target_quantile=given["target_unclipped_quantile"],
+            learning_rate=given["clipbound_learning_rate"],
+            min_threshold=given["min_clipbound"], max_threshold=given["max_clipbound"])
 
     @staticmethod
     def sampling_of(kwargs):

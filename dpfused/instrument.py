@@ -17,7 +17,7 @@ from dpfused.clipping import Bookkeeper, Layer, build_groups
 from dpfused.rules import fallback_rule, rule_for
 from dpfused.rules.functorch import bypassing
 
-__all__ = ["Instrumentation", "instrument", "detach", "explain", "instrumentation_of"]
+__all__ = ["Instrumentation", "instrument", "plan", "detach", "explain", "instrumentation_of"]
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Instrumentation]" = weakref.WeakKeyDictionary()
 
@@ -40,8 +40,22 @@ class Instrumentation:
         return [p for g in self.groups for p in g.params]
 
 
-def instrument(module, *, clipping, max_grad_norm, thresholds, loss_reduction, batch_first):
+def instrument(module, *, clipping, max_grad_norm, thresholds, loss_reduction, batch_first,
+               count_unclipped=False):
     """Find the layers, build the clipping groups and patch the forwards. Raises before patching."""
+    layers, groups = plan(module, clipping=clipping, max_grad_norm=max_grad_norm,
+                          thresholds=thresholds)
+    book = Bookkeeper(groups, loss_reduction=loss_reduction, batch_first=batch_first,
+                      count_unclipped=count_unclipped)
+    for layer in layers:
+        _patch(layer, book.tap(layer))
+    inst = Instrumentation(module, layers, book, clipping)
+    _ACTIVE[module] = inst
+    return inst
+
+
+def plan(module, *, clipping, max_grad_norm, thresholds=None):
+    """The layers and clipping groups ``instrument`` would build; changes nothing."""
     if module in _ACTIVE:
         raise ValueError(
             "module is already instrumented by dpfused; call dpfused.detach(model) before making "
@@ -51,12 +65,7 @@ def instrument(module, *, clipping, max_grad_norm, thresholds, loss_reduction, b
     _check_coverage(module, layers)
     groups = build_groups(layers, clipping=clipping, max_grad_norm=max_grad_norm,
                           thresholds=thresholds)
-    book = Bookkeeper(groups, loss_reduction=loss_reduction, batch_first=batch_first)
-    for layer in layers:
-        _patch(layer, book.tap(layer))
-    inst = Instrumentation(module, layers, book, clipping)
-    _ACTIVE[module] = inst
-    return inst
+    return layers, groups
 
 
 def _find_layers(module):

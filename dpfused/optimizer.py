@@ -33,11 +33,13 @@ class DPOptimizer(torch.optim.Optimizer):
         max_epsilon, delta: budget; a step that would exceed it raises PrivacyBudgetExhausted.
         distributed: data parallel: clipped sums are all-reduced over torch.distributed's default
             group, and only rank 0 adds noise.
+        adaptive_clipping: an ``AdaptiveClipping``: after each step the group thresholds move
+            toward a quantile of the per-example norms, from noisy counts (dpfused/adaptive.py).
     """
 
     def __init__(self, optimizer, *, instrumentation, noise_multiplier, loss_reduction,
                  expected_batch_size, sampling, data_loader=None, accountant=None, generator=None,
-                 max_epsilon=None, delta=None, distributed=False):
+                 max_epsilon=None, delta=None, distributed=False, adaptive_clipping=None):
         # Deliberately no super().__init__: this object is a view that shares the wrapped
         # optimizer's param_groups and state, so schedulers and checkpoints act on the real one.
         self.original_optimizer = optimizer
@@ -51,6 +53,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.generator = generator
         self.max_epsilon, self.delta = max_epsilon, delta
         self.distributed = distributed
+        self.adaptive_clipping = adaptive_clipping
+        # Group-wise adaptive thresholds are rescaled to keep this total (the sensitivity).
+        self._total_threshold = privacy_math.sensitivity([g.threshold for g in self._groups])
         self.rank = torch.distributed.get_rank() if distributed else 0
         self._private_ids = {id(p) for p in instrumentation.params}
         self._accumulating = False  # a physical batch was skipped: keep sums across zero_grad
@@ -95,6 +100,14 @@ class DPOptimizer(torch.optim.Optimizer):
         return privacy_math.noise_std(self.noise_multiplier, [g.threshold for g in self._groups])
 
     @property
+    def accounted_noise_multiplier(self) -> float:
+        """The sigma the accountant records: sigma, or sigma_eff when counts are released too."""
+        if self.adaptive_clipping is None:
+            return self.noise_multiplier
+        return privacy_math.effective_noise_multiplier(
+            self.noise_multiplier, self.adaptive_clipping.count_noise_std, len(self._groups))
+
+    @property
     def _groups(self):
         return self.instrumentation.groups
 
@@ -125,7 +138,9 @@ class DPOptimizer(torch.optim.Optimizer):
         pending = self._check_pending(batch)
         record = self._step_record(batch, pending.examples)
         self._check_budget(record)  # before anything is taken or written: a refused step changes nothing
-        self._write_noised_gradients(self.instrumentation.book.take_step_sums())
+        noisy_counts = self._write_noised_gradients(self.instrumentation.book.take_step_sums())
+        if noisy_counts is not None:
+            self._adapt_thresholds(noisy_counts)
         if self.accountant is not None:
             self.accountant.record_step(record)
         self._accumulating = False
@@ -155,6 +170,7 @@ class DPOptimizer(torch.optim.Optimizer):
         return pending
 
     def _write_noised_gradients(self, sums):
+        """Write p.grad for every private parameter; returns the noisy counts (adaptive) or None."""
         std = privacy_math.noise_std_on_rank(self.noise_std, rank=self.rank)
         normalizer = privacy_math.gradient_normalizer(
             loss_reduction=self.loss_reduction, expected_batch_size=self.expected_batch_size,
@@ -167,10 +183,35 @@ class DPOptimizer(torch.optim.Optimizer):
             )
             for p in params
         ]
+        released = grads + ([self._noised_counts(sums, params[0].device)]
+                            if self.adaptive_clipping is not None else [])
         if self.distributed:
-            grads = _all_reduce_sum(grads)
-        for p, grad in zip(params, grads):
+            released = _all_reduce_sum(released)
+        for p, grad in zip(params, released):
             p.grad = grad.to(p.dtype)
+        return released[-1] if self.adaptive_clipping is not None else None
+
+    def _noised_counts(self, sums, device):
+        counts = torch.stack([
+            sums.unclipped.get(g, torch.zeros((), dtype=torch.float64)).to(device)
+            for g in range(len(self._groups))
+        ])
+        std = privacy_math.noise_std_on_rank(self.adaptive_clipping.count_noise_std, rank=self.rank)
+        return privacy_math.noised_counts(counts, std=std, generator=self.generator)
+
+    def _adapt_thresholds(self, noisy_counts):
+        """Post-processing of the noisy counts: the next step's thresholds."""
+        config = self.adaptive_clipping
+        fractions = privacy_math.unclipped_fractions(noisy_counts, self.expected_batch_size)
+        flat = self.instrumentation.clipping == "flat"
+        thresholds = privacy_math.adapted_thresholds(
+            [g.threshold for g in self._groups], fractions,
+            target_quantile=config.target_quantile, learning_rate=config.learning_rate,
+            total=None if flat else self._total_threshold,
+            min_threshold=config.min_threshold, max_threshold=config.max_threshold,
+        )
+        for group, threshold in zip(self._groups, thresholds):
+            group.threshold = threshold
 
     def _step_record(self, batch, examples):
         lrs = {float(g["lr"]) for g in self.param_groups if "lr" in g}
@@ -181,7 +222,8 @@ class DPOptimizer(torch.optim.Optimizer):
         decays = {float(g.get("weight_decay", 0.0)) for g in self.param_groups}
         loader = self.data_loader
         return StepRecord(
-            noise_multiplier=self.noise_multiplier,
+            noise_multiplier=self.accounted_noise_multiplier,
+            adaptive_clipping=self.adaptive_clipping is not None,
             sampling=self.sampling,
             sample_rate=getattr(loader, "sample_rate", None) if self.sampling == "poisson" else None,
             batch_size=getattr(loader, "batch_size", None) if self.sampling != "poisson" else None,
@@ -211,10 +253,10 @@ class DPOptimizer(torch.optim.Optimizer):
 
 
 def _all_reduce_sum(tensors):
-    """Sum each tensor over all ranks with one collective per device (flattened buffers)."""
+    """Sum each tensor over all ranks with one collective per device and dtype (flat buffers)."""
     by_device = {}
     for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
+        by_device.setdefault((t.device, t.dtype), []).append(i)
     out = list(tensors)
     for indices in by_device.values():
         flat = torch.cat([tensors[i].reshape(-1) for i in indices])

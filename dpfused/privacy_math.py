@@ -6,6 +6,10 @@ computes a clip factor, a sensitivity, a noise standard deviation or the final n
     per example i, group g:  c_ig = min(1, C_g / (||G_ig|| + 1e-6))
     sensitivity:             C = sqrt(sum_g C_g^2)          (add/remove adjacency)
     final gradient:          (sum_i c_ig G_ig + N(0, sigma^2 C^2 I)) / B_norm
+
+With adaptive thresholds (DESIGN §4, Andrew et al. 2021) each step also releases, per group, a
+noisy count of the examples the group did not clip; it is the same sampled batch, so the gradient
+and the counts are one Gaussian mechanism with 1/sigma_eff^2 = 1/sigma^2 + K/(4 sigma_b^2).
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ __all__ = [
     "noise_std_on_rank",
     "gradient_normalizer",
     "noised_gradient",
+    "centered_unclipped_count",
+    "count_sensitivity",
+    "effective_noise_multiplier",
+    "gradient_noise_multiplier",
+    "noised_counts",
+    "unclipped_fractions",
+    "adapted_thresholds",
 ]
 
 # Added to the norm before dividing, as in Opacus and DESIGN §4: keeps c <= 1 without a branch and
@@ -121,3 +132,95 @@ def noised_gradient(
     if clipped_sum is not None:
         noise.add_(clipped_sum.to(torch.float32))
     return noise.div_(normalizer)
+
+
+# ---- adaptive thresholds (DESIGN §4; Andrew et al. 2021, "DP learning with adaptive clipping") --
+#
+# Each example adds  1[||G_ig|| <= C_g] - 1/2  to group g's count. Centering makes one example's
+# contribution +-1/2 per group whatever it is, so under add/remove the K counts have L2 sensitivity
+# sqrt(K)/2 (DESIGN §4 states sqrt(K) for uncentered counts: centering is 4x cheaper in privacy).
+# Under replace-one a count moves by at most 1: the accountant's doubling of the whole mechanism's
+# sensitivity covers that exactly.
+
+
+def centered_unclipped_count(norm_sq: torch.Tensor, threshold: float,
+                             loss_scale: float) -> torch.Tensor:
+    """sum_i (1[||G_i|| <= C_g] - 1/2) over a batch, from raw squared norms ``(B,)`` (a 0-d tensor).
+
+    ``loss_scale`` restores the true per-example gradient as in ``example_multipliers``.
+    """
+    true_norm = (_accumulation(norm_sq) * (loss_scale * loss_scale)).clamp_min(0).sqrt()
+    return ((true_norm <= threshold).to(torch.float64) - 0.5).sum()
+
+
+def count_sensitivity(num_groups: int) -> float:
+    """L2 sensitivity of the K centered counts under add/remove: sqrt(K) / 2."""
+    return math.sqrt(num_groups) / 2.0
+
+
+def effective_noise_multiplier(noise_multiplier: float, count_noise_std: float,
+                               num_groups: int) -> float:
+    """sigma_eff of the joint release (clipped sums with noise sigma*C, counts with noise sigma_b).
+
+    Normalizing each part by its sensitivity, the pair is one Gaussian query:
+    1/sigma_eff^2 = 1/sigma^2 + (count_sensitivity / sigma_b)^2. The accountant uses sigma_eff.
+    """
+    if noise_multiplier == 0:
+        return 0.0
+    count_term = (count_sensitivity(num_groups) / count_noise_std) ** 2
+    return (noise_multiplier ** -2 + count_term) ** -0.5
+
+
+def gradient_noise_multiplier(effective: float, count_noise_std: float, num_groups: int) -> float:
+    """The inverse of ``effective_noise_multiplier``: the gradient's sigma that gives ``effective``.
+
+    Raises:
+        ValueError: the counts alone spend more than ``effective`` allows (sigma_b too small).
+    """
+    count_term = (count_sensitivity(num_groups) / count_noise_std) ** 2
+    remaining = effective ** -2 - count_term
+    if remaining <= 0:
+        smallest = count_sensitivity(num_groups) * effective
+        raise ValueError(
+            f"adaptive_clipping: count_noise_std={count_noise_std:g} leaves no privacy for the "
+            f"gradient at the calibrated noise multiplier {effective:.4g} with {num_groups} "
+            f"group(s); count_noise_std must exceed sqrt(K)/2 * sigma = {smallest:.4g} "
+            "(Andrew et al. suggest about batch_size / 20)"
+        )
+    return remaining ** -0.5
+
+
+def noised_counts(counts: torch.Tensor, *, std: float,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """Centered counts ``(K,)`` plus N(0, sigma_b^2) on each, in float64."""
+    noise = torch.normal(mean=0.0, std=std, size=tuple(counts.shape), device=counts.device,
+                         generator=generator, dtype=torch.float64)
+    return noise.add_(counts.to(torch.float64))
+
+
+def unclipped_fractions(noisy_counts: torch.Tensor, expected_batch_size: float) -> list[float]:
+    """Noisy fractions of unclipped examples per group: noisy centered count / B + 1/2.
+
+    Divides by the *expected* batch size (q N under Poisson): the realized size is private.
+    """
+    return [float(c) / expected_batch_size + 0.5 for c in noisy_counts.tolist()]
+
+
+def adapted_thresholds(thresholds: Sequence[float], fractions: Sequence[float], *,
+                       target_quantile: float, learning_rate: float,
+                       total: float | None, min_threshold: float | None = None,
+                       max_threshold: float | None = None) -> list[float]:
+    """C_g <- C_g exp(-eta (b_g - q)); then rescaled so that sqrt(sum C_g^2) = ``total``.
+
+    ``total=None`` (one flat group, Andrew et al.) lets the clipping norm itself move, clamped to
+    [min_threshold, max_threshold]; the noise std sigma*C follows it, so sigma is unchanged.
+    A threshold is post-processing of the noisy counts: it costs no privacy of its own.
+    """
+    moved = [float(c) * math.exp(-learning_rate * (float(b) - target_quantile))
+             for c, b in zip(thresholds, fractions)]
+    if total is not None:
+        scale = total / sensitivity(moved)
+        return [c * scale for c in moved]
+    lo = min_threshold if min_threshold is not None else 0.0
+    hi = max_threshold if max_threshold is not None else math.inf
+    return [min(max(c, lo), hi) for c in moved]

@@ -74,6 +74,10 @@ class Config:
     #                         same epsilon (the tied embedding, which carries most of the signal,
     #                         may use all of C; per_layer gives every group C/sqrt(K));
     #                         per_layer is the GPU fast path (no cross-layer state)
+    adaptive_count_noise: float | None = None  # set (e.g. 8): adaptive thresholds; per_layer
+    #                         moves the split of C toward the groups with large gradients, flat
+    #                         moves C to the median norm. The std of the noisy per-group counts of
+    #                         unclipped examples; they cost privacy (sigma_eff), ~K / (4 std^2)
     sampling: str = "poisson"  # "poisson" | "cyclic" | "shuffle"; only poisson amplifies privacy
     accountant: str = "pld"  # "pld" | "rdp"
     # optimisation
@@ -254,6 +258,8 @@ class Recipe:
             data_loader=self.train_loader,  # its batch_size is the expected logical batch
             max_grad_norm=cfg.max_grad_norm,
             clipping=cfg.clipping,
+            adaptive_clipping=(dpfused.AdaptiveClipping(count_noise_std=cfg.adaptive_count_noise)
+                               if cfg.adaptive_count_noise else None),
             loss_reduction="mean",  # as per_example_lm_loss(..., reduction="mean") in train_step
             sampling=cfg.sampling,
             max_physical_batch_size=cfg.max_physical_batch_size,

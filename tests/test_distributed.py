@@ -25,7 +25,7 @@ def _dataset():
                          torch.randint(0, 4, (48,), generator=g))
 
 
-def _train(rank, noise, steps, out, clipping="flat"):
+def _train(rank, noise, steps, out, clipping="flat", adaptive=False):
     torch.manual_seed(100 + rank)  # different inits: make_private must broadcast rank 0's
     model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 4)).double()
     if rank == 0:
@@ -37,7 +37,8 @@ def _train(rank, noise, steps, out, clipping="flat"):
         data_loader=DataLoader(_dataset(), batch_size=12), noise_multiplier=noise,
         max_grad_norm=0.3, sampling="poisson", clipping=clipping, max_physical_batch_size=4,
         sampling_generator=torch.Generator().manual_seed(5),
-        noise_generator=torch.Generator().manual_seed(9))
+        noise_generator=torch.Generator().manual_seed(9),
+        adaptive_clipping=dpfused.AdaptiveClipping(count_noise_std=0.5) if adaptive else None)
     grads = []
     while optimizer.steps_taken < steps:
         for x, y in loader:
@@ -50,21 +51,22 @@ def _train(rank, noise, steps, out, clipping="flat"):
             if optimizer.steps_taken == steps:
                 break
     torch.save({"params": [p.detach() for p in model.parameters()], "grads": grads,
-                "epsilon": engine.get_epsilon(1e-5)}, out)
+                "epsilon": engine.get_epsilon(1e-5),
+                "thresholds": [g.threshold for g in optimizer.instrumentation.groups]}, out)
 
 
-def _worker(rank, init_file, noise, steps, folder):
+def _worker(rank, init_file, noise, steps, folder, clipping, adaptive):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
-        _train(rank, noise, steps, os.path.join(folder, f"rank{rank}.pt"))
+        _train(rank, noise, steps, os.path.join(folder, f"rank{rank}.pt"), clipping, adaptive)
     finally:
         dist.destroy_process_group()
 
 
-def _run_distributed(tmp_path, noise, steps):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), noise, steps, str(tmp_path)), nprocs=WORLD,
-             join=True)
+def _run_distributed(tmp_path, noise, steps, clipping="flat", adaptive=False):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), noise, steps, str(tmp_path), clipping,
+                            adaptive), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -88,3 +90,18 @@ def test_noise_is_added_once_across_ranks(tmp_path):
     # ~1400 coordinates; the clipped signal is at most C / B per step: small next to the noise.
     std = ranks[0]["grads"][0].std().item()
     assert abs(std / (sigma * clip / expected_batch) - 1) < 0.1
+
+
+@pytest.mark.slow
+def test_adaptive_thresholds_agree_across_ranks_and_with_one_process(tmp_path):
+    # Counts are all-reduced and noised once (rank 0): every rank moves to the same thresholds,
+    # the ones a single process on the whole batch reaches with the same noise generator.
+    ranks = _run_distributed(tmp_path, noise=0.0, steps=3, clipping="per_layer", adaptive=True)
+    single = tmp_path / "single.pt"
+    _train(0, 0.0, 3, single, clipping="per_layer", adaptive=True)
+    single = torch.load(single)
+    assert single["thresholds"] != [0.3 / 2 ** 0.5] * 2  # they moved
+    for ours in ranks:
+        assert ours["thresholds"] == pytest.approx(single["thresholds"], rel=1e-9)
+        for a, b in zip(ours["params"], single["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
