@@ -144,6 +144,26 @@ def test_changing_poisson_steps_equal_step_by_step_composition(mechanism):
     assert ours == pytest.approx(dp_accounting_epsilon(events, mechanism=mechanism), rel=2e-3)
 
 
+@pytest.mark.parametrize("neighboring", ["add_remove", "replace_one"])
+def test_cached_pld_path_is_exactly_dp_accountings_pld_accountant(neighboring):
+    # dpfused caches one-step PLDs; the same events through PLDAccountant give the same epsilon.
+    records = [*poisson_steps(0.05, 2.0, 30), *poisson_steps(0.02, 1.5, 7),
+               *cyclic_steps([4.0, 3.0, 5.0], epochs=1, m=3)]
+    events = [
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(1.5)), 7),
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(2.0)), 30),
+        dp_accounting.GaussianDpEvent(3.0),
+    ]
+    reference = dp_pld.PLDAccountant(neighboring_relation={
+        "add_remove": NR.ADD_OR_REMOVE_ONE, "replace_one": NR.REPLACE_ONE}[neighboring])
+    reference.compose(dp_accounting.ComposedDpEvent(events))
+    for _ in range(2):  # the second call hits the cache
+        acc = accountant_with(records, mechanism="pld", neighboring=neighboring)
+        assert acc.get_epsilon(DELTA) == reference.get_epsilon(DELTA)
+
+
 @pytest.mark.parametrize("mechanism", ["rdp", "pld"])
 @pytest.mark.parametrize("sampling", ["cyclic", "shuffle"])
 def test_cyclic_composes_one_gaussian_per_epoch_with_its_smallest_sigma(mechanism, sampling):
