@@ -863,6 +863,11 @@ def privacy_report(
            else "replacing one example (sensitivity 2C)"),
         "each example's gradient is clipped to the total norm C and the noise std is sigma*C",
     ]
+    if any(r.adaptive_clipping for r in records):
+        assumptions.append(
+            "adaptive clipping: each step also released noisy per-group counts of unclipped "
+            "examples; the noise multiplier shown is sigma_eff of gradient and counts together"
+        )
     if "poisson" in samplings:
         assumptions.append("Poisson sampling: every example joins each batch independently with rate q")
     if {"cyclic", "shuffle"} & set(samplings):

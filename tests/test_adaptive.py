@@ -229,6 +229,7 @@ def test_last_iterate_is_refused_with_adaptive_thresholds():
         engine.accountant.get_last_iterate_epsilon(1e-5, smoothness=1.0)
     report = engine.privacy_report(1e-5, smoothness=1.0)
     assert report.last_iterate_epsilon is None and "fixed clipping thresholds" in str(report)
+    assert "noisy per-group counts of unclipped examples" in str(report)
 
 
 def test_make_private_with_epsilon_calibrates_sigma_eff():
