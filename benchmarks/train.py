@@ -493,7 +493,17 @@ def run_matrix(args) -> list[Result]:
                 cell.append(run_cell(method, spec, seq_len, batch_size, dtype, max_seq_len, args))
             add_ratios(cell)
             rows += cell
+            save_partial(cell, args.out)
     return rows
+
+
+def save_partial(cell: list[Result], out: Path) -> None:
+    """Append a finished (model, T) cell to train.partial.jsonl: a run stopped by a time limit
+    (a GPU lease) keeps every cell it measured."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.partial.jsonl", "a") as f:
+        for row in cell:
+            f.write(json.dumps(asdict(row)) + "\n")
 
 
 def run_cell(method, spec, seq_len, batch_size, dtype, max_seq_len, args) -> Result:

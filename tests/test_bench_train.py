@@ -51,6 +51,9 @@ def test_json_and_png_are_written(tiny_run):
     assert {r["model"] for r in rows} == set(TINY_MODELS)
     assert {r["method"] for r in rows} == set(METHODS)
     assert report["meta"]["tiny"] is True
+    # Every cell is also appended as it finishes, so a run cut off by a time limit keeps them.
+    partial = [json.loads(line) for line in (out / "train.partial.jsonl").read_text().splitlines()]
+    assert partial == rows
 
 
 def test_ratios_are_against_the_nonprivate_baseline(tiny_run):
