@@ -716,6 +716,14 @@ def make_private_data_loader(
     Raises:
         ValueError: an IterableDataset, an unknown sampling, or missing/inconsistent sizes.
     """
+    # accelerate's prepared loaders pass isinstance(DataLoader) (they fake __class__) but carry a
+    # per-process batch size and their own sharding: refuse them rather than guess.
+    if type(data_loader).__module__.split(".")[0] == "accelerate":
+        raise TypeError(
+            f"data_loader is accelerate's {type(data_loader).__name__}: pass the DataLoader from "
+            "before accelerator.prepare(). dpfused draws each logical batch itself and gives every "
+            "rank its slice, which the privacy accounting relies on."
+        )
     if not isinstance(data_loader, DataLoader):
         raise TypeError(f"data_loader must be a torch DataLoader; got {type(data_loader).__name__}.")
     dataset = data_loader.dataset

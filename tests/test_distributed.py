@@ -5,6 +5,7 @@ Noise > 0: the noise is added exactly once (std sigma C / B) and every rank hold
 """
 
 import os
+import socket
 
 import pytest
 import torch
@@ -64,6 +65,20 @@ def _worker(rank, init_file, noise, steps, folder, clipping, adaptive):
         dist.destroy_process_group()
 
 
+def _accelerate_worker(rank, port, folder):
+    # What `accelerate launch --num_processes 2` sets up: the environment, then Accelerator().
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    assert dist.is_initialized() and accelerator.num_processes == WORLD
+    try:
+        _train(rank, 0.0, 3, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def _run_distributed(tmp_path, noise, steps, clipping="flat", adaptive=False):
     mp.spawn(_worker, args=(str(tmp_path / "init"), noise, steps, str(tmp_path), clipping,
                             adaptive), nprocs=WORLD, join=True)
@@ -105,3 +120,30 @@ def test_adaptive_thresholds_agree_across_ranks_and_with_one_process(tmp_path):
         assert ours["thresholds"] == pytest.approx(single["thresholds"], rel=1e-9)
         for a, b in zip(ours["params"], single["params"]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_setup_equals_one_process(tmp_path):
+    # Under accelerate, make_private takes the unwrapped model and the raw DataLoader (see README).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_accelerate_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    single = tmp_path / "single.pt"
+    _train(0, 0.0, 3, single)
+    single = torch.load(single)
+    for r in range(WORLD):
+        ours = torch.load(tmp_path / f"rank{r}.pt")
+        for a, b in zip(ours["params"], single["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_a_loader_prepared_by_accelerate_is_refused_with_the_fix():
+    from accelerate import Accelerator
+
+    prepared = Accelerator(cpu=True).prepare(DataLoader(_dataset(), batch_size=12))
+    model = nn.Linear(30, 4).double()
+    with pytest.raises(TypeError, match="before accelerator.prepare"):
+        dpfused.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=prepared, noise_multiplier=1.0, max_grad_norm=1.0)
