@@ -35,7 +35,8 @@ from .dispatch import resolve_impl
 # Autotune configs: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, num_warps, num_stages), keyed on
 # m, n and the padded row count B·T. The interpreter gets one small config.
 # ---------------------------------------------------------------------------------------------
-# Register spills checked with ptxas for sm_90 (bf16): at most a few hundred bytes.
+# tests/kernels/test_kernels_sm90_compile.py compiles all of them for sm_90 with ptxas: in bf16
+# none spills. fp32 is pruned at launch (`_prune_configs`).
 _GPU_CONFIGS = [
     (128, 128, 32, 8, 1, 8, 4),
     (64, 128, 32, 8, 1, 4, 4),
@@ -49,12 +50,26 @@ _CONFIGS = _INTERPRETER_CONFIGS if INTERPRETING_AT_IMPORT else _GPU_CONFIGS
 
 # Use scale-then-cuBLAS when n (right's width) reaches this (an estimate; see the docstring).
 _SCALE_MATMUL_MIN_COLS = 8192
+# Exact fp32 dots (DOT_PRECISION="ieee") run on CUDA cores, not tensor cores, and hold the whole
+# accumulator tile in registers: above 64 fp32 accumulators per thread ptxas spills (5.6 KB per
+# thread for the 128×256 tile on sm_90, whose fp32 operand buffers also take 225 of 227 KiB of
+# shared memory).
+_MAX_FMA_ACC_PER_THREAD = 64
 
 
 def _autotune_configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g,
                            "SPLIT_K": sk}, num_warps=w, num_stages=s)
             for bm, bn, bk, g, sk, w, s in _CONFIGS]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop the tiles too big for CUDA-core fp32 dots (keeps at least one config)."""
+    if kwargs.get("DOT_PRECISION") != "ieee":
+        return configs
+    fits = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+            <= _MAX_FMA_ACC_PER_THREAD * 32 * c.num_warps]
+    return fits or configs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +147,7 @@ def _clipped_grad_kernel(
 
 _clipped_grad_kernel_tuned = triton.autotune(
     configs=_autotune_configs(), key=["M", "N", "ROWS_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune_configs},
     reset_to_zero=["out_ptr"],  # split-K configs accumulate into the output
 )(_clipped_grad_kernel)
 

@@ -40,10 +40,21 @@ _TILE_ELEMENTS = 4096  # BLOCK_R · BLOCK_N target
 _TARGET_PROGRAMS = 8 if INTERPRETING_AT_IMPORT else 1024  # row chunks across the batch
 _MAX_TRITON_N = 16384  # wider rows spill out of registers; "auto" falls back to torch
 _MAX_GRID_B = 65535  # CUDA limit of grid axis 1, which indexes examples
+# At most this many elements of a (BLOCK_R, BLOCK_N) tile per thread, so that x, g, x̂, dx and the
+# running sums stay in registers. ptxas for sm_90 (tests/kernels/sm90_compile.py) spills nothing or
+# a few dozen bytes at 32 elements per thread, up to ~1 KB at 64, 6-25 KB at 128-256.
+_MAX_ELEMENTS_PER_THREAD = 32
 
 
 def _autotune_configs():
     return [triton.Config({}, num_warps=w) for w in _WARPS]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The warp counts that spread the tile thinly enough (else the most warps declared)."""
+    tile = kwargs["BLOCK_R"] * kwargs["BLOCK_N"]
+    fits = [c for c in configs if tile <= _MAX_ELEMENTS_PER_THREAD * 32 * c.num_warps]
+    return fits or [max(configs, key=lambda c: c.num_warps)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +137,8 @@ def _norm_backward_kernel(
 
 
 _norm_backward_kernel_tuned = triton.autotune(
-    configs=_autotune_configs(), key=["BLOCK_N", "BLOCK_R", "RMS"])(_norm_backward_kernel)
+    configs=_autotune_configs(), key=["BLOCK_N", "BLOCK_R", "RMS"],
+    prune_configs_by={"early_config_prune": _prune_configs})(_norm_backward_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
