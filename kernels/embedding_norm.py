@@ -30,7 +30,8 @@ from .dispatch import resolve_impl
 # Autotune configs. Pair kernels: (BLOCK_T, BLOCK_D, num_warps, num_stages), keyed on padded T
 # and D. Scatter kernel: (BLOCK_R, BLOCK_D, num_warps). The interpreter gets one small config each.
 # ---------------------------------------------------------------------------------------------
-# Checked for register spills with ptxas for sm_90 (bf16): none of these spill.
+# Registers and spills for sm_90 are checked in CI (tests/kernels/test_kernels_sm90_compile.py):
+# none of these spill.
 _GPU_PAIR_CONFIGS = [(32, 32, 4, 4), (32, 64, 4, 3), (64, 32, 8, 3), (64, 64, 8, 3)]
 _INTERPRETER_PAIR_CONFIGS = [(16, 16, 1, 1)]
 _PAIR_CONFIGS = _INTERPRETER_PAIR_CONFIGS if INTERPRETING_AT_IMPORT else _GPU_PAIR_CONFIGS

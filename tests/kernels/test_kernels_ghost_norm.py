@@ -22,7 +22,10 @@ def test_ghost_norm_triton_matches_explicit(shape, dtype):
     assert weight.dtype == torch.float32 and weight.shape == (B,)
     assert rel_err(ghost_norm_sq(left, right, impl="triton"), expected) <= TOL[dtype]
     assert rel_err(weight, expected) <= TOL[dtype]
-    assert rel_err(bias, left.double().sum(dim=1).pow(2).sum(dim=1)) <= TOL[dtype]
+    # ‖Σ_t left_t‖² comes from summing Gram entries left_t·left_s, which can cancel to near zero:
+    # measure the error against the size of those terms, (Σ_t ‖left_t‖)², as fp32 summation allows.
+    terms = left.double().norm(dim=2).sum(dim=1).pow(2)
+    assert scaled_err(bias, left.double().sum(dim=1).pow(2).sum(dim=1), terms) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
