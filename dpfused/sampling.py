@@ -543,10 +543,6 @@ class DPDataLoader:
                 f"batch_sampler covers {batch_sampler.num_samples} examples but the dataset has "
                 f"{len(dataset)}."
             )
-        if max_physical_batch_size is not None:
-            max_physical_batch_size = _check_positive_int(
-                "max_physical_batch_size", max_physical_batch_size
-            )
         if not data_loader_kwargs.get("in_order", True):
             raise ValueError(
                 "in_order=False would return batches out of order and desynchronise "
@@ -554,13 +550,12 @@ class DPDataLoader:
             )
         self.dataset = dataset
         self.batch_sampler = batch_sampler
-        self.max_physical_batch_size = max_physical_batch_size
         self.collate_fn = _EmptySafeCollate(collate_fn or default_collate, dataset)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is not in [0, world_size={world_size}).")
         self.rank, self.world_size = rank, world_size
-        self._physical = _PhysicalBatchSampler(batch_sampler, max_physical_batch_size,
-                                               rank, world_size)
+        self._physical = _PhysicalBatchSampler(batch_sampler, None, rank, world_size)
+        self.max_physical_batch_size = max_physical_batch_size
         self.data_loader = DataLoader(
             dataset,
             batch_sampler=self._physical,
@@ -590,6 +585,18 @@ class DPDataLoader:
     @property
     def num_samples(self) -> int:
         return self.batch_sampler.num_samples
+
+    @property
+    def max_physical_batch_size(self) -> int | None:
+        """Physical batches hold at most this many examples (None: whole logical batches)."""
+        return self._physical.max_physical_batch_size
+
+    @max_physical_batch_size.setter
+    def max_physical_batch_size(self, value: int | None) -> None:
+        # Takes effect at the next iteration (BatchMemoryManager sets it before the loop).
+        if value is not None:
+            value = _check_positive_int("max_physical_batch_size", value)
+        self._physical.max_physical_batch_size = value
 
     @property
     def batches_per_epoch(self) -> int:

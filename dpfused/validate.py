@@ -7,9 +7,18 @@ import math
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["check_module", "check_optimizer", "fix"]
+__all__ = ["ModuleValidator", "UnsupportedModuleError", "check_module", "check_optimizer",
+           "fix", "module_problems"]
 
 _RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+
+
+class UnsupportedModuleError(ValueError):
+    """A module that dpfused cannot make private as it stands; ``errors`` lists every problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
 
 
 def check_module(module: nn.Module) -> None:
@@ -19,25 +28,69 @@ def check_module(module: nn.Module) -> None:
             "module is in eval mode; call model.train() before make_private (dropout and the "
             "layer rules assume training mode)"
         )
+    problems = module_problems(module, training=True)
+    if problems:
+        raise ValueError(problems[0])
+
+
+def module_problems(module: nn.Module, *, training: bool = False) -> list[str]:
+    """Every submodule that would break per-example privacy, one message each (with the fix).
+
+    Args:
+        module: the model.
+        training: judge BatchNorm by its current mode (a BatchNorm in eval mode uses fixed
+            statistics and is fine); False judges the model as it will train, every BatchNorm
+            in train mode.
+    """
+    problems = []
     for path, sub in module.named_modules():
         name = path or "<root>"
-        if isinstance(sub, _BatchNorm) and sub.training:
-            raise ValueError(
+        if isinstance(sub, _BatchNorm) and (sub.training or not training):
+            problems.append(
                 f"module '{name}' ({type(sub).__name__}) mixes examples in a batch (batch "
                 "statistics), so one example changes every other example's gradient; replace it "
                 "(dpfused.fix(model) swaps BatchNorm for GroupNorm) or put it in eval mode"
             )
         if isinstance(sub, nn.modules.instancenorm._InstanceNorm) and sub.track_running_stats:
-            raise ValueError(
+            problems.append(
                 f"module '{name}' ({type(sub).__name__}) has track_running_stats=True: its running "
                 "buffers average over the batch and are released with the model without noise; "
-                "construct it with track_running_stats=False"
+                "construct it with track_running_stats=False (dpfused.fix(model) does)"
             )
         if isinstance(sub, _RECURRENT) and any(p.requires_grad for p in sub.parameters()):
-            raise ValueError(
+            problems.append(
                 f"module '{name}' ({type(sub).__name__}): recurrent layers have no per-example "
                 "gradient rule in dpfused yet; use a Transformer or freeze the layer"
             )
+    return problems
+
+
+class ModuleValidator:
+    """Opacus' ``ModuleValidator`` over dpfused's checks, so Opacus code runs unchanged."""
+
+    @staticmethod
+    def validate(module: nn.Module, *, strict: bool = False) -> list[UnsupportedModuleError]:
+        """The problems of ``module`` as errors; with ``strict=True`` raise them all at once.
+
+        Raises:
+            UnsupportedModuleError: ``strict`` and at least one problem.
+        """
+        problems = module_problems(module)
+        if strict and problems:
+            raise UnsupportedModuleError(problems)
+        return [UnsupportedModuleError([p]) for p in problems]
+
+    @staticmethod
+    def is_valid(module: nn.Module) -> bool:
+        return not module_problems(module)
+
+    @staticmethod
+    def fix(module: nn.Module, **kwargs) -> nn.Module:
+        """``dpfused.fix``; Opacus' options for other replacements are refused by name."""
+        if kwargs:
+            raise TypeError(f"ModuleValidator.fix: dpfused's fix takes no options; got "
+                            f"{sorted(kwargs)} (BatchNorm always becomes GroupNorm)")
+        return fix(module)
 
 
 def check_optimizer(optimizer, module: nn.Module) -> None:
@@ -54,12 +107,19 @@ def check_optimizer(optimizer, module: nn.Module) -> None:
 
 
 def fix(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm with a GroupNorm over the same channels (in place; returns the module).
+    """Make the fixable problems go away, in place; returns the module.
 
-    GroupNorm(gcd(32, C), C) normalizes within one example, so examples stay independent.
+    Every BatchNorm becomes a GroupNorm over the same channels (GroupNorm(gcd(32, C), C)
+    normalizes within one example, so examples stay independent), and every InstanceNorm stops
+    tracking running statistics (it then uses each example's own, as in training). Recurrent
+    layers are left alone: they have no rule yet.
     """
     if isinstance(module, _BatchNorm):
         return _group_norm_for(module)
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.instancenorm._InstanceNorm) and sub.track_running_stats:
+            sub.track_running_stats = False
+            sub.running_mean = sub.running_var = sub.num_batches_tracked = None
     for name, child in module.named_children():
         if isinstance(child, _BatchNorm):
             setattr(module, name, _group_norm_for(child))

@@ -1,5 +1,6 @@
 """PrivacyEngine end to end: exact gradients, accumulation, reductions, noise, the step contract."""
 
+import contextlib
 import math
 
 import pytest
@@ -83,6 +84,46 @@ def test_physical_batches_accumulate_to_one_logical_batch():
         assert optimizer.steps_skipped == (0 if physical is None else 2)
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-10, atol=1e-12)
+
+
+def test_batch_memory_manager_equals_max_physical_batch_size():
+    # Opacus' context manager: the same physical split, accumulation and single noise draw.
+    results = []
+    for use_manager in (False, True):
+        model = _mlp()
+        _, model, optimizer, loader = _private(
+            model, batch_size=12, noise=0.5, noise_generator=torch.Generator().manual_seed(4),
+            max_physical_batch_size=None if use_manager else 5)
+        manager = dpfused.BatchMemoryManager(data_loader=loader, max_physical_batch_size=5,
+                                             optimizer=optimizer)
+        with (manager if use_manager else contextlib.nullcontext(loader)) as batches:
+            sizes = []
+            for x, y in batches:
+                sizes.append(len(x))
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                if optimizer.steps_taken == 2:
+                    break
+        assert sizes == [5, 5, 2, 5, 5, 2] and optimizer.steps_skipped == 4
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert loader.max_physical_batch_size is None  # restored on exit
+
+
+def test_batch_memory_manager_refuses_a_loader_of_another_optimizer():
+    _, _, optimizer, _ = _private(_mlp())
+    _, _, _, other_loader = _private(_mlp())
+    with pytest.raises(ValueError, match="another data loader"):
+        dpfused.BatchMemoryManager(data_loader=other_loader, max_physical_batch_size=2,
+                                   optimizer=optimizer)
+    with pytest.raises(TypeError, match="must be the DPDataLoader"):
+        dpfused.BatchMemoryManager(data_loader=[1, 2], max_physical_batch_size=2,
+                                   optimizer=optimizer)
+    with pytest.raises(ValueError, match="positive int"):
+        dpfused.BatchMemoryManager(data_loader=optimizer.data_loader, max_physical_batch_size=0,
+                                   optimizer=optimizer)
 
 
 def _zero_gradient_model(width=120):

@@ -1,0 +1,68 @@
+"""Opacus' ``BatchMemoryManager``: bound the memory of a step without changing the privacy.
+
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=32,
+                            optimizer=optimizer) as loader:
+        for x, y in loader:          # the loop is unchanged
+            ...
+
+Inside the block the DP loader yields physical batches of at most ``max_physical_batch_size``
+examples; ``optimizer.step()`` skips all but the last physical batch of each logical batch, so the
+clipped sums accumulate and the noise is added once per logical batch (DESIGN §5). The sampling,
+the accounting and the result are those of ``make_private(max_physical_batch_size=...)``.
+"""
+
+from __future__ import annotations
+
+from dpfused.optimizer import DPOptimizer
+from dpfused.sampling import DPDataLoader
+
+__all__ = ["BatchMemoryManager"]
+
+
+class BatchMemoryManager:
+    """Split logical batches into physical ones inside a ``with`` block.
+
+    Args:
+        data_loader: the DP data loader ``make_private`` returned.
+        max_physical_batch_size: at most this many examples per forward/backward.
+        optimizer: the DPOptimizer ``make_private`` returned with that loader.
+
+    Raises:
+        TypeError / ValueError: a loader or optimizer that did not come from one make_private
+            call, or a size that is not a positive int.
+    """
+
+    def __init__(self, *, data_loader: DPDataLoader, max_physical_batch_size: int,
+                 optimizer: DPOptimizer):
+        if not isinstance(data_loader, DPDataLoader):
+            raise TypeError(
+                f"BatchMemoryManager: data_loader must be the DPDataLoader make_private returned; "
+                f"got {type(data_loader).__name__}"
+            )
+        if not isinstance(optimizer, DPOptimizer):
+            raise TypeError(
+                f"BatchMemoryManager: optimizer must be the DPOptimizer make_private returned; "
+                f"got {type(optimizer).__name__}"
+            )
+        if optimizer.data_loader is not data_loader:
+            raise ValueError(
+                "BatchMemoryManager: the optimizer was made private with another data loader; it "
+                "could not tell where a logical batch ends. Pass the pair make_private returned"
+            )
+        if (isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
+                or max_physical_batch_size < 1):
+            raise ValueError(f"BatchMemoryManager: max_physical_batch_size must be a positive int, "
+                             f"got {max_physical_batch_size!r}")
+        self.data_loader = data_loader
+        self.max_physical_batch_size = max_physical_batch_size
+        self.optimizer = optimizer
+        self._saved: int | None = None
+
+    def __enter__(self) -> DPDataLoader:
+        self._saved = self.data_loader.max_physical_batch_size
+        self.data_loader.max_physical_batch_size = self.max_physical_batch_size
+        return self.data_loader
+
+    def __exit__(self, *exc_info) -> bool:
+        self.data_loader.max_physical_batch_size = self._saved
+        return False
