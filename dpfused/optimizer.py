@@ -179,7 +179,7 @@ class DPOptimizer(torch.optim.Optimizer):
         grads = [
             privacy_math.noised_gradient(
                 sums.sums.get(id(p)), shape=p.shape, std=std, normalizer=normalizer,
-                device=p.device, generator=self.generator,
+                device=p.device, generator=self.generator, dtype=p.dtype,
             )
             for p in params
         ]

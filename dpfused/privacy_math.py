@@ -119,18 +119,19 @@ def noised_gradient(
     normalizer: float,
     device: torch.device,
     generator: torch.Generator | None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(clipped sum + N(0, std^2)) / B_norm, in float32.
+    """(clipped sum + N(0, std^2)) / B_norm, in float32 or the wider ``dtype`` (float64 models).
 
     ``clipped_sum`` may be None: no example touched this parameter (an empty batch, or a layer
     unused by this batch); the step still carries the noise.
     """
+    dtype = torch.promote_types(dtype, torch.float32)  # bf16/fp16 parameters: noise in float32
     noise = torch.normal(
-        mean=0.0, std=std, size=tuple(shape), device=device, generator=generator,
-        dtype=torch.float32,
+        mean=0.0, std=std, size=tuple(shape), device=device, generator=generator, dtype=dtype,
     )
     if clipped_sum is not None:
-        noise.add_(clipped_sum.to(torch.float32))
+        noise.add_(clipped_sum.to(dtype))
     return noise.div_(normalizer)
 
 

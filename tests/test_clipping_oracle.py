@@ -1,7 +1,8 @@
 """Every clipping mode x every model family against the float64 torch.func oracle (issue 2).
 
 dpfused's clipped sums (one backward pass of the batch-mean loss, then the book's sums) must equal
-sum_i c_ig G_ig computed from per-example gradients one example at a time, to 1e-6 relative.
+sum_i c_ig G_ig computed from per-example gradients one example at a time, to 1e-9 relative
+(float64 rounding), or 1e-6 for models whose own forward computes in float32 (see _tolerance).
 """
 
 import pytest
@@ -32,25 +33,33 @@ def _run(name, batch, clipping, *, reduction="mean", seed=0):
         detach(case.model)
 
 
-def _assert_close(expected, ours):
+def _tolerance(model_name):
+    """HuggingFace's Llama RMSNorm computes in float32 even for a float64 model; the oracle
+    differentiates through that float32 arithmetic while dpfused's norm-layer backward runs in
+    float64, so the two agree to float32 precision only."""
+    return 1e-6 if model_name.startswith("llama") else 1e-9
+
+
+def _assert_close(expected, ours, model_name):
     assert set(ours) == set(expected), f"parameters differ: {set(ours) ^ set(expected)}"
+    tolerance = _tolerance(model_name)
     for name, value in expected.items():
         err = (ours[name].double() - value).norm() / value.norm().clamp_min(1e-30)
-        assert err < 1e-6, f"{name}: relative error {err:.3g}"
+        assert err < tolerance, f"{name}: relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("clipping", MODES)
 @pytest.mark.parametrize("name", sorted(models.FACTORIES))
 def test_clipped_sums_match_oracle(name, clipping):
     expected, ours, _, _ = _run(name, 3, clipping)
-    _assert_close(expected, ours)
+    _assert_close(expected, ours, name)
 
 
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("name", ["mlp", "gpt2_tied", "cnn_groupnorm", "transformer_encoder"])
 def test_batch_sizes(name, batch):
     expected, ours, _, _ = _run(name, batch, "per_layer")
-    _assert_close(expected, ours)
+    _assert_close(expected, ours, name)
 
 
 @pytest.mark.parametrize("path", ["ghost", "direct"])
@@ -65,13 +74,13 @@ def test_both_norm_paths(name, path, monkeypatch):
 
     monkeypatch.setattr(kernels, "choose_norm_path", lambda **_: path)
     expected, ours, _, _ = _run(name, 3, "per_layer")
-    _assert_close(expected, ours)
+    _assert_close(expected, ours, name)
 
 
 @pytest.mark.parametrize("name", ["mlp", "gpt2_tied"])
 def test_sum_reduction(name):
     expected, ours, _, _ = _run(name, 3, "flat", reduction="sum")
-    _assert_close(expected, ours)
+    _assert_close(expected, ours, name)
 
 
 def test_tied_weights_form_one_group_and_use_the_summed_gradient():
@@ -123,6 +132,6 @@ def test_activation_checkpointing_stays_exact(clipping, reentrant):
         case.batch_loss(case.model, case.inputs, "mean").backward()
         step = inst.book.take_step_sums()
         expected, names = expected_for(case.model, inst, grads)
-        _assert_close(expected, {names[k]: v for k, v in step.sums.items()})
+        _assert_close(expected, {names[k]: v for k, v in step.sums.items()}, "gpt2")
     finally:
         detach(case.model)

@@ -63,11 +63,14 @@ def _norm_forward(x, weight, bias, spec):
     if not spec["rms"]:
         return F.layer_norm(x, spec["shape"], weight, bias, spec["eps"])
     dims = tuple(range(-len(spec["shape"]), 0))
-    xf = x.to(torch.float32)
+    # HuggingFace computes in float32 whatever the input; nn.RMSNorm in float32 at least (bf16 and
+    # fp16 upcast, float64 stays float64).
+    compute = torch.float32 if spec["hf"] else torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
     normed = xf * torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + spec["eps"])
     if spec["hf"]:  # HuggingFace casts before the weight multiply
         return weight * normed.to(x.dtype)
-    out = normed if weight is None else normed * weight.to(torch.float32)
+    out = normed if weight is None else normed * weight.to(compute)
     return out.to(x.dtype)
 
 
