@@ -24,7 +24,7 @@ from dpfused.clipping import CLIPPING_MODES
 from dpfused.instrument import detach, instrument, plan
 from dpfused.optimizer import DPOptimizer
 
-__all__ = ["PrivacyEngine"]
+__all__ = ["PrivacyEngine", "get_noise_multiplier"]
 
 ACCOUNTANTS = ("pld", "rdp")
 SAMPLINGS = ("poisson", "cyclic", "shuffle")
@@ -260,9 +260,66 @@ class PrivacyEngine:
             for group, threshold in zip(groups, state["thresholds"]):
                 group.threshold = float(threshold)
 
+    def save_checkpoint(self, *, path, module: nn.Module, optimizer=None,
+                        checkpoint_dict: dict | None = None, noise_scheduler=None,
+                        grad_clip_scheduler=None) -> None:
+        """Opacus' save_checkpoint: module, optimizer and this engine's state in one file.
+
+        The engine's state is ``state_dict()``: the accountant's ledger, the sampler position and
+        the clipping thresholds, so ``load_checkpoint`` resumes with the same batches and epsilon.
+
+        Raises:
+            ValueError: a noise or clipping scheduler (dpfused has none to save).
+        """
+        _refuse_schedulers(noise_scheduler, grad_clip_scheduler)
+        checkpoint = dict(checkpoint_dict or {})
+        checkpoint["module_state_dict"] = module.state_dict()
+        checkpoint["privacy_engine_state_dict"] = self.state_dict()
+        if optimizer is not None:
+            checkpoint["optimizer_state_dict"] = optimizer.state_dict()
+        torch.save(checkpoint, path)
+
+    def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, noise_scheduler=None,
+                        grad_clip_scheduler=None) -> dict:
+        """Restore what ``save_checkpoint`` wrote, after ``make_private``; returns the whole dict."""
+        _refuse_schedulers(noise_scheduler, grad_clip_scheduler)
+        checkpoint = torch.load(path)
+        module.load_state_dict(checkpoint["module_state_dict"])
+        self.load_state_dict(checkpoint["privacy_engine_state_dict"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        return checkpoint
+
     @staticmethod
     def detach(module: nn.Module) -> nn.Module:
         return detach(module)
+
+
+def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float,
+                         epochs: int | None = None, steps: int | None = None,
+                         accountant: str = "pld", **opacus_kwargs) -> float:
+    """Opacus' ``get_noise_multiplier`` for Poisson sampling, on dpfused's calibration.
+
+    Steps are ``steps`` or ``epochs * round(1/q)``; sigma is bisected to 0.1%, so Opacus'
+    ``epsilon_tolerance`` is accepted and not needed.
+
+    Raises:
+        ValueError: as ``accounting.calibrate_noise_multiplier``, or an unknown keyword.
+    """
+    opacus_kwargs.pop("epsilon_tolerance", None)
+    if opacus_kwargs:
+        raise TypeError(f"get_noise_multiplier got unexpected keyword argument(s) "
+                        f"{sorted(opacus_kwargs)}")
+    return accounting.calibrate_noise_multiplier(
+        target_epsilon=target_epsilon, delta=target_delta, sampling="poisson",
+        sample_rate=sample_rate, epochs=epochs, steps=steps, mechanism=_map_accountant(accountant))
+
+
+def _refuse_schedulers(noise_scheduler, grad_clip_scheduler):
+    if noise_scheduler is not None or grad_clip_scheduler is not None:
+        raise ValueError("dpfused has no noise or clipping schedulers to checkpoint; change "
+                         "optimizer.noise_multiplier between steps instead (the ledger records "
+                         "each step's sigma)")
 
 
 def _constant_learning_rate(optimizer) -> float:
