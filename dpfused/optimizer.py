@@ -37,6 +37,10 @@ class DPOptimizer(torch.optim.Optimizer):
             toward a quantile of the per-example norms, from noisy counts (dpfused/adaptive.py).
     """
 
+    # torch.amp.GradScaler then hands its scale to step() (as `grad_scale`/`found_inf`) instead of
+    # unscaling p.grad itself: that is how step() sees a scaler, and refuses it (_refuse_grad_scaler).
+    _step_supports_amp_scaling = True
+
     def __init__(self, optimizer, *, instrumentation, noise_multiplier, loss_reduction,
                  expected_batch_size, sampling, data_loader=None, accountant=None, generator=None,
                  max_epsilon=None, delta=None, distributed=False, adaptive_clipping=None):
@@ -126,6 +130,7 @@ class DPOptimizer(torch.optim.Optimizer):
         Returns:
             The closure's loss if a closure was given (and the step taken), else None.
         """
+        self._refuse_grad_scaler()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -147,6 +152,17 @@ class DPOptimizer(torch.optim.Optimizer):
         self.steps_taken += 1
         self.original_optimizer.step()
         return loss
+
+    def _refuse_grad_scaler(self):
+        if getattr(self, "found_inf", None) is None and getattr(self, "grad_scale", None) is None:
+            return
+        self.found_inf = self.grad_scale = None
+        raise ValueError(
+            "torch.amp.GradScaler is not supported: it multiplies the loss, so the per-example "
+            "norms are clipped in scaled units and the step would be wrong. Train in bfloat16 "
+            "autocast (torch.autocast(device_type, dtype=torch.bfloat16)), which needs no scaler, "
+            "or in float32; no step was taken"
+        )
 
     def _current_batch(self):
         return getattr(self.data_loader, "current", None) if self.data_loader is not None else None

@@ -165,3 +165,17 @@ def test_module_validator_lists_every_problem_and_fix_repairs_the_fixable_ones()
 def test_module_validator_fix_refuses_opacus_only_options():
     with pytest.raises(TypeError, match="takes no options"):
         dpfused.ModuleValidator.fix(nn.Linear(2, 2), replace_lstm=True)
+
+
+def test_grad_scaler_is_refused_and_nothing_is_applied():
+    model = nn.Linear(4, 2)
+    _, optimizer, loader = _make(model)
+    scaler = torch.amp.GradScaler("cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    for x, y in loader:
+        optimizer.zero_grad()
+        scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+        with pytest.raises(ValueError, match="GradScaler is not supported.*bfloat16"):
+            scaler.step(optimizer)
+        break
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
