@@ -8,7 +8,7 @@ run without grad (evaluation, ``generate``) go straight to the original code.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ class Instrumentation:
     layers: list[Layer]
     book: Bookkeeper
     clipping: str
+    hooks: list = field(default_factory=list)  # removed by detach
 
     @property
     def groups(self):
@@ -49,7 +50,7 @@ def instrument(module, *, clipping, max_grad_norm, thresholds, loss_reduction, b
                       count_unclipped=count_unclipped)
     for layer in layers:
         _patch(layer, book.tap(layer))
-    inst = Instrumentation(module, layers, book, clipping)
+    inst = Instrumentation(module, layers, book, clipping, _guard_token_mean_losses(module))
     _ACTIVE[module] = inst
     return inst
 
@@ -113,6 +114,33 @@ def _patch(layer, tap):
     module.forward = forward
 
 
+# HuggingFace heads whose built-in loss (``labels=``) averages over every token of the batch.
+_TOKEN_LOSS_HEADS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForTokenClassification",
+                     "ForConditionalGeneration", "ForPreTraining")
+
+
+def _guard_token_mean_losses(module):
+    """Refuse ``labels=`` on HuggingFace token-level heads while training (DESIGN §3)."""
+    hooks = []
+    for path, sub in module.named_modules():
+        name = type(sub).__name__
+        if not name.endswith(_TOKEN_LOSS_HEADS):
+            continue
+
+        def refuse_labels(_module, args, kwargs, path=path or "<root>", name=name):
+            if kwargs.get("labels") is not None and torch.is_grad_enabled():
+                raise ValueError(
+                    f"module '{path}' ({name}) was called with labels=: HuggingFace then averages "
+                    "the loss over every token of the batch, so one example's token count rescales "
+                    "every other example's gradient and clipping no longer bounds the sensitivity. "
+                    "Call it without labels and use dpfused.per_example_lm_loss(outputs.logits, "
+                    "labels)"
+                )
+
+        hooks.append(sub.register_forward_pre_hook(refuse_labels, with_kwargs=True))
+    return hooks
+
+
 def detach(module: nn.Module) -> nn.Module:
     """Remove dpfused's instrumentation from ``module`` (in place); returns the module.
 
@@ -122,6 +150,8 @@ def detach(module: nn.Module) -> nn.Module:
     inst = _ACTIVE.pop(module, None)
     if inst is None:
         raise ValueError("module is not instrumented by dpfused (nothing to detach)")
+    for hook in inst.hooks:
+        hook.remove()
     for layer in inst.layers:
         patched = layer.module.__dict__.pop("forward", None)
         original = getattr(patched, "_dpfused_original", None)

@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
+from tests import models
 
 
 def _loader():
@@ -179,3 +180,18 @@ def test_grad_scaler_is_refused_and_nothing_is_applied():
             scaler.step(optimizer)
         break
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("family", ["gpt2_tied", "gpt2_lora"])
+def test_huggingface_token_mean_loss_is_refused_while_training(family):
+    case = models.FACTORIES[family](2)
+    model = case.model
+    _make(model, optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                           lr=0.1))
+    ids = case.inputs[0]
+    with pytest.raises(ValueError, match=r"called with labels=.*per_example_lm_loss"):
+        model(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        assert model(input_ids=ids, labels=ids).loss is not None  # evaluation may use it
+    dpfused.detach(model)
+    assert model(input_ids=ids, labels=ids).loss is not None  # the guard leaves with detach
