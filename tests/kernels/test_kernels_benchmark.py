@@ -20,7 +20,10 @@ def test_benchmark_tiny_prints_table(tmp_path):
     assert "ghost_norm" in proc.stdout and "clipped_grad" in proc.stdout
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
     assert {r["op"] for r in rows} >= {"ghost_norm", "direct_norm", "clipped_grad",
-                                        "embedding_norm", "plain_gemm"}
+                                        "embedding_norm", "plain_gemm", "linear_backward"}
+    layer = [r for r in rows if r["op"] == "linear_backward"]
+    assert {r["impl"].split(" ")[0] for r in layer} == {"plain", "dpfused_per_layer"}
+    assert all(r["x_nonprivate"] > 0 for r in layer)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on CPU-only machines")
