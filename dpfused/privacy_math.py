@@ -45,8 +45,7 @@ CLIP_EPS = 1e-6
 
 def clip_factors(norm_sq: torch.Tensor, threshold: float) -> torch.Tensor:
     """Per-example clip factors ``min(1, C / (||G_i|| + 1e-6))`` from squared norms ``(B,)``."""
-    norms = _accumulation(norm_sq).clamp_min(0).sqrt()
-    return (threshold / (norms + CLIP_EPS)).clamp(max=1.0)
+    return (threshold / (_norms(norm_sq) + CLIP_EPS)).clamp(max=1.0)
 
 
 def example_multipliers(norm_sq: torch.Tensor, threshold: float, loss_scale: float) -> torch.Tensor:
@@ -64,8 +63,16 @@ def example_multipliers(norm_sq: torch.Tensor, threshold: float, loss_scale: flo
     Returns:
         ``(B,)`` float32 (float64 for float64 norms) tensor ``c_i * loss_scale``.
     """
-    true_norm_sq = _accumulation(norm_sq) * (loss_scale * loss_scale)
-    return clip_factors(true_norm_sq, threshold) * loss_scale
+    return clip_factors(_true_norm_sq(norm_sq, loss_scale), threshold) * loss_scale
+
+
+def _true_norm_sq(norm_sq: torch.Tensor, loss_scale: float) -> torch.Tensor:
+    """Squared norms of the true per-example gradients: clipping and counting use the same ones."""
+    return _accumulation(norm_sq) * (loss_scale * loss_scale)
+
+
+def _norms(norm_sq: torch.Tensor) -> torch.Tensor:
+    return _accumulation(norm_sq).clamp_min(0).sqrt()
 
 
 def _accumulation(t: torch.Tensor) -> torch.Tensor:
@@ -150,8 +157,8 @@ def centered_unclipped_count(norm_sq: torch.Tensor, threshold: float,
 
     ``loss_scale`` restores the true per-example gradient as in ``example_multipliers``.
     """
-    true_norm = (_accumulation(norm_sq) * (loss_scale * loss_scale)).clamp_min(0).sqrt()
-    return ((true_norm <= threshold).to(torch.float64) - 0.5).sum()
+    unclipped = _norms(_true_norm_sq(norm_sq, loss_scale)) <= threshold
+    return (unclipped.to(torch.float64) - 0.5).sum()
 
 
 def count_sensitivity(num_groups: int) -> float:
