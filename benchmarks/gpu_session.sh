@@ -22,8 +22,7 @@ install() {
             .whl/*.whl || exit 1
     fi
     export PYTHONPATH="$site"
-    # Editable, as CI installs it: its import hook maps dpfused.kernels to kernels/ even when the
-    # repository root is first on sys.path (pytest puts it there; a plain copy would be shadowed).
+    # Editable, as CI installs it.
     python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
     {
         date -u
