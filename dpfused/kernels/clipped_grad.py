@@ -3,7 +3,7 @@
     S = Σ_{i,t} scale[i] · left[i,t] ⊗ right[i,t] = Lᵀ · diag(scale ⊗ 1_T) · R        (m × n)
 
 with L = left viewed as (B·T, m) and R = right as (B·T, n). With scale[i] = the clip factor c_i
-this is the only weight gradient a per-layer-clipped layer ever computes (DESIGN §4).
+this is the only weight gradient a per-layer-clipped layer ever computes (docs/design.md §4).
 
 Two ways to compute it:
 - fused (the Triton kernel below): a GEMM over the B·T rows whose left-operand loads are
@@ -75,6 +75,8 @@ def _prune_configs(configs, named_args, **kwargs):
 # ---------------------------------------------------------------------------------------------
 # Kernel
 # ---------------------------------------------------------------------------------------------
+# One kernel is one fused launch, so its phases stay in one body (longer than ~60 lines), each
+# under a banner comment.
 @triton.jit
 def _clipped_grad_kernel(
     left_ptr, right_ptr, scale_ptr, out_ptr,

@@ -5,7 +5,7 @@
   imports, else the torch reference twin. "triton" on CPU works only under the interpreter
   (TRITON_INTERPRET=1).
 - `choose_norm_path(seq_len=T, rows=m, cols=n)`: ghost or direct per-example norm by the FLOP model
-  of DESIGN §3. Ghost form costs ~T²·(m+n) per example (two T×T Gram matrices), direct ~T·m·n (build
+  of docs/design.md §3. Ghost form costs ~T²·(m+n) per example (two T×T Gram matrices), direct ~T·m·n (build
   G_i = Σ_t left_t ⊗ right_t); ghost wins when T·(m+n) < m·n. At T = 1 the ghost form is just
   ‖left‖²·‖right‖², always the cheaper one.
 """
@@ -61,7 +61,7 @@ def resolve_impl(impl: str, *tensors: torch.Tensor) -> Literal["triton", "torch"
 
 
 def choose_norm_path(*, seq_len: int, rows: int, cols: int) -> Literal["ghost", "direct"]:
-    """Pick the cheaper per-example norm form for a linear-type layer (DESIGN §3).
+    """Pick the cheaper per-example norm form for a linear-type layer (docs/design.md §3).
 
     Args:
         seq_len: T, positions per example (1 for 2-D inputs).

@@ -7,7 +7,7 @@ Positions whose id is `padding_idx` contribute nothing (nn.Embedding never updat
 - `embedding_norm_sq`:      ‖G_i‖² = Σ_{t,s} 1[x_t = x_s] (g_t·g_s)
 - `embedding_dense_inner`:  ⟨G_e, G_h⟩ = Σ_{t,s} left[s, x_t] (g_e,t·right_s), the cross term of an
   embedding tied to an LM head whose gradient is G_h = Σ_s left_s ⊗ right_s (left: grad over the
-  vocabulary, right: the head's input) (DESIGN §3, tied parameters).
+  vocabulary, right: the head's input) (docs/design.md §3, tied parameters).
 - `embedding_clipped_grad`: Σ_{i,t} scale[i] · onehot(x_{i,t}) ⊗ g_{i,t}, the clipped sum (V × D).
 
 Kernels: the two norm-type ops tile over (t, s) blocks like ghost_norm.py: per tile a (BLOCK_T ×

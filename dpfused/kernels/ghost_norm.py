@@ -6,7 +6,7 @@ Frobenius norm needs no G_i (Goodfellow's "ghost" trick):
 
     ‖G_i‖² = Σ_{t,s} (left_t·left_s)(right_t·right_s) = ⟨L Lᵀ, R Rᵀ⟩_F          (T×T Gram matrices)
 
-and the cross term of two uses of one weight (tied weights, DESIGN §3) is
+and the cross term of two uses of one weight (tied weights, docs/design.md §3) is
 
     ⟨G^(1), G^(2)⟩ = Σ_{t,s} (left1_t·left2_s)(right1_t·right2_s)          (t < T1, s < T2).
 
@@ -60,6 +60,8 @@ def _autotune_configs():
 # ---------------------------------------------------------------------------------------------
 # Kernel
 # ---------------------------------------------------------------------------------------------
+# One kernel is one fused launch, so its phases stay in one body (longer than ~60 lines), each
+# under a banner comment.
 @triton.jit
 def _ghost_kernel(
     l1_ptr, r1_ptr, l2_ptr, r2_ptr, out_ptr, bias_out_ptr,

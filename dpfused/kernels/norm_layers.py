@@ -11,7 +11,7 @@ Given g = ∂L/∂y and dx̂ = g ⊙ w (g without affine weight), per row:
     LayerNorm: ∂L/∂x = rstd · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ ⊙ x̂))
     RMSNorm:   ∂L/∂x = rstd · (dx̂ − x̂ · mean(dx̂ ⊙ x̂))
 
-and per example i the parameter gradients are small vectors, materialized (DESIGN §3):
+and per example i the parameter gradients are small vectors, materialized (docs/design.md §3):
 
     ∂L_i/∂w = Σ_r x̂_{i,r} ⊙ g_{i,r},      ∂L_i/∂b = Σ_r g_{i,r}.
 
@@ -60,6 +60,8 @@ def _prune_configs(configs, named_args, **kwargs):
 # ---------------------------------------------------------------------------------------------
 # Kernel
 # ---------------------------------------------------------------------------------------------
+# One kernel is one fused launch, so its phases stay in one body (longer than ~60 lines), each
+# under a banner comment.
 @triton.jit
 def _norm_backward_kernel(
     x_ptr, g_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr,
