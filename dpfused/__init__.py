@@ -3,7 +3,8 @@
 from dpfused.accounting import PrivacyBudgetExhausted, PrivacyReport
 from dpfused.adaptive import AdaptiveClipping
 from dpfused.batch_memory import BatchMemoryManager
-from dpfused.engine import PrivacyEngine, get_noise_multiplier
+from dpfused.engine import PrivacyEngine
+from dpfused.opacus import get_noise_multiplier
 from dpfused.instrument import detach, explain
 from dpfused.losses import per_example_lm_loss
 from dpfused.optimizer import DPOptimizer

@@ -1,4 +1,4 @@
-"""Adaptive clipping thresholds (DESIGN §4; Andrew et al. 2021; He et al. 2022).
+"""Adaptive clipping thresholds (docs/design.md §4; Andrew et al. 2021; He et al. 2022).
 
 Each step releases, per clipping group, a noisy count of the examples the group did not clip,
 and moves the group's threshold toward the ``target_quantile`` of the per-example norms:

@@ -7,7 +7,7 @@
 
 Inside the block the DP loader yields physical batches of at most ``max_physical_batch_size``
 examples; ``optimizer.step()`` skips all but the last physical batch of each logical batch, so the
-clipped sums accumulate and the noise is added once per logical batch (DESIGN §5). The sampling,
+clipped sums accumulate and the noise is added once per logical batch (docs/design.md §5). The sampling,
 the accounting and the result are those of ``make_private(max_physical_batch_size=...)``.
 """
 
@@ -44,7 +44,7 @@ class BatchMemoryManager:
                 f"BatchMemoryManager: optimizer must be the DPOptimizer make_private returned; "
                 f"got {type(optimizer).__name__}"
             )
-        if optimizer.data_loader is not data_loader:
+        if optimizer.instrumentation.book.begin not in data_loader.listeners:
             raise ValueError(
                 "BatchMemoryManager: the optimizer was made private with another data loader; it "
                 "could not tell where a logical batch ends. Pass the pair make_private returned"

@@ -1,4 +1,4 @@
-"""Clipping groups and the book-keeping of one step (DESIGN §4).
+"""Clipping groups and the book-keeping of one step (docs/design.md §4).
 
 Layers deliver pieces (per-example gradients in compact form) from their backward. The ``Bookkeeper``
 routes each piece to the clipping group of its parameter. A group completes:
@@ -24,142 +24,10 @@ import torch.nn as nn
 
 from dpfused import pieces as P
 from dpfused import privacy_math
+from dpfused.groups import set_thresholds
+from dpfused.step import ClippedStep, LogicalBatch
 
-__all__ = ["Layer", "ClippingGroup", "build_groups", "Bookkeeper", "CLIPPING_MODES"]
-
-CLIPPING_MODES = ("flat", "per_layer", "per_device")
-
-
-@dataclass
-class Layer:
-    """An instrumented module: its path, rule and the trainable parameters its rule handles."""
-
-    path: str
-    module: nn.Module
-    rule: object
-    params: list[nn.Parameter]
-
-
-@dataclass
-class ClippingGroup:
-    """Parameters clipped together, with threshold C_g."""
-
-    name: str
-    layers: list[str]
-    params: list[nn.Parameter]
-    threshold: float
-    # Completes inside its layer's backward when that layer was called once (see module docstring).
-    completes_in_backward: bool = False
-
-
-def build_groups(layers, *, clipping, max_grad_norm, thresholds=None):
-    """Partition the layers' parameters into clipping groups and set their thresholds.
-
-    Args:
-        layers: the instrumented layers.
-        clipping: "flat", "per_layer" or "per_device".
-        max_grad_norm: C, the total sensitivity: sqrt(sum_g C_g^2) = C by default.
-        thresholds: per_layer/per_device only: a dict {group name: C_g} or a list in group order.
-
-    Returns:
-        The groups, in model order.
-    """
-    if clipping == "flat":
-        if thresholds is not None:
-            raise ValueError("max_grad_norm is the only threshold of clipping='flat'; drop thresholds=")
-        params = _unique(p for layer in layers for p in layer.params)
-        return [ClippingGroup("all", [l.path for l in layers], params, float(max_grad_norm))]
-    if clipping == "per_layer":
-        groups = _groups_by_shared_params(layers)
-    else:
-        groups = _groups_by_device(layers)
-    _assign_thresholds(groups, max_grad_norm, thresholds)
-    return groups
-
-
-def _unique(params):
-    seen, out = set(), []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
-def _groups_by_shared_params(layers):
-    """One group per layer; layers that share a parameter are joined (union-find)."""
-    parent = list(range(len(layers)))
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    owner = {}
-    for i, layer in enumerate(layers):
-        for p in layer.params:
-            if id(p) in owner:
-                parent[root(i)] = root(owner[id(p)])
-            else:
-                owner[id(p)] = i
-    members = defaultdict(list)
-    for i in range(len(layers)):
-        members[root(i)].append(layers[i])
-    groups = []
-    for group_layers in members.values():
-        params = _unique(p for l in group_layers for p in l.params)
-        shared = sum(len(l.params) for l in group_layers) != len(params)
-        groups.append(ClippingGroup(
-            name="+".join(l.path for l in group_layers),
-            layers=[l.path for l in group_layers],
-            params=params,
-            threshold=0.0,
-            completes_in_backward=len(group_layers) == 1 and not shared,
-        ))
-    return groups
-
-
-def _groups_by_device(layers):
-    by_device = defaultdict(list)
-    for p in _unique(p for layer in layers for p in layer.params):
-        by_device[str(p.device)].append(p)
-    groups = []
-    for device, params in by_device.items():
-        ids = {id(p) for p in params}
-        names = [l.path for l in layers if any(id(p) in ids for p in l.params)]
-        groups.append(ClippingGroup(device, names, params, 0.0))
-    return groups
-
-
-def _assign_thresholds(groups, max_grad_norm, thresholds):
-    names = [g.name for g in groups]
-    if thresholds is None:
-        values = privacy_math.default_group_thresholds(max_grad_norm, len(groups))
-    elif isinstance(thresholds, dict):
-        unknown = sorted(set(thresholds) - set(names))
-        missing = [n for n in names if n not in thresholds]
-        if unknown or missing:
-            raise ValueError(
-                f"thresholds: keys must be exactly the clipping groups; unknown {unknown}, "
-                f"missing {missing}. Group names: {names}"
-            )
-        values = [thresholds[n] for n in names]
-    elif isinstance(thresholds, (list, tuple)):
-        if len(thresholds) != len(groups):
-            raise ValueError(
-                f"thresholds: got {len(thresholds)} values for {len(groups)} clipping groups "
-                f"({names})"
-            )
-        values = list(thresholds)
-    else:
-        raise TypeError(f"thresholds must be a dict or a list, got {type(thresholds).__name__}")
-    for name, value in zip(names, values):
-        value = float(value)
-        if not value > 0 or value == float("inf"):
-            raise ValueError(f"thresholds: group '{name}' has threshold {value}; it must be > 0 and finite")
-    for group, value in zip(groups, values):
-        group.threshold = float(value)
+__all__ = ["Bookkeeper"]
 
 
 class _LayerTap:
@@ -181,19 +49,21 @@ class _LayerTap:
 
 
 @dataclass
-class StepSums:
-    """What the optimizer takes at a step: clipped sums by parameter id, and how they were made."""
+class _OpenStep:
+    """What the backward passes of the logical batch being accumulated have produced so far."""
 
     sums: dict[int, torch.Tensor] = field(default_factory=dict)
-    # Adaptive thresholds only: per group index, sum_i (1[||G_ig|| <= C_g] - 1/2), un-noised.
-    # Private: only privacy_math.noised_counts may read it.
-    unclipped: dict[int, torch.Tensor] = field(default_factory=dict)
+    unclipped: dict[int, torch.Tensor] = field(default_factory=dict)  # see ClippedStep
     examples: int = 0
     backward_passes: int = 0
 
 
 class Bookkeeper:
-    """Collects pieces during backward passes and turns them into clipped sums."""
+    """Collects pieces during backward passes and closes each logical batch into a ClippedStep.
+
+    The data loader tells it which logical batch each physical batch belongs to (``begin``); the
+    optimizer asks for the closed step (``close``) and starts the next one (``next_step``).
+    """
 
     def __init__(self, groups, *, loss_reduction, batch_first, count_unclipped=False):
         self.groups = groups
@@ -203,7 +73,9 @@ class Bookkeeper:
         self._group_of = {id(p): i for i, g in enumerate(groups) for p in g.params}
         self._params = [p for g in groups for p in g.params]
         self.paths: dict[str, str] = {}  # layer -> "ghost" | "direct", for explain()
-        self._step = StepSums()
+        self._step = _OpenStep()
+        self._batch: LogicalBatch | None = None  # of the physical batch last yielded
+        self._accumulating = False  # a step() came before the logical batch's last physical one
         self._failure: str | None = None
         self._reset_pass()
         self._reset_forward()
@@ -224,7 +96,7 @@ class Bookkeeper:
         # A forward re-run inside a backward (activation checkpointing). It is not counted, so
         # its groups complete at the end of the pass. Reentrant checkpointing then runs a nested
         # backward (a new graph task): mark this task as its host so the nested task's pieces
-        # join this pass instead of starting a new one (DESIGN §4: one backward, one clipping).
+        # join this pass instead of starting a new one (docs/design.md §4: one backward, one clipping).
         self._enter_pass()
         self._hosts.add(task)
 
@@ -368,8 +240,43 @@ class Bookkeeper:
                 for g in range(len(self.groups))}
 
     # ---- step ------------------------------------------------------------------------------
-    def take_step_sums(self) -> StepSums:
-        """The clipped sums accumulated since the last step; the book starts a new step."""
+    def begin(self, batch: LogicalBatch) -> None:
+        """The data loader is about to yield a physical batch of ``batch`` (a loader listener)."""
+        self._batch = batch
+
+    def close(self) -> ClippedStep | None:
+        """The logical batch's clipped step, or None while more of its physical batches follow.
+
+        Does not reset anything: the optimizer calls ``next_step`` once the step is released, so a
+        step refused before release (privacy budget) loses nothing.
+
+        Raises:
+            RuntimeError: a failed or unfinished backward pass, a step without a backward pass, or
+                a logical batch whose examples did not all go through one backward pass.
+        """
+        self._check_no_failure()
+        batch = self._batch
+        if batch is not None and not batch.is_last_physical:
+            self._accumulating = True
+            return None
+        self._check_complete(batch)
+        return ClippedStep(
+            batch=batch, sums=self._step.sums, thresholds=tuple(g.threshold for g in self.groups),
+            loss_reduction=self.loss_reduction, unclipped=self._step.unclipped,
+            examples=self._step.examples, backward_passes=self._step.backward_passes,
+        )
+
+    def next_step(self) -> None:
+        """The closed step was released: start collecting the next logical batch."""
+        self._step = _OpenStep()
+        self._batch = None
+        self._accumulating = False
+
+    def set_thresholds(self, values) -> None:
+        """New C_g for every group (adaptive clipping, a loaded checkpoint); see groups.py."""
+        set_thresholds(self.groups, values)
+
+    def _check_no_failure(self):
         if self._failure is not None:
             raise RuntimeError(f"{self._failure}; call optimizer.zero_grad() and redo the batch")
         if self._task is not None:
@@ -378,15 +285,31 @@ class Bookkeeper:
                 "backward, or after a backward that raised: then call optimizer.zero_grad() and "
                 "redo the batch)"
             )
-        step, self._step = self._step, StepSums()
-        return step
 
-    def peek_step(self) -> StepSums:
-        return self._step
+    def _check_complete(self, batch: LogicalBatch | None) -> None:
+        step = self._step
+        empty_batch = batch is not None and batch.local_size == 0
+        if step.backward_passes == 0 and not empty_batch:
+            raise RuntimeError(
+                "optimizer.step() was called without loss.backward() since the last step (or "
+                "zero_grad() cleared it). Only an empty logical batch may step without a backward: "
+                "it still takes a noised step"
+            )
+        if batch is not None and step.examples != batch.local_size:
+            raise RuntimeError(
+                f"the logical batch has {batch.local_size} examples (on this process) but the "
+                f"backward passes since the last step saw {step.examples}: each example must go "
+                "through exactly one backward pass per step (clipping per pass bounds only that "
+                "pass's contribution)"
+            )
 
     def clear(self):
-        """Forget the step's sums and any failure (optimizer.zero_grad())."""
-        self._step = StepSums()
+        """optimizer.zero_grad(): forget the open step's sums and any failure, unless a logical
+        batch is being accumulated over several physical batches (then only the failure)."""
+        if self._accumulating and self._failure is None:
+            return  # the sums of the logical batch's earlier physical batches stay
+        if not self._accumulating:
+            self._step = _OpenStep()
         self._failure = None
         self._reset_pass()
         self._reset_forward()

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from dpfused.clipping import Bookkeeper, Layer, build_groups
+from dpfused.clipping import Bookkeeper
+from dpfused.groups import Layer, build_groups
 from dpfused.rules import fallback_rule, rule_for
 from dpfused.rules.functorch import bypassing
 
@@ -120,7 +121,7 @@ _TOKEN_LOSS_HEADS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForTokenClass
 
 
 def _guard_token_mean_losses(module):
-    """Refuse ``labels=`` on HuggingFace token-level heads while training (DESIGN §3)."""
+    """Refuse ``labels=`` on HuggingFace token-level heads while training (docs/design.md §3)."""
     hooks = []
     for path, sub in module.named_modules():
         name = type(sub).__name__

@@ -2,7 +2,7 @@
 
 HuggingFace's causal-LM loss averages over every non-ignored token of the batch. The divisor then
 depends on the other examples' lengths, so adding or removing one example rescales every other
-example's gradient and the clipping bound no longer bounds the sensitivity (DESIGN §3). The loss here
+example's gradient and the clipping bound no longer bounds the sensitivity (docs/design.md §3). The loss here
 averages over each example's own tokens first, then sums or averages over examples.
 """
 

@@ -5,7 +5,7 @@ use's per-example gradients. The clipping code needs three operations on pieces:
 
 - ``norm_sq(piece)``: per-example squared norms ``(B,)``;
 - ``inner(p, q)``: per-example inner products of two pieces of the SAME parameter (a parameter used
-  more than once, e.g. tied embeddings: ||sum_u G^u||^2 = sum_{u,v} <G^u, G^v>, DESIGN §3);
+  more than once, e.g. tied embeddings: ||sum_u G^u||^2 = sum_{u,v} <G^u, G^v>, docs/design.md §3);
 - ``weighted_sum(piece, w)``: sum_i w_i G_i, the clipped gradient, without materializing G_i.
 
 Forms:
@@ -117,7 +117,7 @@ def _place_rows(per_example: torch.Tensor, param: torch.Tensor, rows: slice | No
 
 def compact(piece: Piece) -> Piece:
     """The smaller of a factor piece and its per-example gradients, for pieces kept until the end
-    of backward (flat book-keeping, DESIGN §4): (left, right) hold B*T*(m+n) numbers, the
+    of backward (flat book-keeping, docs/design.md §4): (left, right) hold B*T*(m+n) numbers, the
     per-example gradients B*m*n; convolutions with many output positions are the common case."""
     if not isinstance(piece, FactorPiece) or piece.batch_size == 0:
         return piece

@@ -1,4 +1,4 @@
-"""The privacy-critical arithmetic of DP-SGD, written once (DESIGN §3-§5).
+"""The privacy-critical arithmetic of DP-SGD, written once (docs/design.md §3-§5).
 
 Every path that clips, scales or noises a gradient calls these functions; nothing else in dpfused
 computes a clip factor, a sensitivity, a noise standard deviation or the final normalization.
@@ -7,7 +7,7 @@ computes a clip factor, a sensitivity, a noise standard deviation or the final n
     sensitivity:             C = sqrt(sum_g C_g^2)          (add/remove adjacency)
     final gradient:          (sum_i c_ig G_ig + N(0, sigma^2 C^2 I)) / B_norm
 
-With adaptive thresholds (DESIGN §4, Andrew et al. 2021) each step also releases, per group, a
+With adaptive thresholds (docs/design.md §4, Andrew et al. 2021) each step also releases, per group, a
 noisy count of the examples the group did not clip; it is the same sampled batch, so the gradient
 and the counts are one Gaussian mechanism with 1/sigma_eff^2 = 1/sigma^2 + K/(4 sigma_b^2).
 """
@@ -38,7 +38,7 @@ __all__ = [
     "adapted_thresholds",
 ]
 
-# Added to the norm before dividing, as in Opacus and DESIGN §4: keeps c <= 1 without a branch and
+# Added to the norm before dividing, as in Opacus and docs/design.md §4: keeps c <= 1 without a branch and
 # keeps ||c_i G_i|| <= C_g even when the norm rounds.
 CLIP_EPS = 1e-6
 
@@ -98,7 +98,7 @@ def noise_std(noise_multiplier: float, thresholds: Sequence[float]) -> float:
 def noise_std_on_rank(std: float, *, rank: int) -> float:
     """Data parallel: rank 0 adds all the noise; the all-reduced sum then carries it exactly once.
 
-    Every other rank contributes only its clipped sums (DESIGN §5).
+    Every other rank contributes only its clipped sums (docs/design.md §5).
     """
     return std if rank == 0 else 0.0
 
@@ -106,7 +106,7 @@ def noise_std_on_rank(std: float, *, rank: int) -> float:
 def gradient_normalizer(
     *, loss_reduction: str, expected_batch_size: float
 ) -> float:
-    """B_norm of DESIGN §5: the expected logical batch size, or 1 for a summed loss.
+    """B_norm of docs/design.md §5: the expected logical batch size, or 1 for a summed loss.
 
     Dividing by the *expected* size (q N under Poisson), never by the realized one, keeps the
     normalization data-independent: the realized size of a Poisson batch is private.
@@ -142,11 +142,11 @@ def noised_gradient(
     return noise.div_(normalizer)
 
 
-# ---- adaptive thresholds (DESIGN §4; Andrew et al. 2021, "DP learning with adaptive clipping") --
+# ---- adaptive thresholds (docs/design.md §4; Andrew et al. 2021, "DP learning with adaptive clipping") --
 #
 # Each example adds  1[||G_ig|| <= C_g] - 1/2  to group g's count. Centering makes one example's
 # contribution +-1/2 per group whatever it is, so under add/remove the K counts have L2 sensitivity
-# sqrt(K)/2 (DESIGN §4 states sqrt(K) for uncentered counts: centering is 4x cheaper in privacy).
+# sqrt(K)/2 (docs/design.md §4 states sqrt(K) for uncentered counts: centering is 4x cheaper in privacy).
 # Under replace-one a count moves by at most 1: the accountant's doubling of the whole mechanism's
 # sensitivity covers that exactly.
 

@@ -1,4 +1,4 @@
-"""Checks before training starts, and ``fix`` for the layers that mix examples (DESIGN §1, issue 2)."""
+"""Checks before training starts, and ``fix`` for the layers that mix examples (docs/design.md §1, issue 2)."""
 
 from __future__ import annotations
 

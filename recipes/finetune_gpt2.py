@@ -208,7 +208,7 @@ def build_model(cfg: Config, vocab_size: int) -> GPT2LMHeadModel:
             resid_pdrop=0.0,  # a short noisy run underfits; dropout would only slow it down
             embd_pdrop=0.0,
             attn_pdrop=0.0,
-            tie_word_embeddings=True,  # as GPT-2: one parameter used twice (DESIGN §3)
+            tie_word_embeddings=True,  # as GPT-2: one parameter used twice (docs/design.md §3)
         )
         model = GPT2LMHeadModel(config)
     model.config.use_cache = False  # the KV cache is for generation only
@@ -286,13 +286,13 @@ class Recipe:
         self.optimizer.zero_grad(set_to_none=True)
         if input_ids.shape[0] == 0:
             # An empty Poisson batch is still a step with noise: skipping it would reveal that the
-            # batch was empty (DESIGN §5). HF models cannot run zero examples, so no backward.
+            # batch was empty (docs/design.md §5). HF models cannot run zero examples, so no backward.
             self.optimizer.step()
             return math.nan
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
         # Not HF's `outputs.loss`: it averages over every token of the batch, so each example's
         # gradient is scaled by the other examples' token counts and clipping no longer bounds
-        # one example's influence (DESIGN §3). This one averages over each example's own tokens.
+        # one example's influence (docs/design.md §3). This one averages over each example's own tokens.
         loss = dpfused.per_example_lm_loss(logits, labels, ignore_index=IGNORE_INDEX)
         loss.backward()  # per-example norms and clipping happen inside this one backward pass
         self.optimizer.step()  # dpfused: noise once per logical batch; mid-batch it only sums

@@ -21,7 +21,9 @@ from dpfused.accounting import (
     PrivacyAccountant,
     PrivacyBudgetExhausted,
     PrivacyReport,
-    StepRecord,
+    IterateFacts,
+    LedgerEntry,
+    SampledStep,
     calibrate_noise_multiplier,
     contraction_factors,
     gaussian_rdp_epsilon,
@@ -39,33 +41,36 @@ NR = dp_accounting.NeighboringRelation
 # ---------------------------------------------------------------------------------------------
 
 
-def poisson_steps(q: float, sigma: float, steps: int, **kw) -> list[StepRecord]:
+def poisson_steps(q: float, sigma: float, steps: int, **kw) -> list[LedgerEntry]:
     per_epoch = max(1, round(1 / q))
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
     return [
-        StepRecord(noise_multiplier=sigma, sampling="poisson", sample_rate=q, epoch=k // per_epoch,
-                   position_in_epoch=k % per_epoch, batches_per_epoch=per_epoch, **kw)
+        LedgerEntry(SampledStep(event=event, sampling="poisson", epoch=k // per_epoch),
+                    IterateFacts(position_in_epoch=k % per_epoch, batches_per_epoch=per_epoch, **kw))
         for k in range(steps)
     ]
 
 
 def cyclic_steps(sigma, epochs: int, m: int, *, extra: int = 0, lr=0.1, weight_decay=0.0,
-                 b: int = 8, sampling: str = "cyclic", plain_sgd: bool = True) -> list[StepRecord]:
+                 b: int = 8, sampling: str = "cyclic", plain_sgd: bool = True) -> list[LedgerEntry]:
     """``epochs`` full epochs of m batches, then ``extra`` steps of a partial epoch."""
     total = epochs * m + extra
     sigmas = sigma if isinstance(sigma, (list, tuple)) else [sigma] * total
     lrs = lr if isinstance(lr, (list, tuple)) else [lr] * total
     return [
-        StepRecord(noise_multiplier=sigmas[k], sampling=sampling, batch_size=b, epoch=k // m,
-                   position_in_epoch=k % m, batches_per_epoch=m, learning_rate=lrs[k],
-                   weight_decay=weight_decay, plain_sgd=plain_sgd, batch_size_actual=b)
+        LedgerEntry(
+            SampledStep(event=dp_accounting.GaussianDpEvent(sigmas[k]), sampling=sampling,
+                        epoch=k // m, batch_size=b, examples=b),
+            IterateFacts(position_in_epoch=k % m, batches_per_epoch=m, learning_rate=lrs[k],
+                         weight_decay=weight_decay, plain_sgd=plain_sgd))
         for k in range(total)
     ]
 
 
 def accountant_with(records, **kw) -> PrivacyAccountant:
     acc = PrivacyAccountant(**kw)
-    for rec in records:
-        acc.record_step(rec)
+    for entry in records:
+        acc.record(entry.sampled, entry.iterate)
     return acc
 
 
@@ -144,7 +149,7 @@ def test_changing_poisson_steps_equal_step_by_step_composition(mechanism):
     assert ours == pytest.approx(dp_accounting_epsilon(events, mechanism=mechanism), rel=2e-3)
 
 
-@pytest.mark.parametrize("neighboring", ["add_remove", "replace_one"])
+@pytest.mark.parametrize("neighboring", ["zero_out", "replace_one"])
 def test_cached_pld_path_is_exactly_dp_accountings_pld_accountant(neighboring):
     # dpfused caches one-step PLDs; the same events through PLDAccountant give the same epsilon.
     records = [*poisson_steps(0.05, 2.0, 30), *poisson_steps(0.02, 1.5, 7),
@@ -157,7 +162,7 @@ def test_cached_pld_path_is_exactly_dp_accountings_pld_accountant(neighboring):
         dp_accounting.GaussianDpEvent(3.0),
     ]
     reference = dp_pld.PLDAccountant(neighboring_relation={
-        "add_remove": NR.ADD_OR_REMOVE_ONE, "replace_one": NR.REPLACE_ONE}[neighboring])
+        "zero_out": NR.ADD_OR_REMOVE_ONE, "replace_one": NR.REPLACE_ONE}[neighboring])
     reference.compose(dp_accounting.ComposedDpEvent(events))
     for _ in range(2):  # the second call hits the cache
         acc = accountant_with(records, mechanism="pld", neighboring=neighboring)
@@ -182,9 +187,9 @@ def test_cyclic_composes_one_gaussian_per_epoch_with_its_smallest_sigma(mechanis
 def test_get_epsilon_if_is_one_more_step_and_leaves_the_ledger():
     acc = accountant_with(poisson_steps(0.01, 1.0, 50), mechanism="rdp")
     nxt = poisson_steps(0.01, 0.9, 1)[0]
-    prospective = acc.get_epsilon_if(nxt, DELTA)
+    prospective = acc.get_epsilon_if(nxt.sampled, DELTA)
     assert acc.steps == 50
-    acc.record_step(nxt)
+    acc.record(nxt.sampled, nxt.iterate)
     assert prospective == acc.get_epsilon(DELTA)
 
 
@@ -195,9 +200,9 @@ def test_state_dict_round_trips(mechanism):
     state = pickle.loads(pickle.dumps(acc.state_dict()))
     fresh = PrivacyAccountant(mechanism=mechanism, neighboring="replace_one")
     fresh.load_state_dict(state)
-    assert fresh.records == acc.records and fresh.epochs_started == acc.epochs_started
+    assert fresh.entries == acc.entries and fresh.epochs_started == acc.epochs_started
     assert fresh.get_epsilon(DELTA) == acc.get_epsilon(DELTA)
-    with pytest.raises(ValueError, match="neighboring='replace_one' but this accountant uses 'add_remove'"):
+    with pytest.raises(ValueError, match="neighboring='replace_one' but this accountant uses None"):
         PrivacyAccountant(mechanism=mechanism).load_state_dict(state)
 
 
@@ -368,7 +373,7 @@ def test_contraction_factors():
     lr=st.floats(0.01, 1.0),
     smoothness=st.floats(0.01, 10.0),
     weight_decay=st.sampled_from([0.0, 0.01, 0.5]),
-    neighboring=st.sampled_from(["add_remove", "replace_one"]),
+    neighboring=st.sampled_from(["zero_out", "replace_one"]),
 )
 def test_last_iterate_never_exceeds_composed(m, epochs, extra, sigma, lr, smoothness, weight_decay,
                                              neighboring):
@@ -438,7 +443,7 @@ def test_privacy_report_cyclic():
     assert report.last_iterate_epsilon == acc.get_last_iterate_epsilon(DELTA, smoothness=2.0)
     assert report.last_iterate_reason is None and report.last_iterate_worst_position == 4
     assert (report.steps, report.epochs, report.sampling, report.batch_size) == (15, 3, "cyclic", 16)
-    assert (report.noise_multiplier, report.neighboring, report.accountant) == (1.3, "add_remove", "rdp")
+    assert (report.noise_multiplier, report.neighboring, report.accountant) == (1.3, "zero_out", "rdp")
     assert report.sample_rate is None and report.delta == DELTA
     joined = " | ".join(report.assumptions)
     for phrase in ("only the final model is released", "L-smooth with L=2", "plain SGD",
@@ -521,7 +526,7 @@ def test_calibrate_last_iterate():
         ({"delta": 0.0}, ValueError, "delta must satisfy 0 < delta < 1; got 0.0"),
         ({"mechanism": "moments"}, ValueError, "mechanism must be one of \\('pld', 'rdp'\\); got 'moments'"),
         ({"neighboring": "swap"}, ValueError,
-         "neighboring must be one of \\('add_remove', 'replace_one'\\); got 'swap'"),
+         "neighboring must be one of \\('add_remove', 'zero_out', 'replace_one'\\); got 'swap'"),
         ({"sampling": "uniform"}, ValueError, "sampling must be one of"),
         ({"sampling": "shuffle", "last_iterate": {"smoothness": 1.0, "learning_rate": 0.1}},
          LastIterateUnavailable, "needs cyclic sampling .* sampling='shuffle'"),
@@ -548,7 +553,7 @@ def test_delta_out_of_range(delta):
     acc = accountant_with(cyclic_steps(1.0, 1, m=2))
     calls = [
         lambda: acc.get_epsilon(delta),
-        lambda: acc.get_epsilon_if(cyclic_steps(1.0, 1, m=2)[0], delta),
+        lambda: acc.get_epsilon_if(cyclic_steps(1.0, 1, m=2)[0].sampled, delta),
         lambda: acc.get_last_iterate_epsilon(delta, smoothness=1.0),
         lambda: privacy_report(acc, delta),
         lambda: gaussian_rdp_epsilon(0.1, delta),
@@ -562,41 +567,52 @@ def test_unknown_accountant_or_neighboring():
     with pytest.raises(ValueError, match="mechanism must be one of \\('pld', 'rdp'\\); got 'prv'"):
         PrivacyAccountant(mechanism="prv")
     with pytest.raises(ValueError,
-                       match="neighboring must be one of \\('add_remove', 'replace_one'\\); got 'zero_out'"):
-        PrivacyAccountant(neighboring="zero_out")
+                       match="neighboring must be one of \\('add_remove', 'zero_out', 'replace_one'\\); got 'swap'"):
+        PrivacyAccountant(neighboring="swap")
+
+
+GAUSS = dp_accounting.GaussianDpEvent(1.0)
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "make, message",
     [
-        ({"noise_multiplier": 1.0, "sampling": "uniform"}, "sampling must be one of"),
-        ({"noise_multiplier": 1.0, "sampling": "poisson"}, "needs sample_rate in \\[0, 1\\]"),
-        ({"noise_multiplier": 1.0, "sampling": "cyclic"}, "needs an integer batch_size >= 1"),
-        ({"noise_multiplier": -1.0, "sampling": "poisson", "sample_rate": 0.1},
-         "noise_multiplier must be >= 0"),
-        ({"noise_multiplier": 1.0, "sampling": "poisson", "sample_rate": 0.1, "position_in_epoch": 3,
-          "batches_per_epoch": 3}, "0 <= position_in_epoch < batches_per_epoch"),
+        (lambda: SampledStep(event=GAUSS, sampling="uniform", batch_size=4), "sampling must be one of"),
+        (lambda: SampledStep(event=GAUSS, sampling="poisson"),
+         "sampling='poisson' needs PoissonSampledDpEvent"),
+        (lambda: SampledStep(event=GAUSS, sampling="cyclic"), "needs batch_size >= 1"),
+        (lambda: SampledStep(event=dp_accounting.GaussianDpEvent(-1.0), sampling="cyclic", batch_size=4),
+         "noise multiplier must be >= 0"),
+        (lambda: SampledStep(event=dp_accounting.PoissonSampledDpEvent(1.5, GAUSS), sampling="poisson"),
+         "sample rate must be in \\[0, 1\\]"),
+        (lambda: IterateFacts(position_in_epoch=3, batches_per_epoch=3),
+         "0 <= position_in_epoch < batches_per_epoch"),
     ],
 )
-def test_step_record_validation(kwargs, message):
+def test_ledger_record_validation(make, message):
     with pytest.raises(ValueError, match=message):
-        StepRecord(**kwargs)
+        make()
 
 
-def test_record_step_type_and_budget_error():
-    with pytest.raises(TypeError, match="expects a StepRecord"):
-        PrivacyAccountant().record_step({"noise_multiplier": 1.0})
+def test_record_type_and_budget_error():
+    with pytest.raises(TypeError, match="expects a SampledStep"):
+        PrivacyAccountant().record({"noise_multiplier": 1.0})
     assert issubclass(PrivacyBudgetExhausted, RuntimeError)
+
+
+def test_add_remove_is_refused_for_cyclic_and_shuffled_steps():
+    step = cyclic_steps(1.0, 1, m=2)[0]
+    with pytest.raises(ValueError, match="neighboring='add_remove' is not proven for sampling='cyclic'"
+                                         ".*zero_out"):
+        PrivacyAccountant(neighboring="add_remove").record(step.sampled, step.iterate)
 
 
 def test_budget_screen_agrees_with_the_exact_check():
     """epsilon_if_over_budget may skip PLD only when RDP (also an upper bound) is within budget."""
-    from dpfused.accounting import PrivacyAccountant, StepRecord
-
     accountant = PrivacyAccountant(mechanism="pld")
-    rec = StepRecord(noise_multiplier=1.0, sampling="poisson", sample_rate=0.05)
+    rec = poisson_steps(0.05, 1.0, 1)[0].sampled
     for _ in range(200):
-        accountant.record_step(rec)
+        accountant.record(rec)
     exact = accountant.get_epsilon_if(rec, 1e-5)
     assert accountant.epsilon_if_over_budget(rec, 1e-5, exact * 1.5) is None
     assert accountant.epsilon_if_over_budget(rec, 1e-5, exact * 0.9) == pytest.approx(exact)

@@ -1,4 +1,4 @@
-"""Adaptive clipping thresholds (DESIGN §4): counts, noise, threshold updates and accounting.
+"""Adaptive clipping thresholds (docs/design.md §4): counts, noise, threshold updates and accounting.
 
 The counts are checked against the float64 torch.func oracle's per-example group norms, the count
 noise statistically, the threshold update against its formula, and the accounting against a
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
+import dpfused.opacus
 from dpfused import privacy_math
 from dpfused.accounting import LastIterateUnavailable
 from dpfused.instrument import instrumentation_of
@@ -215,7 +216,7 @@ def test_accountant_records_sigma_eff(sampling):
     engine, optimizer = _run_steps({}, adaptive=adaptive, noise=sigma, sampling=sampling)
     effective = privacy_math.effective_noise_multiplier(sigma, sigma_b, 2)
     assert optimizer.accounted_noise_multiplier == pytest.approx(effective)
-    assert [r.noise_multiplier for r in engine.accountant.records] == [pytest.approx(effective)] * 4
+    assert [e.sampled.noise_multiplier for e in engine.accountant.entries] == [pytest.approx(effective)] * 4
     plain, _ = _run_steps({}, adaptive=None, noise=effective, sampling=sampling)
     assert engine.get_epsilon(1e-5) == pytest.approx(plain.get_epsilon(1e-5), rel=1e-9)
     assert engine.get_epsilon(1e-5) > _run_steps({}, adaptive=None, noise=sigma,
@@ -270,7 +271,7 @@ _OPACUS_ADAPTIVE = dict(target_unclipped_quantile=0.5, clipbound_learning_rate=0
 
 def test_opacus_adaptive_keywords_map_to_flat_adaptive_clipping():
     model = _mlp()
-    engine = dpfused.PrivacyEngine()
+    engine = dpfused.opacus.PrivacyEngine()
     with pytest.warns(UserWarning, match="gradient's sigma .* sigma_eff"):
         model, optimizer, loader = engine.make_private(
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
@@ -300,7 +301,7 @@ def test_bad_adaptive_arguments_are_refused_before_anything_changes(kwargs, erro
     model = _mlp()
     forward = model[0].forward
     with pytest.raises(error, match=match):
-        dpfused.PrivacyEngine().make_private(
+        dpfused.opacus.PrivacyEngine().make_private(
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             data_loader=DataLoader(_data(), batch_size=6), noise_multiplier=1.0,
             max_grad_norm=0.5, **kwargs)

@@ -25,7 +25,7 @@ def _run(name, batch, clipping, *, reduction="mean", seed=0):
                       loss_reduction=reduction, batch_first="seq_first" not in name)
     try:
         case.batch_loss(case.model, case.inputs, reduction).backward()
-        step = inst.book.take_step_sums()
+        step = inst.book.close()
         expected, names = expected_for(case.model, inst, grads)
         ours = {names[key]: value for key, value in step.sums.items()}
         return expected, ours, case.model, inst
@@ -109,7 +109,7 @@ def test_empty_batch_goes_through_every_model(name):
                       loss_reduction="sum", batch_first="seq_first" not in name)
     try:
         case.batch_loss(case.model, empty, "sum").backward()
-        step = inst.book.take_step_sums()
+        step = inst.book.close()
         assert step.examples == 0 and step.backward_passes == 1
         assert all(float(s.abs().sum()) == 0.0 for s in step.sums.values())
     finally:
@@ -130,7 +130,7 @@ def test_activation_checkpointing_stays_exact(clipping, reentrant):
                       loss_reduction="mean", batch_first=True)
     try:
         case.batch_loss(case.model, case.inputs, "mean").backward()
-        step = inst.book.take_step_sums()
+        step = inst.book.close()
         expected, names = expected_for(case.model, inst, grads)
         _assert_close(expected, {names[k]: v for k, v in step.sums.items()}, "gpt2")
     finally:

@@ -113,7 +113,7 @@ def test_batch_memory_manager_equals_max_physical_batch_size():
 
 
 def test_batch_memory_manager_refuses_a_loader_of_another_optimizer():
-    _, _, optimizer, _ = _private(_mlp())
+    _, _, optimizer, loader = _private(_mlp())
     _, _, _, other_loader = _private(_mlp())
     with pytest.raises(ValueError, match="another data loader"):
         dpfused.BatchMemoryManager(data_loader=other_loader, max_physical_batch_size=2,
@@ -122,7 +122,7 @@ def test_batch_memory_manager_refuses_a_loader_of_another_optimizer():
         dpfused.BatchMemoryManager(data_loader=[1, 2], max_physical_batch_size=2,
                                    optimizer=optimizer)
     with pytest.raises(ValueError, match="positive int"):
-        dpfused.BatchMemoryManager(data_loader=optimizer.data_loader, max_physical_batch_size=0,
+        dpfused.BatchMemoryManager(data_loader=loader, max_physical_batch_size=0,
                                    optimizer=optimizer)
 
 

@@ -145,8 +145,9 @@ def test_get_noise_multiplier_matches_calibration_and_opacus():
     assert ours == pytest.approx(theirs, rel=0.02)  # both bisect; Opacus to 0.01 in epsilon
     accountant = dpfused.accounting.PrivacyAccountant(mechanism="rdp")
     for _ in range(200):
-        accountant.record_step(dpfused.accounting.StepRecord(
-            noise_multiplier=ours, sampling="poisson", sample_rate=0.01))
+        accountant.record(dpfused.accounting.SampledStep(
+            event=dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(ours)),
+            sampling="poisson"))
     assert 1.99 < accountant.get_epsilon(1e-5) <= 2.0
 
 

@@ -44,7 +44,7 @@ def test_triton_path_matches_oracle(name, clipping, triton_only):
                       loss_reduction="mean", batch_first=True)
     try:
         case.batch_loss(model, inputs, "mean").backward()
-        step = inst.book.take_step_sums()
+        step = inst.book.close()
     finally:
         detach(model)
     expected, names = expected_for(model, inst, grads)
@@ -72,7 +72,7 @@ def test_autocast_bf16(clipping, path, monkeypatch):
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss = case.batch_loss(model, inputs, "mean")
         loss.backward()
-        step = inst.book.take_step_sums()
+        step = inst.book.close()
     finally:
         detach(model)
     expected, names = expected_for(model, inst, grads)

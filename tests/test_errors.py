@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
+import dpfused.opacus
 from tests import models
 
 
@@ -19,6 +20,15 @@ def _make(model, optimizer=None, **kwargs):
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
     return dpfused.PrivacyEngine().make_private(module=model, optimizer=optimizer,
                                                 data_loader=_loader(), **kwargs)
+
+
+def _make_opacus(model, **kwargs):
+    """Opacus' make_private, through dpfused's compatibility engine (one import changed)."""
+    kwargs.setdefault("noise_multiplier", 1.0)
+    kwargs.setdefault("max_grad_norm", 1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return dpfused.opacus.PrivacyEngine().make_private(module=model, optimizer=optimizer,
+                                                       data_loader=_loader(), **kwargs)
 
 
 def _cnn_with_batchnorm():
@@ -96,34 +106,34 @@ def test_nothing_is_changed_when_make_private_fails():
 
 
 def test_opacus_keywords_are_mapped_or_refused():
-    module, _, loader = _make(nn.Linear(4, 2), poisson_sampling=False, grad_sample_mode="hooks")
+    module, _, loader = _make_opacus(nn.Linear(4, 2), poisson_sampling=False, grad_sample_mode="hooks")
     assert loader.sampling == "shuffle"
     dpfused.detach(module)
     with pytest.raises(ValueError, match="grad_sample_mode='ghost_fsdp'"):
-        _make(nn.Linear(4, 2), grad_sample_mode="ghost_fsdp")
+        _make_opacus(nn.Linear(4, 2), grad_sample_mode="ghost_fsdp")
     with pytest.raises(ValueError, match="secure_mode=True"):
-        _make(nn.Linear(4, 2), secure_mode=True)
+        _make_opacus(nn.Linear(4, 2), secure_mode=True)
     with pytest.raises(ValueError, match="poisson_sampling contradicts"):
-        _make(nn.Linear(4, 2), poisson_sampling=True, sampling="cyclic")
+        _make_opacus(nn.Linear(4, 2), poisson_sampling=True, sampling="cyclic")
     with pytest.raises(TypeError, match="unexpected keyword"):
-        _make(nn.Linear(4, 2), clip_per_sample=True)
+        _make_opacus(nn.Linear(4, 2), clip_per_sample=True)
     with pytest.raises(ValueError, match="accountant='gdp'"):
-        dpfused.PrivacyEngine(accountant="gdp")
+        dpfused.opacus.PrivacyEngine(accountant="gdp")
 
 
 def test_opacus_criterion_returns_four_values_and_checks_reduction():
     criterion = nn.CrossEntropyLoss()
-    model, optimizer, crit, loader = _make(nn.Linear(4, 2), criterion=criterion,
+    model, optimizer, crit, loader = _make_opacus(nn.Linear(4, 2), criterion=criterion,
                                            grad_sample_mode="ghost")
     assert crit is criterion
     dpfused.detach(model)
     with pytest.raises(ValueError, match="reduction='sum'.*loss_reduction='mean'"):
-        _make(nn.Linear(4, 2), criterion=nn.CrossEntropyLoss(reduction="sum"))
+        _make_opacus(nn.Linear(4, 2), criterion=nn.CrossEntropyLoss(reduction="sum"))
 
 
 def test_per_layer_thresholds_must_match_groups():
     with pytest.raises(ValueError, match="thresholds: got 1 values for 2 clipping groups"):
-        _make(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), clipping="per_layer",
+        _make_opacus(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), clipping="per_layer",
               max_grad_norm=[1.0])
 
 

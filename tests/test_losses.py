@@ -1,4 +1,4 @@
-"""per_example_lm_loss: each example's loss depends on that example alone (DESIGN §3)."""
+"""per_example_lm_loss: each example's loss depends on that example alone (docs/design.md §3)."""
 
 import pytest
 import torch

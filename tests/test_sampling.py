@@ -13,9 +13,9 @@ from scipy import stats
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, WeightedRandomSampler
 
 from dpfused.sampling import (
+    LogicalBatch,
     CyclicBatchSampler,
     DPDataLoader,
-    PhysicalBatchInfo,
     PoissonBatchSampler,
     ShuffleBatchSampler,
     make_private_data_loader,
@@ -316,7 +316,7 @@ def test_physical_splitting_and_current():
     for epoch in range(2):
         for x, y in loader:
             info = loader.current
-            assert isinstance(info, PhysicalBatchInfo) and info.physical_size == len(y) <= 7
+            assert isinstance(info, LogicalBatch) and info.physical_size == len(y) <= 7
             infos.append(info)
             chunks.append(y.tolist())
     assert loader.step == 4

@@ -1,4 +1,4 @@
-"""nn.Conv1d/2d/3d, unfolded to the linear form (DESIGN §3).
+"""nn.Conv1d/2d/3d, unfolded to the linear form (docs/design.md §3).
 
 T = output positions, d_in = (C_in / groups) * kernel volume. With groups > 1 the weight is block
 diagonal: one FactorPiece per group, each on its own rows of the weight (no cross terms).

@@ -1,4 +1,4 @@
-"""nn.MultiheadAttention: its raw in_proj_weight and out_proj are linears (DESIGN §3).
+"""nn.MultiheadAttention: its raw in_proj_weight and out_proj are linears (docs/design.md §3).
 
 The forward is re-expressed with ``linear_use`` so the projections deliver FactorPieces: self-
 attention (query is key is value) is one linear on the fused (3E, E) weight; cross-attention uses

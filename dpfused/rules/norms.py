@@ -1,6 +1,6 @@
 """LayerNorm and RMSNorm (torch and HuggingFace variants): per-example gradients materialized.
 
-Their per-example gradients are small vectors (sum_t x_hat_t * g_t and sum_t g_t, DESIGN §3), so
+Their per-example gradients are small vectors (sum_t x_hat_t * g_t and sum_t g_t, docs/design.md §3), so
 they are DensePieces; the kernel computes them together with the input gradient in one pass.
 nn.GroupNorm goes through the torch.func rule (correct; its parameters are tiny).
 """

@@ -1,0 +1,203 @@
+"""Calibration: the noise multiplier that spends a target epsilon (§7).
+
+The schedule (steps, epochs) comes from the sampler's own rule (``batches_per_epoch``), so a
+calibrated run and the run the sampler then draws agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import dp_accounting
+
+from dpfused.accounting.composition import composed_epsilon
+from dpfused.accounting.last_iterate import gaussian_rdp_epsilon, last_iterate_of_entries
+from dpfused.accounting.records import (
+    MECHANISMS,
+    IterateFacts,
+    LastIterateUnavailable,
+    LedgerEntry,
+    SampledStep,
+    check_choice,
+    check_delta,
+    check_neighboring,
+)
+from dpfused.sampling.samplers import batches_per_epoch
+from dpfused.step import SAMPLINGS
+
+__all__ = ["calibrate_noise_multiplier"]
+
+
+def _bisect_sigma(
+    epsilon_of, target: float, *, start: float = 1.0, factor: float = 2.0, rtol: float = 1e-3
+) -> float:
+    """Smallest sigma (to relative tolerance rtol) with epsilon_of(sigma) <= target.
+
+    Brackets from ``start`` by steps of ``factor``, then bisects geometrically; returns the
+    conservative end of the final bracket. ``epsilon_of`` must decrease in sigma.
+    """
+    lo, hi = None, start
+    while epsilon_of(hi) > target:
+        lo, hi = hi, factor * hi
+        if hi > 1e6:
+            raise ValueError(
+                f"target_epsilon={target} is not reachable with noise_multiplier <= 1e6."
+            )
+    if lo is None:
+        lo = hi / factor
+        while epsilon_of(lo) <= target:
+            hi, lo = lo, lo / factor
+            if lo < 1e-6:
+                return hi
+    while hi - lo > rtol * hi:
+        mid = math.sqrt(lo * hi)
+        if epsilon_of(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _calibrate_composed(
+    *, target: float, delta: float, runs_of, mechanism: str, neighboring: str
+) -> float:
+    """Bisection on the composed epsilon; ``runs_of(sigma)`` gives (poisson, epoch_noise).
+
+    The PLD accountant is slow far from the answer (large epsilons), so it starts from the RDP
+    answer, which is close (RDP's conversion is looser, so usually a little above).
+    """
+
+    def epsilon_with(mech):
+        def epsilon_of(sigma):
+            poisson, epoch_noise = runs_of(sigma)
+            return composed_epsilon(poisson=poisson, epoch_noise=epoch_noise, delta=delta,
+                                    mechanism=mech, neighboring=neighboring)
+        return epsilon_of
+
+    sigma_rdp = _bisect_sigma(epsilon_with("rdp"), target)
+    if mechanism == "rdp":
+        return sigma_rdp
+    return _bisect_sigma(epsilon_with("pld"), target, start=sigma_rdp, factor=1.05)
+
+
+def calibrate_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sampling: str,
+    sample_rate: float | None = None,
+    num_samples: int | None = None,
+    batch_size: int | None = None,
+    epochs: int | None = None,
+    steps: int | None = None,
+    mechanism: str = "pld",
+    neighboring: str | None = None,
+    last_iterate: Mapping[str, Any] | None = None,
+    drop_last: bool = True,
+) -> float:
+    """Noise multiplier sigma whose epsilon is at most ``target_epsilon`` (bisection, rtol 1e-3).
+
+    Poisson: q = ``sample_rate`` or ``batch_size / num_samples``; steps = ``steps`` or ``epochs``
+    times the sampler's steps per epoch. Cyclic/shuffle: epochs = ``epochs`` or ceil(steps / batches
+    per epoch), each composing one Gaussian. With ``last_iterate`` (cyclic only) the last-iterate
+    bound is calibrated instead of the composed one; its keys: ``smoothness`` (L),
+    ``learning_rate`` (constant eta), ``weight_decay`` (default 0), ``convex`` (default False).
+
+    Returns:
+        sigma with epsilon(sigma) <= target_epsilon, within 0.1% of the smallest such sigma.
+
+    Raises:
+        ValueError: bad or missing arguments, unknown mechanism/neighboring, target not reachable.
+        LastIterateUnavailable: ``last_iterate`` asked for a setting the bound does not cover.
+    """
+    if not (target_epsilon > 0):
+        raise ValueError(f"target_epsilon must be > 0; got {target_epsilon!r}.")
+    delta = check_delta(delta)
+    check_choice("sampling", sampling, SAMPLINGS)
+    check_choice("mechanism", mechanism, MECHANISMS)
+    neighboring = check_neighboring(neighboring, sampling)
+    composition = "replace_one" if neighboring == "replace_one" else "add_remove"
+    if sampling == "poisson":
+        q, n = _poisson_schedule(sample_rate, num_samples, batch_size, epochs, steps, last_iterate)
+        return _calibrate_composed(
+            target=target_epsilon, delta=delta, runs_of=lambda sigma: ({(q, sigma): n}, []),
+            mechanism=mechanism, neighboring=composition,
+        )
+    if sample_rate is not None:
+        raise ValueError(f"sample_rate applies to sampling='poisson' only; got sampling={sampling!r}.")
+    per_epoch = _fixed_batches_per_epoch(num_samples, batch_size, drop_last)
+    if last_iterate is not None:
+        return _calibrate_last_iterate(target_epsilon, delta, sampling, batch_size, per_epoch,
+                                       epochs, steps, last_iterate, neighboring)
+    if epochs is None:
+        if steps is None or per_epoch is None:
+            raise ValueError(
+                f"sampling={sampling!r} needs epochs, or steps with num_samples and batch_size.")
+        epochs = -(-int(steps) // per_epoch)
+    n_epochs = int(epochs)
+    return _calibrate_composed(
+        target=target_epsilon, delta=delta, runs_of=lambda sigma: ({}, [sigma] * n_epochs),
+        mechanism=mechanism, neighboring=composition,
+    )
+
+
+def _poisson_schedule(sample_rate, num_samples, batch_size, epochs, steps, last_iterate):
+    """(q, steps) of a Poisson run."""
+    if last_iterate is not None:
+        raise LastIterateUnavailable(
+            "last-iterate accounting needs cyclic sampling (one fixed order); got "
+            "sampling='poisson' (the bound has no amplification by Poisson sampling)."
+        )
+    if sample_rate is None:
+        if batch_size is None or num_samples is None:
+            raise ValueError("sampling='poisson' needs sample_rate, or batch_size and num_samples.")
+        sample_rate = batch_size / num_samples
+    if not (0 < sample_rate <= 1):
+        raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate!r}.")
+    if steps is None:
+        if epochs is None:
+            raise ValueError("sampling='poisson' needs steps or epochs.")
+        steps = int(epochs) * batches_per_epoch(sampling="poisson", sample_rate=sample_rate)
+    return float(sample_rate), int(steps)
+
+
+def _fixed_batches_per_epoch(num_samples, batch_size, drop_last) -> int | None:
+    if num_samples is None or batch_size is None:
+        return None
+    if batch_size < 1 or (drop_last and batch_size > num_samples):
+        raise ValueError(f"batch_size must be in [1, num_samples]; got {batch_size!r}.")
+    return batches_per_epoch(sampling="cyclic", num_samples=num_samples, batch_size=batch_size,
+                             drop_last=drop_last)
+
+
+def _calibrate_last_iterate(target_epsilon, delta, sampling, batch_size, per_epoch, epochs, steps,
+                            last_iterate, neighboring) -> float:
+    """With a constant sigma, s_k is proportional to sigma and Delta_k is not, so
+    rho(sigma) = rho(1) / sigma^2: one bound at sigma = 1, then bisection on the closed form."""
+    if per_epoch is None:
+        raise ValueError("last_iterate calibration needs num_samples and batch_size.")
+    if "learning_rate" not in last_iterate:
+        raise LastIterateUnavailable("last_iterate calibration needs a learning_rate.")
+    if epochs is None and steps is None:
+        raise ValueError(f"sampling={sampling!r} needs epochs, or steps with num_samples and batch_size.")
+    total = int(steps) if steps is not None else int(epochs) * per_epoch
+    facts = dict(batches_per_epoch=per_epoch, learning_rate=float(last_iterate["learning_rate"]),
+                 weight_decay=float(last_iterate.get("weight_decay", 0.0)), plain_sgd=True)
+    template = [
+        LedgerEntry(
+            SampledStep(event=dp_accounting.GaussianDpEvent(1.0), sampling=sampling,
+                        epoch=k // per_epoch, batch_size=batch_size, examples=batch_size),
+            IterateFacts(position_in_epoch=k % per_epoch, **facts),
+        )
+        for k in range(total)
+    ]
+    rho_1 = last_iterate_of_entries(
+        template, smoothness=last_iterate.get("smoothness"),
+        convex=bool(last_iterate.get("convex", False)),
+        neighboring="replace_one" if neighboring == "replace_one" else "zero_out",
+    ).rho
+    return _bisect_sigma(
+        lambda sigma: gaussian_rdp_epsilon(rho_1 / sigma**2, delta), target_epsilon
+    )

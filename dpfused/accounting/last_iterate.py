@@ -1,0 +1,304 @@
+"""Last-iterate epsilon (only the final model released): pure functions (docs/design.md §7).
+
+Cyclic sampling and plain SGD only: the shifted Rényi divergence bound of Feldman, Mironov, Talwar &
+Thakurta (2018, Thm 22 and 34), in the form docs/design.md §7 states it, converted to
+(epsilon, delta) with dp_accounting's RDP conversion. Its adjacency is zero-out (the differing
+example's own steps shift by eta*C/b) or replace-one (2*eta*C/b).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import dp_accounting
+from dp_accounting import rdp as dp_rdp
+
+from dpfused.accounting.records import (
+    NEIGHBORINGS,
+    LastIterateUnavailable,
+    LedgerEntry,
+    check_choice,
+    check_delta,
+)
+
+__all__ = [
+    "LastIterateBound",
+    "contraction_factors",
+    "gaussian_rdp_epsilon",
+    "last_iterate_assumptions",
+    "last_iterate_bound",
+    "last_iterate_of_entries",
+    "window_rho",
+]
+
+
+@dataclass(frozen=True)
+class LastIterateBound:
+    """Shifted-Rényi bound on the last iterate: RDP_last(alpha) = alpha * rho.
+
+    Attributes:
+        rho: the worst position's Rényi coefficient (inf if some step had no noise).
+        worst_position: the batch position (0-based) of the worst example; None without steps.
+        rho_per_position: rho of every batch position 0..m-1 (0 for positions never used).
+    """
+
+    rho: float
+    worst_position: int | None
+    rho_per_position: tuple[float, ...]
+
+    @property
+    def sigma_effective(self) -> float:
+        """Noise multiplier of the Gaussian mechanism with the same Rényi curve, 1/sqrt(2 rho)."""
+        if self.rho == 0:
+            return math.inf
+        return 1.0 / math.sqrt(2.0 * self.rho)
+
+
+
+def contraction_factors(
+    learning_rates: np.ndarray,
+    weight_decays: np.ndarray,
+    *,
+    smoothness: float | None,
+    convex: bool,
+) -> np.ndarray:
+    """Lipschitz constant c_k of every step's update map phi_k.
+
+    Smooth (nonconvex) losses: c_k = |1 - eta_k lambda_k| + eta_k L, since clip is 1-Lipschitz.
+
+    Convex losses, clipping never active: phi_k is a gradient step on the lambda-strongly convex,
+    (L + lambda)-smooth batch objective, so c_k = max(|1 - eta_k lambda|, |1 - eta_k (L + lambda)|).
+    That is |1 - eta_k lambda| whenever eta_k <= 2/(L + 2 lambda), and 1 (docs/design.md §7) when lambda = 0
+    and eta_k <= 2/L. Without a known L the user's assertion eta_k <= 2/L allows any L <= 2/eta_k;
+    the worst, L = 2/eta_k, gives c_k = 1 + eta_k lambda.
+    """
+    eta = np.asarray(learning_rates, dtype=np.float64)
+    lam = np.asarray(weight_decays, dtype=np.float64)
+    decay = np.abs(1.0 - eta * lam)
+    if not convex:
+        return decay + eta * float(smoothness)
+    if smoothness is None:
+        return np.maximum(decay, 1.0 + eta * lam)
+    return np.maximum(decay, np.abs(1.0 - eta * (float(smoothness) + lam)))
+
+
+def window_rho(
+    contractions: np.ndarray, noise_stds: np.ndarray, shift: float
+) -> float:
+    """Rényi coefficient of one window: RDP_window(alpha) = alpha * rho.
+
+    The window runs over steps t0..t1 (the arrays' entries, in order). With
+    w_k = prod_{j=k+1..t1} c_j, the cheapest shifts give
+    rho = (1/2) (w_t0 * shift)^2 / sum_k w_k^2 s_k^2. Computed in log space: w_k can overflow
+    (c > 1 over long windows) or vanish (c = 0).
+    """
+    c = np.asarray(contractions, dtype=np.float64)
+    s = np.asarray(noise_stds, dtype=np.float64)
+    if shift == 0:
+        return 0.0
+    with np.errstate(divide="ignore"):
+        log_c = np.log(c)
+        log_s = np.log(s)
+    # log w_k = sum_{j>k} log c_j (suffix sums, excluding c_k itself); w_t1 = 1.
+    suffix = np.concatenate([np.cumsum(log_c[::-1])[::-1][1:], [0.0]])
+    log_num = 2.0 * (suffix[0] + math.log(shift))
+    if log_num == -math.inf:
+        return 0.0
+    log_den = float(np.logaddexp.reduce(2.0 * (suffix + log_s)))
+    if log_den == -math.inf:
+        return math.inf
+    return 0.5 * math.exp(log_num - log_den)
+
+
+def last_iterate_bound(
+    *,
+    positions: Sequence[int],
+    batches_per_epoch: int,
+    learning_rates: Sequence[float],
+    noise_multipliers: Sequence[float],
+    weight_decays: Sequence[float],
+    batch_size: int,
+    smoothness: float | None,
+    convex: bool = False,
+    neighboring: str = "zero_out",
+) -> LastIterateBound:
+    """Shifted-Rényi bound on the final iterate of cyclic DP-SGD (docs/design.md §7).
+
+    Step k: c_k from :func:`contraction_factors`, s_k = eta_k sigma_k C / b and
+    Delta_k = eta_k C / b (zero-out; 2 eta_k C / b for replace-one); C = 1 here since it cancels. The example at
+    batch position p is used at the steps with that position; each use opens a window ending at the
+    step before the next use or at the last step, and the position's rho sums its windows. The
+    worst position is reported.
+
+    Args:
+        positions: batch position (0..m-1) of every step, in training order.
+        batches_per_epoch: m.
+        learning_rates, noise_multipliers, weight_decays: per step.
+        batch_size: the fixed logical batch size b.
+        smoothness: L (None only with ``convex=True``).
+        convex: the user asserts convex losses, clipping never active and eta_k <= 2/L.
+        neighboring: "zero_out" or "replace_one" (see ``last_iterate_neighboring``).
+
+    Returns:
+        The bound, with the worst position.
+    """
+    check_choice("neighboring", neighboring, NEIGHBORINGS)
+    pos = np.asarray(positions, dtype=np.int64)
+    eta = np.asarray(learning_rates, dtype=np.float64)
+    sigma = np.asarray(noise_multipliers, dtype=np.float64)
+    steps = len(pos)
+    if steps == 0:
+        return LastIterateBound(0.0, None, (0.0,) * batches_per_epoch)
+    c = contraction_factors(eta, np.asarray(weight_decays), smoothness=smoothness, convex=convex)
+    s = eta * sigma / batch_size
+    shift = (2.0 if neighboring == "replace_one" else 1.0) * eta / batch_size
+
+    rho = np.zeros(batches_per_epoch)
+    for p in range(batches_per_epoch):
+        uses = np.flatnonzero(pos == p)
+        ends = np.append(uses[1:] - 1, steps - 1)
+        rho[p] = sum(
+            window_rho(c[t0 : t1 + 1], s[t0 : t1 + 1], float(shift[t0]))
+            for t0, t1 in zip(uses, ends)
+        )
+    # Ties go to the latest position: its last window is the shortest.
+    worst = int(batches_per_epoch - 1 - np.argmax(rho[::-1]))
+    return LastIterateBound(float(rho[worst]), worst, tuple(float(r) for r in rho))
+
+
+def gaussian_rdp_epsilon(rho: float, delta: float) -> float:
+    """(epsilon, delta) of the Rényi curve alpha * rho, via dp_accounting's RDP conversion.
+
+    alpha * rho is the curve of a Gaussian mechanism with sigma = 1/sqrt(2 rho), so we compose
+    ``GaussianDpEvent(sigma)`` into an ``RdpAccountant``. The PLD of that Gaussian would give a smaller
+    epsilon, but it is not justified here: the shifted-Rényi argument bounds only the Rényi
+    divergences of the two last iterates, not their privacy loss distribution, and a Rényi curve
+    does not determine the (epsilon, delta) profile. The RDP -> DP conversion uses the curve alone.
+    """
+    delta = check_delta(delta)
+    if rho == 0:
+        return 0.0
+    if not math.isfinite(rho):
+        return math.inf
+    accountant = dp_rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(1.0 / math.sqrt(2.0 * rho)))
+    return float(accountant.get_epsilon(delta))
+
+
+def _check_last_iterate(
+    entries: Sequence[LedgerEntry], *, smoothness: float | None, convex: bool
+) -> None:
+    """Raise LastIterateUnavailable with the first reason the bound does not apply."""
+    _check_run(entries)
+    _check_smoothness(smoothness, convex)
+    _check_fixed_order(entries, smoothness, convex)
+
+
+def _check_run(entries: Sequence[LedgerEntry]) -> None:
+    for k, (rec, it) in enumerate((e.sampled, e.iterate) for e in entries):
+        if rec.sampling != "cyclic":
+            why = (
+                "a fresh permutation every epoch is not a fixed order"
+                if rec.sampling == "shuffle"
+                else "the bound has no amplification by Poisson sampling"
+            )
+            raise LastIterateUnavailable(
+                f"last-iterate accounting needs cyclic sampling (one fixed order); step {k} used "
+                f"sampling={rec.sampling!r} ({why}). Use sampling='cyclic' or report the composed "
+                "epsilon."
+            )
+        if not it.plain_sgd:
+            raise LastIterateUnavailable(
+                f"last-iterate accounting needs plain SGD (torch.optim.SGD with momentum=0, "
+                f"nesterov=False); step {k} used another optimizer (momentum, Nesterov or an "
+                "adaptive method such as Adam are not covered)."
+            )
+        if rec.adaptive_clipping:
+            raise LastIterateUnavailable(
+                f"last-iterate accounting needs fixed clipping thresholds; step {k} adapted them "
+                "from noisy counts (adaptive_clipping), so the update maps depend on released "
+                "data. Report the composed epsilon, or train without adaptive_clipping."
+            )
+        if it.learning_rate is None:
+            raise LastIterateUnavailable(
+                f"last-iterate accounting needs every learning rate; step {k} has none recorded."
+            )
+
+
+def _check_smoothness(smoothness: float | None, convex: bool) -> None:
+    if not convex and (smoothness is None or not smoothness > 0):
+        raise LastIterateUnavailable(
+            "last-iterate accounting needs the smoothness constant L > 0 of the per-example losses "
+            f"(got smoothness={smoothness!r}); pass smoothness=L, or convex=True if the losses are "
+            "convex, clipping is never active and every learning rate is <= 2/L."
+        )
+    if convex and smoothness is not None and not smoothness > 0:
+        raise LastIterateUnavailable(f"smoothness must be > 0 when given; got {smoothness!r}.")
+
+
+def _check_fixed_order(entries: Sequence[LedgerEntry], smoothness: float | None, convex: bool) -> None:
+    first = entries[0] if entries else None
+    for k, entry in enumerate(entries):
+        rec, it = entry.sampled, entry.iterate
+        if convex and smoothness is not None and it.learning_rate > 2.0 / smoothness:
+            raise LastIterateUnavailable(
+                f"convex=True needs learning rates <= 2/L = {2.0 / smoothness:.6g}; step {k} used "
+                f"{it.learning_rate:.6g}."
+            )
+        if (rec.batch_size != first.sampled.batch_size
+                or it.batches_per_epoch != first.iterate.batches_per_epoch):
+            raise LastIterateUnavailable(
+                "last-iterate accounting needs one fixed batch size and batches per epoch; step "
+                f"{k} has batch_size={rec.batch_size}, batches_per_epoch={it.batches_per_epoch} "
+                f"but step 0 has {first.sampled.batch_size}, {first.iterate.batches_per_epoch}."
+            )
+
+
+def last_iterate_of_entries(
+    entries: Sequence[LedgerEntry], *, smoothness: float | None, convex: bool, neighboring: str
+) -> LastIterateBound:
+    """The bound of a ledger (checked first: LastIterateUnavailable says why it does not apply)."""
+    _check_last_iterate(entries, smoothness=smoothness, convex=convex)
+    if not entries:
+        return LastIterateBound(0.0, None, ())
+    return last_iterate_bound(
+        positions=[e.iterate.position_in_epoch for e in entries],
+        batches_per_epoch=entries[0].iterate.batches_per_epoch,
+        learning_rates=[e.iterate.learning_rate for e in entries],
+        noise_multipliers=[e.sampled.noise_multiplier for e in entries],
+        weight_decays=[e.iterate.weight_decay for e in entries],
+        batch_size=int(entries[0].sampled.batch_size),
+        smoothness=smoothness,
+        convex=convex,
+        neighboring=neighboring,
+    )
+
+
+def last_iterate_assumptions(
+    entries: Sequence[LedgerEntry], *, smoothness: float | None, convex: bool, worst: int | None,
+    neighboring: str,
+) -> list[str]:
+    out = ["only the final model is released (intermediate iterates stay secret)"]
+    if convex:
+        bound = f"L={smoothness:g}" if smoothness is not None else "some L"
+        out.append(
+            f"every per-example loss is convex and {bound}-smooth, clipping is never active, and "
+            "every learning rate is <= 2/L"
+        )
+    else:
+        out.append(f"every per-example loss is L-smooth with L={smoothness:g}")
+    out.append("plain SGD (torch.optim.SGD, momentum=0, nesterov=False), learning rates as recorded")
+    if entries:
+        out.append(
+            f"fixed cyclic order: batch size {entries[0].sampled.batch_size}, "
+            f"{entries[0].iterate.batches_per_epoch} batches per epoch, the same order every epoch"
+        )
+    shift = "2*eta*C/b (replace-one)" if neighboring == "replace_one" else "eta*C/b (zero-out)"
+    out.append(f"the differing example shifts its own steps' update by at most {shift}")
+    if worst is not None:
+        out.append(f"worst example: batch position {worst} (0-based)")
+    return out
+

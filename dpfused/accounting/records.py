@@ -1,0 +1,215 @@
+"""What the accountant's ledger holds, one entry per logical step (docs/design.md §7).
+
+- :class:`SampledStep`: the step as a dp_accounting ``DpEvent`` produced from the sampler's
+  ``LogicalBatch`` (``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` for Poisson,
+  ``GaussianDpEvent(sigma)`` for cyclic/shuffle, whose steps of one epoch compose as one Gaussian),
+  with the epoch it belongs to. This is all the composed epsilon needs.
+- :class:`IterateFacts`: what the last-iterate bound needs besides: the step's place in the fixed
+  order, learning rate, weight decay, and whether the optimizer was plain SGD.
+
+Adjacency names are defined here, once: ``add_remove`` (Poisson sampling), ``zero_out`` (cyclic and
+shuffled batches: the example is replaced by a null example with zero gradient and every other
+example keeps its slot, Kairouz et al. 2021) and ``replace_one`` (sensitivity 2C).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import dp_accounting
+
+from dpfused.step import SAMPLINGS, LogicalBatch
+
+__all__ = [
+    "MECHANISMS",
+    "NEIGHBORINGS",
+    "IterateFacts",
+    "LastIterateUnavailable",
+    "LedgerEntry",
+    "PrivacyBudgetExhausted",
+    "SampledStep",
+    "check_neighboring",
+    "default_neighboring",
+]
+
+MECHANISMS = ("pld", "rdp")
+NEIGHBORINGS = ("add_remove", "zero_out", "replace_one")
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """Raised (by the optimizer) when one more step would exceed the target epsilon."""
+
+
+class LastIterateUnavailable(ValueError):
+    """The last-iterate bound does not apply to this run; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def default_neighboring(sampling: str) -> str:
+    """The adjacency each sampling's proof covers: add/remove for Poisson, zero-out otherwise."""
+    return "add_remove" if sampling == "poisson" else "zero_out"
+
+
+def check_neighboring(neighboring: str | None, sampling: str) -> str:
+    """``neighboring`` resolved for ``sampling`` (None: its default).
+
+    Raises:
+        ValueError: an unknown name, or add/remove with cyclic/shuffled batches (docs/design.md §7:
+            removing an example re-cuts every later batch of the epoch, so the per-epoch Gaussian
+            bound does not cover it).
+    """
+    if neighboring is None:
+        return default_neighboring(sampling)
+    check_choice("neighboring", neighboring, NEIGHBORINGS)
+    if neighboring == "add_remove" and sampling != "poisson":
+        raise ValueError(
+            f"neighboring='add_remove' is not proven for sampling={sampling!r}: removing one "
+            "example and cutting the remaining N-1 into batches again changes the membership of "
+            "every later batch of the epoch (each step may differ by up to 2C), so one Gaussian per "
+            "epoch does not bound it. Use neighboring='zero_out' (the default for cyclic/shuffle: "
+            "the example is replaced by one with zero gradient, every other example keeps its "
+            "slot; same epsilon), 'replace_one' (sensitivity 2C), or sampling='poisson'"
+        )
+    return neighboring
+
+
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}; got {value!r}.")
+    return value
+
+
+def check_delta(delta: float) -> float:
+    if not (isinstance(delta, (int, float)) and 0.0 < float(delta) < 1.0):
+        raise ValueError(f"delta must satisfy 0 < delta < 1; got {delta!r}.")
+    return float(delta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampledStep:
+    """One logical step as a dp_accounting event.
+
+    Attributes:
+        event: ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` (Poisson) or
+            ``GaussianDpEvent(sigma)`` (cyclic/shuffle); sigma is sigma_eff with adaptive clipping.
+        sampling: "poisson", "cyclic" or "shuffle".
+        epoch: the epoch (0-based): cyclic/shuffled steps of one epoch compose as one Gaussian.
+        batch_size: b for cyclic/shuffle (None for Poisson).
+        examples: examples in the logical batch (reported, never used in the bound).
+        adaptive_clipping: the step also released noisy unclipped counts (folded into sigma).
+    """
+
+    event: dp_accounting.DpEvent
+    sampling: str
+    epoch: int = 0
+    batch_size: int | None = None
+    examples: int = 0
+    adaptive_clipping: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("sampling", self.sampling, SAMPLINGS)
+        poisson = isinstance(self.event, dp_accounting.PoissonSampledDpEvent)
+        if poisson != (self.sampling == "poisson") or not isinstance(
+                _gaussian_of(self.event), dp_accounting.GaussianDpEvent):
+            raise ValueError(
+                f"SampledStep: sampling={self.sampling!r} needs "
+                + ("PoissonSampledDpEvent(q, GaussianDpEvent(sigma))" if self.sampling == "poisson"
+                   else "GaussianDpEvent(sigma)") + f"; got {self.event!r}"
+            )
+        if not self.noise_multiplier >= 0:
+            raise ValueError(f"SampledStep: noise multiplier must be >= 0; got {self.noise_multiplier!r}")
+        if poisson and not 0.0 <= self.sample_rate <= 1.0:
+            raise ValueError(f"SampledStep: sample rate must be in [0, 1]; got {self.sample_rate!r}")
+        if not poisson and (self.batch_size is None or self.batch_size < 1):
+            raise ValueError(
+                f"SampledStep: sampling={self.sampling!r} needs batch_size >= 1; got {self.batch_size!r}")
+        if self.epoch < 0:
+            raise ValueError(f"SampledStep: epoch must be >= 0; got {self.epoch!r}")
+
+    @classmethod
+    def of(cls, batch: LogicalBatch, noise_multiplier: float, *,
+           adaptive_clipping: bool = False) -> SampledStep:
+        """The event of the logical batch the sampler drew, released with ``noise_multiplier``."""
+        return cls(event=batch.dp_event(noise_multiplier), sampling=batch.sampling,
+                   epoch=batch.epoch, batch_size=batch.batch_size, examples=batch.logical_size,
+                   adaptive_clipping=adaptive_clipping)
+
+    @property
+    def noise_multiplier(self) -> float:
+        return float(_gaussian_of(self.event).noise_multiplier)
+
+    @property
+    def sample_rate(self) -> float | None:
+        if isinstance(self.event, dp_accounting.PoissonSampledDpEvent):
+            return float(self.event.sampling_probability)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "event"}
+        return {**out, "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> SampledStep:
+        gaussian = dp_accounting.GaussianDpEvent(float(state["noise_multiplier"]))
+        event = (dp_accounting.PoissonSampledDpEvent(float(state["sample_rate"]), gaussian)
+                 if state["sampling"] == "poisson" else gaussian)
+        fields = ("sampling", "epoch", "batch_size", "examples", "adaptive_clipping")
+        return cls(event=event, **{k: state[k] for k in fields})
+
+
+def _gaussian_of(event: dp_accounting.DpEvent):
+    if isinstance(event, dp_accounting.PoissonSampledDpEvent):
+        return event.event
+    return event
+
+
+@dataclass(frozen=True, kw_only=True)
+class IterateFacts:
+    """What the last-iterate bound needs to know of a step besides its event.
+
+    Attributes:
+        position_in_epoch: logical batch index within the epoch (0-based).
+        batches_per_epoch: logical batches per epoch.
+        learning_rate: the step's learning rate, when known (one for all parameter groups).
+        weight_decay: SGD ``weight_decay`` (lambda) of the step.
+        plain_sgd: True iff the optimizer is ``torch.optim.SGD`` with momentum 0, no Nesterov and
+            one learning rate.
+    """
+
+    position_in_epoch: int = 0
+    batches_per_epoch: int = 1
+    learning_rate: float | None = None
+    weight_decay: float = 0.0
+    plain_sgd: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batches_per_epoch < 1 or not 0 <= self.position_in_epoch < self.batches_per_epoch:
+            raise ValueError(
+                "IterateFacts: need 0 <= position_in_epoch < batches_per_epoch; got "
+                f"position_in_epoch={self.position_in_epoch}, batches_per_epoch={self.batches_per_epoch}"
+            )
+        if self.learning_rate is not None and not (self.learning_rate >= 0):
+            raise ValueError(f"IterateFacts: learning_rate must be >= 0 or None; got {self.learning_rate!r}")
+        if not (self.weight_decay >= 0) or not math.isfinite(self.weight_decay):
+            raise ValueError(f"IterateFacts: weight_decay must be >= 0; got {self.weight_decay!r}")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One logical step in the ledger: its event and its last-iterate facts."""
+
+    sampled: SampledStep
+    iterate: IterateFacts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sampled": self.sampled.to_dict(), "iterate": asdict(self.iterate)}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> LedgerEntry:
+        return cls(SampledStep.from_dict(state["sampled"]), IterateFacts(**state["iterate"]))

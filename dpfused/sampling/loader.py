@@ -1,0 +1,460 @@
+"""The DP data loader: physical batches of the logical batches a DP batch sampler draws.
+
+Each physical batch comes with its :class:`~dpfused.step.LogicalBatch` (the sampling facts of its
+logical batch and its place in it), handed to the loader's listeners before the batch is yielded.
+``max_physical_batch_size`` splits a logical batch for memory; data parallel ranks each keep their
+slice of every logical batch (docs/design.md §9).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
+from torch.utils.data._utils.collate import default_collate, default_convert
+
+from dpfused.sampling.collate import EmptySafeCollate
+from dpfused.sampling.samplers import (
+    SAMPLINGS,
+    CyclicBatchSampler,
+    PoissonBatchSampler,
+    ShuffleBatchSampler,
+    _check_positive_int,
+    _DPBatchSampler,
+)
+from dpfused.step import LogicalBatch
+
+__all__ = ["DPDataLoader", "make_private_data_loader"]
+
+# ---------------------------------------------------------------------------------------------
+# Physical batches
+# ---------------------------------------------------------------------------------------------
+
+
+class _PhysicalBatchSampler(Sampler[list[int]]):
+    """Splits each logical batch into physical chunks and queues each chunk's info.
+
+    Runs in the main process (DataLoader draws indices there, also with workers), ahead of
+    consumption by up to the prefetch depth; batches come back in order, so the loader pops the
+    infos FIFO. Each ``iter`` gets a fresh queue so an abandoned iteration leaves nothing stale.
+    """
+
+    def __init__(self, logical: _DPBatchSampler, max_physical_batch_size: int | None,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.logical = logical
+        self.max_physical_batch_size = max_physical_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.first_step = 0
+        self.infos: deque[LogicalBatch] = deque()
+
+    def __len__(self) -> int:
+        return len(self.logical)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.infos = deque()
+        return self._generate(self.infos, self.first_step)
+
+    def _generate(self, infos: deque, step: int) -> Iterator[list[int]]:
+        # Data parallel: every rank draws the same logical batch (the engine gives all ranks one
+        # sampler seed) and keeps its slice ``batch[rank::world_size]``, so the union over ranks is
+        # the logical batch the accountant sees; ``logical_size`` stays global.
+        k = self.max_physical_batch_size
+        for batch in self.logical:
+            position = self.logical.position - 1
+            share = batch[self.rank :: self.world_size]
+            if not share or k is None:
+                chunks = [share]  # an empty share is one empty physical batch
+            else:
+                chunks = [share[i : i + k] for i in range(0, len(share), k)]
+            for j, chunk in enumerate(chunks):
+                infos.append(LogicalBatch(
+                    sampling=self.logical.sampling,
+                    sample_rate=getattr(self.logical, "sample_rate", None),
+                    batch_size=getattr(self.logical, "batch_size", None),
+                    num_samples=self.logical.num_samples,
+                    step=step,
+                    epoch=self.logical.epoch,
+                    position_in_epoch=position,
+                    batches_per_epoch=self.logical.batches_per_epoch,
+                    logical_size=len(batch),
+                    local_size=len(share),
+                    physical_size=len(chunk),
+                    is_last_physical=j == len(chunks) - 1,
+                ))
+                yield chunk
+            step += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Data loader
+# ---------------------------------------------------------------------------------------------
+
+
+class DPDataLoader:
+    """A DataLoader over a DP batch sampler, yielding physical batches.
+
+    Iterating yields one epoch (the rest of the current one after a resume). Just before each
+    batch is yielded, its :class:`~dpfused.step.LogicalBatch` is handed to every listener (the
+    engine registers the book-keeper's) and kept in ``current`` for the user. A logical batch counts
+    as consumed when its last physical batch is yielded; ``state_dict`` records the consumed
+    position, so save checkpoints between logical steps.
+
+    ``len()`` is the number of logical batches per epoch (with ``max_physical_batch_size`` the
+    number of physical batches varies).
+
+    Args:
+        dataset: a map-style dataset.
+        batch_sampler: a :class:`PoissonBatchSampler`, :class:`CyclicBatchSampler` or
+            :class:`ShuffleBatchSampler` over ``len(dataset)`` examples.
+        max_physical_batch_size: split logical batches into physical ones of at most this size.
+        collate_fn: as for DataLoader (default ``default_collate``); empty batches are handled.
+        **data_loader_kwargs: num_workers, pin_memory, timeout, worker_init_fn, ... passed on to
+            ``torch.utils.data.DataLoader``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_sampler: _DPBatchSampler,
+        max_physical_batch_size: int | None = None,
+        collate_fn: Callable[[list], Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        **data_loader_kwargs: Any,
+    ) -> None:
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "DPDataLoader needs a map-style dataset (with __getitem__ and __len__): an "
+                "IterableDataset cannot be sampled per example, so Poisson/cyclic/shuffled batches "
+                "and their privacy accounting are impossible. Wrap the data in a map-style Dataset."
+            )
+        if not isinstance(batch_sampler, _DPBatchSampler):
+            raise TypeError(
+                "batch_sampler must be a PoissonBatchSampler, CyclicBatchSampler or "
+                f"ShuffleBatchSampler; got {type(batch_sampler).__name__}."
+            )
+        if batch_sampler.num_samples != len(dataset):
+            raise ValueError(
+                f"batch_sampler covers {batch_sampler.num_samples} examples but the dataset has "
+                f"{len(dataset)}."
+            )
+        if not data_loader_kwargs.get("in_order", True):
+            raise ValueError(
+                "in_order=False would return batches out of order and desynchronise "
+                "DPDataLoader.current from the batches; use in_order=True."
+            )
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+        self.collate_fn = EmptySafeCollate(collate_fn or default_collate, dataset)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is not in [0, world_size={world_size}).")
+        self.rank, self.world_size = rank, world_size
+        self._physical = _PhysicalBatchSampler(batch_sampler, None, rank, world_size)
+        self.max_physical_batch_size = max_physical_batch_size
+        self.data_loader = DataLoader(
+            dataset,
+            batch_sampler=self._physical,
+            collate_fn=self.collate_fn,
+            **data_loader_kwargs,
+        )
+        self.current: LogicalBatch | None = None
+        self._listeners: list[Callable[[LogicalBatch], None]] = []
+        self._step = 0  # logical steps consumed
+        self._start: dict[str, Any] | None = None  # sampler state when the running epoch began
+        self._consumed = 0  # logical batches of that epoch consumed
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def sampling(self) -> str:
+        return self.batch_sampler.sampling
+
+    @property
+    def sample_rate(self) -> float | None:
+        """q for Poisson sampling, else None."""
+        return getattr(self.batch_sampler, "sample_rate", None)
+
+    @property
+    def batch_size(self) -> int | None:
+        """The fixed logical batch size (cyclic/shuffle), else None."""
+        return getattr(self.batch_sampler, "batch_size", None)
+
+    @property
+    def num_samples(self) -> int:
+        return self.batch_sampler.num_samples
+
+    @property
+    def max_physical_batch_size(self) -> int | None:
+        """Physical batches hold at most this many examples (None: whole logical batches)."""
+        return self._physical.max_physical_batch_size
+
+    @max_physical_batch_size.setter
+    def max_physical_batch_size(self, value: int | None) -> None:
+        # Takes effect at the next iteration (BatchMemoryManager sets it before the loop).
+        if value is not None:
+            value = _check_positive_int("max_physical_batch_size", value)
+        self._physical.max_physical_batch_size = value
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.batch_sampler.batches_per_epoch
+
+    @property
+    def drop_last(self) -> bool | None:
+        """drop_last of cyclic/shuffle sampling, else None."""
+        return getattr(self.batch_sampler, "drop_last", None)
+
+    @property
+    def num_workers(self) -> int:
+        return self.data_loader.num_workers
+
+    @property
+    def step(self) -> int:
+        """Logical steps consumed so far (the ``step`` of the next logical batch)."""
+        return self._step
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def listeners(self) -> tuple[Callable[[LogicalBatch], None], ...]:
+        return tuple(self._listeners)
+
+    def add_listener(self, listener: Callable[[LogicalBatch], None]) -> None:
+        """Call ``listener(batch)`` with the LogicalBatch of every physical batch, before it is
+        yielded (the engine passes each one to the book-keeper this way)."""
+        self._listeners.append(listener)
+
+    # -- iteration -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        # Rewind the sampler to what was consumed: prefetching may have drawn further.
+        if self._start is not None:
+            self.batch_sampler.load_state_dict(self._sampler_state())
+        self._start = self.batch_sampler.state_dict()
+        self._consumed = self._start["position"]
+        self._physical.first_step = self._step
+        batches = iter(self.data_loader)  # draws from the sampler start here (prefetch)
+        return self._generate(batches, self._physical.infos)
+
+    def _generate(self, batches: Iterator[Any], infos: deque) -> Iterator[Any]:
+        for batch in batches:
+            info = infos.popleft()
+            if info.is_last_physical:
+                self._consumed = info.position_in_epoch + 1
+                self._step = info.step + 1
+            self.current = info
+            for listener in self._listeners:
+                listener(info)
+            yield batch
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def _sampler_state(self) -> dict[str, Any]:
+        if self._start is None:
+            return self.batch_sampler.state_dict()
+        if self._consumed < self.batches_per_epoch:
+            return {**self._start, "position": self._consumed}
+        sampler = self.batch_sampler
+        if sampler.epoch == self._start["epoch"] + 1 and sampler.position == 0:
+            return sampler.state_dict()  # the sampler finished the epoch itself
+        return {
+            **self._start,
+            "epoch": self._start["epoch"] + 1,
+            "position": 0,
+            "generator_state": sampler._state_after_epoch(self._start["generator_state"]),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sampler state at the consumed position, plus the global logical step."""
+        return {"sampler": self._sampler_state(), "step": self._step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: the next iteration yields the batches an uninterrupted run would have."""
+        self.batch_sampler.load_state_dict(state["sampler"])
+        self._step = int(state["step"])
+        self._start = None
+        self._consumed = 0
+        self.current = None
+
+
+def _is_default_sampling(loader: DataLoader) -> bool:
+    """True when the loader samples the DataLoader's own way (shuffle=True/False, batch_size)."""
+    sampler = loader.sampler
+    default_sampler = type(sampler) is SequentialSampler or (
+        type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None
+    )
+    batch_sampler = loader.batch_sampler
+    default_batches = batch_sampler is None or (
+        type(batch_sampler) is BatchSampler and batch_sampler.sampler is sampler
+    )
+    return default_sampler and default_batches
+
+
+def make_private_data_loader(
+    data_loader: DataLoader,
+    *,
+    sampling: str = "poisson",
+    sample_rate: float | None = None,
+    batch_size: int | None = None,
+    shuffle_once: bool = False,
+    drop_last: bool = True,
+    max_physical_batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    secure_mode: bool = False,
+    steps_per_epoch: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DPDataLoader:
+    """Rebuild ``data_loader`` around a DP batch sampler.
+
+    Keeps the dataset, collate_fn, num_workers, pin_memory, timeout, worker_init_fn,
+    multiprocessing_context, worker seeding generator, prefetch_factor, persistent_workers and
+    pin_memory_device; replaces the sampling.
+
+    Args:
+        data_loader: the user's DataLoader over a map-style dataset.
+        sampling: "poisson", "cyclic" or "shuffle".
+        sample_rate: Poisson q; default ``batch_size / len(dataset)``.
+        batch_size: logical (cyclic/shuffle) or expected (Poisson) batch size; default the
+            loader's ``batch_size``.
+        shuffle_once: cyclic only: one seeded permutation before training.
+        drop_last: cyclic/shuffle: drop the last partial batch.
+        max_physical_batch_size: split logical batches into physical ones of at most this size.
+        generator: CPU generator seeding the sampler (copied).
+        secure_mode: seed the sampler from the OS entropy source (not a CSPRNG stream).
+        steps_per_epoch: Poisson steps per nominal epoch; default round(1/q).
+        rank, world_size: data parallel: this process keeps ``batch[rank::world_size]`` of every
+            logical batch; every rank must use the same sampler seed.
+
+    Returns:
+        The DPDataLoader.
+
+    Raises:
+        ValueError: an IterableDataset, an unknown sampling, or missing/inconsistent sizes.
+    """
+    dataset = _check_user_loader(data_loader)
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}; got {sampling!r}.")
+    batch_size = _logical_batch_size(data_loader, batch_size, sampling)
+    common = dict(num_samples=len(dataset), generator=generator, secure_mode=secure_mode)
+    if sampling == "poisson":
+        batch_sampler = _poisson_sampler(common, sample_rate, batch_size, steps_per_epoch)
+    else:
+        batch_sampler = _fixed_size_sampler(common, sampling, sample_rate, batch_size,
+                                            shuffle_once, drop_last, steps_per_epoch)
+    return DPDataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        max_physical_batch_size=max_physical_batch_size,
+        collate_fn=_collate_fn_of(data_loader),
+        rank=rank,
+        world_size=world_size,
+        **_worker_options_of(data_loader),
+    )
+
+
+def _check_user_loader(data_loader: DataLoader) -> Dataset:
+    """The loader's map-style dataset; refuses what cannot be sampled per example."""
+    # accelerate's prepared loaders pass isinstance(DataLoader) (they fake __class__) but carry a
+    # per-process batch size and their own sharding: refuse them rather than guess.
+    if type(data_loader).__module__.split(".")[0] == "accelerate":
+        raise TypeError(
+            f"data_loader is accelerate's {type(data_loader).__name__}: pass the DataLoader from "
+            "before accelerator.prepare(). dpfused draws each logical batch itself and gives every "
+            "rank its slice, which the privacy accounting relies on."
+        )
+    if not isinstance(data_loader, DataLoader):
+        raise TypeError(f"data_loader must be a torch DataLoader; got {type(data_loader).__name__}.")
+    dataset = data_loader.dataset
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            "make_private_data_loader needs a map-style dataset (with __getitem__ and __len__): "
+            f"the loader's dataset is an IterableDataset ({type(dataset).__name__}), which cannot "
+            "be sampled per example, so DP sampling and its accounting are impossible. Wrap the "
+            "data in a map-style Dataset."
+        )
+    return dataset
+
+
+def _logical_batch_size(data_loader: DataLoader, batch_size: int | None, sampling: str):
+    """``batch_size`` or the loader's; warns when the loader's own sampler is replaced."""
+    if batch_size is None:
+        batch_size = data_loader.batch_size
+    if _is_default_sampling(data_loader):
+        return batch_size
+    own = data_loader.sampler
+    if type(own) in (SequentialSampler, RandomSampler):
+        own = data_loader.batch_sampler
+    warnings.warn(
+        f"make_private_data_loader: the loader's own sampler ({type(own).__name__}) is replaced "
+        f"by {sampling!r} sampling; the privacy accounting assumes the sampling it performs.",
+        stacklevel=3,
+    )
+    if data_loader.batch_sampler is not None and batch_size is None:
+        batch_size = getattr(data_loader.batch_sampler, "batch_size", None)
+    return batch_size
+
+
+def _poisson_sampler(common, sample_rate, batch_size, steps_per_epoch) -> PoissonBatchSampler:
+    if sample_rate is None:
+        if batch_size is None:
+            raise ValueError(
+                "sampling='poisson' needs sample_rate or batch_size (the loader has "
+                "batch_size=None)."
+            )
+        sample_rate = batch_size / common["num_samples"]
+    return PoissonBatchSampler(sample_rate=sample_rate, steps_per_epoch=steps_per_epoch, **common)
+
+
+def _fixed_size_sampler(common, sampling, sample_rate, batch_size, shuffle_once, drop_last,
+                        steps_per_epoch) -> _DPBatchSampler:
+    if sample_rate is not None or steps_per_epoch is not None:
+        raise ValueError(
+            f"sample_rate and steps_per_epoch apply to sampling='poisson' only; got "
+            f"sampling={sampling!r}."
+        )
+    if batch_size is None:
+        raise ValueError(f"sampling={sampling!r} needs batch_size (the loader has batch_size=None).")
+    if sampling == "cyclic":
+        return CyclicBatchSampler(batch_size=batch_size, shuffle_once=shuffle_once,
+                                  drop_last=drop_last, **common)
+    if shuffle_once:
+        raise ValueError("shuffle_once applies to sampling='cyclic' only.")
+    return ShuffleBatchSampler(batch_size=batch_size, drop_last=drop_last, **common)
+
+
+def _collate_fn_of(data_loader: DataLoader):
+    if data_loader.collate_fn is default_convert:  # the loader had batch_size=None (no auto-collation)
+        return default_collate
+    return data_loader.collate_fn
+
+
+def _worker_options_of(data_loader: DataLoader) -> dict[str, Any]:
+    """The user's DataLoader options that do not concern sampling, passed on unchanged."""
+    options: dict[str, Any] = {
+        "num_workers": data_loader.num_workers,
+        "pin_memory": data_loader.pin_memory,
+        "timeout": data_loader.timeout,
+        "worker_init_fn": data_loader.worker_init_fn,
+        "multiprocessing_context": data_loader.multiprocessing_context,
+        "generator": data_loader.generator,
+        "persistent_workers": data_loader.persistent_workers,
+        "pin_memory_device": data_loader.pin_memory_device,
+        # Batches must come back in sampler order, matched with their LogicalBatch (in_order=False
+        # is only a throughput option, so it is not kept).
+        "in_order": True,
+    }
+    if data_loader.num_workers > 0:
+        options["prefetch_factor"] = data_loader.prefetch_factor
+    return options
