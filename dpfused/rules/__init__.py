@@ -2,9 +2,10 @@
 
 A rule replaces a module's forward with one whose backward computes the input gradient as usual and,
 instead of the batch-summed parameter gradient, delivers *pieces* (``dpfused.pieces``): compact
-per-example gradients. Norms (``pieces.norm_sq``) and clipped gradients (``pieces.weighted_sum``)
+per-example gradients. Norms (``piece.norm_sq()``) and clipped gradients (``piece.weighted_sum``)
 are pure functions of pieces, so a parameter shared between layers of different types (a tied
-embedding and LM head) is clipped on the norm of its summed per-example gradient.
+embedding and LM head) is clipped on the norm of its summed per-example gradient. Each rule module
+says at its top which piece forms it hands over and which ``dpfused.kernels`` functions they reach.
 
 Rules are registered for a layer type with ``@register(nn.Linear)`` (subclasses match too) or, for
 classes of optional packages, by qualified name. ``rule_for(module)`` walks the class's MRO. Every

@@ -1,5 +1,11 @@
 """nn.Conv1d/2d/3d, unfolded to the linear form (docs/design.md §3).
 
+Pieces: weight -> one ``FactorPiece`` per group (left = output gradient, right = unfolded input);
+bias -> ``DensePiece``. Kernels reached: ``kernels.choose_norm_path`` then ``ghost_norm_sq`` or
+``direct_norm_sq`` (norm_path "ghost" / "direct"), ``clipped_weight_grad``; in flat book-keeping
+a factor piece smaller as per-example gradients (many output positions) is materialized
+(``FactorPiece.compact``, norm_path "direct (materialized)").
+
 T = output positions, d_in = (C_in / groups) * kernel volume. With groups > 1 the weight is block
 diagonal: one FactorPiece per group, each on its own rows of the weight (no cross terms).
 """

@@ -1,4 +1,8 @@
-"""nn.Embedding: G_i = sum_t onehot(x_{i,t}) (x) g_{i,t}; positions holding padding_idx add nothing."""
+"""nn.Embedding: G_i = sum_t onehot(x_{i,t}) (x) g_{i,t}; positions holding padding_idx add nothing.
+
+Pieces: weight -> ``OnehotPiece``. Kernels reached: ``kernels.embedding_norm_sq`` (norm_path
+"embedding"), ``embedding_dense_inner`` when tied to a linear head, ``embedding_clipped_grad``.
+"""
 
 from __future__ import annotations
 

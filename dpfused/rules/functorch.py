@@ -1,5 +1,9 @@
 """Fallback for any other module that owns trainable parameters: per-example gradients via torch.func.
 
+Also the rule of nn.GroupNorm and nn.InstanceNorm1d/2d/3d. Pieces: every trainable parameter ->
+``DensePiece`` (norm_path "dense"). Kernels reached: none (the dense piece's norms and sums are
+plain torch arithmetic).
+
 Correct for every module that treats examples independently, fast for none: the backward re-runs
 the module's forward inside ``vmap(vjp)`` over single examples. Positional tensor arguments whose
 first dimension is the batch are split per example; everything else is passed through unchanged.

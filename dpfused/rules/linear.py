@@ -1,5 +1,11 @@
 """Linear-type layers: nn.Linear (any input rank) and HuggingFace Conv1D (transposed weight).
 
+Pieces: weight -> ``FactorPiece`` (left = output gradient, right = input; swapped for Conv1D);
+bias -> ``DensePiece``. Kernels reached: ``kernels.choose_norm_path`` then ``ghost_norm_sq`` or
+``direct_norm_sq`` (norm_path "ghost" / "direct"), ``ghost_inner`` for a shared weight,
+``clipped_weight_grad`` for the clipped sum; kept to the end of backward (flat) a small factor
+piece is materialized (``FactorPiece.compact``, norm_path "direct (materialized)").
+
 y = x W^T + b. Example i's weight gradient is G_i = sum_t g_{i,t} a_{i,t}^T: a FactorPiece with
 left = g (B, T, d_out) and right = a (B, T, d_in). Conv1D stores W as (d_in, d_out), so there
 G_i = sum_t a_{i,t} g_{i,t}^T and the factors swap. The bias gradient sum_t g_{i,t} is a small

@@ -1,5 +1,11 @@
 """nn.MultiheadAttention: its raw in_proj_weight and out_proj are linears (docs/design.md §3).
 
+Pieces (through ``linear_use``): in_proj_weight and out_proj.weight -> ``FactorPiece`` (row blocks
+for cross-attention), biases -> ``DensePiece``. Kernels reached: as for nn.Linear,
+``kernels.choose_norm_path`` then ``ghost_norm_sq`` or ``direct_norm_sq`` (norm_path "ghost" /
+"direct"), ``clipped_weight_grad``; flat book-keeping may materialize a factor piece
+(norm_path "direct (materialized)").
+
 The forward is re-expressed with ``linear_use`` so the projections deliver FactorPieces: self-
 attention (query is key is value) is one linear on the fused (3E, E) weight; cross-attention uses
 three row blocks of it (disjoint rows: no cross terms). out_proj's parameters are used directly by

@@ -1,5 +1,9 @@
 """LayerNorm and RMSNorm (torch and HuggingFace variants): per-example gradients materialized.
 
+Pieces: weight and bias -> ``DensePiece`` (norm_path "dense"). Kernels reached:
+``kernels.norm_layer_backward`` (input gradient and per-example weight/bias gradients in one
+pass); norms and clipped sums of the dense pieces are plain torch arithmetic.
+
 Their per-example gradients are small vectors (sum_t x_hat_t * g_t and sum_t g_t, docs/design.md §3), so
 they are DensePieces; the kernel computes them together with the input gradient in one pass.
 nn.GroupNorm goes through the torch.func rule (correct; its parameters are tiny).
