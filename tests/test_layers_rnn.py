@@ -237,6 +237,29 @@ def test_loss_on_some_steps_and_frozen_parameters_match_oracle():
     _assert_sums_close(expected, ours)
 
 
+class Seq2Seq(nn.Module):
+    """An encoder's final states start a decoder: gradients flow through the initial states."""
+
+    def __init__(self, encoder, decoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, x, lengths):
+        _, state = self.encoder(x)
+        out, _ = self.decoder(x.flip(1), state)
+        return torch.tanh(out).pow(2).sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_gradients_through_initial_states_match_oracle(kind):
+    encoder_ref, encoder = _pair(kind, seed=0, num_layers=2, batch_first=True)
+    decoder_ref, decoder = _pair(kind, seed=1, num_layers=2, batch_first=True)
+    model, oracle = Seq2Seq(encoder, decoder), Seq2Seq(encoder_ref, decoder_ref)
+    x, lengths = _inputs(lengths=(STEPS,) * BATCH)
+    for clipping in ("flat", "per_layer"):
+        _assert_sums_close(*_clipped_sums(model, oracle, x, lengths, clipping))
+
+
 def test_each_projection_hands_over_one_piece_with_every_step(monkeypatch):
     """One factor piece per weight per forward, its T axis the time steps: no per-step pieces, so
     no cross terms between steps in the group norms."""
