@@ -12,6 +12,8 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.func import functional_call, grad
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -25,19 +27,19 @@ PAIRS = {"lstm": (nn.LSTM, DPLSTM, {}), "gru": (nn.GRU, DPGRU, {}),
          "rnn_tanh": (nn.RNN, DPRNN, {}), "rnn_relu": (nn.RNN, DPRNN, {"nonlinearity": "relu"})}
 
 
-def _pair(kind, seed=0, **config):
+def _pair(kind, seed=0, hidden=HIDDEN, **config):
     """(nn module, DP module) with the same configuration and weights, float64."""
     nn_cls, dp_cls, extra = PAIRS[kind]
     torch.manual_seed(seed)
-    reference = nn_cls(INPUT, HIDDEN, **extra, **config).double()
-    ours = dp_cls(INPUT, HIDDEN, **extra, **config).double()
+    reference = nn_cls(INPUT, hidden, **extra, **config).double()
+    ours = dp_cls(INPUT, hidden, **extra, **config).double()
     ours.load_state_dict(reference.state_dict())
     return reference, ours
 
 
 def _inputs(seed=1, lengths=(4, 2, 3)):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(lengths), STEPS, INPUT, dtype=torch.float64, generator=gen)
+    x = torch.randn(len(lengths), max(lengths), INPUT, dtype=torch.float64, generator=gen)
     return x, torch.tensor(lengths)
 
 
@@ -132,9 +134,10 @@ class Tagger(nn.Module):
         super().__init__()
         self.rnn, self.packed = rnn, packed
         directions = 2 if rnn.bidirectional else 1
-        self.head = nn.Linear(directions * HIDDEN, 2).double()
-        self.register_buffer("probe", torch.linspace(-1, 1, rnn.num_layers * directions * HIDDEN,
-                                                     dtype=torch.float64).view(-1, 1, HIDDEN))
+        hidden = rnn.hidden_size
+        self.head = nn.Linear(directions * hidden, 2).double()
+        self.register_buffer("probe", torch.linspace(-1, 1, rnn.num_layers * directions * hidden,
+                                                     dtype=torch.float64).view(-1, 1, hidden))
 
     def forward(self, x, lengths):
         inputs = x if self.rnn.batch_first else x.transpose(0, 1)
@@ -215,6 +218,20 @@ def test_single_layer_without_bias_matches_oracle(kind):
     model, oracle = _models(kind, True, bias=False)
     x, lengths = _inputs(lengths=(1, 4, 2))
     _assert_sums_close(*_clipped_sums(model, oracle, x, lengths, "per_layer"))
+
+
+@settings(max_examples=8, deadline=None)
+@given(kind=st.sampled_from(sorted(PAIRS)), num_layers=st.integers(1, 2),
+       bidirectional=st.booleans(), bias=st.booleans(), batch_first=st.booleans(),
+       hidden=st.integers(1, 5), lengths=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+       packed=st.booleans(), clipping=st.sampled_from(["flat", "per_layer"]))
+def test_generated_configurations_match_oracle(kind, num_layers, bidirectional, bias, batch_first,
+                                               hidden, lengths, packed, clipping):
+    model, oracle = _models(kind, packed, hidden=hidden, num_layers=num_layers,
+                            bidirectional=bidirectional, bias=bias, batch_first=batch_first)
+    lengths = lengths if packed else [max(lengths)] * len(lengths)
+    x, lengths = _inputs(lengths=tuple(lengths))
+    _assert_sums_close(*_clipped_sums(model, oracle, x, lengths, clipping))
 
 
 def test_loss_on_some_steps_and_frozen_parameters_match_oracle():
