@@ -61,6 +61,7 @@ class _Recurrence(torch.autograd.Function):
             state = masked_step(direction.cell, gx[:, t], hp, state, mask_t)
             outputs[t] = step_output(state[0], mask_t)
         ctx.direction, ctx.weight_hh, ctx.bias_hh = direction, weight_hh, bias_hh
+        ctx.autocast = _autocast_state(gx.device.type)
         stacked = [torch.stack(parts, dim=1) for parts in zip(*before)]  # each (B, T, H)
         ctx.save_for_backward(gx, *stacked)
         return (torch.stack(outputs, dim=1), *state)
@@ -69,21 +70,28 @@ class _Recurrence(torch.autograd.Function):
     def backward(ctx, grad_outputs, *grad_state):
         direction, weight_hh, bias_hh = ctx.direction, ctx.weight_hh, ctx.bias_hh
         gx, *before = ctx.saved_tensors
-        with torch.no_grad():
-            hp_all = F.linear(before[0], weight_hh, bias_hh)  # (B, T, G*H), as in forward
-        grad_gx, grad_hp = torch.zeros_like(gx), torch.zeros_like(hp_all)
-        grad_state = list(grad_state)
-        for t in reversed(step_order(gx.shape[1], direction.reverse)):
-            mask_t = _mask_at(direction.mask, t)
-            grad_state[0] = grad_state[0] + step_output(grad_outputs[:, t], mask_t)
-            grads = _step_vjp(direction.cell, gx[:, t], hp_all[:, t],
-                              tuple(s[:, t] for s in before), mask_t, grad_state)
-            grad_gx[:, t], grad_hp[:, t] = grads[0], grads[1]
-            grad_state = list(grads[2:])
-            grad_state[0] = grad_state[0] + grads[1].matmul(weight_hh.to(grads[1].dtype))
+        with torch.autocast(**ctx.autocast):  # re-run the steps as the forward ran them
+            with torch.no_grad():
+                hp_all = F.linear(before[0], weight_hh, bias_hh)  # (B, T, G*H), as in forward
+            grad_gx, grad_hp = torch.zeros_like(gx), torch.zeros_like(hp_all)
+            grad_state = list(grad_state)
+            for t in reversed(step_order(gx.shape[1], direction.reverse)):
+                mask_t = _mask_at(direction.mask, t)
+                grad_state[0] = grad_state[0] + step_output(grad_outputs[:, t], mask_t)
+                grads = _step_vjp(direction.cell, gx[:, t], hp_all[:, t],
+                                  tuple(s[:, t] for s in before), mask_t, grad_state)
+                grad_gx[:, t], grad_hp[:, t] = grads[0], grads[1]
+                grad_state = list(grads[2:])
+                grad_state[0] = grad_state[0] + grads[1].matmul(weight_hh.to(grads[1].dtype))
         direction.tap.deliver(_pieces(weight_hh, bias_hh, grad_hp, before[0]))
         state_grads = [g if need else None for g, need in zip(grad_state, ctx.needs_input_grad[4:])]
         return (None, None, None, grad_gx if ctx.needs_input_grad[3] else None, *state_grads)
+
+
+def _autocast_state(device_type):
+    """The autocast settings in force, to re-enter in backward (which runs without them)."""
+    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
+            "dtype": torch.get_autocast_dtype(device_type)}
 
 
 def _mask_at(mask, t):
@@ -104,7 +112,8 @@ def _pieces(weight_hh, bias_hh, grad_hp, h_before):
     """W_hh: G_i = sum_t g^h_{i,t} h_{i,t-1}^T (factors (B, T, G*H), (B, T, H)); b_hh: sum_t g^h."""
     pieces = []
     if weight_hh.requires_grad:
-        pieces.append(FactorPiece(weight_hh, left=grad_hp, right=h_before))
+        # Under autocast the projection multiplied h in the gradient's (reduced) precision.
+        pieces.append(FactorPiece(weight_hh, left=grad_hp, right=h_before.to(grad_hp.dtype)))
     if bias_hh is not None and bias_hh.requires_grad:
         pieces.append(DensePiece(bias_hh, grad_hp.sum(dim=1)))
     return pieces
