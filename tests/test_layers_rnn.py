@@ -59,7 +59,7 @@ def _assert_same(a, b):
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
-# ---- forward ---------------------------------------------------------------------------------------
+# ---- forward -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", sorted(PAIRS))
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_forward_equals_nn(kind, batch_first):
@@ -122,7 +122,7 @@ def test_bad_arguments_are_refused_with_the_reason():
         DPRNN(3, 4)(torch.randn(2, 5, 3, 3))
 
 
-# ---- clipped sums against the oracle -----------------------------------------------------------------
+# ---- clipped sums against the oracle -------------------------------------------------------------
 class Tagger(nn.Module):
     """A recurrent layer, a linear head on every real step and a probe of the final states.
 
@@ -323,7 +323,7 @@ def test_make_private_step_with_zero_noise_equals_oracle():
         torch.testing.assert_close(param.detach(), expected, rtol=1e-9, atol=1e-12)
 
 
-# ---- ModuleValidator.fix and Opacus' layers ----------------------------------------------------------
+# ---- ModuleValidator.fix and Opacus' layers ------------------------------------------------------
 def test_fix_swaps_nn_recurrent_layers_with_identical_outputs():
     torch.manual_seed(0)
     model = nn.ModuleDict({"lstm": nn.LSTM(3, 4, num_layers=2, bidirectional=True),

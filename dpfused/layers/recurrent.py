@@ -44,7 +44,7 @@ def lstm_cell(gx: torch.Tensor, hp: torch.Tensor, state: State) -> State:
 
 
 def gru_cell(gx: torch.Tensor, hp: torch.Tensor, state: State) -> State:
-    """nn.GRU's step: gates r, z, n; the reset gate scales the hidden projection of n with its bias."""
+    """nn.GRU's step: gates r, z, n; r scales n's hidden projection, bias included."""
     (h,) = state
     x_r, x_z, x_n = gx.chunk(3, dim=-1)
     h_r, h_z, h_n = hp.chunk(3, dim=-1)
@@ -135,7 +135,7 @@ class _Sequence:
         return cls(input if batch_first else input.transpose(0, 1), None, None, True, batch_first)
 
     def output(self, y: torch.Tensor):
-        """``y`` (B, T, F) in the caller's layout: a PackedSequence like the input's, or a tensor."""
+        """``y`` (B, T, F) in the caller's layout: a PackedSequence like the input, or a tensor."""
         if self.packed is not None:
             sorted_indices = self.packed.sorted_indices
             ordered = y if sorted_indices is None else y.index_select(0, sorted_indices)
@@ -222,7 +222,7 @@ class DPRNNBase(nn.Module):
         return text
 
     def forward(self, input, hx=None):
-        """As ``nn.RNN``/``nn.GRU`` (``hx`` a tensor) or ``nn.LSTM`` (``hx`` a pair ``(h_0, c_0)``)."""
+        """As ``nn.RNN``/``nn.GRU`` (``hx`` a tensor) or ``nn.LSTM`` (``hx`` = ``(h_0, c_0)``)."""
         return self.run(input, hx, ops=PLAIN)
 
     def run(self, input, hx=None, *, ops=PLAIN):
@@ -307,7 +307,7 @@ class DPGRU(DPRNNBase):
 
 
 class DPRNN(DPRNNBase):
-    """Drop-in ``nn.RNN`` (Elman, tanh or relu) whose per-example gradients dpfused computes exactly.
+    """Drop-in ``nn.RNN`` (Elman, tanh or relu): per-example gradients computed exactly by dpfused.
 
     Args:
         input_size, hidden_size, num_layers, nonlinearity, bias, batch_first, dropout,
@@ -352,7 +352,7 @@ _DP_CLASS_OF = {nn.LSTM: DPLSTM, nn.GRU: DPGRU, nn.RNN: DPRNN}
 def dp_equivalent(module: nn.Module) -> DPRNNBase:
     """A DPLSTM/DPGRU/DPRNN computing the same function as an ``nn.LSTM``/``nn.GRU``/``nn.RNN``.
 
-    Same configuration, device, dtype, weights (copied), ``requires_grad`` flags and train/eval mode.
+    Same configuration, device, dtype, weights (copied), ``requires_grad`` flags, train/eval mode.
 
     Raises:
         TypeError: ``module`` is not exactly one of those three classes (a subclass may have
