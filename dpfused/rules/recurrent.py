@@ -3,8 +3,8 @@
 A layer-direction uses ``W_ih`` and ``W_hh`` at every time step, so example i's gradient is a sum
 over steps: ``G_i(W_ih) = sum_t g^x_{i,t} x_{i,t}^T`` and ``G_i(W_hh) = sum_t g^h_{i,t}
 h_{i,t-1}^T``, with g the gradients of the projections ``W_ih x_t + b_ih`` and ``W_hh h_{t-1} +
-b_hh``. Each is ONE factor piece with the steps stacked on the T axis (left ``(B, T, G*H)``, right ``(B, T, in)``),
-so norms need no cross terms between steps (docs/design.md §3):
+b_hh``. Each is ONE factor piece with the steps stacked on the T axis (left ``(B, T, G*H)``,
+right ``(B, T, in)``), so norms need no cross terms between steps (docs/design.md §3):
 
 - the input projection of all steps is one ``linear_use`` over ``(B, T, in)``;
 - the recurrence is one autograd node (``_Recurrence``) per layer-direction. Its forward runs the
