@@ -339,7 +339,7 @@ def _check_arguments(name, input_size, hidden_size, num_layers, dropout, proj_si
         )
     for arg, value in (("input_size", input_size), ("hidden_size", hidden_size),
                        ("num_layers", num_layers)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name}: {arg} must be a positive integer; got {value!r}")
     if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
             or not 0 <= dropout <= 1):
