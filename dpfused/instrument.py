@@ -80,13 +80,32 @@ def _find_layers(module):
             params = [p for p in sub.parameters() if p.requires_grad]
             claimed.update(id(m) for m in sub.modules())
         else:
-            params = [p for p in sub.parameters(recurse=False) if p.requires_grad]
+            held = _held_by_ruled_descendants(sub)
+            params = [p for p in sub.parameters(recurse=False)
+                      if p.requires_grad and id(p) not in held]
         if not params:
             continue
         rule = rule or fallback_rule()
         rule.check(sub, path or "<root>")
         layers.append(Layer(path or "<root>", sub, rule, params))
     return layers
+
+
+def _held_by_ruled_descendants(module):
+    """Ids of ``module``'s own parameters that a descendant with a layer rule also registers.
+
+    Such a parameter is a second registration of the same object (Opacus' DPLSTM exposes its
+    ``RNNLinear`` children's weights as ``weight_ih_l0`` ...): the descendant's rule handles it, and
+    the module is not a second owner of it.
+    """
+    own = {id(p) for p in module.parameters(recurse=False)}
+    if not own:
+        return set()
+    held = set()
+    for sub in module.modules():
+        if sub is not module and rule_for(sub) is not None:
+            held.update(id(p) for p in sub.parameters(recurse=False) if id(p) in own)
+    return held
 
 
 def _check_coverage(module, layers):

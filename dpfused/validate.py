@@ -7,6 +7,8 @@ import math
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from dpfused.layers.recurrent import dp_equivalent
+
 __all__ = ["ModuleValidator", "UnsupportedModuleError", "check_module", "check_optimizer",
            "fix", "module_problems"]
 
@@ -58,11 +60,35 @@ def module_problems(module: nn.Module, *, training: bool = False) -> list[str]:
                 "construct it with track_running_stats=False (dpfused.fix(model) does)"
             )
         if isinstance(sub, _RECURRENT) and any(p.requires_grad for p in sub.parameters()):
-            problems.append(
-                f"module '{name}' ({type(sub).__name__}): recurrent layers have no per-example "
-                "gradient rule in dpfused yet; use a Transformer or freeze the layer"
-            )
+            problems.append(_recurrent_problem(name, sub))
     return problems
+
+
+def _recurrent_problem(name: str, module: nn.Module) -> str:
+    kind = type(module).__name__
+    if _swappable_recurrent(module):
+        return (
+            f"module '{name}' ({kind}) runs a fused recurrence that hides the gradients of its "
+            f"time steps, so dpfused cannot clip it per example; use dpfused.layers.DP{kind} "
+            "(same arguments, outputs and state_dict keys): ModuleValidator.fix(model) swaps it in "
+            "and copies the weights"
+        )
+    if isinstance(module, nn.LSTM) and module.proj_size:
+        return (
+            f"module '{name}' (LSTM) has proj_size={module.proj_size}, which dpfused's DPLSTM "
+            "does not support; use proj_size=0 (and an nn.Linear on the outputs if needed) with "
+            "dpfused.layers.DPLSTM, or freeze the layer"
+        )
+    return (
+        f"module '{name}' ({kind}) is a recurrent layer with no per-example gradient rule in "
+        "dpfused; build the model from dpfused.layers.DPLSTM / DPGRU / DPRNN (whole sequences, "
+        "same arguments as nn.LSTM / nn.GRU / nn.RNN) or freeze the layer"
+    )
+
+
+def _swappable_recurrent(module: nn.Module) -> bool:
+    """Exactly nn.LSTM / nn.GRU / nn.RNN (a subclass may change forward), without proj_size."""
+    return type(module) in (nn.LSTM, nn.GRU, nn.RNN) and not getattr(module, "proj_size", 0)
 
 
 class ModuleValidator:
@@ -89,7 +115,8 @@ class ModuleValidator:
         """``dpfused.fix``; Opacus' options for other replacements are refused by name."""
         if kwargs:
             raise TypeError(f"ModuleValidator.fix: dpfused's fix takes no options; got "
-                            f"{sorted(kwargs)} (BatchNorm always becomes GroupNorm)")
+                            f"{sorted(kwargs)} (BatchNorm always becomes GroupNorm, "
+                            "nn.LSTM/GRU/RNN always become dpfused.layers.DPLSTM/DPGRU/DPRNN)")
         return fix(module)
 
 
@@ -110,12 +137,16 @@ def fix(module: nn.Module) -> nn.Module:
     """Make the fixable problems go away, in place; returns the module.
 
     Every BatchNorm becomes a GroupNorm over the same channels (GroupNorm(gcd(32, C), C)
-    normalizes within one example, so examples stay independent), and every InstanceNorm stops
-    tracking running statistics (it then uses each example's own, as in training). Recurrent
-    layers are left alone: they have no rule yet.
+    normalizes within one example, so examples stay independent), every InstanceNorm stops
+    tracking running statistics (it then uses each example's own, as in training), and every
+    nn.LSTM / nn.GRU / nn.RNN becomes dpfused.layers.DPLSTM / DPGRU / DPRNN with the same
+    configuration and weights (same outputs). Subclasses of those and LSTMs with proj_size are
+    left alone (``module_problems`` still reports them).
     """
     if isinstance(module, _BatchNorm):
         return _group_norm_for(module)
+    if _swappable_recurrent(module):
+        return dp_equivalent(module)
     for sub in module.modules():
         if isinstance(sub, nn.modules.instancenorm._InstanceNorm) and sub.track_running_stats:
             sub.track_running_stats = False
@@ -123,6 +154,8 @@ def fix(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         if isinstance(child, _BatchNorm):
             setattr(module, name, _group_norm_for(child))
+        elif _swappable_recurrent(child):
+            setattr(module, name, dp_equivalent(child))
         else:
             fix(child)
     return module

@@ -58,9 +58,13 @@ def test_optimizer_parameter_outside_module_is_refused():
         _make(model, optimizer)
 
 
-def test_recurrent_layer_is_refused():
-    with pytest.raises(ValueError, match=r"module 'rnn' \(LSTM\).*no per-example gradient rule"):
+def test_recurrent_layer_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"module 'rnn' \(LSTM\).*dpfused\.layers\.DPLSTM"
+                                         r".*ModuleValidator\.fix"):
         _make(nn.ModuleDict({"rnn": nn.LSTM(4, 4)}))
+    with pytest.raises(ValueError, match=r"module 'cell' \(GRUCell\).*no per-example gradient "
+                                         r"rule.*dpfused\.layers\.DPLSTM"):
+        _make(nn.ModuleDict({"cell": nn.GRUCell(4, 4)}))
 
 
 def test_module_with_own_and_child_parameters_is_refused():
@@ -153,7 +157,7 @@ def test_ddp_wrapped_module_is_refused(tmp_path):
 def _model_with_every_problem():
     return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8).eval(),
                          nn.InstanceNorm2d(8, track_running_stats=True), nn.Flatten(),
-                         nn.LSTM(4, 4))
+                         nn.LSTMCell(4, 4))
 
 
 def test_module_validator_lists_every_problem_and_fix_repairs_the_fixable_ones():
@@ -168,7 +172,7 @@ def test_module_validator_lists_every_problem_and_fix_repairs_the_fixable_ones()
     assert isinstance(fixed[1], nn.GroupNorm) and not fixed[2].track_running_stats
     assert "running_mean" not in fixed[2].state_dict()
     remaining = dpfused.ModuleValidator.validate(fixed)
-    assert len(remaining) == 1 and "LSTM" in str(remaining[0])  # no rule, no fix
+    assert len(remaining) == 1 and "LSTMCell" in str(remaining[0])  # no rule, no fix
     assert not dpfused.ModuleValidator.is_valid(fixed)
     assert dpfused.ModuleValidator.is_valid(nn.Linear(2, 2))
 

@@ -92,6 +92,6 @@ def fallback_rule() -> LayerRule:
     return _FALLBACK
 
 
-from dpfused.rules import conv, embedding, functorch, linear, mha, norms  # noqa: E402,F401
+from dpfused.rules import conv, embedding, functorch, linear, mha, norms, recurrent  # noqa: E402,F401
 
 _FALLBACK = functorch.FunctorchRule()

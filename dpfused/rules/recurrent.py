@@ -1,0 +1,145 @@
+"""dpfused's recurrent layers (DPLSTM, DPGRU, DPRNN): every step's projections, clipped per example.
+
+A layer-direction uses ``W_ih`` and ``W_hh`` at every time step, so example i's gradient is a sum
+over steps: ``G_i(W_ih) = sum_t g^x_{i,t} x_{i,t}^T`` and ``G_i(W_hh) = sum_t g^h_{i,t}
+h_{i,t-1}^T``, with g the gradients of the projections ``W_ih x_t + b_ih`` and ``W_hh h_{t-1} +
+b_hh``. Each is ONE factor piece with the steps stacked on the T axis (left ``(B, T, G*H)``,
+right ``(B, T, in)``), so norms need no cross terms between steps (docs/design.md §3):
+
+- the input projection of all steps is one ``linear_use`` over ``(B, T, in)``;
+- the recurrence is one autograd node (``_Recurrence``) per layer-direction. Its forward runs the
+  steps without building a graph; its backward walks the steps in reverse, re-running each step
+  under autograd to get ``g^h_t`` and the gradients flowing to ``h_{t-1}``, ``c_{t-1}`` and the
+  input projection, and delivers ``W_hh``'s and ``b_hh``'s pieces once, with every step in them.
+  One node per direction is reached by backward whenever any of its outputs is used, even when the
+  loss reads only some steps (``output[:, -1]`` of a bidirectional layer).
+
+Pieces are batch-major in the caller's batch order whatever the layer's ``batch_first``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dpfused.layers.recurrent import DPRNNBase, masked_step, step_order, step_output
+from dpfused.pieces import DensePiece, FactorPiece
+from dpfused.rules import BaseRule, register
+from dpfused.rules.linear import linear_use
+from dpfused.rules.mha import _BatchFirstTap
+
+
+@dataclass
+class _Direction:
+    """What one layer-direction's recurrence node needs besides tensors."""
+
+    cell: Callable
+    mask: torch.Tensor | None  # (B, T) bool
+    reverse: bool
+    tap: object
+
+
+class _Recurrence(torch.autograd.Function):
+    """(gx, state_0) -> (outputs (B, T, H), *state_T); backward delivers W_hh's and b_hh's pieces.
+
+    ``weight_hh`` and ``bias_hh`` are inputs so that autograd reaches this node even when nothing
+    else needs a gradient; their gradients are returned as None (never the unclipped batch sum).
+    """
+
+    @staticmethod
+    def forward(ctx, direction, weight_hh, bias_hh, gx, *state):
+        steps = gx.shape[1]
+        outputs = [None] * steps
+        before = [None] * steps  # state before each step, indexed by time
+        for t in step_order(steps, direction.reverse):
+            mask_t = _mask_at(direction.mask, t)
+            before[t] = state
+            hp = F.linear(state[0], weight_hh, bias_hh)
+            state = masked_step(direction.cell, gx[:, t], hp, state, mask_t)
+            outputs[t] = step_output(state[0], mask_t)
+        ctx.direction, ctx.weight_hh, ctx.bias_hh = direction, weight_hh, bias_hh
+        ctx.autocast = _autocast_state(gx.device.type)
+        stacked = [torch.stack(parts, dim=1) for parts in zip(*before)]  # each (B, T, H)
+        ctx.save_for_backward(gx, *stacked)
+        return (torch.stack(outputs, dim=1), *state)
+
+    @staticmethod
+    def backward(ctx, grad_outputs, *grad_state):
+        direction, weight_hh, bias_hh = ctx.direction, ctx.weight_hh, ctx.bias_hh
+        gx, *before = ctx.saved_tensors
+        with torch.autocast(**ctx.autocast):  # re-run the steps as the forward ran them
+            with torch.no_grad():
+                hp_all = F.linear(before[0], weight_hh, bias_hh)  # (B, T, G*H), as in forward
+            grad_gx, grad_hp = torch.zeros_like(gx), torch.zeros_like(hp_all)
+            grad_state = list(grad_state)
+            for t in reversed(step_order(gx.shape[1], direction.reverse)):
+                mask_t = _mask_at(direction.mask, t)
+                grad_state[0] = grad_state[0] + step_output(grad_outputs[:, t], mask_t)
+                grads = _step_vjp(direction.cell, gx[:, t], hp_all[:, t],
+                                  tuple(s[:, t] for s in before), mask_t, grad_state)
+                grad_gx[:, t], grad_hp[:, t] = grads[0], grads[1]
+                grad_state = list(grads[2:])
+                grad_state[0] = grad_state[0] + grads[1].matmul(weight_hh.to(grads[1].dtype))
+        direction.tap.deliver(_pieces(weight_hh, bias_hh, grad_hp, before[0]))
+        state_grads = [g if need else None for g, need in zip(grad_state, ctx.needs_input_grad[4:])]
+        return (None, None, None, grad_gx if ctx.needs_input_grad[3] else None, *state_grads)
+
+
+def _autocast_state(device_type):
+    """The autocast settings in force, to re-enter in backward (which runs without them)."""
+    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
+            "dtype": torch.get_autocast_dtype(device_type)}
+
+
+def _mask_at(mask, t):
+    return None if mask is None else mask[:, t]
+
+
+def _step_vjp(cell, gx_t, hp_t, state, mask_t, grad_state):
+    """Gradients of one step's new state w.r.t. (gx_t, hp_t, *state), by re-running the step."""
+    leaves = [gx_t.detach().requires_grad_(), hp_t.detach().requires_grad_(),
+              *(s.detach().requires_grad_() for s in state)]
+    with torch.enable_grad():
+        new = masked_step(cell, leaves[0], leaves[1], tuple(leaves[2:]), mask_t)
+        grads = torch.autograd.grad(new, leaves, grad_state, allow_unused=True)
+    return [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+
+
+def _pieces(weight_hh, bias_hh, grad_hp, h_before):
+    """W_hh: G_i = sum_t g^h_{i,t} h_{i,t-1}^T (factors (B, T, G*H), (B, T, H)); b_hh: sum_t g^h."""
+    pieces = []
+    if weight_hh.requires_grad:
+        # Under autocast the projection multiplied h in the gradient's (reduced) precision.
+        pieces.append(FactorPiece(weight_hh, left=grad_hp, right=h_before.to(grad_hp.dtype)))
+    if bias_hh is not None and bias_hh.requires_grad:
+        pieces.append(DensePiece(bias_hh, grad_hp.sum(dim=1)))
+    return pieces
+
+
+class _PrivateOps:
+    """The projections of dpfused.layers.recurrent, run so that their backward delivers pieces."""
+
+    def __init__(self, tap):
+        self.tap = tap
+
+    def input_projection(self, x, weight, bias):
+        return linear_use(x, weight, bias, tap=self.tap)  # x (B, T, in)
+
+    def recurrence(self, cell, gx, state, mask, weight_hh, bias_hh, reverse):
+        self.tap.record_forward(gx.shape[0])
+        direction = _Direction(cell, mask, reverse, self.tap)
+        output, *final = _Recurrence.apply(direction, weight_hh, bias_hh, gx, *state)
+        return output, tuple(final)
+
+
+@register(DPRNNBase)
+class RecurrentRule(BaseRule):
+    """DPLSTM, DPGRU, DPRNN: their own parameters, one piece per projection per forward."""
+
+    name = "recurrent"
+
+    def forward(self, module, tap, input, hx=None):
+        return module.run(input, hx, ops=_PrivateOps(_BatchFirstTap(tap)))
