@@ -21,8 +21,8 @@ Two estimators turn scores into an epsilon lower bound at a stated confidence:
 
 * ``method="trials"``: many independent runs with one canary, included in half of them. A threshold
   test's (TPR, FPR) with one-sided Clopper-Pearson bounds gives epsilon >= log((TPR_lo - delta) /
-  FPR_hi) (and the same with the roles of the two outcomes swapped). The threshold and the direction
-  are chosen on one half of the runs and the bound is evaluated on the other half, so the choice
+  FPR_hi) (and the same with the event or the roles of the neighbours swapped). The threshold and
+  the test are chosen on one half of the runs and the bound is evaluated on the other half, so the choice
   costs nothing in confidence.
 * ``method="one_run"``: one run, m canaries each included with probability 1/2, guesses on the k
   most confident; epsilon is the largest for which that many correct guesses would have p-value below
@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 METHODS = ("one_run", "trials")
+_MAX_THRESHOLDS = 4096  # candidate thresholds tried on the selection half of the scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,10 +120,11 @@ def epsilon_from_scores(*, scores_in, scores_out, delta: float, confidence: floa
                         seed: int = 0) -> float:
     """Threshold-test lower bound from scores of runs with (``scores_in``) and without the canary.
 
-    Half of each group (drawn with ``seed``) chooses the threshold tau and the direction: "score >
-    tau means in" (TPR/FPR) or "score <= tau means out" (the complementary test with the roles of
-    the neighbours swapped, which add/remove DP bounds the same way). The other half evaluates that
-    one test with ``epsilon_from_counts``; choosing on separate data keeps the confidence exact.
+    A test is an event E, "score > tau" or "score <= tau", and the neighbour it points to: add/remove
+    DP bounds both P[E | in] <= e^eps P[E | out] + delta and the same with in and out exchanged, so
+    each of the four (event, neighbour) pairs gives a bound. Half of each group (drawn with
+    ``seed``) chooses tau and the pair; the other half evaluates that one test with
+    ``epsilon_from_counts``. Choosing on separate data keeps the confidence exact.
 
     Returns:
         The lower bound on epsilon (>= 0), holding with probability >= ``confidence``.
@@ -131,8 +133,12 @@ def epsilon_from_scores(*, scores_in, scores_out, delta: float, confidence: floa
     rng = np.random.default_rng(seed)
     pick_in, eval_in = _halves(scores_in, rng)
     pick_out, eval_out = _halves(scores_out, rng)
-    tau, swapped = _best_threshold(pick_in, pick_out, delta=delta, confidence=confidence)
-    return float(_threshold_epsilon(eval_in, eval_out, tau, swapped, delta, confidence))
+    tau, test = _best_threshold(pick_in, pick_out, delta=delta, confidence=confidence)
+    return float(_threshold_epsilon(eval_in, eval_out, tau, test, delta, confidence))
+
+
+# (event E is "score > tau", E's probability is compared with the canary in over out).
+_TESTS = ((True, True), (True, False), (False, True), (False, False))
 
 
 def _as_scores(values, name):
@@ -148,29 +154,33 @@ def _halves(scores, rng):
     return scores[order[:half]], scores[order[half:]]
 
 
-def _threshold_epsilon(scores_in, scores_out, tau, swapped, delta, confidence):
+def _threshold_epsilon(scores_in, scores_out, tau, test, delta, confidence):
     """The bound of one test (vectorized over an array of thresholds ``tau``)."""
+    above, in_over_out = test
     tau = np.asarray(tau, dtype=np.float64)
-    above_in = (scores_in[None, :] > tau.reshape(-1, 1)).sum(axis=1)
-    above_out = (scores_out[None, :] > tau.reshape(-1, 1)).sum(axis=1)
-    if swapped:  # "score <= tau means out": TNR against FNR
-        counts = dict(true_positives=scores_out.size - above_out, positives=scores_out.size,
-                      false_positives=scores_in.size - above_in, negatives=scores_in.size)
-    else:
-        counts = dict(true_positives=above_in, positives=scores_in.size,
-                      false_positives=above_out, negatives=scores_out.size)
-    eps = epsilon_from_counts(**counts, delta=delta, confidence=confidence)
+    hits_in = scores_in.size - np.searchsorted(np.sort(scores_in), tau, side="right")
+    hits_out = scores_out.size - np.searchsorted(np.sort(scores_out), tau, side="right")
+    if not above:
+        hits_in, hits_out = scores_in.size - hits_in, scores_out.size - hits_out
+    positive, negative = ((hits_in, scores_in.size), (hits_out, scores_out.size))
+    if not in_over_out:
+        positive, negative = negative, positive
+    eps = epsilon_from_counts(true_positives=positive[0], positives=positive[1],
+                              false_positives=negative[0], negatives=negative[1],
+                              delta=delta, confidence=confidence)
     return eps.reshape(tau.shape) if isinstance(eps, np.ndarray) else eps
 
 
 def _best_threshold(scores_in, scores_out, *, delta, confidence):
     candidates = np.unique(np.concatenate([scores_in, scores_out]))
-    best = (-1.0, float(candidates[0]), False)
-    for swapped in (False, True):
-        eps = _threshold_epsilon(scores_in, scores_out, candidates, swapped, delta, confidence)
+    if candidates.size > _MAX_THRESHOLDS:  # any choice made on this half is valid; keep it cheap
+        candidates = np.unique(np.quantile(candidates, np.linspace(0, 1, _MAX_THRESHOLDS)))
+    best = (-1.0, float(candidates[0]), _TESTS[0])
+    for test in _TESTS:
+        eps = _threshold_epsilon(scores_in, scores_out, candidates, test, delta, confidence)
         i = int(np.argmax(eps))
         if eps[i] > best[0]:
-            best = (float(eps[i]), float(candidates[i]), swapped)
+            best = (float(eps[i]), float(candidates[i]), test)
     return best[1], best[2]
 
 
