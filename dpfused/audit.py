@@ -275,12 +275,13 @@ class _ProbedModel(nn.Module):
 
     def __init__(self, body: nn.Module, num_canaries: int):
         super().__init__()
+        like = next(body.parameters(), torch.empty(0))  # the probe lives where the model does
         self.body = body
-        self.probe = nn.Linear(num_canaries, 1, bias=False)
+        self.probe = nn.Linear(num_canaries, 1, bias=False, dtype=like.dtype, device=like.device)
         nn.init.zeros_(self.probe.weight)
 
     def forward(self, inputs, probe_inputs):
-        return self.body(inputs), self.probe(probe_inputs)[:, 0]
+        return self.body(inputs), self.probe(probe_inputs.to(self.probe.weight))[:, 0]
 
 
 class _CanaryDataset(Dataset):
@@ -331,8 +332,9 @@ def _run(config: _RunConfig, included: np.ndarray, seed: int,
     ``claim=False`` skips the accountant's epsilon (the costly part of a tiny run) for runs whose
     configuration, hence claim, is that of a run already accounted.
     """
-    torch.manual_seed(seed)
-    model = _ProbedModel(config.make_model(), included.size)
+    with torch.random.fork_rng(devices=[]):  # seed the model's init, not the caller's RNG
+        torch.manual_seed(seed)
+        model = _ProbedModel(config.make_model(), included.size)
     optimizer = config.make_optimizer(model.parameters())
     loader = DataLoader(_CanaryDataset(config.dataset, included, config.canary_norm),
                         batch_size=config.batch_size)
@@ -345,12 +347,14 @@ def _run(config: _RunConfig, included: np.ndarray, seed: int,
         sampling_generator=torch.Generator().manual_seed(seed + 2),
     )
     released = []
-    for (inputs, targets), probe_inputs, is_canary in _logical_batches(loader, config.steps):
+    device = model.probe.weight.device
+    for batch in _logical_batches(loader, config.steps):
+        (inputs, targets), probe_inputs, is_canary = _to_device(batch, device)
         optimizer.zero_grad()
         if is_canary.numel() > 0:  # an empty Poisson batch steps without a backward (README)
             _canary_loss(model, config.loss_fn, inputs, targets, probe_inputs, is_canary).backward()
         optimizer.step()
-        released.append(model.probe.weight.grad[0].detach().to(torch.float64).clone())
+        released.append(model.probe.weight.grad[0].detach().to("cpu", torch.float64).clone())
     observations = torch.stack(released).numpy() * optimizer.expected_batch_size
     scores = _scores(observations / config.max_grad_norm, amplitude=_probe_threshold(
         optimizer, model.probe.weight) / config.max_grad_norm,
@@ -368,6 +372,16 @@ def _logical_batches(loader, steps: int) -> Iterator:
             taken += 1
             if taken == steps:
                 return
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
 
 
 def _canary_loss(model, loss_fn, inputs, targets, probe_inputs, is_canary):
@@ -526,7 +540,7 @@ def audit_privacy(
     """
     _check_audit_arguments(method=method, canaries=canaries, trials=trials, confidence=confidence,
                            delta=delta, steps=steps, noise_multiplier=noise_multiplier,
-                           dataset=dataset, callables=dict(make_model=make_model,
+                           max_grad_norm=max_grad_norm, batch_size=batch_size, dataset=dataset, callables=dict(make_model=make_model,
                            make_optimizer=make_optimizer, loss_fn=loss_fn))
     config = _RunConfig(
         make_model=make_model, make_optimizer=make_optimizer, dataset=dataset, loss_fn=loss_fn,
@@ -557,14 +571,14 @@ def audit_privacy(
 
 
 def _check_audit_arguments(*, method, canaries, trials, confidence, delta, steps,
-                           noise_multiplier, dataset, callables):
+                           noise_multiplier, max_grad_norm, batch_size, dataset, callables):
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; use 'one_run' or 'trials'")
     for name, fn in callables.items():
         if not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
     for name, value, least in (("canaries", canaries, 2), ("trials", trials, 8),
-                               ("steps", steps, 1)):
+                               ("steps", steps, 1)):  # batch_size is checked below
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     if trials % 2:
@@ -572,6 +586,12 @@ def _check_audit_arguments(*, method, canaries, trials, confidence, delta, steps
     for name, value in (("confidence", confidence), ("delta", delta)):
         if not isinstance(value, (int, float)) or not 0 < value < 1:
             raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+            or not math.isfinite(max_grad_norm) or max_grad_norm <= 0):
+        raise ValueError(f"max_grad_norm must be one finite number > 0 (the total clipping norm "
+                         f"C), got {max_grad_norm!r}")
     if not isinstance(noise_multiplier, (int, float)) or not noise_multiplier > 0:
         raise ValueError(f"noise_multiplier must be > 0 to audit (sigma = 0 claims no privacy), "
                          f"got {noise_multiplier!r}")
