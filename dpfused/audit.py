@@ -332,9 +332,15 @@ def _run(config: _RunConfig, included: np.ndarray, seed: int,
     ``claim=False`` skips the accountant's epsilon (the costly part of a tiny run) for runs whose
     configuration, hence claim, is that of a run already accounted.
     """
-    with torch.random.fork_rng(devices=[]):  # seed the model's init, not the caller's RNG
+    # The run draws from torch's global RNG (the model's init, the DataLoader's base seed): seed
+    # it for repeatable audits, inside a fork so the caller's RNG is left as it was.
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _ProbedModel(config.make_model(), included.size)
+        return _seeded_run(config, included, seed, claim)
+
+
+def _seeded_run(config, included, seed, claim):
+    model = _ProbedModel(config.make_model(), included.size)
     optimizer = config.make_optimizer(model.parameters())
     loader = DataLoader(_CanaryDataset(config.dataset, included, config.canary_norm),
                         batch_size=config.batch_size)
@@ -343,7 +349,7 @@ def _run(config: _RunConfig, included: np.ndarray, seed: int,
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
         clipping=config.clipping, sampling=config.sampling, loss_reduction="mean",
-        noise_generator=torch.Generator().manual_seed(seed + 1),
+        noise_generator=torch.Generator(model.probe.weight.device).manual_seed(seed + 1),
         sampling_generator=torch.Generator().manual_seed(seed + 2),
     )
     released = []
