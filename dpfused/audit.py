@@ -22,12 +22,12 @@ Two estimators turn scores into an epsilon lower bound at a stated confidence:
 * ``method="trials"``: many independent runs with one canary, included in half of them. A threshold
   test's (TPR, FPR) with one-sided Clopper-Pearson bounds gives epsilon >= log((TPR_lo - delta) /
   FPR_hi) (and the same with the event or the roles of the neighbours swapped). The threshold and
-  the test are chosen on one half of the runs and the bound is evaluated on the other half, so the choice
-  costs nothing in confidence.
+  the test are chosen on one half of the runs and the bound is evaluated on the other half, so the
+  choice costs nothing in confidence.
 * ``method="one_run"``: one run, m canaries each included with probability 1/2, guesses on the k
-  most confident; epsilon is the largest for which that many correct guesses would have p-value below
-  1 - confidence (Steinke, Nasr & Jagielski 2023, Theorem 5.2 with its delta term). A small grid of k
-  is tried with a Bonferroni correction.
+  most confident; epsilon is the largest for which that many correct guesses would have p-value
+  below 1 - confidence (Steinke, Nasr & Jagielski 2023, arXiv:2305.08846: their main theorem, with
+  its delta term). A small grid of k is tried with a Bonferroni correction.
 
 Reading the result: an audited lower bound *below* the claimed epsilon proves nothing about
 correctness (audits are loose, and a bug can hide from a given canary). A lower bound *above* the
@@ -188,8 +188,9 @@ def one_run_p_value(*, canaries: int, guesses: int, correct: int, epsilon: float
                     delta: float) -> float:
     """P[at least ``correct`` of ``guesses`` right] under (epsilon, delta)-DP, one-run audit.
 
-    Steinke, Nasr & Jagielski (2023), Theorem 5.2: with m canaries each included independently with
-    probability 1/2 and r guesses, W correct guesses satisfy, for q = e^eps / (1 + e^eps),
+    Steinke, Nasr & Jagielski (2023, arXiv:2305.08846), main theorem: with m canaries each included
+    independently with probability 1/2 and r guesses, W correct guesses satisfy, for
+    q = e^eps / (1 + e^eps),
     P[W >= v] <= P[Binom(r, q) >= v] + 2 m delta * max_{i = 1..v} P[v > Binom(r, q) >= v - i] / i.
 
     Returns:
@@ -544,10 +545,11 @@ def audit_privacy(
     Raises:
         ValueError / TypeError: a bad argument, named, before any training.
     """
-    _check_audit_arguments(method=method, canaries=canaries, trials=trials, confidence=confidence,
-                           delta=delta, steps=steps, noise_multiplier=noise_multiplier,
-                           max_grad_norm=max_grad_norm, batch_size=batch_size, dataset=dataset, callables=dict(make_model=make_model,
-                           make_optimizer=make_optimizer, loss_fn=loss_fn))
+    _check_audit_arguments(
+        method=method, canaries=canaries, trials=trials, confidence=confidence, delta=delta,
+        steps=steps, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        batch_size=batch_size, dataset=dataset,
+        callables=dict(make_model=make_model, make_optimizer=make_optimizer, loss_fn=loss_fn))
     config = _RunConfig(
         make_model=make_model, make_optimizer=make_optimizer, dataset=dataset, loss_fn=loss_fn,
         batch_size=batch_size, steps=steps, noise_multiplier=float(noise_multiplier),

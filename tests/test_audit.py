@@ -93,7 +93,7 @@ def test_threshold_bound_sees_both_directions():
 
 
 def _p_value_as_written(m, r, v, eps, delta):
-    """Steinke, Nasr & Jagielski (2023), the p-value of their Theorem 5.2, loop by loop."""
+    """Steinke, Nasr & Jagielski (2023), the p-value of their main theorem, loop by loop."""
     q = 1 / (1 + math.exp(-eps))
     tail = stats.binom.sf(v - 1, r, q)
     alpha, below = 0.0, 0.0
