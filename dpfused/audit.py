@@ -362,7 +362,7 @@ def _seeded_run(config, included, seed, claim):
             _canary_loss(model, config.loss_fn, inputs, targets, probe_inputs, is_canary).backward()
         optimizer.step()
         released.append(model.probe.weight.grad[0].detach().to("cpu", torch.float64).clone())
-    observations = torch.stack(released).numpy() * optimizer.expected_batch_size
+    observations = torch.stack(released).numpy() * loader.current.expected_size  # B_norm
     scores = _scores(observations / config.max_grad_norm, amplitude=_probe_threshold(
         optimizer, model.probe.weight) / config.max_grad_norm,
         sigma=config.noise_multiplier, presence=_presence_probability(loader))

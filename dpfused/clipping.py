@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from dpfused import pieces as P
 from dpfused import privacy_math
 from dpfused.groups import set_thresholds
 from dpfused.step import ClippedStep, LogicalBatch
@@ -72,7 +71,7 @@ class Bookkeeper:
         self.batch_first = batch_first
         self._group_of = {id(p): i for i, g in enumerate(groups) for p in g.params}
         self._params = [p for g in groups for p in g.params]
-        self.paths: dict[str, str] = {}  # layer -> "ghost" | "direct", for explain()
+        self.paths: dict[str, str] = {}  # layer -> its pieces' norm paths, for explain()
         self._step = _OpenStep()
         self._batch: LogicalBatch | None = None  # of the physical batch last yielded
         self._accumulating = False  # a step() came before the logical batch's last physical one
@@ -109,7 +108,7 @@ class Bookkeeper:
             self._check_batch(layer, piece.batch_size)
             g = self._group_of[id(piece.param)]
             if not self._completes_now(g, layer):
-                piece = P.compact(piece)  # kept until the end of backward: keep the smaller form
+                piece = piece.compact()  # kept until the end of backward: keep the smaller form
             self._pieces[g].append((layer.path, piece))
             touched.add(g)
         for g in touched:
@@ -186,7 +185,7 @@ class Bookkeeper:
             self._pass_counts[g] = privacy_math.centered_unclipped_count(
                 norm_sq, group.threshold, self._loss_scale())
         for path, piece in tagged:
-            clipped = P.weighted_sum(piece, multipliers)
+            clipped = piece.weighted_sum(multipliers)
             key = id(piece.param)
             if key in self._pass_sums:
                 self._pass_sums[key].add_(clipped)
@@ -200,13 +199,19 @@ class Bookkeeper:
         total = None
         for plist in by_param.values():
             for i, p in enumerate(plist):
-                terms = [P.norm_sq(p)] + [2 * P.inner(p, q) for q in plist[i + 1:]]
+                terms = [p.norm_sq()] + [2 * p.inner(q) for q in plist[i + 1:]]
                 for term in terms:
                     total = term.clone() if total is None else total + term.to(total.dtype)
-        for path, piece in tagged:
-            if isinstance(piece, P.FactorPiece) and piece.path:
-                self.paths[path] = piece.path
+        self._record_norm_paths(tagged)
         return total
+
+    def _record_norm_paths(self, tagged):
+        """layer -> how its pieces' norms were computed, e.g. "ghost+dense", for explain()."""
+        recorded = defaultdict(list)
+        for path, piece in tagged:
+            if piece.norm_path and piece.norm_path not in recorded[path]:
+                recorded[path].append(piece.norm_path)
+        self.paths.update({path: "+".join(names) for path, names in recorded.items()})
 
     def _end_pass(self):
         if self._failure is not None:

@@ -65,11 +65,6 @@ class FactorPiece:
     norm_path: str = field(default="", init=False)
 
     @property
-    def path(self) -> str:
-        """Former name of ``norm_path`` (dpfused.clipping reads it until it switches)."""
-        return self.norm_path
-
-    @property
     def batch_size(self) -> int:
         return self.left.shape[0]
 
@@ -308,23 +303,3 @@ def _materialized_inner(p: Piece, q: Piece) -> torch.Tensor:
     a, b = p.materialize(), q.materialize()
     dtype = _accum_dtype(a)
     return (a.reshape(a.shape[0], -1).to(dtype) * b.reshape(b.shape[0], -1).to(dtype)).sum(dim=1)
-
-
-def compact(piece: Piece) -> Piece:
-    """``piece.compact()``."""
-    return piece.compact()
-
-
-def norm_sq(piece: Piece) -> torch.Tensor:
-    """``piece.norm_sq()``."""
-    return piece.norm_sq()
-
-
-def inner(p: Piece, q: Piece) -> torch.Tensor:
-    """``p.inner(q)``."""
-    return p.inner(q)
-
-
-def weighted_sum(piece: Piece, weights: torch.Tensor) -> torch.Tensor:
-    """``piece.weighted_sum(weights)``."""
-    return piece.weighted_sum(weights)

@@ -181,7 +181,7 @@ def _clipped_sums(model, reference, x, lengths, clipping):
                       thresholds=None, loss_reduction="mean", batch_first=True)
     try:
         model(x, lengths).mean().backward()
-        step = inst.book.take_step_sums()
+        step = inst.book.close()
         expected, names = expected_for(model, inst, grads)
         return expected, {names[key]: value for key, value in step.sums.items()}
     finally:
