@@ -12,11 +12,12 @@ the initial state. Block i of a call uses counter `counter + i`: its low 32 bits
 its carry added to word 13 (nonce[0]), so words 12–13 act as one 64-bit little-endian counter.
 For counters below 2^32 with no carry this is RFC 8439 exactly; across the boundary it is what
 DJB's original ChaCha20 and OpenSSL (hence the `cryptography` package) do. The keystream bytes are
-the words in little-endian order, block after block.
+the words in little-endian order, block after block; the op returns them as (num_blocks, 16)
+int32 (each word's bits), i.e. that byte stream in memory.
 
 Kernel: one program per BLOCK_B consecutive blocks; each of the 16 state words is a (BLOCK_B,)
 vector of uint32 (one block per lane), so the 80 quarter rounds are plain vector arithmetic with
-no cross-lane traffic. The output is (num_blocks, 16) int64 in keystream order; each of the 16
+no cross-lane traffic. The output is (num_blocks, 16) int32 in keystream order; each of the 16
 stores writes one word of BLOCK_B blocks (a 128-byte stride), and L2 merges the partial sectors
 before they reach memory.
 
@@ -122,24 +123,24 @@ def _chacha20_kernel(
         x2, x7, x8, x13 = _quarter_round(x2, x7, x8, x13)
         x3, x4, x9, x14 = _quarter_round(x3, x4, x9, x14)
 
-    # ---- phase 3: add the initial state, store word-major (coalesced) as int64 in [0, 2^32) ----
+    # ---- phase 3: add the initial state; store the words' bits as int32 ------------------------
     out_ptrs = out_ptr + offs_b * stride_outb
-    tl.store(out_ptrs + 0 * stride_outw, (x0 + c0).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 1 * stride_outw, (x1 + c1).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 2 * stride_outw, (x2 + c2).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 3 * stride_outw, (x3 + c3).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 4 * stride_outw, (x4 + k0).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 5 * stride_outw, (x5 + k1).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 6 * stride_outw, (x6 + k2).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 7 * stride_outw, (x7 + k3).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 8 * stride_outw, (x8 + k4).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 9 * stride_outw, (x9 + k5).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 10 * stride_outw, (x10 + k6).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 11 * stride_outw, (x11 + k7).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 12 * stride_outw, (x12 + ctr).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 13 * stride_outw, (x13 + w13).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 14 * stride_outw, (x14 + n1).to(tl.int64), mask=mask_b)
-    tl.store(out_ptrs + 15 * stride_outw, (x15 + n2).to(tl.int64), mask=mask_b)
+    tl.store(out_ptrs + 0 * stride_outw, (x0 + c0).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 1 * stride_outw, (x1 + c1).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 2 * stride_outw, (x2 + c2).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 3 * stride_outw, (x3 + c3).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 4 * stride_outw, (x4 + k0).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 5 * stride_outw, (x5 + k1).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 6 * stride_outw, (x6 + k2).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 7 * stride_outw, (x7 + k3).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 8 * stride_outw, (x8 + k4).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 9 * stride_outw, (x9 + k5).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 10 * stride_outw, (x10 + k6).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 11 * stride_outw, (x11 + k7).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 12 * stride_outw, (x12 + ctr).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 13 * stride_outw, (x13 + w13).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 14 * stride_outw, (x14 + n1).to(tl.int32, bitcast=True), mask=mask_b)
+    tl.store(out_ptrs + 15 * stride_outw, (x15 + n2).to(tl.int32, bitcast=True), mask=mask_b)
 
 
 _chacha20_kernel_tuned = triton.autotune(configs=_autotune_configs(),
@@ -152,7 +153,7 @@ _chacha20_kernel_tuned = triton.autotune(configs=_autotune_configs(),
 def _launch(key_nonce: torch.Tensor, counter: int, num_blocks: int,
             *, config: dict | None = None) -> torch.Tensor:
     """Run the kernel; `config` (BLOCK_B) bypasses autotuning (tests)."""
-    out = torch.empty((num_blocks, WORDS_PER_BLOCK), dtype=torch.int64, device=key_nonce.device)
+    out = torch.empty((num_blocks, WORDS_PER_BLOCK), dtype=torch.int32, device=key_nonce.device)
     if num_blocks > 0:
         block_b = config["BLOCK_B"] if config else min(c[0] for c in _CONFIGS)
         if triton.cdiv(num_blocks, block_b) > _MAX_GRID:
@@ -199,6 +200,11 @@ def _quarter_rounds_(a, b, c, d) -> None:
     _rotl_(b.bitwise_xor_(c), 7)
 
 
+def _as_int32_bits(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> int32 with the same 32 bits (v - 2^32 above 2^31 - 1)."""
+    return torch.where(words > 0x7FFFFFFF, words - (1 << 32), words).to(torch.int32).contiguous()
+
+
 def initial_state(key_nonce: torch.Tensor, counter: int, num_blocks: int) -> torch.Tensor:
     """(16, num_blocks) int64 initial ChaCha20 states of blocks counter .. counter+num_blocks-1."""
     device = key_nonce.device
@@ -213,7 +219,7 @@ def initial_state(key_nonce: torch.Tensor, counter: int, num_blocks: int) -> tor
 
 
 def chacha20_blocks_torch(key_nonce: torch.Tensor, counter: int, num_blocks: int) -> torch.Tensor:
-    """ChaCha20 blocks with torch ops on any device: (num_blocks, 16) int64, keystream order.
+    """ChaCha20 blocks with torch ops on any device: (num_blocks, 16) int32, keystream order.
 
     The diagonal round is the column round on rows rotated by 1, 2 and 3 (the usual SIMD layout),
     so each of the 20 rounds is four quarter rounds done at once on (4, num_blocks) rows.
@@ -226,7 +232,7 @@ def chacha20_blocks_torch(key_nonce: torch.Tensor, counter: int, num_blocks: int
         _quarter_rounds_(a, b, c, d)  # diagonals: (0,5,10,15), (1,6,11,12), ...
         b, c, d = b.roll(1, 0), c.roll(2, 0), d.roll(3, 0)
     out = torch.cat((a, b, c, d)).add_(state).bitwise_and_(_MASK32)  # (16, num_blocks)
-    return out.t().contiguous()
+    return _as_int32_bits(out.t())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,8 +251,10 @@ def chacha20_blocks(key_nonce: torch.Tensor, *, counter: int, num_blocks: int,
         impl: "auto" (Triton on CUDA, else torch), "triton" or "torch".
 
     Returns:
-        (num_blocks, 16) contiguous int64 words in [0, 2^32), block after block;
-        `keystream_bytes` turns them into RFC 8439's byte stream.
+        (num_blocks, 16) contiguous int32: each keystream word's 32 bits (a word >= 2^31 reads
+        as negative), block after block. The memory is RFC 8439's keystream bytes (on a
+        little-endian machine, i.e. every device torch runs on), so ``.view(torch.int64)`` gives
+        its 64-bit little-endian words. `keystream_bytes` returns the bytes.
 
     Raises:
         ValueError: bad key_nonce, counter or num_blocks; see dispatch.resolve_impl for `impl`.
@@ -283,8 +291,8 @@ def key_nonce_words(key: bytes, nonce: bytes = bytes(12), *,
 
 def keystream_bytes(blocks: torch.Tensor) -> bytes:
     """RFC 8439's keystream bytes of (num_blocks, 16) words: little-endian words, block by block."""
-    words = blocks.detach().to("cpu", torch.int64).reshape(-1).numpy()
-    return words.astype("<u4").tobytes()
+    words = blocks.detach().to("cpu").reshape(-1).numpy()
+    return words.astype("<i4").tobytes()
 
 
 def _check_key_nonce(key_nonce) -> None:
