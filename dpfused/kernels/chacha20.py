@@ -42,7 +42,7 @@ _CONSTANTS = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)  # "expand 32-byte
 # 16 working words of one block (~32 registers per block it owns). The interpreter gets one.
 # ---------------------------------------------------------------------------------------------
 _GPU_CONFIGS = [(128, 4), (256, 4), (512, 4), (1024, 8)]
-_INTERPRETER_CONFIGS = [(16, 1)]
+_INTERPRETER_CONFIGS = [(256, 1)]  # the interpreter's cost is per program, not per lane
 _CONFIGS = _INTERPRETER_CONFIGS if INTERPRETING_AT_IMPORT else _GPU_CONFIGS
 _MAX_GRID = 2**31 - 1  # CUDA limit of grid axis 0
 
