@@ -205,10 +205,12 @@ class ChaCha20Generator:
         """``count`` float64 sums of NORMAL_DRAWS independent Box–Muller N(0, 1) draws."""
         pairs = -(-count // 2)
         u = self.rand((NORMAL_DRAWS, 2, pairs), dtype=torch.float64, device=device)
-        radius = torch.log1p(-u[:, 0]).mul_(-2.0).sqrt_()  # (draws, pairs)
-        angle = u[:, 1].mul(2.0 * math.pi)
-        z = torch.cat((radius * torch.cos(angle), radius.mul_(torch.sin(angle))), dim=1)
-        return z.sum(dim=0)[:count]  # (count,)
+        radius = u[:, 0].neg().log1p_().mul_(-2.0).sqrt_()  # (draws, pairs)
+        angle = u[:, 1].mul_(2.0 * math.pi)
+        z = torch.empty_like(u)  # (draws, 2, pairs): the cos draws, then the sin draws
+        torch.cos(angle, out=z[:, 0]).mul_(radius)
+        torch.sin(angle, out=z[:, 1]).mul_(radius)
+        return z.sum(dim=0).reshape(-1)[:count]  # (count,)
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
