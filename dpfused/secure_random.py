@@ -16,8 +16,8 @@ is not installed). All three give the same bits, so a key and a counter give the
 every device.
 
 Secrecy. The key *is* the noise: anyone who holds it can recompute every noise vector and strip it
-from the released model updates. ``state_dict()`` contains the key; a checkpoint that holds it must
-be kept as secret as the training data. Copying or pickling the generator is refused (a copy would
+from the released model updates. ``state_dict()`` and ``get_state()`` contain the key; a checkpoint
+that holds either must be kept as secret as the training data. Copying or pickling the generator is refused (a copy would
 replay the same keystream); restore one explicitly with ``load_state_dict``, which replays the
 stream from the saved counter — fine for resuming, where the steps after the checkpoint are redone
 and their earlier results discarded, but never use one state for two runs whose outputs are both
@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover - the torch twin computes the same block
 __all__ = ["ChaCha20Generator"]
 
 KEY_BYTES = 32
+_COUNTER_BYTES = 16  # in get_state(); the counter reaches 2^64 when the stream is used up
 IMPLS = ("auto", "triton", "torch", "cryptography")
 _MAX_COUNTER = 1 << 64
 _MASK32 = 0xFFFFFFFF
@@ -236,6 +237,30 @@ class ChaCha20Generator:
         self._counter = counter
         self._key_nonce.clear()
 
+    def get_state(self) -> torch.Tensor:
+        """The state as a (48,) uint8 CPU tensor: the key, then the counter in 16 little-endian
+        bytes. SECRET, like `state_dict`.
+
+        The shape of ``torch.Generator.get_state()``: code that saves, clones, broadcasts
+        (``torch.distributed.broadcast``) and restores a generator's state works unchanged.
+        """
+        raw = self._key + self._counter.to_bytes(_COUNTER_BYTES, "little")
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+    def set_state(self, state: torch.Tensor) -> None:
+        """Restore a `get_state` tensor (same as `load_state_dict`; see it on replaying).
+
+        Raises:
+            ValueError: not a (48,) uint8 tensor, or a counter above 2^64.
+        """
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.shape != (
+                KEY_BYTES + _COUNTER_BYTES,):
+            raise ValueError(f"state must be a ({KEY_BYTES + _COUNTER_BYTES},) uint8 tensor from "
+                             f"ChaCha20Generator.get_state(); got {_describe(state)}")
+        raw = bytes(state.cpu().tolist())
+        self.load_state_dict({"key": raw[:KEY_BYTES],
+                              "counter": int.from_bytes(raw[KEY_BYTES:], "little")})
+
     def __reduce__(self):
         raise TypeError(f"{type(self).__name__} cannot be copied or pickled: a copy would replay "
                         "the same keystream; checkpoint it with state_dict() (secret) instead")
@@ -324,4 +349,6 @@ def _describe(value) -> str:
         return f"{type(value).__name__} of length {len(value)}"
     if isinstance(value, Mapping):
         return f"{type(value).__name__} with keys {sorted(map(str, value))}"
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
     return type(value).__name__

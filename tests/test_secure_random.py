@@ -248,6 +248,29 @@ def test_state_dict_resumes_the_stream():
     assert h.counter == g.counter
 
 
+def test_get_state_set_state_like_torch_generator():
+    # The sampler clones an epoch's start state, restores it to replay the epoch, and engine
+    # broadcasts it to every rank: all through get_state/set_state, as with torch.Generator.
+    g = gen()
+    g.rand(10)
+    state = g.get_state()
+    assert state.dtype == torch.uint8 and state.shape == (48,)
+    expected = g.randperm(20)
+    saved = state.clone()
+    g.rand(3)
+    g.set_state(saved)
+    assert torch.equal(g.randperm(20), expected)
+    h = ChaCha20Generator()
+    h.set_state(saved)
+    assert torch.equal(h.randperm(20), expected) and h.state_dict() == g.state_dict()
+    g.load_state_dict({"key": KEY, "counter": 2**64})  # used up: still representable
+    assert int.from_bytes(bytes(g.get_state()[32:].tolist()), "little") == 2**64
+    with pytest.raises(ValueError, match="uint8"):
+        g.set_state(saved.to(torch.int64))
+    with pytest.raises(ValueError, match="counter"):
+        g.set_state(torch.full((48,), 255, dtype=torch.uint8))
+
+
 def test_copies_and_pickles_are_refused_and_repr_hides_the_key():
     g = gen()
     for clone in (copy.copy, copy.deepcopy, pickle.dumps):
