@@ -12,16 +12,18 @@ Keystream. The generator reads the keystream block by block: block ``i`` is the 
 the words it does not use, so no block feeds two draws. The blocks are computed on the device the
 output lives on: by a Triton kernel on CUDA (a step never waits for the CPU), by OpenSSL through
 the ``cryptography`` package on the CPU (or by the torch twin of the kernel when ``cryptography``
-is not installed). All three give the same bits, so a key and a counter give the same draws on
-every device.
+is not installed). All three give the same bits, so a key and a counter give the same words,
+uniforms and permutations on every device (Gaussian values may differ in their last bits: each
+device's math library computes log, cos and sin).
 
 Secrecy. The key *is* the noise: anyone who holds it can recompute every noise vector and strip it
 from the released model updates. ``state_dict()`` and ``get_state()`` contain the key; a checkpoint
-that holds either must be kept as secret as the training data. Copying or pickling the generator is refused (a copy would
-replay the same keystream); restore one explicitly with ``load_state_dict``, which replays the
-stream from the saved counter — fine for resuming, where the steps after the checkpoint are redone
-and their earlier results discarded, but never use one state for two runs whose outputs are both
-released (equal noise on two releases leaks their difference).
+that holds either must be kept as secret as the training data. Copying or pickling the generator
+is refused (a copy would replay the same keystream); restore one explicitly with
+``load_state_dict`` or ``set_state``, which replay the stream from the saved counter: fine for
+resuming, where the steps after the checkpoint are redone and their earlier results discarded,
+and for a sampler regenerating an epoch's batches; but never use one state for two runs whose
+outputs are both released (equal noise on two releases leaks their difference).
 """
 
 from __future__ import annotations
