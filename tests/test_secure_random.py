@@ -72,6 +72,15 @@ def test_every_impl_draws_the_same_values():
         assert draws[0][4] == other[4]
 
 
+def test_without_cryptography_auto_uses_the_torch_twin(monkeypatch):
+    from dpfused import secure_random
+    expected = gen().random_words(40)
+    monkeypatch.setattr(secure_random, "HAS_CRYPTOGRAPHY", False)
+    assert torch.equal(gen().random_words(40), expected)
+    with pytest.raises(ValueError, match="cryptography"):
+        gen("cryptography")
+
+
 def test_default_keys_come_from_the_os_and_differ():
     a, b = ChaCha20Generator(), ChaCha20Generator()
     assert not torch.equal(a.random_words(8), b.random_words(8))
