@@ -16,6 +16,7 @@ CPU, Philox on CUDA), in values per second, for float32 noise of a few sizes:
 
     python benchmarks/noise.py                   # CPU, and the GPU if there is one
     python benchmarks/noise.py --sizes 65536 1048576 --devices cpu --threads 1
+    python benchmarks/noise.py --devices cpu --sizes 512 --min-seconds 0   # smoke test (CI)
 """
 
 import argparse
@@ -67,8 +68,9 @@ def time_cuda(fn) -> float:
     return do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0] / 1e3  # ms -> s
 
 
-def bench_device(device: str, sizes: list[int]) -> list[Row]:
-    timer = time_cuda if device == "cuda" else time_cpu
+def bench_device(device: str, sizes: list[int], *, min_seconds: float = 1.0) -> list[Row]:
+    timer = time_cuda if device == "cuda" else (
+        lambda fn: time_cpu(fn, min_seconds=min_seconds))
     impls = ["triton"] if device == "cuda" else ["cryptography", "torch"]
     rows = []
     for size in sizes:
@@ -118,6 +120,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 gives steadier figures on a "
                         "shared machine")
+    p.add_argument("--min-seconds", type=float, default=1.0,
+                   help="CPU: time each row for about this long (0: three calls, a smoke test)")
     opts = p.parse_args(argv)
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
@@ -127,7 +131,7 @@ def main(argv=None) -> None:
             print("cuda: no GPU here, skipped", file=sys.stderr)
             continue
         sizes = opts.sizes or (CUDA_SIZES if device == "cuda" else CPU_SIZES)
-        rows += bench_device(device, sizes)
+        rows += bench_device(device, sizes, min_seconds=opts.min_seconds)
     print(f"machine: {machine()}\n")
     print_table(rows)
 
