@@ -18,7 +18,7 @@ int32 (each word's bits), i.e. that byte stream in memory.
 Kernel: one program per BLOCK_B consecutive blocks; each of the 16 state words is a (BLOCK_B,)
 vector of uint32 (one block per lane), so the 80 quarter rounds are plain vector arithmetic with
 no cross-lane traffic. The output is (num_blocks, 16) int32 in keystream order; each of the 16
-stores writes one word of BLOCK_B blocks (a 128-byte stride), and L2 merges the partial sectors
+stores writes one word of BLOCK_B blocks (a 64-byte stride), and L2 merges the partial sectors
 before they reach memory.
 
 Key and nonce come in as a small int64 tensor (cached on the device by the caller), the start
@@ -44,7 +44,7 @@ _CONSTANTS = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)  # "expand 32-byte
 _GPU_CONFIGS = [(128, 4), (256, 4), (512, 4), (1024, 8)]
 _INTERPRETER_CONFIGS = [(256, 1)]  # the interpreter's cost is per program, not per lane
 _CONFIGS = _INTERPRETER_CONFIGS if INTERPRETING_AT_IMPORT else _GPU_CONFIGS
-_MAX_GRID = 2**31 - 1  # CUDA limit of grid axis 0
+_MAX_LAUNCH_BLOCKS = 2**31  # block offsets within a launch stay below 2^31 (the carry logic)
 
 
 def _autotune_configs():
@@ -155,9 +155,9 @@ def _launch(key_nonce: torch.Tensor, counter: int, num_blocks: int,
     """Run the kernel; `config` (BLOCK_B) bypasses autotuning (tests)."""
     out = torch.empty((num_blocks, WORDS_PER_BLOCK), dtype=torch.int32, device=key_nonce.device)
     if num_blocks > 0:
-        block_b = config["BLOCK_B"] if config else min(c[0] for c in _CONFIGS)
-        if triton.cdiv(num_blocks, block_b) > _MAX_GRID:
-            raise ValueError(f"num_blocks={num_blocks} is too many for one launch; split the call")
+        if num_blocks > _MAX_LAUNCH_BLOCKS:
+            raise ValueError(f"num_blocks={num_blocks} exceeds {_MAX_LAUNCH_BLOCKS} (128 GiB of "
+                             "keystream) for one launch; split the call")
         kernel = _chacha20_kernel if config else _chacha20_kernel_tuned
         grid = lambda meta: (triton.cdiv(num_blocks, meta["BLOCK_B"]),)  # noqa: E731
         kernel[grid](
