@@ -2,6 +2,7 @@
 
 # Every op takes `impl="auto" | "triton" | "torch"`; see dispatch.resolve_impl. Importing this
 # package runs no kernel and needs no GPU; without the triton package "auto" picks torch.
+from .chacha20 import chacha20_blocks
 from .clipped_grad import (choose_clipped_grad_variant, clipped_weight_grad,
                            clipped_weight_grad_scale_matmul)
 from .direct_norm import direct_norm_sq
@@ -11,6 +12,7 @@ from .ghost_norm import ghost_inner, ghost_norm_sq, ghost_norm_sq_with_bias
 from .norm_layers import norm_layer_backward
 
 __all__ = [
+    "chacha20_blocks",
     "choose_clipped_grad_variant",
     "choose_norm_path",
     "clipped_weight_grad",
