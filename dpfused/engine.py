@@ -23,6 +23,7 @@ from dpfused.adaptive import AdaptiveClipping
 from dpfused.groups import CLIPPING_MODES
 from dpfused.instrument import detach, instrument, plan
 from dpfused.optimizer import DPOptimizer
+from dpfused.secure_random import ChaCha20Generator
 from dpfused.step import SAMPLINGS
 
 __all__ = ["PrivacyEngine", "get_noise_multiplier"]
@@ -38,7 +39,9 @@ class PrivacyEngine:
         neighboring: None (default: the adjacency each sampling's proof covers, add/remove for
             Poisson, zero-out for cyclic/shuffle; docs/design.md §7), "zero_out", "replace_one"
             (sensitivity 2C), or "add_remove" (Poisson sampling only).
-        secure_mode: True is refused: dpfused has no cryptographically secure noise source yet.
+        secure_mode: draw the noise and the batches from a cryptographically secure generator
+            (ChaCha20 keyed from the operating system, Gaussian samples hardened against the
+            floating-point attack; ``dpfused.secure_random``) instead of torch's Mersenne Twister.
     """
 
     def __init__(self, *, accountant: str = "pld", neighboring: str | None = None,
@@ -46,7 +49,7 @@ class PrivacyEngine:
         _check_choice("accountant", accountant, accounting.MECHANISMS)
         if neighboring is not None:
             _check_choice("neighboring", neighboring, accounting.NEIGHBORINGS)
-        _refuse_secure_mode(secure_mode)
+        self.secure_mode = bool(secure_mode)
         self.accountant = accounting.PrivacyAccountant(mechanism=accountant, neighboring=neighboring)
         self.accountant_name = accountant
         self.neighboring = neighboring
@@ -119,6 +122,7 @@ class PrivacyEngine:
         accounting.check_neighboring(self.neighboring, sampling)
         _check_module_and_optimizer(module, optimizer)
         _check_adaptive(adaptive_clipping, clipping)
+        noise_generator, sampling_generator = self._generators(noise_generator, sampling_generator)
         rank, world_size = _data_parallel_world()
         if world_size > 1:
             _broadcast_parameters(module)
@@ -126,7 +130,8 @@ class PrivacyEngine:
         loader = dp_sampling.make_private_data_loader(
             data_loader, sampling=sampling, sample_rate=sample_rate, shuffle_once=shuffle_once,
             max_physical_batch_size=max_physical_batch_size, drop_last=drop_last,
-            generator=sampling_generator, rank=rank, world_size=world_size)
+            generator=sampling_generator, secure_mode=self.secure_mode, rank=rank,
+            world_size=world_size)
         inst = instrument(module, clipping=clipping, max_grad_norm=max_grad_norm,
                           thresholds=thresholds, loss_reduction=loss_reduction,
                           batch_first=batch_first, count_unclipped=adaptive_clipping is not None)
@@ -138,6 +143,17 @@ class PrivacyEngine:
         )
         self.module, self.optimizer, self.data_loader = module, dp_optimizer, loader
         return module, dp_optimizer, loader
+
+    def _generators(self, noise_generator, sampling_generator):
+        """(noise, sampling) generators: the user's, or fresh secure ones in secure mode."""
+        if not self.secure_mode:
+            return noise_generator, sampling_generator
+        if noise_generator is not None or sampling_generator is not None:
+            raise ValueError(
+                "secure_mode=True draws the noise and the batches from ChaCha20 generators keyed "
+                "from the operating system; drop noise_generator / sampling_generator (a seeded "
+                "generator is predictable), or use secure_mode=False for repeatable runs")
+        return ChaCha20Generator(), ChaCha20Generator()
 
     def make_private_with_epsilon(self, *, module, optimizer, data_loader, target_epsilon: float,
                                   target_delta: float, epochs: int | None = None,
@@ -309,14 +325,15 @@ def _broadcast_parameters(module: nn.Module) -> None:
             torch.distributed.broadcast(tensor.data, src=0)
 
 
-def _shared_generator(generator: torch.Generator | None) -> torch.Generator:
-    """One sampler seed for all ranks: each rank keeps its slice of the SAME logical batch, so the
-    union over ranks is the Poisson/cyclic/shuffled batch the accountant assumes."""
+def _shared_generator(generator):
+    """One sampler state for all ranks (rank 0's; in secure mode its key): each rank keeps its
+    slice of the SAME logical batch, so the union over ranks is the Poisson/cyclic/shuffled batch
+    the accountant assumes."""
     if generator is None:  # as on one process: seeded from torch's global RNG (rank 0's)
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     state = generator.get_state()
     torch.distributed.broadcast(state, src=0)
-    shared = torch.Generator()
+    shared = ChaCha20Generator() if isinstance(generator, ChaCha20Generator) else torch.Generator()
     shared.set_state(state)
     return shared
 
@@ -333,14 +350,6 @@ def _check_adaptive(adaptive_clipping, clipping):
 def _check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}")
-
-
-def _refuse_secure_mode(secure_mode):
-    if secure_mode:
-        raise ValueError(
-            "secure_mode=True needs a cryptographically secure noise and sampling source, which "
-            "dpfused does not ship yet (torch's generators are not CSPRNGs); use secure_mode=False"
-        )
 
 
 def _check_thresholds_total(thresholds, max_grad_norm):

@@ -120,8 +120,9 @@ class _OpacusArgs:
             if mode == "ghost" and clipping != "flat":
                 raise ValueError("grad_sample_mode='ghost' is flat clipping in Opacus; it "
                                  f"contradicts clipping={clipping!r}")
-        if "secure_mode" in kwargs:
-            engine._refuse_secure_mode(kwargs.pop("secure_mode"))
+        if kwargs.pop("secure_mode", False):
+            raise ValueError("secure_mode is a PrivacyEngine argument: "
+                             "PrivacyEngine(secure_mode=True), then make_private without it")
         if "criterion" in kwargs:
             args.criterion = kwargs.pop("criterion")
         args._parse_adaptive(kwargs)

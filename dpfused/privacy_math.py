@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dpfused.secure_random import ChaCha20Generator
+
 __all__ = [
     "CLIP_EPS",
     "clip_factors",
@@ -134,9 +136,7 @@ def noised_gradient(
     unused by this batch); the step still carries the noise.
     """
     dtype = torch.promote_types(dtype, torch.float32)  # bf16/fp16 parameters: noise in float32
-    noise = torch.normal(
-        mean=0.0, std=std, size=tuple(shape), device=device, generator=generator, dtype=dtype,
-    )
+    noise = _gaussian(shape, std=std, device=device, dtype=dtype, generator=generator)
     if clipped_sum is not None:
         noise.add_(clipped_sum.to(dtype))
     return noise.div_(normalizer)
@@ -201,9 +201,20 @@ def gradient_noise_multiplier(effective: float, count_noise_std: float, num_grou
 def noised_counts(counts: torch.Tensor, *, std: float,
                   generator: torch.Generator | None) -> torch.Tensor:
     """Centered counts ``(K,)`` plus N(0, sigma_b^2) on each, in float64."""
-    noise = torch.normal(mean=0.0, std=std, size=tuple(counts.shape), device=counts.device,
-                         generator=generator, dtype=torch.float64)
+    noise = _gaussian(counts.shape, std=std, device=counts.device, dtype=torch.float64,
+                      generator=generator)
     return noise.add_(counts.to(torch.float64))
+
+
+def _gaussian(shape, *, std: float, device, dtype: torch.dtype, generator) -> torch.Tensor:
+    """N(0, std^2) samples: from the cryptographically secure generator in secure mode
+    (dpfused.secure_random: ChaCha20, floating-point-attack mitigation), else torch's."""
+    if std == 0:  # data parallel ranks other than 0 add no noise: draw nothing
+        return torch.zeros(tuple(shape), device=device, dtype=dtype)
+    if isinstance(generator, ChaCha20Generator):
+        return generator.normal(tuple(shape), std=std, dtype=dtype, device=device)
+    return torch.normal(mean=0.0, std=std, size=tuple(shape), device=device, generator=generator,
+                        dtype=dtype)
 
 
 def unclipped_fractions(noisy_counts: torch.Tensor, expected_batch_size: float) -> list[float]:

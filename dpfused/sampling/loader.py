@@ -332,7 +332,7 @@ def make_private_data_loader(
         drop_last: cyclic/shuffle: drop the last partial batch.
         max_physical_batch_size: split logical batches into physical ones of at most this size.
         generator: CPU generator seeding the sampler (copied).
-        secure_mode: seed the sampler from the OS entropy source (not a CSPRNG stream).
+        secure_mode: draw batches from a cryptographically secure generator (ChaCha20).
         steps_per_epoch: Poisson steps per nominal epoch; default round(1/q).
         rank, world_size: data parallel: this process keeps ``batch[rank::world_size]`` of every
             logical batch; every rank must use the same sampler seed.

@@ -13,17 +13,15 @@ batches an uninterrupted run would have produced.
 
 Randomness. Every sampler owns a CPU ``torch.Generator``. By default it is seeded from torch's global
 RNG (so ``torch.manual_seed`` makes runs repeatable); a ``generator`` argument is copied, not
-shared. ``secure_mode=True`` seeds it with 64 bits from the operating system's entropy source
-(``secrets``). That makes the seed unguessable, nothing more: the stream is still torch's Mersenne
-Twister, which is *not* a cryptographically secure generator, so someone who sees enough of its
-output could reconstruct its state. Checkpoints contain the generator state: keep them as secret
-as the data.
+shared. ``secure_mode=True`` draws from a cryptographically secure generator instead
+(``dpfused.secure_random.ChaCha20Generator``, keyed from the operating system): nobody can predict
+the batches from earlier ones. Checkpoints contain the generator state (in secure mode, its key):
+keep them as secret as the data.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from dpfused.secure_random import ChaCha20Generator
 from dpfused.step import SAMPLINGS
 
 __all__ = [
@@ -56,23 +55,40 @@ def batches_per_epoch(*, sampling: str, num_samples: int | None = None,
 # ---------------------------------------------------------------------------------------------
 
 
-def _own_generator(generator: torch.Generator | None, secure_mode: bool) -> torch.Generator:
-    """A CPU generator owned by the sampler (see the module docstring)."""
-    if secure_mode and generator is not None:
-        raise ValueError(
-            "secure_mode=True seeds the sampler's generator from the OS entropy source; "
-            "do not pass generator as well."
-        )
-    own = torch.Generator(device="cpu")
+def _own_generator(generator: torch.Generator | None, secure_mode: bool):
+    """A generator owned by the sampler (see the module docstring)."""
     if secure_mode:
-        own.manual_seed(secrets.randbits(64))
-    elif generator is None:
+        if isinstance(generator, ChaCha20Generator):
+            return generator  # the engine's, shared by data-parallel ranks; never copied
+        if generator is not None:
+            raise ValueError(
+                "secure_mode=True draws batches from a cryptographically secure generator keyed "
+                "from the operating system; do not pass generator as well."
+            )
+        return ChaCha20Generator()
+    own = torch.Generator(device="cpu")
+    if generator is None:
         own.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64).item()))
+    elif isinstance(generator, ChaCha20Generator):
+        raise TypeError("generator: pass secure_mode=True instead of a ChaCha20Generator (a copy "
+                        "of it would replay its stream).")
     else:
         if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
             raise TypeError(f"generator must be a CPU torch.Generator; got {generator!r}.")
         own.set_state(generator.get_state())
     return own
+
+
+def _uniform(generator, n: int) -> torch.Tensor:
+    if isinstance(generator, ChaCha20Generator):
+        return generator.rand(n, dtype=torch.float64)
+    return torch.rand(n, generator=generator)
+
+
+def _permutation(generator, n: int) -> torch.Tensor:
+    if isinstance(generator, ChaCha20Generator):
+        return generator.randperm(n)
+    return torch.randperm(n, generator=generator)
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -130,7 +146,8 @@ class _DPBatchSampler(Sampler[list[int]]):
 
     def _state_after_epoch(self, epoch_start_state: torch.Tensor) -> torch.Tensor:
         """Generator state at the start of the next epoch, without touching this sampler."""
-        scratch = torch.Generator(device="cpu")
+        secure = isinstance(self.generator, ChaCha20Generator)
+        scratch = ChaCha20Generator() if secure else torch.Generator(device="cpu")
         scratch.set_state(epoch_start_state)
         for _ in self._epoch_batches(scratch):
             pass
@@ -186,7 +203,7 @@ class PoissonBatchSampler(_DPBatchSampler):
         sample_rate: q in (0, 1].
         steps_per_epoch: steps per nominal epoch; default round(1/q).
         generator: CPU generator whose state seeds the sampler's own (copied).
-        secure_mode: seed from the OS entropy source instead (see the module docstring).
+        secure_mode: draw from a cryptographically secure generator (see the module docstring).
     """
 
     sampling = "poisson"
@@ -217,7 +234,7 @@ class PoissonBatchSampler(_DPBatchSampler):
 
     def _epoch_batches(self, generator: torch.Generator) -> Iterator[list[int]]:
         for _ in range(self.batches_per_epoch):
-            mask = torch.rand(self.num_samples, generator=generator) < self.sample_rate
+            mask = _uniform(generator, self.num_samples) < self.sample_rate
             yield mask.nonzero().flatten().tolist()
 
     def _config(self) -> dict[str, Any]:
@@ -270,7 +287,7 @@ class CyclicBatchSampler(_FixedSizeBatchSampler):
         shuffle_once: draw one permutation from the generator now and keep it (else the identity).
         drop_last: drop the last partial batch (default) or keep it.
         generator: CPU generator whose state seeds the sampler's own (copied).
-        secure_mode: seed from the OS entropy source instead.
+        secure_mode: draw from a cryptographically secure generator.
     """
 
     sampling = "cyclic"
@@ -294,7 +311,7 @@ class CyclicBatchSampler(_FixedSizeBatchSampler):
         )
         self.shuffle_once = bool(shuffle_once)
         if self.shuffle_once:
-            self.order = torch.randperm(self.num_samples, generator=self.generator)
+            self.order = _permutation(self.generator, self.num_samples)
         else:
             self.order = torch.arange(self.num_samples)
         self._epoch_start_state = self.generator.get_state()
@@ -321,7 +338,7 @@ class ShuffleBatchSampler(_FixedSizeBatchSampler):
         batch_size: b.
         drop_last: drop the last partial batch (default) or keep it.
         generator: CPU generator whose state seeds the sampler's own (copied).
-        secure_mode: seed from the OS entropy source instead.
+        secure_mode: draw from a cryptographically secure generator.
     """
 
     sampling = "shuffle"
@@ -344,5 +361,5 @@ class ShuffleBatchSampler(_FixedSizeBatchSampler):
         )
 
     def _epoch_batches(self, generator: torch.Generator) -> Iterator[list[int]]:
-        return self._batches_of(torch.randperm(self.num_samples, generator=generator))
+        return self._batches_of(_permutation(generator, self.num_samples))
 
