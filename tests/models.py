@@ -222,3 +222,18 @@ FACTORIES = {
     "llama_tied": lambda b, seed=0: llama(b, seed, tied=True),
     "gpt2_lora": gpt2_lora,
 }
+
+
+class ZeroGradient(nn.Module):
+    """A model whose gradients are all zero: the released update is the noise alone."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.lin = nn.Linear(width, width, bias=False)
+
+    def forward(self, x):
+        return self.lin(x) * 0.0
+
+
+def zero_gradient_model(width=120):
+    return ZeroGradient(width).double()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
+from tests import models
 from tests.oracle import clipped_sums, per_example_grads, snapshot
 
 
@@ -126,22 +127,10 @@ def test_batch_memory_manager_refuses_a_loader_of_another_optimizer():
                                    optimizer=optimizer)
 
 
-def _zero_gradient_model(width=120):
-    class Zero(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(width, width, bias=False)
-
-        def forward(self, x):
-            return self.lin(x) * 0.0
-
-    return Zero().double()
-
-
 @pytest.mark.parametrize("physical", [None, 2])
 def test_noise_std_is_sigma_c_over_b_and_added_once(physical):
     sigma, clip, batch = 1.3, 0.7, 8
-    model = _zero_gradient_model()
+    model = models.zero_gradient_model()
     dataset = TensorDataset(torch.randn(32, 120, dtype=torch.float64), torch.zeros(32))
     gen = torch.Generator().manual_seed(1)
     _, model, optimizer, loader = _private(model, batch_size=batch, noise=sigma, clip=clip,

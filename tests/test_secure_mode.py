@@ -10,23 +10,13 @@ from torch.utils.data import DataLoader, TensorDataset
 import dpfused
 import dpfused.opacus
 from dpfused.secure_random import ChaCha20Generator
+from tests import models
 
 WIDTH = 120
 
 
-class _Zero(nn.Module):
-    """A model whose gradients are all zero: the released update is the noise alone."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(WIDTH, WIDTH, bias=False)
-
-    def forward(self, x):
-        return self.lin(x) * 0.0
-
-
 def _secure(sampling="cyclic", noise=1.3, clip=0.7, batch=8):
-    model = _Zero().double()
+    model = models.zero_gradient_model(WIDTH)
     inputs = torch.randn(32, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     data = DataLoader(TensorDataset(inputs), batch_size=batch)
     engine = dpfused.PrivacyEngine(secure_mode=True)
@@ -75,7 +65,7 @@ def test_two_secure_runs_draw_different_batches():
 
 
 def test_secure_mode_refuses_seeded_generators():
-    model = _Zero().double()
+    model = models.zero_gradient_model(WIDTH)
     data = DataLoader(TensorDataset(torch.randn(8, WIDTH, dtype=torch.float64)), batch_size=4)
     with pytest.raises(ValueError, match="secure_mode=True draws the noise .* drop noise_generator"):
         dpfused.PrivacyEngine(secure_mode=True).make_private(
