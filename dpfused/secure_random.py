@@ -302,13 +302,21 @@ def _openssl_blocks(key: bytes, start: int, num_blocks: int) -> torch.Tensor:
     """The same blocks as `chacha20_blocks`, by OpenSSL: the keystream is ChaCha20 of zeros.
 
     ``cryptography``'s 16-byte nonce is words 12–15: the 64-bit counter, then the zero nonce.
+    cryptography >= 49 refuses to carry the low counter word into word 13, so a request is cut at
+    every multiple of 2^32 blocks and each part starts with its own high word.
     """
-    nonce = start.to_bytes(8, "little") + bytes(8)
-    encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
     stream = bytearray(num_blocks * BYTES_PER_BLOCK)
-    encryptor.update_into(bytes(len(stream)), stream)
+    done = 0
+    while done < num_blocks:
+        counter = start + done
+        part = min(num_blocks - done, 2**32 - counter % 2**32)
+        nonce = counter.to_bytes(8, "little") + bytes(8)
+        encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        view = memoryview(stream)[done * BYTES_PER_BLOCK:(done + part) * BYTES_PER_BLOCK]
+        encryptor.update_into(bytes(len(view)), view)
+        done += part
     words = np.frombuffer(stream, dtype="<i4")
-    return torch.from_numpy(words).view(num_blocks, WORDS_PER_BLOCK)
+    return torch.from_numpy(words.copy()).view(num_blocks, WORDS_PER_BLOCK)
 
 
 def _uniform53(words: torch.Tensor) -> torch.Tensor:

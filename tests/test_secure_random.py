@@ -33,10 +33,14 @@ def gen(impl="auto", key=KEY):
 
 def openssl_words(key: bytes, counter: int, num_words: int) -> np.ndarray:
     """The generator's stream: ChaCha20 with 64-bit counter `counter` (words 12-13), zero nonce."""
-    iv = counter.to_bytes(8, "little") + bytes(8)
     num_blocks = -(-num_words // 16)
-    stream = Cipher(algorithms.ChaCha20(key, iv), mode=None).encryptor().update(
-        bytes(64 * num_blocks))
+    stream = b""
+    while num_blocks > 0:  # cryptography >= 49 will not carry past 2^32 blocks in one call
+        part = min(num_blocks, 2**32 - counter % 2**32)
+        iv = counter.to_bytes(8, "little") + bytes(8)
+        stream += Cipher(algorithms.ChaCha20(key, iv), mode=None).encryptor().update(
+            bytes(64 * part))
+        counter, num_blocks = counter + part, num_blocks - part
     return np.frombuffer(stream, dtype="<u4")[:num_words]
 
 

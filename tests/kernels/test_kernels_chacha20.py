@@ -37,10 +37,19 @@ RFC_242_CIPHERTEXT = bytes.fromhex(
 
 
 def openssl_keystream(key: bytes, nonce: bytes, counter: int, num_blocks: int) -> bytes:
-    """`cryptography`'s ChaCha20 of zeros; its 16-byte nonce is the LE counter then the nonce."""
-    iv = counter.to_bytes(4, "little") + nonce
-    return Cipher(algorithms.ChaCha20(key, iv), mode=None).encryptor().update(
-        bytes(64 * num_blocks))
+    """`cryptography`'s ChaCha20 of zeros; its 16-byte nonce is the LE counter then the nonce.
+
+    Past 2^32 blocks the low counter word carries into nonce word 0 (OpenSSL's 64-bit counter).
+    cryptography >= 49 refuses to cross that boundary in one call, so each side is its own call.
+    """
+    out = b""
+    while num_blocks > 0:
+        part = min(num_blocks, 2**32 - counter)
+        iv = counter.to_bytes(4, "little") + nonce
+        out += Cipher(algorithms.ChaCha20(key, iv), mode=None).encryptor().update(bytes(64 * part))
+        word0 = (int.from_bytes(nonce[:4], "little") + 1) % 2**32
+        nonce, counter, num_blocks = word0.to_bytes(4, "little") + nonce[4:], 0, num_blocks - part
+    return out
 
 
 def blocks(key, nonce, counter, num_blocks, impl):
