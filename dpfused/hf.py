@@ -179,7 +179,7 @@ class DPTrainingMixin:
         # of the arguments (the caller's object is left alone). Data skipping on resume is done by
         # dpfused's sampler state, so the Trainer must not skip batches itself.
         self.args = _copy_args(self.args, gradient_accumulation_steps=1, ignore_data_skip=True)
-        if 0 < self.args.max_grad_norm != privacy.max_grad_norm:
+        if self.args.max_grad_norm != type(self.args).__dataclass_fields__["max_grad_norm"].default:
             warnings.warn(
                 f"TrainingArguments.max_grad_norm={self.args.max_grad_norm} is not applied by "
                 f"DPTrainer; the per-example clipping bound is PrivacyArguments.max_grad_norm="
@@ -244,7 +244,7 @@ class DPTrainingMixin:
         extra = {"prefetch_factor": args.dataloader_prefetch_factor} if args.dataloader_num_workers else {}
         return DataLoader(dataset, batch_size=self.logical_batch_size, collate_fn=collator,
                           num_workers=args.dataloader_num_workers,
-                          pin_memory=args.dataloader_pin_memory,
+                          pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
                           persistent_workers=args.dataloader_persistent_workers, **extra)
 
     def _planned_length(self) -> dict:
@@ -428,9 +428,8 @@ class DPTrainingMixin:
                 "expected_logical_batch_size": self.logical_batch_size}
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or self.privacy_engine is None:
-            return
+            return super()._load_optimizer_and_scheduler(checkpoint)
         path = os.path.join(checkpoint, PRIVACY_STATE_NAME)
         if not os.path.isfile(path):
             raise ValueError(
@@ -443,6 +442,7 @@ class DPTrainingMixin:
             if state[key] != mine:
                 raise ValueError(f"resume_from_checkpoint: the checkpoint was trained with "
                                  f"{key}={state[key]!r}, this trainer has {mine!r}; they must match")
+        super()._load_optimizer_and_scheduler(checkpoint)
         self.privacy_engine.load_state_dict(state["engine"])
         self._noise_generator.set_state(state["noise_generator"])
         self._dp_optimizer.noise_multiplier = state["noise_multiplier"]
@@ -583,15 +583,14 @@ def _head_kind(model, logits) -> str:
 
 def _sequence_classification_loss(model, logits, labels):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    num_labels = logits.shape[-1]
-    problem = getattr(config, "problem_type", None)
-    if problem == "regression" or (problem is None and num_labels == 1):
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1), reduction="none")
+    problem = getattr(getattr(base, "config", None), "problem_type", None)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast: float32
+    if problem == "regression" or (problem is None and logits.shape[-1] == 1):
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1), reduction="none")
     if problem == "multi_label_classification":
         return F.binary_cross_entropy_with_logits(
-            logits.float(), labels.float(), reduction="none").mean(dim=-1)
-    return F.cross_entropy(logits.float(), labels.view(-1), reduction="none")
+            logits, labels.to(logits.dtype), reduction="none").mean(dim=-1)
+    return F.cross_entropy(logits, labels.view(-1), reduction="none")
 
 
 _OUR_CLASSES.update({DPTrainingMixin, DPTrainer})
