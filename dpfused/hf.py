@@ -174,7 +174,6 @@ class DPTrainingMixin:
         self.privacy = privacy
         self.logical_batch_size = (self.args.per_device_train_batch_size
                                    * self.args.gradient_accumulation_steps * self.args.world_size)
-        self.gradient_accumulation_steps = self.args.gradient_accumulation_steps
         # The loop iterates logical batches: the Trainer's own accumulation is 1 on a private copy
         # of the arguments (the caller's object is left alone). Data skipping on resume is done by
         # dpfused's sampler state, so the Trainer must not skip batches itself.
