@@ -70,7 +70,11 @@ class FactorPiece:
 
     def materialize(self) -> torch.Tensor:
         """(B, *param.shape) per-example gradients. Only for rare cases (shared, sliced)."""
-        per_example = torch.einsum("btm,btn->bmn", self.left, self.right)
+        # Under autocast the saved input may be float32 next to a bf16 output gradient: einsum
+        # needs one dtype, and the product is summed over T, so take at least float32.
+        dtype = torch.promote_types(torch.promote_types(self.left.dtype, self.right.dtype),
+                                    torch.float32)
+        per_example = torch.einsum("btm,btn->bmn", self.left.to(dtype), self.right.to(dtype))
         return _place_rows(per_example, self.param, self.rows)
 
     def compact(self) -> FactorPiece | DensePiece:

@@ -92,8 +92,10 @@ class Config:
     # run
     device: str = "cpu"
     seed: int = 0
-    eps_every: int = 25  # refresh epsilon on the progress bar every this many steps (PLD: the
-    #                      first call builds the one-step PLD, ~1 s; later ones ~0.2 s)
+    eps_every: int = 1  # refresh epsilon on the progress bar every this many steps (PLD: the first
+    #                     call builds the one-step PLD, ~1 s; later ones ~0.2-1 s). Between refreshes
+    #                     the bar says which step its epsilon belongs to ("1.23@25"), never a stale
+    #                     value as the current one
     out: str | None = "runs/finetune_gpt2"  # checkpoint directory; "" or None: do not save
 
 
@@ -225,6 +227,7 @@ class Recipe:
         self.engine: dpfused.PrivacyEngine | None = None
         self.step = 0  # logical (optimizer) steps taken
         self.eps = 0.0 if cfg.dp else math.inf  # epsilon spent, as last computed
+        self.eps_step = 0  # the step `eps` was computed at
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -320,20 +323,28 @@ class Recipe:
             if steps_taken == self.step:
                 continue
             self.step = steps_taken
-            if self.step % cfg.eps_every == 0:
+            # The first step too: the bar used to show the initial 0.00 until step eps_every.
+            if self.step == 1 or self.step % cfg.eps_every == 0 or self.step >= total:
                 self.update_epsilon()
-            bar.set_postfix(loss=f"{loss_ema:.3f}", eps=f"{self.eps:.2f}")
+            bar.set_postfix(loss=f"{loss_ema:.3f}", eps=self.eps_label())
             bar.update()
             if self.step >= total:
                 break
         self.update_epsilon()
-        bar.set_postfix(loss=f"{loss_ema:.3f}", eps=f"{self.eps:.2f}")
+        bar.set_postfix(loss=f"{loss_ema:.3f}", eps=self.eps_label())
         bar.close()
 
     def update_epsilon(self) -> float:
         if self.engine is not None:
             self.eps = self.engine.get_epsilon(delta=self.cfg.delta)
+        self.eps_step = self.step
         return self.eps
+
+    def eps_label(self) -> str:
+        """Epsilon for the bar: after the current step, or marked with the step it belongs to."""
+        if self.eps_step == self.step:
+            return f"{self.eps:.2f}"
+        return f"{self.eps:.2f}@{self.eps_step}"
 
     @torch.no_grad()
     def evaluate(self) -> float:

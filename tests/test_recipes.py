@@ -128,3 +128,18 @@ def test_gpt2_recipe_physical_batches_make_one_step(gpt2_recipe):
 def test_gpt2_recipe_without_dp(gpt2_recipe):
     result = gpt2_recipe.main(TINY + ["--steps", "3", "--no-dp", "--out", ""])
     assert result["steps"] == 3 and result["epsilon"] == math.inf
+
+
+def test_gpt2_bar_shows_epsilon_from_the_first_step(gpt2_recipe, capsys):
+    """Issue 11, item 5: the bar showed the initial eps=0.00 until step eps_every; now epsilon is
+    computed after step 1 and a value from an earlier step is marked with its step."""
+    assert TINY[-2:] == ["--eps-every", "1"]
+    gpt2_recipe.main(TINY[:-2] + ["--eps-every", "5", "--steps", "3", "--out", ""])
+    bar = capsys.readouterr().err
+    assert "eps=0.00" not in bar
+    assert "@1" in bar  # step 2 shows step 1's epsilon, marked as such
+    recipe = gpt2_recipe.Recipe(gpt2_recipe.parse_args([]))
+    recipe.step, recipe.eps, recipe.eps_step = 4, 1.5, 4
+    assert recipe.eps_label() == "1.50"
+    recipe.step = 5
+    assert recipe.eps_label() == "1.50@4"

@@ -1,0 +1,595 @@
+"""DP fine-tuning inside HuggingFace's ``transformers.Trainer``: change ``Trainer(...)`` to
+``DPTrainer(..., privacy=PrivacyArguments(...))``.
+
+    trainer = DPTrainer(model=model, args=TrainingArguments(...), train_dataset=train,
+                        privacy=PrivacyArguments(noise_multiplier=1.0, max_grad_norm=1.0))
+    trainer.train()            # logs "epsilon" at every logging step, prints the privacy report
+    trainer.evaluate()         # no DP: plain evaluation
+
+How the Trainer's loop maps onto DP-SGD (docs/design.md §5, §6):
+
+- One *logical* batch per optimizer step, drawn by dpfused's sampler (Poisson by default) with
+  expected size ``per_device_train_batch_size x gradient_accumulation_steps x world size``; it is cut
+  into *physical* batches of at most ``per_device_train_batch_size``. The Trainer's loop iterates
+  logical batches (its own gradient accumulation is set to 1 on an internal copy of the arguments),
+  ``training_step`` runs forward/backward on each physical batch and the optimizer takes exactly one
+  noised step per logical batch, whatever its realized size (an empty one included). ``global_step``,
+  ``max_steps``, ``num_train_epochs``, the scheduler, logging and saving all count logical steps.
+- The training loss is a mean over examples of per-example losses (``per_example_loss``): for causal
+  LMs each example's mean over its own tokens (``labels`` -100 ignored), never HF's mean over all
+  tokens of the batch, whose divisor depends on the other examples (docs/design.md §3).
+- Checkpoints (``save_model``, ``checkpoint-N``) carry ``dpfused_privacy.pt``: the accountant's
+  ledger, the sampler position, the clipping thresholds and the noise generator; resuming from one
+  gives the same batches and the same epsilon.
+- ``TrainingArguments.max_grad_norm`` (HF's clipping of the summed gradient) is not applied: the
+  per-example bound is ``PrivacyArguments.max_grad_norm``, and the noised gradient is left as it is.
+
+Contract for subclasses: override ``per_example_loss(model, inputs)`` (one loss per example, each
+depending on its own example only). Overriding ``compute_loss`` is refused unless the class sets
+``dp_compute_loss_is_per_example = True``, certifying that in training it returns the mean over the
+physical batch of such per-example losses.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import secrets
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from dpfused.accounting import PrivacyBudgetExhausted
+from dpfused.adaptive import AdaptiveClipping
+from dpfused.engine import PrivacyEngine
+from dpfused.losses import per_example_lm_loss
+
+try:
+    from transformers import Trainer
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+except ImportError as error:  # pragma: no cover - the dev extra installs transformers
+    raise ImportError("dpfused.hf needs transformers: pip install transformers") from error
+
+__all__ = ["DPTrainer", "DPTrainingMixin", "PrivacyArguments", "PRIVACY_STATE_NAME"]
+
+PRIVACY_STATE_NAME = "dpfused_privacy.pt"
+PRIVACY_SUMMARY_NAME = "dpfused_privacy.json"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PrivacyArguments:
+    """How ``DPTrainer`` makes training private.
+
+    Attributes:
+        noise_multiplier: sigma (noise std = sigma x max_grad_norm). Give it or ``target_epsilon``.
+        target_epsilon: calibrate sigma so that the planned run (``max_steps``, or an integer
+            ``num_train_epochs``) spends this epsilon at ``delta``.
+        delta: the delta of every reported epsilon; must be below 1 / (training examples).
+        max_grad_norm: C, the per-example clipping bound (sqrt(sum_g C_g^2) with group clipping).
+        clipping: "flat", "per_layer" or "per_device".
+        sampling: "poisson" (default), "cyclic" or "shuffle" (docs/design.md §6).
+        accountant: "pld" (default) or "rdp".
+        adaptive_clipping: a ``dpfused.AdaptiveClipping`` (thresholds follow a norm quantile).
+        max_epsilon: a budget: training stops cleanly before the step that would exceed it, and
+            a final checkpoint is written.
+        seed: seeds the batch sampler (``seed``) and the noise (``seed + 1``). None (default):
+            64 bits from the operating system, so that nobody who knows the Trainer's public seed
+            can reproduce the batches or subtract the noise. Fix it only for experiments.
+    """
+
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    clipping: str = "flat"
+    sampling: str = "poisson"
+    accountant: str = "pld"
+    adaptive_clipping: AdaptiveClipping | None = None
+    max_epsilon: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("PrivacyArguments: give exactly one of noise_multiplier (sigma) and "
+                             "target_epsilon (sigma is then calibrated for the planned run)")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"PrivacyArguments: target_epsilon must be > 0, got {self.target_epsilon!r}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"PrivacyArguments: delta must be in (0, 1), got {self.delta!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise TypeError(f"PrivacyArguments: seed must be an int or None, got {type(self.seed).__name__}")
+
+
+class _LogicalBatch:
+    """The physical batches of one logical batch, in order (what ``training_step`` receives)."""
+
+    def __init__(self, physical: list):
+        self.physical = physical
+
+    def __len__(self) -> int:
+        return sum(_batch_size(b) for b in self.physical)
+
+
+class _LogicalBatches:
+    """Iterates a DPDataLoader's physical batches grouped into logical batches.
+
+    ``len()`` is the number of logical batches per epoch; one iteration is (the rest of) an epoch.
+    After a logical batch is yielded, ``loader.current`` describes its last physical batch, which is
+    what DPOptimizer.step() reads to take the noised step.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.dataset = loader.dataset  # Trainer.num_examples reads it
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        physical = []
+        for batch in self.loader:
+            physical.append(batch)
+            if self.loader.current.is_last_physical:
+                yield _LogicalBatch(physical)
+                physical = []
+
+
+class DPTrainingMixin:
+    """The DP-SGD overrides of ``transformers.Trainer``; ``DPTrainer`` and ``dpfused.hf_trl``'s
+    ``DPSFTTrainer`` put it in front of ``Trainer`` / ``trl.SFTTrainer`` in the MRO."""
+
+    #: Set True on a subclass whose compute_loss returns, in training, the mean over the physical
+    #: batch of per-example losses that each depend on one example only.
+    dp_compute_loss_is_per_example = False
+
+    def __init__(self, *args, privacy: PrivacyArguments, **kwargs):
+        if not isinstance(privacy, PrivacyArguments):
+            raise TypeError("privacy must be a dpfused.hf.PrivacyArguments, got "
+                            f"{type(privacy).__name__}")
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        _refuse_unsupported_class(type(self))
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "compute_loss_func is refused by DPTrainer: it receives num_items_in_batch (the token "
+                "count of the whole batch), so one example's loss would depend on the others and "
+                "clipping would not bound the sensitivity. Override per_example_loss(model, inputs) "
+                "instead (one loss per example)")
+        if kwargs.get("model_init") is not None:
+            raise ValueError("model_init (hyperparameter search) is not supported by DPTrainer: it "
+                             "re-creates the model after it was made private; pass model=")
+        if training_args is not None:
+            _refuse_unsupported_args(training_args)
+        super().__init__(*args, **kwargs)
+        _refuse_unsupported_args(self.args)  # also the defaults the Trainer filled in
+        self.privacy = privacy
+        self.logical_batch_size = (self.args.per_device_train_batch_size
+                                   * self.args.gradient_accumulation_steps * self.args.world_size)
+        # The loop iterates logical batches: the Trainer's own accumulation is 1 on a private copy
+        # of the arguments (the caller's object is left alone). Data skipping on resume is done by
+        # dpfused's sampler state, so the Trainer must not skip batches itself.
+        self.args = _copy_args(self.args, gradient_accumulation_steps=1, ignore_data_skip=True)
+        if self.args.max_grad_norm != type(self.args).__dataclass_fields__["max_grad_norm"].default:
+            warnings.warn(
+                f"TrainingArguments.max_grad_norm={self.args.max_grad_norm} is not applied by "
+                f"DPTrainer; the per-example clipping bound is PrivacyArguments.max_grad_norm="
+                f"{privacy.max_grad_norm}", stacklevel=2)
+        self.privacy_engine: PrivacyEngine | None = None
+        self._dp_optimizer = None
+        self._dp_loader = None
+        self._noise_generator = None
+        self.budget_exhausted = False
+        self._last_training_loss = None
+
+    # ---- data and optimizer: made private together -------------------------------------------
+    def get_train_dataloader(self):
+        """Logical batches from dpfused's sampler (built once; later calls continue it)."""
+        if self._dp_loader is None:
+            self._make_private()
+        return _LogicalBatches(self._dp_loader)
+
+    def _make_private(self) -> None:
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        privacy = self.privacy
+        num_examples = len(self.train_dataset)
+        if privacy.delta >= 1.0 / num_examples:
+            raise ValueError(
+                f"PrivacyArguments.delta={privacy.delta:g} is not below 1/N = 1/{num_examples}: "
+                "with such a delta a mechanism may publish an example outright; use a smaller delta")
+        self.model.train()
+        self.create_optimizer()
+        sampling_seed, noise_seed = _seeds(privacy.seed)
+        self._noise_generator = torch.Generator(device=self.args.device).manual_seed(noise_seed)
+        self.privacy_engine = PrivacyEngine(accountant=privacy.accountant)
+        common = dict(
+            module=self.model, optimizer=self.optimizer, data_loader=self._base_train_loader(),
+            max_grad_norm=privacy.max_grad_norm, clipping=privacy.clipping,
+            loss_reduction="mean",  # compute_loss is a mean over the physical batch
+            sampling=privacy.sampling, adaptive_clipping=privacy.adaptive_clipping,
+            max_physical_batch_size=self.args.per_device_train_batch_size,
+            sampling_generator=torch.Generator().manual_seed(sampling_seed),
+            noise_generator=self._noise_generator,
+        )
+        if privacy.max_epsilon is not None:
+            common.update(max_epsilon=privacy.max_epsilon, delta=privacy.delta)
+        if privacy.target_epsilon is not None:
+            _, optimizer, loader = self.privacy_engine.make_private_with_epsilon(
+                target_epsilon=privacy.target_epsilon, target_delta=privacy.delta,
+                **self._planned_length(), **common)
+        else:
+            _, optimizer, loader = self.privacy_engine.make_private(
+                noise_multiplier=privacy.noise_multiplier, **common)
+        self.optimizer, self._dp_optimizer, self._dp_loader = optimizer, optimizer, loader
+
+    def _base_train_loader(self) -> DataLoader:
+        """The training DataLoader HF would build, with the logical batch size and no sampler of
+        its own (dpfused replaces the sampling)."""
+        dataset, collator = self.train_dataset, self.data_collator
+        if _is_hf_dataset(dataset):
+            dataset = self._remove_unused_columns(dataset, description="Training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="Training")
+        args = self.args
+        extra = {"prefetch_factor": args.dataloader_prefetch_factor} if args.dataloader_num_workers else {}
+        return DataLoader(dataset, batch_size=self.logical_batch_size, collate_fn=collator,
+                          num_workers=args.dataloader_num_workers,
+                          pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
+                          persistent_workers=args.dataloader_persistent_workers, **extra)
+
+    def _planned_length(self) -> dict:
+        """The run length the calibration must cover, in the Trainer's own terms."""
+        if self.args.max_steps > 0:
+            return {"steps": self.args.max_steps}
+        epochs = self.args.num_train_epochs
+        if float(epochs) != int(epochs):
+            raise ValueError(
+                f"PrivacyArguments.target_epsilon with num_train_epochs={epochs}: calibrate for a "
+                "whole number of epochs or set TrainingArguments.max_steps")
+        return {"epochs": int(epochs)}
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # No num_items_in_batch: a token count over the batch is exactly what a DP loss must not use.
+        samples = []
+        for _ in range(num_batches):
+            try:
+                samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        return samples, None
+
+    # ---- the step ------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward and backward on each physical batch of one logical batch; the Trainer then
+        calls optimizer.step() once, which adds the noise. Returns the mean per-example loss."""
+        if not isinstance(inputs, _LogicalBatch):
+            raise TypeError("DPTrainer.training_step takes the logical batches of its own "
+                            f"train dataloader, got {type(inputs).__name__}")
+        model.train()
+        self._dp_optimizer.zero_grad(set_to_none=True)  # a fresh logical batch
+        total = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        count = 0
+        for batch in inputs.physical:
+            size = _batch_size(batch)
+            if size == 0:  # an empty Poisson batch: no forward; the step still adds noise
+                continue
+            batch = self._prepare_inputs(batch)
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, batch)
+            loss.backward()  # per-example clipping happens inside; not accelerator.backward,
+            # which would divide by the caller's gradient_accumulation_steps
+            total += loss.detach().double() * size
+            count += size
+        loss = (total / count).float() if count else torch.tensor(math.nan, device=self.args.device)
+        self._last_training_loss = loss
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """In training: the mean over the batch of ``per_example_loss``. In evaluation (no
+        gradient): the parent class's loss, unchanged."""
+        if not (model.training and torch.is_grad_enabled()):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        losses, outputs = self.per_example_loss(model, inputs)
+        loss = losses.mean()
+        return (loss, outputs) if return_outputs else loss
+
+    def per_example_loss(self, model, inputs: dict[str, Any]):
+        """(losses (B,), outputs): one loss per example, each depending on that example only.
+
+        Causal LMs: mean next-token loss over the example's own tokens (``labels`` -100 ignored).
+        Token classification: the same without the shift. Sequence classification: cross-entropy,
+        MSE (``num_labels == 1``) or BCE (``problem_type="multi_label_classification"``).
+        Override for other heads.
+        """
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            raise ValueError("DPTrainer needs labels in each training batch to compute per-example "
+                             "losses (a causal-LM collator sets labels = input_ids)")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        kind = _head_kind(self.accelerator.unwrap_model(model), logits)
+        if kind == "causal_lm":
+            return per_example_lm_loss(logits, labels, ignore_index=IGNORE_INDEX,
+                                       reduction="none"), outputs
+        if kind == "token":
+            return per_example_lm_loss(logits, labels, ignore_index=IGNORE_INDEX,
+                                       reduction="none", shift=False), outputs
+        return _sequence_classification_loss(model, logits, labels), outputs
+
+    def compute_loss_context_manager(self):
+        stack = super().compute_loss_context_manager()
+        if self.args.bf16:  # bf16 autocast; norms accumulate in float32 inside dpfused
+            stack.enter_context(torch.autocast(device_type=self.args.device.type,
+                                               dtype=torch.bfloat16))
+        return stack
+
+    def _clip_grad_norm(self, model):
+        return None  # the per-example bound is dpfused's; the noised gradient is left as it is
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return None  # before step() no parameter holds a gradient (dpfused keeps clipped sums)
+
+    def floating_point_ops(self, inputs):
+        if isinstance(inputs, _LogicalBatch):
+            return sum(super(DPTrainingMixin, self).floating_point_ops(b)
+                       for b in inputs.physical if _batch_size(b))
+        return super().floating_point_ops(inputs)
+
+    def _track_num_input_tokens(self, inputs):
+        if isinstance(inputs, _LogicalBatch):
+            for batch in inputs.physical:
+                if _batch_size(batch):
+                    super()._track_num_input_tokens(batch)
+            return
+        super()._track_num_input_tokens(inputs)
+
+    # ---- budget, logging, report ---------------------------------------------------------------
+    def _run_epoch(self, *args, **kwargs):
+        try:
+            return super()._run_epoch(*args, **kwargs)
+        except PrivacyBudgetExhausted as exhausted:
+            self._stop_for_budget(kwargs.get("model", args[0] if args else self.model),
+                                  kwargs.get("trial"), exhausted)
+
+    def _stop_for_budget(self, model, trial, exhausted):
+        """The refused step changed nothing: drop its loss, stop, and checkpoint where we are."""
+        self.budget_exhausted = True
+        if self._last_training_loss is not None and torch.isfinite(self._last_training_loss):
+            self._tr_loss -= self._last_training_loss.to(self._tr_loss.device)
+        self._dp_optimizer.zero_grad(set_to_none=True)
+        self.control.should_training_stop = True
+        if self.is_world_process_zero():
+            print(f"dpfused: privacy budget reached, training stopped after {self.state.global_step} "
+                  f"steps ({exhausted})")
+        self.log({"dp_budget_exhausted": 1.0})
+        self._save_checkpoint(model, trial)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.privacy_engine is not None:
+            logs["epsilon"] = self.get_epsilon()
+        super().log(logs, start_time)
+
+    def get_epsilon(self) -> float:
+        """Epsilon spent so far, at ``PrivacyArguments.delta``."""
+        if self.privacy_engine is None:
+            return 0.0
+        return self.privacy_engine.get_epsilon(self.privacy.delta)
+
+    def privacy_report(self):
+        """The engine's report (composed and, where it applies, last-iterate epsilon)."""
+        if self.privacy_engine is None:
+            raise ValueError("privacy_report: nothing was trained yet")
+        return self.privacy_engine.privacy_report(self.privacy.delta)
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self.privacy_engine is not None and self.is_world_process_zero():
+            print(self.privacy_report())
+        return output
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if self.privacy_engine is None or not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        torch.save(self._privacy_state(), os.path.join(output_dir, PRIVACY_STATE_NAME))
+        with open(os.path.join(output_dir, PRIVACY_SUMMARY_NAME), "w", encoding="utf-8") as f:
+            json.dump(self._privacy_summary(), f, indent=2)
+
+    def _privacy_state(self) -> dict:
+        return {
+            "engine": self.privacy_engine.state_dict(),
+            "noise_generator": self._noise_generator.get_state(),
+            "noise_multiplier": self._dp_optimizer.noise_multiplier,
+            "sampling": self.privacy.sampling,
+            "clipping": self.privacy.clipping,
+            "logical_batch_size": self.logical_batch_size,
+        }
+
+    def _privacy_summary(self) -> dict:
+        return {"epsilon": self.get_epsilon(), "delta": self.privacy.delta,
+                "steps": self._dp_optimizer.steps_taken,
+                "noise_multiplier": self._dp_optimizer.noise_multiplier,
+                "max_grad_norm": self.privacy.max_grad_norm, "sampling": self.privacy.sampling,
+                "clipping": self.privacy.clipping, "accountant": self.privacy.accountant,
+                "expected_logical_batch_size": self.logical_batch_size}
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None or self.privacy_engine is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, PRIVACY_STATE_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"resume_from_checkpoint={checkpoint!r} has no {PRIVACY_STATE_NAME}: resuming would "
+                "restart the privacy accountant and the sampler, understating epsilon. Resume from "
+                "a checkpoint that DPTrainer wrote")
+        state = torch.load(path, weights_only=False)
+        for key, mine in (("sampling", self.privacy.sampling), ("clipping", self.privacy.clipping),
+                          ("logical_batch_size", self.logical_batch_size)):
+            if state[key] != mine:
+                raise ValueError(f"resume_from_checkpoint: the checkpoint was trained with "
+                                 f"{key}={state[key]!r}, this trainer has {mine!r}; they must match")
+        super()._load_optimizer_and_scheduler(checkpoint)
+        self.privacy_engine.load_state_dict(state["engine"])
+        self._noise_generator.set_state(state["noise_generator"])
+        self._dp_optimizer.noise_multiplier = state["noise_multiplier"]
+
+
+class DPTrainer(DPTrainingMixin, Trainer):
+    """``transformers.Trainer`` with DP-SGD: ``DPTrainer(..., privacy=PrivacyArguments(...))``.
+
+    See the module docstring for how batches, steps, losses and checkpoints map onto DP-SGD.
+
+    Raises:
+        ValueError: a setting that would change the privacy guarantee silently (each message names
+            the fix): nn.DataParallel (n_gpu > 1 in one process), several processes, DeepSpeed,
+            FSDP, fp16 (GradScaler), label_smoothing_factor, compute_loss_func, a custom train
+            sampler or train_sampling_strategy other than "random", auto_find_batch_size,
+            model_init.
+        TypeError: a subclass that overrides compute_loss without the per-example contract.
+    """
+
+
+# ---- refusals ----------------------------------------------------------------------------------
+
+_OUR_CLASSES: set = set()
+
+
+def _refuse_unsupported_class(cls) -> None:
+    if _user_override(cls, "compute_loss") and not cls.dp_compute_loss_is_per_example:
+        raise TypeError(
+            f"{cls.__name__} overrides compute_loss. DPTrainer clips each example's gradient, which "
+            "bounds the sensitivity only if each example's loss depends on that example alone. "
+            "Override per_example_loss(model, inputs) -> (losses of shape (B,), outputs) instead, or, "
+            "if your compute_loss returns the mean over the batch of such per-example losses, set "
+            "dp_compute_loss_is_per_example = True on the class")
+    for name in ("_get_train_sampler", "get_train_dataloader"):
+        if _user_override(cls, name):
+            raise ValueError(
+                f"{cls.__name__} overrides {name}: a custom train sampler is refused, because the "
+                "privacy accounting assumes dpfused's sampling. Choose it with "
+                "PrivacyArguments.sampling ('poisson', 'cyclic' or 'shuffle') and remove the override")
+
+
+def _user_override(cls, name: str) -> bool:
+    """True when the first class in the MRO that defines ``name`` is neither dpfused's nor
+    HuggingFace's (transformers, trl)."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return klass not in _OUR_CLASSES and not klass.__module__.startswith(
+                ("transformers.", "trl."))
+    return False
+
+
+def _refuse_unsupported_args(args) -> None:
+    refusals = [
+        (getattr(args, "deepspeed", None),
+         "a DeepSpeed config is not supported by DPTrainer (DeepSpeed owns the backward and the "
+         "optimizer step, which per-example clipping and the single noised step replace); remove "
+         "deepspeed= and train on one device, or with dpfused's make_private in a torchrun loop"),
+        (getattr(args, "fsdp", None),
+         "FSDP is not supported by DPTrainer (sharded parameters never hold the full per-example "
+         "gradients); remove fsdp= and train on one device"),
+        (args.label_smoothing_factor,
+         f"label_smoothing_factor={args.label_smoothing_factor} is refused: HF's label smoother "
+         "averages over every token of the batch, so one example's loss depends on the others. Set "
+         "it to 0, or override DPTrainer.per_example_loss with a smoothed per-example loss"),
+        (args.fp16,
+         "fp16=True needs torch.amp.GradScaler, which scales the loss and so the clipped norms; "
+         "use bf16=True (autocast, no scaler) or float32"),
+        (args.train_sampling_strategy != "random",
+         f"train_sampling_strategy={args.train_sampling_strategy!r} is refused (group_by_length and "
+         "the other samplers replace the sampling the privacy accounting assumes); remove it and "
+         "choose PrivacyArguments.sampling ('poisson', 'cyclic' or 'shuffle')"),
+        (args.auto_find_batch_size,
+         "auto_find_batch_size=True is refused: it rebuilds the data loader after training began, "
+         "which would restart the private sampler; set per_device_train_batch_size (the physical "
+         "batch size) yourself"),
+    ]
+    for refused, message in refusals:
+        if refused:
+            raise ValueError(message)
+    if args.n_gpu > 1:
+        raise ValueError(
+            f"{args.n_gpu} GPUs in one process: the Trainer would wrap the model in nn.DataParallel, "
+            "whose replicas dpfused cannot instrument. Use one GPU (CUDA_VISIBLE_DEVICES=0)")
+    if args.world_size > 1:
+        raise ValueError(
+            f"world_size={args.world_size}: DPTrainer does not support several processes yet (the "
+            "Trainer's DDP wrapper would all-reduce gradients that dpfused replaces). Run on one "
+            "process, or use dpfused.PrivacyEngine.make_private in a torchrun loop")
+
+
+def _copy_args(args, **changes):
+    """A shallow copy of TrainingArguments with ``changes`` (no __post_init__ re-run)."""
+    internal = copy.copy(args)
+    for key, value in changes.items():
+        setattr(internal, key, value)
+    return internal
+
+
+def _seeds(seed: int | None) -> tuple[int, int]:
+    if seed is None:
+        return secrets.randbits(63), secrets.randbits(63)
+    return seed, seed + 1
+
+
+def _is_hf_dataset(dataset) -> bool:
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(dataset, datasets.Dataset)
+
+
+def _batch_size(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    values = batch.values() if isinstance(batch, dict) else batch
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise TypeError(f"cannot tell the batch size of a {type(batch).__name__} batch: it holds no "
+                    "batched tensor")
+
+
+def _head_kind(model, logits) -> str:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return "causal_lm"
+    if logits.dim() == 3:
+        return "token"
+    if logits.dim() == 2 and (name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()
+                              or name.endswith("ForSequenceClassification")):
+        return "sequence"
+    raise TypeError(
+        f"DPTrainer cannot tell the per-example loss of {name} (logits of shape "
+        f"{tuple(logits.shape)}); override per_example_loss(model, inputs)")
+
+
+def _sequence_classification_loss(model, logits, labels):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    problem = getattr(getattr(base, "config", None), "problem_type", None)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast: float32
+    if problem == "regression" or (problem is None and logits.shape[-1] == 1):
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1), reduction="none")
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(
+            logits, labels.to(logits.dtype), reduction="none").mean(dim=-1)
+    return F.cross_entropy(logits, labels.view(-1), reduction="none")
+
+
+_OUR_CLASSES.update({DPTrainingMixin, DPTrainer})
