@@ -80,6 +80,7 @@ class PrivacyEngine:
         sampling_generator: torch.Generator | None = None,
         max_epsilon: float | None = None,
         delta: float | None = None,
+        nonfinite_gradients: str = "raise",
     ) -> tuple[nn.Module, DPOptimizer, dp_sampling.DPDataLoader]:
         """Instrument ``module`` in place and wrap ``optimizer`` and ``data_loader``.
 
@@ -106,6 +107,14 @@ class PrivacyEngine:
             drop_last: cyclic/shuffle: drop the last partial batch of an epoch.
             noise_generator, sampling_generator: torch.Generators for the noise and the sampler.
             max_epsilon, delta: a budget; a step that would exceed it raises PrivacyBudgetExhausted.
+            nonfinite_gradients: what a NaN/inf per-example gradient norm does (docs/design.md §4).
+                "raise" (default): the backward raises a ValueError naming the group and the
+                examples, and nothing of that backward pass is kept. "drop": that example's
+                contribution is 0 in every clipping group (decided from its own gradient alone, so
+                the guarantee is unchanged); it still counts in the expected batch size, counts as
+                clipped for adaptive clipping, and ``optimizer.examples_dropped`` counts it (a
+                RuntimeWarning says so; the count is not private). "drop" turns off the per_layer
+                fast path: every group completes at the end of backward.
 
         Returns:
             ``(module, optimizer, data_loader)``.
@@ -118,6 +127,7 @@ class PrivacyEngine:
                          clipping=clipping, loss_reduction=loss_reduction, sampling=sampling,
                          sample_rate=sample_rate, max_epsilon=max_epsilon, delta=delta,
                          max_physical_batch_size=max_physical_batch_size)
+        _check_choice("nonfinite_gradients", nonfinite_gradients, privacy_math.NONFINITE_CHOICES)
         _check_thresholds_total(thresholds, max_grad_norm)
         accounting.check_neighboring(self.neighboring, sampling)
         _check_module_and_optimizer(module, optimizer)
@@ -134,7 +144,8 @@ class PrivacyEngine:
             world_size=world_size)
         inst = instrument(module, clipping=clipping, max_grad_norm=max_grad_norm,
                           thresholds=thresholds, loss_reduction=loss_reduction,
-                          batch_first=batch_first, count_unclipped=adaptive_clipping is not None)
+                          batch_first=batch_first, count_unclipped=adaptive_clipping is not None,
+                          nonfinite=nonfinite_gradients)
         loader.add_listener(inst.book.begin)  # the one way a logical batch reaches the book
         dp_optimizer = DPOptimizer(
             optimizer, instrumentation=inst, noise_multiplier=noise_multiplier,

@@ -58,6 +58,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.rank = torch.distributed.get_rank() if distributed else 0
         self.steps_taken = 0
         self.steps_skipped = 0
+        # Examples whose NaN/inf gradient was dropped (nonfinite_gradients="drop") in the steps
+        # taken. Not private: a diagnostic for the trainer, not for release.
+        self.examples_dropped = 0
 
     # ---- views on the wrapped optimizer --------------------------------------------------------
     @property
@@ -144,6 +147,7 @@ class DPOptimizer(torch.optim.Optimizer):
         if self.accountant is not None:
             self.accountant.record(sampled, self._iterate_facts(clipped.batch))
         self.steps_taken += 1
+        self.examples_dropped += clipped.dropped
         self.original_optimizer.step()
         return loss
 
