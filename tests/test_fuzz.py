@@ -322,9 +322,19 @@ def run():
 
 REPORT_BAD = {
     "delta": [0.0, 1.0, -1e-5, NAN, INF, "1e-5", True, None, [1e-5]],
-    "smoothness": [0.0, -1.0, NAN, INF, "1", True, [1.0]],
+    "smoothness": [NAN, INF, "1", True, [1.0]],
     "convex": ["yes", 1, None, 0.5],
 }
+
+
+@pytest.mark.parametrize("smoothness", [0.0, -1.0])
+def test_privacy_report_says_why_a_smoothness_at_or_below_zero_gives_no_last_iterate_bound(run, smoothness):
+    """L <= 0 is outside the last-iterate bound's domain: reported as the reason, as the
+    accountant's other refusals are (tests/test_accounting.py), not raised."""
+    before = run.snapshot()
+    report = run.engine.privacy_report(1e-5, smoothness=smoothness)
+    assert report.last_iterate_epsilon is None and report.last_iterate_reason
+    assert _same(before, run.snapshot())
 
 
 @FUZZ

@@ -123,11 +123,12 @@ def privacy_report(
 
 
 def _check_last_iterate_options(smoothness, convex) -> None:
-    """A wrong type or value is the caller's mistake, not a reason the bound does not apply."""
+    """A wrong type or a NaN/inf is the caller's mistake and raises; L <= 0 is a number the bound
+    does not cover, reported as ``last_iterate_reason`` like the bound's other refusals."""
     if smoothness is not None:
         if isinstance(smoothness, bool) or not isinstance(smoothness, numbers.Real):
             raise TypeError(f"smoothness must be a finite number > 0 (or None), got {smoothness!r}")
-        if not (math.isfinite(smoothness) and smoothness > 0):
+        if not math.isfinite(smoothness):
             raise ValueError(f"smoothness must be a finite number > 0 (or None), got {smoothness!r}")
     if not isinstance(convex, bool):
         raise TypeError(f"convex must be True or False, got {convex!r}")
