@@ -12,10 +12,16 @@ routes each piece to the clipping group of its parameter. A group completes:
 Completing a group: per-example group norms (cross terms for parameters used more than once),
 multipliers c_i * loss_scale (``privacy_math``), clipped sums per parameter. Clipped sums of a pass
 are merged into the step's sums only when the whole pass succeeded, so a failed pass leaves no half.
+
+A NaN/inf per-example norm (``nonfinite``): "raise" fails the pass (nothing of it is kept); "drop"
+gives that example multiplier 0 in every group. Dropping needs all of an example's group norms
+before any group's sum, so with "drop" every group completes at the end of backward (no fast path).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -55,6 +61,7 @@ class _OpenStep:
     unclipped: dict[int, torch.Tensor] = field(default_factory=dict)  # see ClippedStep
     examples: int = 0
     backward_passes: int = 0
+    dropped: int = 0  # examples dropped for a non-finite gradient (nonfinite="drop")
 
 
 class Bookkeeper:
@@ -64,8 +71,13 @@ class Bookkeeper:
     optimizer asks for the closed step (``close``) and starts the next one (``next_step``).
     """
 
-    def __init__(self, groups, *, loss_reduction, batch_first, count_unclipped=False):
+    def __init__(self, groups, *, loss_reduction, batch_first, count_unclipped=False,
+                 nonfinite="raise"):
+        if nonfinite not in privacy_math.NONFINITE_CHOICES:
+            raise ValueError(f"nonfinite_gradients={nonfinite!r} is not supported; use one of "
+                             f"{privacy_math.NONFINITE_CHOICES}")
         self.groups = groups
+        self.nonfinite = nonfinite  # "raise" or "drop" (module docstring)
         self.count_unclipped = count_unclipped  # adaptive thresholds need per-group counts
         self.loss_reduction = loss_reduction
         self.batch_first = batch_first
@@ -117,8 +129,8 @@ class Bookkeeper:
 
     def _completes_now(self, g, layer):
         """The per_layer fast path: the group's only layer, called once, has delivered."""
-        return (self.groups[g].completes_in_backward and self._expected[layer.path] == 1
-                and self._arrived[layer.path] == 1)
+        return (self.groups[g].completes_in_backward and self.nonfinite == "raise"
+                and self._expected[layer.path] == 1 and self._arrived[layer.path] == 1)
 
     def _enter_pass(self):
         task = torch._C._current_graph_task_id()
@@ -144,6 +156,7 @@ class Bookkeeper:
         self._pass_batch = None
         self._pass_sums: dict[int, torch.Tensor] = {}
         self._pass_counts: dict[int, torch.Tensor] = {}
+        self._pass_dropped = 0
 
     def _reset_forward(self):
         self._expected = defaultdict(int)  # forward calls per layer since the last pass
@@ -169,21 +182,23 @@ class Bookkeeper:
     def _loss_scale(self):
         return float(self._pass_batch) if self.loss_reduction == "mean" else 1.0
 
-    def _complete(self, g):
+    def _complete(self, g, norm_sq=None, dropped=None):
+        """Clip group g's pieces into the pass's sums; ``dropped`` (nonfinite="drop"): the
+        examples to give multiplier 0, decided from all groups' norms (``_complete_all``)."""
         group = self.groups[g]
         tagged = self._pieces.pop(g)
-        norm_sq = self._group_norm_sq(tagged)
-        if not torch.isfinite(norm_sq).all():
-            bad = torch.nonzero(~torch.isfinite(norm_sq)).flatten().tolist()[:10]
-            self._fail(
-                f"non-finite per-example gradient norm in clipping group '{group.name}' for "
-                f"examples {bad} of this batch; no step was taken from this backward pass "
-                "(check the loss for inf/nan, e.g. an example with no counted token)"
-            )
-        multipliers = privacy_math.example_multipliers(norm_sq, group.threshold, self._loss_scale())
+        if norm_sq is None:
+            norm_sq = self._group_norm_sq(tagged)
+        if dropped is None:
+            self._check_finite(group, norm_sq)
+        elif self._pass_dropped:
+            tagged = [(path, _without_examples(piece, dropped)) for path, piece in tagged]
+        scale = self._loss_scale()
+        multipliers = privacy_math.example_multipliers(norm_sq, group.threshold, scale,
+                                                       dropped=dropped)
         if self.count_unclipped:
             self._pass_counts[g] = privacy_math.centered_unclipped_count(
-                norm_sq, group.threshold, self._loss_scale())
+                norm_sq, group.threshold, scale, dropped=dropped)
         for path, piece in tagged:
             clipped = piece.weighted_sum(multipliers)
             key = id(piece.param)
@@ -191,6 +206,34 @@ class Bookkeeper:
                 self._pass_sums[key].add_(clipped)
             else:
                 self._pass_sums[key] = clipped
+
+    def _check_finite(self, group, norm_sq):
+        if not torch.isfinite(norm_sq).all():
+            bad = torch.nonzero(~torch.isfinite(norm_sq)).flatten().tolist()[:10]
+            self._fail(
+                f"non-finite per-example gradient norm in clipping group '{group.name}' for "
+                f"examples {bad} of this batch; no step was taken from this backward pass "
+                "(check the loss for inf/nan, e.g. an example with no counted token; or pass "
+                "nonfinite_gradients='drop' to make_private to drop such examples)"
+            )
+
+    def _complete_all(self):
+        """Complete every group still open at the end of the pass."""
+        pending = list(self._pieces)
+        if self.nonfinite == "raise" or not pending:
+            for g in pending:
+                self._complete(g)
+            return
+        norms = {g: self._group_norm_sq(self._pieces[g]) for g in pending}
+        dropped = privacy_math.nonfinite_examples(list(norms.values()))
+        self._pass_dropped = int(dropped.sum())
+        if self._pass_dropped:
+            warnings.warn(
+                "dpfused dropped example(s) whose per-example gradient is NaN/inf "
+                "(nonfinite_gradients='drop'); optimizer.examples_dropped counts them. The count "
+                "is not private: do not release it", RuntimeWarning, stacklevel=2)
+        for g in pending:
+            self._complete(g, norms[g], dropped)
 
     def _group_norm_sq(self, tagged):
         by_param = defaultdict(list)
@@ -216,14 +259,14 @@ class Bookkeeper:
     def _end_pass(self):
         if self._failure is not None:
             return
-        for g in list(self._pieces):
-            self._complete(g)
+        self._complete_all()
         self._check_no_autograd_gradients()
         _merge(self._step.sums, self._pass_sums)
         if self.count_unclipped:
             _merge(self._step.unclipped, self._pass_counts_of_every_group())
         self._step.examples += self._pass_batch or 0
         self._step.backward_passes += 1
+        self._step.dropped += self._pass_dropped
         self._reset_pass()
         self._reset_forward()
 
@@ -269,6 +312,7 @@ class Bookkeeper:
             batch=batch, sums=self._step.sums, thresholds=tuple(g.threshold for g in self.groups),
             loss_reduction=self.loss_reduction, unclipped=self._step.unclipped,
             examples=self._step.examples, backward_passes=self._step.backward_passes,
+            dropped=self._step.dropped,
         )
 
     def next_step(self) -> None:
@@ -327,3 +371,15 @@ def _merge(into: dict, new: dict) -> None:
             into[key].add_(value.to(into[key].device))
         else:
             into[key] = value
+
+
+def _without_examples(piece, dropped):
+    """A copy of ``piece`` whose per-example tensors (examples first; every floating tensor field
+    but the parameter itself) are 0 for the dropped examples."""
+    zeroed = {}
+    for f in dataclasses.fields(piece):
+        value = getattr(piece, f.name)
+        if (f.init and isinstance(value, torch.Tensor) and value.is_floating_point()
+                and not isinstance(value, nn.Parameter)):
+            zeroed[f.name] = privacy_math.without_examples(value, dropped)
+    return dataclasses.replace(piece, **zeroed)

@@ -12,7 +12,10 @@ Opacus' keyword arguments and return values live in ``dpfused.opacus`` (change t
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -80,6 +83,7 @@ class PrivacyEngine:
         sampling_generator: torch.Generator | None = None,
         max_epsilon: float | None = None,
         delta: float | None = None,
+        nonfinite_gradients: str = "raise",
     ) -> tuple[nn.Module, DPOptimizer, dp_sampling.DPDataLoader]:
         """Instrument ``module`` in place and wrap ``optimizer`` and ``data_loader``.
 
@@ -106,6 +110,14 @@ class PrivacyEngine:
             drop_last: cyclic/shuffle: drop the last partial batch of an epoch.
             noise_generator, sampling_generator: torch.Generators for the noise and the sampler.
             max_epsilon, delta: a budget; a step that would exceed it raises PrivacyBudgetExhausted.
+            nonfinite_gradients: what a NaN/inf per-example gradient norm does (docs/design.md §4).
+                "raise" (default): the backward raises a ValueError naming the group and the
+                examples, and nothing of that backward pass is kept. "drop": that example's
+                contribution is 0 in every clipping group (decided from its own gradient alone, so
+                the guarantee is unchanged); it still counts in the expected batch size, counts as
+                clipped for adaptive clipping, and ``optimizer.examples_dropped`` counts it (a
+                RuntimeWarning says so; the count is not private). "drop" turns off the per_layer
+                fast path: every group completes at the end of backward.
 
         Returns:
             ``(module, optimizer, data_loader)``.
@@ -117,10 +129,15 @@ class PrivacyEngine:
         _check_arguments(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          clipping=clipping, loss_reduction=loss_reduction, sampling=sampling,
                          sample_rate=sample_rate, max_epsilon=max_epsilon, delta=delta,
-                         max_physical_batch_size=max_physical_batch_size)
+                         max_physical_batch_size=max_physical_batch_size,
+                         flags={"batch_first": batch_first, "shuffle_once": shuffle_once,
+                                "drop_last": drop_last},
+                         noise_generator=noise_generator, sampling_generator=sampling_generator,
+                         nonfinite_gradients=nonfinite_gradients)
         _check_thresholds_total(thresholds, max_grad_norm)
         accounting.check_neighboring(self.neighboring, sampling)
         _check_module_and_optimizer(module, optimizer)
+        _check_data_loader(data_loader)
         _check_adaptive(adaptive_clipping, clipping)
         noise_generator, sampling_generator = self._generators(noise_generator, sampling_generator)
         rank, world_size = _data_parallel_world()
@@ -134,7 +151,8 @@ class PrivacyEngine:
             world_size=world_size)
         inst = instrument(module, clipping=clipping, max_grad_norm=max_grad_norm,
                           thresholds=thresholds, loss_reduction=loss_reduction,
-                          batch_first=batch_first, count_unclipped=adaptive_clipping is not None)
+                          batch_first=batch_first, count_unclipped=adaptive_clipping is not None,
+                          nonfinite=nonfinite_gradients)
         loader.add_listener(inst.book.begin)  # the one way a logical batch reaches the book
         dp_optimizer = DPOptimizer(
             optimizer, instrumentation=inst, noise_multiplier=noise_multiplier,
@@ -178,12 +196,35 @@ class PrivacyEngine:
         """
         if "noise_multiplier" in kwargs:
             raise ValueError("make_private_with_epsilon sets noise_multiplier itself; remove it")
+        _check_calibration_arguments(target_epsilon=target_epsilon, target_delta=target_delta,
+                                     epochs=epochs, steps=steps, last_iterate=last_iterate)
+        self._check_before_calibration(module, optimizer, data_loader, kwargs)
         sigma = self._calibrated_sigma(
             module=module, optimizer=optimizer, data_loader=data_loader,
             target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs, steps=steps,
             last_iterate=last_iterate, kwargs=kwargs)
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, **kwargs)
+
+    def _check_before_calibration(self, module, optimizer, data_loader, kwargs):
+        """make_private's argument checks, before the (slow) calibration rather than after it."""
+        bound = inspect.signature(self.make_private).bind(
+            module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=0.0,
+            **kwargs)  # TypeError for an unknown or missing keyword
+        bound.apply_defaults()
+        a = bound.arguments
+        _check_arguments(noise_multiplier=0.0, max_grad_norm=a["max_grad_norm"],
+                         clipping=a["clipping"], loss_reduction=a["loss_reduction"],
+                         sampling=a["sampling"], sample_rate=a["sample_rate"],
+                         max_epsilon=a["max_epsilon"], delta=a["delta"],
+                         max_physical_batch_size=a["max_physical_batch_size"],
+                         flags={k: a[k] for k in ("batch_first", "shuffle_once", "drop_last")},
+                         noise_generator=a["noise_generator"],
+                         sampling_generator=a["sampling_generator"],
+                         nonfinite_gradients=a["nonfinite_gradients"])
+        _check_thresholds_total(a["thresholds"], a["max_grad_norm"])
+        _check_module_and_optimizer(module, optimizer)
+        _check_data_loader(data_loader)
 
     def _calibrated_sigma(self, *, module, optimizer, data_loader, target_epsilon, target_delta,
                           epochs, steps, last_iterate, kwargs) -> float:
@@ -356,7 +397,10 @@ def _check_thresholds_total(thresholds, max_grad_norm):
     """Explicit group thresholds must add up (in quadrature) to max_grad_norm, the sensitivity."""
     if not isinstance(thresholds, (dict, list, tuple)):
         return
-    values = thresholds.values() if isinstance(thresholds, dict) else thresholds
+    values = list(thresholds.values() if isinstance(thresholds, dict) else thresholds)
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"thresholds must hold numbers (C_g > 0 per group), got {value!r}")
     total = math.sqrt(sum(float(v) ** 2 for v in values))
     if not math.isclose(total, float(max_grad_norm), rel_tol=1e-6):
         raise ValueError(f"thresholds give sqrt(sum C_g^2) = {total:.6g} but max_grad_norm="
@@ -381,31 +425,98 @@ def _check_module_and_optimizer(module, optimizer):
 
 
 def _check_arguments(*, noise_multiplier, max_grad_norm, clipping, loss_reduction, sampling,
-                     sample_rate, max_epsilon, delta, max_physical_batch_size):
-    if (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
-            or not math.isfinite(max_grad_norm) or max_grad_norm <= 0):
-        raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}; "
-                         "per-group thresholds go in thresholds=")
-    if (not isinstance(noise_multiplier, (int, float)) or not math.isfinite(noise_multiplier)
-            or noise_multiplier < 0):
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+                     sample_rate, max_epsilon, delta, max_physical_batch_size, flags,
+                     noise_generator, sampling_generator, nonfinite_gradients):
+    _check_number("max_grad_norm", max_grad_norm, "a finite number > 0",
+                  lambda v: math.isfinite(v) and v > 0,
+                  hint="; per-group thresholds go in thresholds=")
+    _check_number("noise_multiplier", noise_multiplier, "a finite number >= 0",
+                  lambda v: math.isfinite(v) and v >= 0)
     _check_choice("clipping", clipping, CLIPPING_MODES)
     _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
     _check_choice("sampling", sampling, SAMPLINGS)
+    _check_choice("nonfinite_gradients", nonfinite_gradients, privacy_math.NONFINITE_CHOICES)
     if sample_rate is not None:
         if sampling != "poisson":
             raise ValueError(f"sample_rate applies to sampling='poisson' only; got sampling={sampling!r}")
-        if (isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float))
-                or not 0 < sample_rate <= 1):
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        _check_number("sample_rate", sample_rate, "in (0, 1]", lambda v: 0 < v <= 1)
     if max_physical_batch_size is not None and (
-            not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1):
+            isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
+            or max_physical_batch_size < 1):
         raise ValueError(f"max_physical_batch_size must be a positive int, got {max_physical_batch_size!r}")
     if (max_epsilon is None) != (delta is None):
         raise ValueError("max_epsilon and delta go together: give both or neither")
-    if max_epsilon is not None and not max_epsilon > 0:
-        raise ValueError(f"max_epsilon must be > 0, got {max_epsilon!r}")
-    if delta is not None and not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if max_epsilon is not None:
+        _check_number("max_epsilon", max_epsilon, "> 0", lambda v: v > 0)
+        _check_number("delta", delta, "in (0, 1)", lambda v: 0 < v < 1)
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    _check_generator("noise_generator", noise_generator)
+    _check_generator("sampling_generator", sampling_generator, cpu=True)
 
 
+def _check_calibration_arguments(*, target_epsilon, target_delta, epochs, steps, last_iterate):
+    _check_number("target_epsilon", target_epsilon, "a finite number > 0",
+                  lambda v: math.isfinite(v) and v > 0)
+    _check_number("target_delta", target_delta, "in (0, 1)", lambda v: 0 < v < 1)
+    for name, value in (("epochs", epochs), ("steps", steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                  or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1 (or None), got {value!r}")
+    if epochs is None and steps is None:
+        raise ValueError("make_private_with_epsilon needs epochs or steps: the length of training "
+                         "the target epsilon is spent over")
+    if last_iterate is None:
+        return
+    if not isinstance(last_iterate, Mapping):
+        raise TypeError("last_iterate must be a dict with smoothness (and optionally weight_decay, "
+                        f"convex), got {type(last_iterate).__name__}")
+    unknown = sorted(set(last_iterate) - {"smoothness", "weight_decay", "convex"})
+    if unknown:
+        raise ValueError(f"last_iterate: unknown keys {unknown}; it takes smoothness, "
+                         "weight_decay and convex (the learning rate is read from the optimizer)")
+    if last_iterate.get("smoothness") is not None:
+        _check_number("last_iterate['smoothness']", last_iterate["smoothness"],
+                      "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+    if "weight_decay" in last_iterate:
+        _check_number("last_iterate['weight_decay']", last_iterate["weight_decay"],
+                      "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+    if not isinstance(last_iterate.get("convex", False), bool):
+        raise TypeError(f"last_iterate['convex'] must be True or False, got {last_iterate['convex']!r}")
+
+
+def _check_number(name, value, requirement, holds, *, hint=""):
+    """A real number (not a bool, string or tensor) for which ``holds`` is true, or an error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {requirement}, got {value!r} ({type(value).__name__}){hint}")
+    if not holds(float(value)):
+        raise ValueError(f"{name} must be {requirement}, got {value!r}{hint}")
+
+
+def _check_generator(name, generator, *, cpu=False):
+    if generator is None or isinstance(generator, ChaCha20Generator):
+        return  # ChaCha20Generator: refused or used by secure mode (PrivacyEngine._generators)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator (or None), got {type(generator).__name__}")
+    if cpu and generator.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU torch.Generator (the sampler draws on the CPU), "
+                         f"got one on {generator.device}")
+
+
+def _check_data_loader(data_loader):
+    """What the sampler and the accounting need of the loader, named as ``data_loader``."""
+    if isinstance(data_loader, dp_sampling.DPDataLoader):
+        raise TypeError(
+            "data_loader is already a private DPDataLoader (returned by make_private); pass the "
+            "original torch DataLoader")
+    if not isinstance(data_loader, torch.utils.data.DataLoader):
+        raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
+    dataset = data_loader.dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        raise ValueError(
+            f"data_loader's dataset is an IterableDataset ({type(dataset).__name__}), which cannot "
+            "be sampled per example, so DP sampling and its accounting are impossible; wrap the "
+            "data in a map-style Dataset (with __getitem__ and __len__)")
+    if len(dataset) == 0:
+        raise ValueError("data_loader's dataset is empty; DP sampling needs at least one example")

@@ -43,12 +43,12 @@ class Instrumentation:
 
 
 def instrument(module, *, clipping, max_grad_norm, thresholds, loss_reduction, batch_first,
-               count_unclipped=False):
+               count_unclipped=False, nonfinite="raise"):
     """Find the layers, build the clipping groups and patch the forwards. Raises before patching."""
     layers, groups = plan(module, clipping=clipping, max_grad_norm=max_grad_norm,
                           thresholds=thresholds)
     book = Bookkeeper(groups, loss_reduction=loss_reduction, batch_first=batch_first,
-                      count_unclipped=count_unclipped)
+                      count_unclipped=count_unclipped, nonfinite=nonfinite)
     for layer in layers:
         _patch(layer, book.tap(layer))
     inst = Instrumentation(module, layers, book, clipping, _guard_token_mean_losses(module))

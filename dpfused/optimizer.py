@@ -9,6 +9,8 @@ logical batch still steps with noise.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable
 
 import torch
@@ -58,6 +60,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.rank = torch.distributed.get_rank() if distributed else 0
         self.steps_taken = 0
         self.steps_skipped = 0
+        # Examples whose NaN/inf gradient was dropped (nonfinite_gradients="drop") in the steps
+        # taken. Not private: a diagnostic for the trainer, not for release.
+        self.examples_dropped = 0
 
     # ---- views on the wrapped optimizer --------------------------------------------------------
     @property
@@ -127,6 +132,7 @@ class DPOptimizer(torch.optim.Optimizer):
             The closure's loss if a closure was given (and the step taken), else None.
         """
         self._refuse_grad_scaler()
+        self._check_step_input(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -144,8 +150,20 @@ class DPOptimizer(torch.optim.Optimizer):
         if self.accountant is not None:
             self.accountant.record(sampled, self._iterate_facts(clipped.batch))
         self.steps_taken += 1
+        self.examples_dropped += clipped.dropped
         self.original_optimizer.step()
         return loss
+
+    def _check_step_input(self, closure):
+        """Before anything runs: a refused step draws no noise and changes nothing."""
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure must be a callable that returns the loss (or None), got "
+                            f"{type(closure).__name__}; no step was taken")
+        sigma = self.noise_multiplier
+        if (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)
+                or not (math.isfinite(sigma) and sigma >= 0)):
+            raise ValueError(f"optimizer.noise_multiplier must be a finite number >= 0, got "
+                             f"{sigma!r}; no step was taken")
 
     def _refuse_grad_scaler(self):
         if getattr(self, "found_inf", None) is None and getattr(self, "grad_scale", None) is None:

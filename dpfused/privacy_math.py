@@ -25,6 +25,9 @@ __all__ = [
     "CLIP_EPS",
     "clip_factors",
     "example_multipliers",
+    "NONFINITE_CHOICES",
+    "nonfinite_examples",
+    "without_examples",
     "default_group_thresholds",
     "sensitivity",
     "noise_std",
@@ -50,7 +53,8 @@ def clip_factors(norm_sq: torch.Tensor, threshold: float) -> torch.Tensor:
     return (threshold / (_norms(norm_sq) + CLIP_EPS)).clamp(max=1.0)
 
 
-def example_multipliers(norm_sq: torch.Tensor, threshold: float, loss_scale: float) -> torch.Tensor:
+def example_multipliers(norm_sq: torch.Tensor, threshold: float, loss_scale: float, *,
+                        dropped: torch.Tensor | None = None) -> torch.Tensor:
     """What each example's raw per-example gradient is multiplied by before summing.
 
     The layer rules see the gradient of the loss the user backpropagates; with a mean loss over B
@@ -61,11 +65,54 @@ def example_multipliers(norm_sq: torch.Tensor, threshold: float, loss_scale: flo
         norm_sq: squared norms of the raw (loss-scaled) per-example gradients, ``(B,)``.
         threshold: the group's clipping threshold C_g.
         loss_scale: factor from the raw gradient to the true per-example gradient.
+        dropped: ``(B,)`` bool, examples whose contribution is dropped (``nonfinite_examples``):
+            their multiplier is exactly 0, whatever their (non-finite) norm.
 
     Returns:
         ``(B,)`` float32 (float64 for float64 norms) tensor ``c_i * loss_scale``.
     """
-    return clip_factors(_true_norm_sq(norm_sq, loss_scale), threshold) * loss_scale
+    multipliers = clip_factors(_true_norm_sq(norm_sq, loss_scale), threshold) * loss_scale
+    if dropped is None:
+        return multipliers
+    return torch.where(dropped.to(multipliers.device), torch.zeros_like(multipliers), multipliers)
+
+
+# ---- non-finite per-example gradients (docs/design.md §4) ---------------------------------------
+#
+# ``nonfinite_gradients="drop"`` replaces example i's contribution by zero in every group when any
+# of its group norms is NaN/inf. The decision reads example i's own norms only, so example i's
+# contribution is still a function of example i alone, of norm <= C: the sensitivity, the noise and
+# B_norm (the expected batch size, which still counts the example) are unchanged.
+
+NONFINITE_CHOICES = ("raise", "drop")
+
+
+def nonfinite_examples(norm_sqs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(B,)`` bool: True for the examples with a NaN/inf squared norm in any clipping group.
+
+    Elementwise over examples: example i's entry depends on example i's group norms only (never on
+    another example's), which is what keeps dropping it private.
+
+    Args:
+        norm_sqs: each group's per-example squared norms, ``(B,)`` each (possibly on different
+            devices; the result is on the first one's).
+    """
+    device = norm_sqs[0].device
+    dropped = torch.zeros(norm_sqs[0].shape, dtype=torch.bool, device=device)
+    for norm_sq in norm_sqs:
+        dropped |= ~torch.isfinite(norm_sq).to(device)
+    return dropped
+
+
+def without_examples(per_example: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """``per_example`` (examples first) with the dropped examples' rows set to 0.
+
+    A multiplier of 0 is not enough on its own: 0 * NaN is NaN, so the dropped rows are zeroed
+    before the weighted sum.
+    """
+    mask = dropped.to(per_example.device).reshape(-1, *([1] * (per_example.dim() - 1)))
+    return torch.where(mask, torch.zeros((), dtype=per_example.dtype, device=per_example.device),
+                       per_example)
 
 
 def _true_norm_sq(norm_sq: torch.Tensor, loss_scale: float) -> torch.Tensor:
@@ -151,13 +198,17 @@ def noised_gradient(
 # sensitivity covers that exactly.
 
 
-def centered_unclipped_count(norm_sq: torch.Tensor, threshold: float,
-                             loss_scale: float) -> torch.Tensor:
+def centered_unclipped_count(norm_sq: torch.Tensor, threshold: float, loss_scale: float, *,
+                             dropped: torch.Tensor | None = None) -> torch.Tensor:
     """sum_i (1[||G_i|| <= C_g] - 1/2) over a batch, from raw squared norms ``(B,)`` (a 0-d tensor).
 
-    ``loss_scale`` restores the true per-example gradient as in ``example_multipliers``.
+    ``loss_scale`` restores the true per-example gradient as in ``example_multipliers``. A dropped
+    example (``nonfinite_examples``) was scaled by 0, i.e. clipped: it adds -1/2 in every group, so
+    each example still adds +-1/2 per group (sensitivity unchanged) and is counted in B_exp.
     """
     unclipped = _norms(_true_norm_sq(norm_sq, loss_scale)) <= threshold
+    if dropped is not None:
+        unclipped &= ~dropped.to(unclipped.device)
     return (unclipped.to(torch.float64) - 0.5).sum()
 
 

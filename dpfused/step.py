@@ -94,6 +94,8 @@ class ClippedStep:
             un-noised. Private: only ``privacy_math.noised_counts`` may read it.
         examples: examples that went through a backward pass (on this process).
         backward_passes: backward passes that contributed.
+        dropped: examples whose contribution was dropped for a NaN/inf gradient
+            (``nonfinite_gradients="drop"``); they are included in ``examples``.
     """
 
     batch: LogicalBatch | None
@@ -103,3 +105,4 @@ class ClippedStep:
     unclipped: dict[int, torch.Tensor] = field(default_factory=dict)
     examples: int = 0
     backward_passes: int = 0
+    dropped: int = 0

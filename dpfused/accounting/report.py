@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 from dpfused.accounting.last_iterate import gaussian_rdp_epsilon, last_iterate_assumptions
@@ -85,6 +87,7 @@ def privacy_report(
         The report; ``last_iterate_reason`` says why the last-iterate epsilon is missing.
     """
     delta = check_delta(delta)
+    _check_last_iterate_options(smoothness, convex)
     steps = [e.sampled for e in accountant.entries]
     samplings = sorted({s.sampling for s in steps})
     assumptions = _composed_assumptions(accountant, steps, samplings)
@@ -117,6 +120,18 @@ def privacy_report(
         assumptions=tuple(assumptions),
         last_iterate_worst_position=worst,
     )
+
+
+def _check_last_iterate_options(smoothness, convex) -> None:
+    """A wrong type or a NaN/inf is the caller's mistake and raises; L <= 0 is a number the bound
+    does not cover, reported as ``last_iterate_reason`` like the bound's other refusals."""
+    if smoothness is not None:
+        if isinstance(smoothness, bool) or not isinstance(smoothness, numbers.Real):
+            raise TypeError(f"smoothness must be a finite number > 0 (or None), got {smoothness!r}")
+        if not math.isfinite(smoothness):
+            raise ValueError(f"smoothness must be a finite number > 0 (or None), got {smoothness!r}")
+    if not isinstance(convex, bool):
+        raise TypeError(f"convex must be True or False, got {convex!r}")
 
 
 _ADJACENCY_IN_WORDS = {
