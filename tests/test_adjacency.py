@@ -107,8 +107,11 @@ def test_sample_rate_is_public_validated_and_accounted():
     assert loader.sample_rate == 0.4
     assert {e.sampled.sample_rate for e in engine.accountant.entries} == {0.4}
     assert loader.current.expected_size == pytest.approx(0.4 * N)  # B_norm uses the same q
-    for bad in (0.0, 1.5, -0.1, True, "0.1"):
+    for bad in (0.0, 1.5, -0.1, float("nan")):
         with pytest.raises(ValueError, match="sample_rate must be in \\(0, 1\\]"):
+            _private(sampling="poisson", sample_rate=bad)
+    for bad in (True, "0.1"):
+        with pytest.raises(TypeError, match="sample_rate must be in \\(0, 1\\]"):
             _private(sampling="poisson", sample_rate=bad)
     with pytest.raises(ValueError, match="sample_rate applies to sampling='poisson' only"):
         _private(sampling="cyclic", sample_rate=0.25)
