@@ -76,6 +76,9 @@ class Bookkeeper:
         self._batch: LogicalBatch | None = None  # of the physical batch last yielded
         self._accumulating = False  # a step() came before the logical batch's last physical one
         self._failure: str | None = None
+        # Called with no argument at the end of every backward pass, after its sums are merged
+        # (or after it failed): DDP's deferred buckets are filled there (dpfused/distributed.py).
+        self.pass_end_listeners: list = []
         self._reset_pass()
         self._reset_forward()
 
@@ -144,6 +147,7 @@ class Bookkeeper:
         self._pass_batch = None
         self._pass_sums: dict[int, torch.Tensor] = {}
         self._pass_counts: dict[int, torch.Tensor] = {}
+        self._completed: set[int] = set()  # groups completed in this pass
 
     def _reset_forward(self):
         self._expected = defaultdict(int)  # forward calls per layer since the last pass
@@ -172,6 +176,7 @@ class Bookkeeper:
     def _complete(self, g):
         group = self.groups[g]
         tagged = self._pieces.pop(g)
+        self._completed.add(g)
         norm_sq = self._group_norm_sq(tagged)
         if not torch.isfinite(norm_sq).all():
             bad = torch.nonzero(~torch.isfinite(norm_sq)).flatten().tolist()[:10]
@@ -214,18 +219,37 @@ class Bookkeeper:
         self.paths.update({path: "+".join(names) for path, names in recorded.items()})
 
     def _end_pass(self):
-        if self._failure is not None:
-            return
-        for g in list(self._pieces):
-            self._complete(g)
-        self._check_no_autograd_gradients()
-        _merge(self._step.sums, self._pass_sums)
-        if self.count_unclipped:
-            _merge(self._step.unclipped, self._pass_counts_of_every_group())
-        self._step.examples += self._pass_batch or 0
-        self._step.backward_passes += 1
-        self._reset_pass()
-        self._reset_forward()
+        try:
+            if self._failure is not None:
+                return
+            for g in list(self._pieces):
+                self._complete(g)
+            self._check_no_autograd_gradients()
+            _merge(self._step.sums, self._pass_sums)
+            if self.count_unclipped:
+                _merge(self._step.unclipped, self._pass_counts_of_every_group())
+            self._step.examples += self._pass_batch or 0
+            self._step.backward_passes += 1
+            self._reset_pass()
+            self._reset_forward()
+        finally:  # also after a failure: other ranks wait on this rank's collectives
+            for listener in self.pass_end_listeners:
+                listener()
+
+    # ---- what data parallel reductions read during backward (dpfused/distributed.py) ----------
+    def is_final(self, param) -> bool:
+        """True once ``param``'s sum for the logical batch can no longer change in this pass:
+        its group completed in this pass (the per_layer fast path), or no pass is running."""
+        return self._task is None or self._group_of[id(param)] in self._completed
+
+    def logical_sum(self, param) -> torch.Tensor | None:
+        """This rank's clipped sum of ``param`` over the logical batch so far (earlier physical
+        batches and the running pass); None where no example touched it."""
+        key = id(param)
+        parts = [d[key] for d in (self._step.sums, self._pass_sums) if key in d]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1].to(parts[0].device)
 
     def _check_no_autograd_gradients(self):
         leaked = [p for p in self._params if p.grad is not None and bool(p.grad.any())]

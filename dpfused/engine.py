@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn as nn
 
-from dpfused import accounting, privacy_math, validate
+from dpfused import accounting, distributed, privacy_math, validate
 from dpfused import sampling as dp_sampling
 from dpfused.adaptive import AdaptiveClipping
 from dpfused.groups import CLIPPING_MODES
@@ -84,7 +84,8 @@ class PrivacyEngine:
         """Instrument ``module`` in place and wrap ``optimizer`` and ``data_loader``.
 
         Args:
-            module: the model, in train mode. The same object is returned, instrumented in place.
+            module: the model, in train mode, or a ``DistributedDataParallel`` wrapping it (docs/
+                design.md §9). The same object is returned, instrumented in place.
             optimizer: any torch.optim optimizer over the module's parameters.
             data_loader: a DataLoader over a map-style dataset; rebuilt with a DP batch sampler.
             noise_multiplier: sigma >= 0 (noise std is sigma * C).
@@ -120,6 +121,9 @@ class PrivacyEngine:
                          max_physical_batch_size=max_physical_batch_size)
         _check_thresholds_total(thresholds, max_grad_norm)
         accounting.check_neighboring(self.neighboring, sampling)
+        wrapper, module = module, distributed.unwrap(module)
+        if wrapper is not module:
+            distributed.check_ddp(wrapper)
         _check_module_and_optimizer(module, optimizer)
         _check_adaptive(adaptive_clipping, clipping)
         noise_generator, sampling_generator = self._generators(noise_generator, sampling_generator)
@@ -136,13 +140,20 @@ class PrivacyEngine:
                           thresholds=thresholds, loss_reduction=loss_reduction,
                           batch_first=batch_first, count_unclipped=adaptive_clipping is not None)
         loader.add_listener(inst.book.begin)  # the one way a logical batch reaches the book
+        reduction = None
+        if wrapper is not module:  # DDP: its all-reduce carries the clipped sums (§9)
+            reduction = distributed.DDPReduction(wrapper, inst.book)
+            loader.add_listener(reduction.begin)
+            noise_generator = distributed.replicated_generator(
+                noise_generator, next(iter(inst.params)).device)
         dp_optimizer = DPOptimizer(
             optimizer, instrumentation=inst, noise_multiplier=noise_multiplier,
             accountant=self.accountant, generator=noise_generator, max_epsilon=max_epsilon,
-            delta=delta, distributed=world_size > 1, adaptive_clipping=adaptive_clipping,
+            delta=delta, distributed=world_size > 1 and reduction is None,
+            adaptive_clipping=adaptive_clipping, reduction=reduction,
         )
-        self.module, self.optimizer, self.data_loader = module, dp_optimizer, loader
-        return module, dp_optimizer, loader
+        self.module, self.optimizer, self.data_loader = wrapper, dp_optimizer, loader
+        return wrapper, dp_optimizer, loader
 
     def _generators(self, noise_generator, sampling_generator):
         """(noise, sampling) generators: the user's, or fresh secure ones in secure mode."""
@@ -366,12 +377,6 @@ def _check_thresholds_total(thresholds, max_grad_norm):
 def _check_module_and_optimizer(module, optimizer):
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    if isinstance(module, nn.parallel.DistributedDataParallel):
-        raise ValueError(
-            "module is wrapped in DistributedDataParallel; pass the unwrapped model. dpfused "
-            "all-reduces the clipped sums itself when torch.distributed is initialized (DDP's "
-            "gradient all-reduce never sees a gradient: per-example clipping replaces it)"
-        )
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, DPOptimizer):
