@@ -79,6 +79,9 @@ class Bookkeeper:
         # Called with no argument at the end of every backward pass, after its sums are merged
         # (or after it failed): DDP's deferred buckets are filled there (dpfused/distributed.py).
         self.pass_end_listeners: list = []
+        # FSDP2: layers see the unsharded parameter; this maps it to the sharded one make_private
+        # grouped (dpfused/distributed.py). None: parameters are used as they were instrumented.
+        self.resolve_param = None
         self._reset_pass()
         self._reset_forward()
 
@@ -109,7 +112,13 @@ class Bookkeeper:
         touched = set()
         for piece in pieces:
             self._check_batch(layer, piece.batch_size)
-            g = self._group_of[id(piece.param)]
+            g = self._group_of.get(self._key(piece.param))
+            if g is None:
+                self._fail(
+                    f"module '{layer.path}' used a parameter of shape {tuple(piece.param.shape)} "
+                    "that make_private did not instrument: were the parameters replaced after "
+                    "make_private (e.g. fully_shard applied after it)? Shard the model first, "
+                    "then build the optimizer, then call make_private")
             if not self._completes_now(g, layer):
                 piece = piece.compact()  # kept until the end of backward: keep the smaller form
             self._pieces[g].append((layer.path, piece))
@@ -117,6 +126,15 @@ class Bookkeeper:
         for g in touched:
             if self._completes_now(g, layer):
                 self._complete(g)
+
+    def _key(self, param) -> int | None:
+        """id of the instrumented parameter ``param`` stands for (itself, or under FSDP2 the
+        sharded parameter of an unsharded one); None if none."""
+        key = id(param)
+        if key in self._group_of or self.resolve_param is None:
+            return key if key in self._group_of else None
+        sharded = self.resolve_param(param)
+        return id(sharded) if sharded is not None and id(sharded) in self._group_of else None
 
     def _completes_now(self, g, layer):
         """The per_layer fast path: the group's only layer, called once, has delivered."""
@@ -191,7 +209,7 @@ class Bookkeeper:
                 norm_sq, group.threshold, self._loss_scale())
         for path, piece in tagged:
             clipped = piece.weighted_sum(multipliers)
-            key = id(piece.param)
+            key = self._key(piece.param)
             if key in self._pass_sums:
                 self._pass_sums[key].add_(clipped)
             else:

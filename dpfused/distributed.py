@@ -14,6 +14,9 @@ the ranks are added up and where the noise goes:
   the last one of a logical batch run without DDP synchronization (``no_sync``). Every rank then holds
   the same global sum and adds the SAME noise, from a generator all ranks share: the released
   gradient carries one N(0, sigma^2 C^2) per coordinate, and the ranks' parameters stay equal.
+- FSDP2 (``fully_shard``): :class:`FSDP2Reduction`. Layers see the all-gathered (unsharded)
+  parameters; their clipped sums are mapped to the sharded parameters, added up over the ranks at
+  the release and each rank keeps and noises the shard it owns (``per_rank_generator``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import torch.nn as nn
 
 from dpfused.step import ClippedStep, LogicalBatch
 
-__all__ = ["DDPReduction", "all_reduce_sum", "check_ddp", "replicated_generator", "unwrap"]
+__all__ = ["DDPReduction", "FSDP2Reduction", "all_reduce_sum", "check_ddp", "check_sharding",
+           "is_fsdp2", "per_rank_generator", "replicated_generator", "unwrap"]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -134,6 +138,12 @@ class DDPReduction:
     def global_counts(self, counts: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum([counts])[0]
 
+    def local_shape(self, param) -> torch.Size:
+        return param.shape
+
+    def as_grad(self, param, grad: torch.Tensor) -> torch.Tensor:
+        return grad.to(param.dtype)
+
 
 def all_reduce_sum(tensors):
     """Sum each tensor over all ranks with one collective per device and dtype (flat buffers)."""
@@ -164,3 +174,131 @@ def replicated_generator(generator, device: torch.device):
     generator.set_state(state[0])
     return generator
 
+
+
+# ---- FSDP2 ----------------------------------------------------------------------------------------
+
+def is_fsdp2(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def check_sharding(module: nn.Module, *, clipping: str, adaptive: bool) -> None:
+    """Refuse what the FSDP2 reduction cannot do exactly, naming the module and the fix."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor, Shard
+
+    for path, sub in module.named_modules():
+        if isinstance(sub, FullyShardedDataParallel):
+            raise ValueError(
+                f"module '{path or '<root>'}' is wrapped in FullyShardedDataParallel (FSDP1), "
+                "which flattens parameters so that no layer sees its own weight; use FSDP2 "
+                "(torch.distributed.fsdp.fully_shard) or DistributedDataParallel")
+    sharded = [(n, p) for n, p in module.named_parameters() if isinstance(p, DTensor)]
+    if not sharded:
+        return
+    if not is_fsdp2(module):
+        raise ValueError(
+            f"parameter '{sharded[0][0]}' is a DTensor but the module passed to make_private is "
+            "not an FSDP2 module: apply fully_shard to the root too (blocks first, then the root)")
+    world = dist.get_world_size()
+    for name, p in sharded:
+        if (p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)
+                or p.device_mesh.size() != world):
+            raise ValueError(
+                f"parameter '{name}' is a DTensor placed {tuple(p.placements)} on a "
+                f"{p.device_mesh.ndim}-d mesh of {p.device_mesh.size()} ranks: only FSDP2's "
+                "Shard(0) over all ranks of the default group is supported (tensor parallelism "
+                "and HSDP meshes are not); shard with fully_shard over the default group")
+    if clipping == "per_device":
+        raise ValueError(
+            "clipping='per_device' on an FSDP2-sharded model: per_device clips the parameters "
+            "each device holds (He et al., a model split across devices), but every FSDP rank "
+            "holds a shard of every layer, so a device's group would be a slice of each layer; "
+            "use clipping='per_layer' or 'flat'")
+    if adaptive:
+        raise ValueError("adaptive_clipping with an FSDP2-sharded model is not supported yet; "
+                         "use fixed thresholds")
+
+
+class FSDP2Reduction:
+    """FSDP2: every rank's clipped sums (full shape, from the unsharded parameters the layers
+    see) are added up with one all-reduce at the release, and each rank keeps the shard it owns
+    (``torch.chunk`` along dim 0, FSDP2's layout) and adds noise to it alone, from its own stream:
+    every coordinate gets std sigma C exactly once. FSDP's own gradient reduction is switched off
+    (its gradients would be the unclipped ones; dpfused's layers return none).
+
+    Args:
+        root: the FSDP2 root module.
+        book: its instrumentation's book-keeper.
+    """
+
+    def __init__(self, root: nn.Module, book) -> None:
+        self.root, self.book = root, book
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._sharded: dict[int, nn.Parameter] = {}
+        root.set_requires_gradient_sync(False)
+        book.resolve_param = self.sharded_of
+
+    def sharded_of(self, unsharded: torch.Tensor) -> nn.Parameter | None:
+        """The sharded parameter whose all-gathered form ``unsharded`` is (FSDP2's FSDPParam)."""
+        if id(unsharded) not in self._sharded:
+            for fsdp_param in self._fsdp_params():
+                if getattr(fsdp_param, "_unsharded_param", None) is unsharded:
+                    self._sharded[id(unsharded)] = fsdp_param.sharded_param
+        return self._sharded.get(id(unsharded))
+
+    def _fsdp_params(self):
+        for module in self.root.modules():
+            if is_fsdp2(module):
+                group = module._get_fsdp_state()._fsdp_param_group
+                if group is not None:
+                    yield from group.fsdp_params
+
+    def local_shape(self, param) -> torch.Size:
+        return param.to_local().shape
+
+    def global_sums(self, clipped: ClippedStep, params) -> dict[int, torch.Tensor]:
+        """This rank's shard of the sum over ranks of the clipped sums, per parameter."""
+        sums = [clipped.sums.get(id(p), None) for p in params]
+        full = [s if s is not None else torch.zeros(p.shape, dtype=p.dtype,
+                                                    device=p.to_local().device)
+                for s, p in zip(sums, params)]
+        return {id(p): self._my_shard(s, p) for p, s in zip(params, all_reduce_sum(full))}
+
+    def _my_shard(self, full: torch.Tensor, param) -> torch.Tensor:
+        chunks = torch.chunk(full, self.world_size, dim=0)
+        mine = chunks[self.rank] if self.rank < len(chunks) else full[:0]
+        if mine.shape != self.local_shape(param):
+            raise RuntimeError(f"FSDP2 shard of shape {tuple(self.local_shape(param))} is not "
+                               "torch.chunk's along dim 0; uneven custom sharding is unsupported")
+        return mine
+
+    def as_grad(self, param, local_grad: torch.Tensor):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local_grad.to(param.dtype), param.device_mesh, param.placements,
+                                  shape=param.shape, stride=param.stride())
+
+
+def per_rank_generator(generator, device: torch.device):
+    """FSDP2: each rank noises its own shard, from a stream of its own. Reproducible: the ranks'
+    seeds are spawned (numpy SeedSequence) from one base seed, rank 0's (from ``generator`` or
+    torch's global RNG), so they differ per rank and are fixed by the user's seed. A secure
+    generator (ChaCha20, keyed from each rank's OS) is independent per rank already."""
+    import numpy as np
+
+    from dpfused.secure_random import ChaCha20Generator
+
+    if isinstance(generator, ChaCha20Generator):
+        return generator
+    draw = {"generator": generator} if generator is not None else {}
+    if generator is not None:
+        draw["device"] = generator.device
+    base = [int(torch.randint(0, 2**62, (1,), **draw).item())]
+    dist.broadcast_object_list(base, src=0)
+    child = np.random.SeedSequence(base[0]).spawn(dist.get_world_size())[dist.get_rank()]
+    seed = int(child.generate_state(1, np.uint64)[0] >> 1)
+    gen_device = generator.device if generator is not None else device
+    return torch.Generator(device=gen_device).manual_seed(seed)

@@ -124,12 +124,15 @@ class PrivacyEngine:
         wrapper, module = module, distributed.unwrap(module)
         if wrapper is not module:
             distributed.check_ddp(wrapper)
+        distributed.check_sharding(module, clipping=clipping,
+                                   adaptive=adaptive_clipping is not None)
+        sharded = distributed.is_fsdp2(module)
         _check_module_and_optimizer(module, optimizer)
         _check_adaptive(adaptive_clipping, clipping)
         noise_generator, sampling_generator = self._generators(noise_generator, sampling_generator)
         rank, world_size = _data_parallel_world()
         if world_size > 1:
-            _broadcast_parameters(module)
+            _broadcast_parameters(module, buffers_only=sharded)
             sampling_generator = _shared_generator(sampling_generator)
         loader = dp_sampling.make_private_data_loader(
             data_loader, sampling=sampling, sample_rate=sample_rate, shuffle_once=shuffle_once,
@@ -146,6 +149,10 @@ class PrivacyEngine:
             loader.add_listener(reduction.begin)
             noise_generator = distributed.replicated_generator(
                 noise_generator, next(iter(inst.params)).device)
+        elif sharded:  # FSDP2: each rank noises the shard it owns (§9)
+            reduction = distributed.FSDP2Reduction(module, inst.book)
+            noise_generator = distributed.per_rank_generator(
+                noise_generator, next(iter(inst.params)).to_local().device)
         dp_optimizer = DPOptimizer(
             optimizer, instrumentation=inst, noise_multiplier=noise_multiplier,
             accountant=self.accountant, generator=noise_generator, max_epsilon=max_epsilon,
@@ -328,11 +335,13 @@ def _data_parallel_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _broadcast_parameters(module: nn.Module) -> None:
+def _broadcast_parameters(module: nn.Module, *, buffers_only: bool = False) -> None:
     """Every rank starts from rank 0's parameters and buffers (they then stay equal: every rank
-    applies the same all-reduced noised gradient)."""
+    applies the same all-reduced noised gradient). FSDP2 (``buffers_only``): each rank holds a
+    different shard of the parameters; only the buffers are broadcast."""
+    params = [] if buffers_only else list(module.parameters())
     with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
+        for tensor in [*params, *module.buffers()]:
             torch.distributed.broadcast(tensor.data, src=0)
 
 

@@ -34,9 +34,10 @@ class DPOptimizer(torch.optim.Optimizer):
             group, and only rank 0 adds noise.
         adaptive_clipping: an ``AdaptiveClipping``: after each step the group thresholds move
             toward a quantile of the per-example norms, from noisy counts (dpfused/adaptive.py).
-        reduction: a wrapper's reduction (``dpfused.distributed.DDPReduction``): it adds the
-            ranks' clipped sums and counts up before the noise, and every rank adds the same
-            noise (``generator`` is in the same state on every rank). Replaces ``distributed``.
+        reduction: a wrapper's reduction (``dpfused.distributed``): it adds the ranks' clipped
+            sums and counts up before the noise. DDP: every rank adds the same noise
+            (``generator`` is in the same state on every rank); FSDP2: each rank noises the
+            shard it owns (its own stream). Replaces ``distributed``.
     """
 
     # torch.amp.GradScaler then hands its scale to step() (as `grad_scale`/`found_inf`) instead of
@@ -204,16 +205,17 @@ class DPOptimizer(torch.optim.Optimizer):
             loss_reduction=clipped.loss_reduction, expected_batch_size=clipped.batch.expected_size,
         )
         params = [p for group in self._groups for p in group.params]
-        sums = self.reduction.global_sums(clipped, params)
+        sums = self.reduction.global_sums(clipped, params)  # this rank's shard of the sums
         grads = [
             privacy_math.noised_gradient(
-                sums.get(id(p)), shape=p.shape, std=std, normalizer=normalizer,
-                device=p.device, generator=self.generator, dtype=p.dtype,
+                sums[id(p)], shape=self.reduction.local_shape(p), std=std,
+                normalizer=normalizer, device=sums[id(p)].device, generator=self.generator,
+                dtype=p.dtype,
             )
             for p in params
         ]
         for p, grad in zip(params, grads):
-            p.grad = grad.to(p.dtype)
+            p.grad = self.reduction.as_grad(p, grad)
         if self.adaptive_clipping is None:
             return None
         counts = self.reduction.global_counts(self._unclipped_counts(clipped, params[0].device))
