@@ -27,8 +27,8 @@ import torch.nn as nn
 
 from dpfused.step import ClippedStep, LogicalBatch
 
-__all__ = ["DDPReduction", "FSDP2Reduction", "all_reduce_sum", "check_ddp", "check_sharding",
-           "is_fsdp2", "per_rank_generator", "replicated_generator", "unwrap"]
+__all__ = ["DDPReduction", "FSDP2Reduction", "all_reduce_sum", "check_ddp", "check_same_data",
+           "check_sharding", "is_fsdp2", "per_rank_generator", "replicated_generator", "unwrap"]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -176,6 +176,26 @@ def replicated_generator(generator, device: torch.device):
 
 
 
+def check_same_data(data_loader, **settings) -> None:
+    """Every rank must split the SAME logical batches: same dataset size and sampling settings.
+
+    Raises:
+        ValueError (on every rank): a rank whose data loader or settings differ from rank 0's.
+    """
+    mine = {"len(dataset)": len(data_loader.dataset), "batch_size": data_loader.batch_size,
+            **settings}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    for rank, theirs in enumerate(every):
+        differ = {k: (every[0][k], v) for k, v in theirs.items() if v != every[0][k]}
+        if differ:
+            details = ", ".join(f"{k}: {a!r} on rank 0, {b!r} on rank {rank}"
+                                for k, (a, b) in differ.items())
+            raise ValueError(
+                f"rank {rank}'s data loader differs from rank 0's ({details}); every rank must pass the same dataset and settings to make_private: each keeps "
+                "its slice of one shared logical batch, which is what the accountant assumes")
+
+
 # ---- FSDP2 ----------------------------------------------------------------------------------------
 
 def is_fsdp2(module: nn.Module) -> bool:
@@ -198,19 +218,21 @@ def check_sharding(module: nn.Module, *, clipping: str, adaptive: bool) -> None:
     sharded = [(n, p) for n, p in module.named_parameters() if isinstance(p, DTensor)]
     if not sharded:
         return
+    world = dist.get_world_size()
+    managed = {id(fp.sharded_param) for fp in _fsdp_params_of(module)}
+    for name, p in sharded:
+        if (p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)
+                or p.device_mesh.size() != world or id(p) not in managed):
+            raise ValueError(
+                f"parameter '{name}' is a DTensor placed {tuple(p.placements)} on a "
+                f"{p.device_mesh.ndim}-d mesh of {p.device_mesh.size()} ranks"
+                f"{'' if id(p) in managed else ', not managed by fully_shard'}: only FSDP2's "
+                "Shard(0) over all ranks of the default group is supported (tensor parallelism "
+                "and HSDP meshes are not); shard with fully_shard over the default group")
     if not is_fsdp2(module):
         raise ValueError(
             f"parameter '{sharded[0][0]}' is a DTensor but the module passed to make_private is "
             "not an FSDP2 module: apply fully_shard to the root too (blocks first, then the root)")
-    world = dist.get_world_size()
-    for name, p in sharded:
-        if (p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)
-                or p.device_mesh.size() != world):
-            raise ValueError(
-                f"parameter '{name}' is a DTensor placed {tuple(p.placements)} on a "
-                f"{p.device_mesh.ndim}-d mesh of {p.device_mesh.size()} ranks: only FSDP2's "
-                "Shard(0) over all ranks of the default group is supported (tensor parallelism "
-                "and HSDP meshes are not); shard with fully_shard over the default group")
     if clipping == "per_device":
         raise ValueError(
             "clipping='per_device' on an FSDP2-sharded model: per_device clips the parameters "
@@ -220,6 +242,15 @@ def check_sharding(module: nn.Module, *, clipping: str, adaptive: bool) -> None:
     if adaptive:
         raise ValueError("adaptive_clipping with an FSDP2-sharded model is not supported yet; "
                          "use fixed thresholds")
+
+
+def _fsdp_params_of(root: nn.Module):
+    """FSDP2's FSDPParam of every parameter fully_shard manages under ``root`` (private API)."""
+    for module in root.modules():
+        if is_fsdp2(module):
+            group = module._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                yield from group.fsdp_params
 
 
 class FSDP2Reduction:
@@ -250,11 +281,7 @@ class FSDP2Reduction:
         return self._sharded.get(id(unsharded))
 
     def _fsdp_params(self):
-        for module in self.root.modules():
-            if is_fsdp2(module):
-                group = module._get_fsdp_state()._fsdp_param_group
-                if group is not None:
-                    yield from group.fsdp_params
+        return _fsdp_params_of(self.root)
 
     def local_shape(self, param) -> torch.Size:
         return param.to_local().shape

@@ -132,6 +132,9 @@ class PrivacyEngine:
         noise_generator, sampling_generator = self._generators(noise_generator, sampling_generator)
         rank, world_size = _data_parallel_world()
         if world_size > 1:
+            distributed.check_same_data(
+                data_loader, sampling=sampling, sample_rate=sample_rate, drop_last=drop_last,
+                shuffle_once=shuffle_once, clipping=clipping, loss_reduction=loss_reduction)
             _broadcast_parameters(module, buffers_only=sharded)
             sampling_generator = _shared_generator(sampling_generator)
         loader = dp_sampling.make_private_data_loader(
