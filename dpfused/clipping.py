@@ -88,6 +88,12 @@ class Bookkeeper:
         self._batch: LogicalBatch | None = None  # of the physical batch last yielded
         self._accumulating = False  # a step() came before the logical batch's last physical one
         self._failure: str | None = None
+        # Called with no argument at the end of every backward pass, after its sums are merged
+        # (or after it failed): DDP's deferred buckets are filled there (dpfused/distributed.py).
+        self.pass_end_listeners: list = []
+        # FSDP2: layers see the unsharded parameter; this maps it to the sharded one make_private
+        # grouped (dpfused/distributed.py). None: parameters are used as they were instrumented.
+        self.resolve_param = None
         self._reset_pass()
         self._reset_forward()
 
@@ -118,7 +124,13 @@ class Bookkeeper:
         touched = set()
         for piece in pieces:
             self._check_batch(layer, piece.batch_size)
-            g = self._group_of[id(piece.param)]
+            g = self._group_of.get(self._key(piece.param))
+            if g is None:
+                self._fail(
+                    f"module '{layer.path}' used a parameter of shape {tuple(piece.param.shape)} "
+                    "that make_private did not instrument: were the parameters replaced after "
+                    "make_private (e.g. fully_shard applied after it)? Shard the model first, "
+                    "then build the optimizer, then call make_private")
             if not self._completes_now(g, layer):
                 piece = piece.compact()  # kept until the end of backward: keep the smaller form
             self._pieces[g].append((layer.path, piece))
@@ -126,6 +138,15 @@ class Bookkeeper:
         for g in touched:
             if self._completes_now(g, layer):
                 self._complete(g)
+
+    def _key(self, param) -> int | None:
+        """id of the instrumented parameter ``param`` stands for (itself, or under FSDP2 the
+        sharded parameter of an unsharded one); None if none."""
+        key = id(param)
+        if key in self._group_of or self.resolve_param is None:
+            return key if key in self._group_of else None
+        sharded = self.resolve_param(param)
+        return id(sharded) if sharded is not None and id(sharded) in self._group_of else None
 
     def _completes_now(self, g, layer):
         """The per_layer fast path: the group's only layer, called once, has delivered."""
@@ -157,6 +178,7 @@ class Bookkeeper:
         self._pass_sums: dict[int, torch.Tensor] = {}
         self._pass_counts: dict[int, torch.Tensor] = {}
         self._pass_dropped = 0
+        self._completed: set[int] = set()  # groups completed in this pass
 
     def _reset_forward(self):
         self._expected = defaultdict(int)  # forward calls per layer since the last pass
@@ -187,6 +209,7 @@ class Bookkeeper:
         examples to give multiplier 0, decided from all groups' norms (``_complete_all``)."""
         group = self.groups[g]
         tagged = self._pieces.pop(g)
+        self._completed.add(g)
         if norm_sq is None:
             norm_sq = self._group_norm_sq(tagged)
         if dropped is None:
@@ -201,7 +224,7 @@ class Bookkeeper:
                 norm_sq, group.threshold, scale, dropped=dropped)
         for path, piece in tagged:
             clipped = piece.weighted_sum(multipliers)
-            key = id(piece.param)
+            key = self._key(piece.param)
             if key in self._pass_sums:
                 self._pass_sums[key].add_(clipped)
             else:
@@ -257,18 +280,37 @@ class Bookkeeper:
         self.paths.update({path: "+".join(names) for path, names in recorded.items()})
 
     def _end_pass(self):
-        if self._failure is not None:
-            return
-        self._complete_all()
-        self._check_no_autograd_gradients()
-        _merge(self._step.sums, self._pass_sums)
-        if self.count_unclipped:
-            _merge(self._step.unclipped, self._pass_counts_of_every_group())
-        self._step.examples += self._pass_batch or 0
-        self._step.backward_passes += 1
-        self._step.dropped += self._pass_dropped
-        self._reset_pass()
-        self._reset_forward()
+        try:
+            if self._failure is not None:
+                return
+            self._complete_all()
+            self._check_no_autograd_gradients()
+            _merge(self._step.sums, self._pass_sums)
+            if self.count_unclipped:
+                _merge(self._step.unclipped, self._pass_counts_of_every_group())
+            self._step.examples += self._pass_batch or 0
+            self._step.backward_passes += 1
+            self._step.dropped += self._pass_dropped
+            self._reset_pass()
+            self._reset_forward()
+        finally:  # also after a failure: other ranks wait on this rank's collectives
+            for listener in self.pass_end_listeners:
+                listener()
+
+    # ---- what data parallel reductions read during backward (dpfused/distributed.py) ----------
+    def is_final(self, param) -> bool:
+        """True once ``param``'s sum for the logical batch can no longer change in this pass:
+        its group completed in this pass (the per_layer fast path), or no pass is running."""
+        return self._task is None or self._group_of[id(param)] in self._completed
+
+    def logical_sum(self, param) -> torch.Tensor | None:
+        """This rank's clipped sum of ``param`` over the logical batch so far (earlier physical
+        batches and the running pass); None where no example touched it."""
+        key = id(param)
+        parts = [d[key] for d in (self._step.sums, self._pass_sums) if key in d]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1].to(parts[0].device)
 
     def _check_no_autograd_gradients(self):
         leaked = [p for p in self._params if p.grad is not None and bool(p.grad.any())]

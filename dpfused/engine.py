@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from dpfused import accounting, privacy_math, validate
+from dpfused import accounting, distributed, privacy_math, validate
 from dpfused import sampling as dp_sampling
 from dpfused.adaptive import AdaptiveClipping
 from dpfused.groups import CLIPPING_MODES
@@ -88,7 +88,8 @@ class PrivacyEngine:
         """Instrument ``module`` in place and wrap ``optimizer`` and ``data_loader``.
 
         Args:
-            module: the model, in train mode. The same object is returned, instrumented in place.
+            module: the model, in train mode, or a ``DistributedDataParallel`` wrapping it (docs/
+                design.md §9). The same object is returned, instrumented in place.
             optimizer: any torch.optim optimizer over the module's parameters.
             data_loader: a DataLoader over a map-style dataset; rebuilt with a DP batch sampler.
             noise_multiplier: sigma >= 0 (noise std is sigma * C).
@@ -136,13 +137,22 @@ class PrivacyEngine:
                          nonfinite_gradients=nonfinite_gradients)
         _check_thresholds_total(thresholds, max_grad_norm)
         accounting.check_neighboring(self.neighboring, sampling)
+        wrapper, module = module, distributed.unwrap(module)
         _check_module_and_optimizer(module, optimizer)
+        if wrapper is not module:
+            distributed.check_ddp(wrapper)
+        distributed.check_sharding(module, clipping=clipping,
+                                   adaptive=adaptive_clipping is not None)
+        sharded = distributed.is_fsdp2(module)
         _check_data_loader(data_loader)
         _check_adaptive(adaptive_clipping, clipping)
         noise_generator, sampling_generator = self._generators(noise_generator, sampling_generator)
         rank, world_size = _data_parallel_world()
         if world_size > 1:
-            _broadcast_parameters(module)
+            distributed.check_same_data(
+                data_loader, sampling=sampling, sample_rate=sample_rate, drop_last=drop_last,
+                shuffle_once=shuffle_once, clipping=clipping, loss_reduction=loss_reduction)
+            _broadcast_parameters(module, buffers_only=sharded)
             sampling_generator = _shared_generator(sampling_generator)
         loader = dp_sampling.make_private_data_loader(
             data_loader, sampling=sampling, sample_rate=sample_rate, shuffle_once=shuffle_once,
@@ -154,13 +164,24 @@ class PrivacyEngine:
                           batch_first=batch_first, count_unclipped=adaptive_clipping is not None,
                           nonfinite=nonfinite_gradients)
         loader.add_listener(inst.book.begin)  # the one way a logical batch reaches the book
+        reduction = None
+        if wrapper is not module:  # DDP: its all-reduce carries the clipped sums (§9)
+            reduction = distributed.DDPReduction(wrapper, inst.book)
+            loader.add_listener(reduction.begin)
+            noise_generator = distributed.replicated_generator(
+                noise_generator, next(iter(inst.params)).device)
+        elif sharded:  # FSDP2: each rank noises the shard it owns (§9)
+            reduction = distributed.FSDP2Reduction(module, inst.book)
+            noise_generator = distributed.per_rank_generator(
+                noise_generator, next(iter(inst.params)).to_local().device)
         dp_optimizer = DPOptimizer(
             optimizer, instrumentation=inst, noise_multiplier=noise_multiplier,
             accountant=self.accountant, generator=noise_generator, max_epsilon=max_epsilon,
-            delta=delta, distributed=world_size > 1, adaptive_clipping=adaptive_clipping,
+            delta=delta, distributed=world_size > 1 and reduction is None,
+            adaptive_clipping=adaptive_clipping, reduction=reduction,
         )
-        self.module, self.optimizer, self.data_loader = module, dp_optimizer, loader
-        return module, dp_optimizer, loader
+        self.module, self.optimizer, self.data_loader = wrapper, dp_optimizer, loader
+        return wrapper, dp_optimizer, loader
 
     def _generators(self, noise_generator, sampling_generator):
         """(noise, sampling) generators: the user's, or fresh secure ones in secure mode."""
@@ -358,11 +379,13 @@ def _data_parallel_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _broadcast_parameters(module: nn.Module) -> None:
+def _broadcast_parameters(module: nn.Module, *, buffers_only: bool = False) -> None:
     """Every rank starts from rank 0's parameters and buffers (they then stay equal: every rank
-    applies the same all-reduced noised gradient)."""
+    applies the same all-reduced noised gradient). FSDP2 (``buffers_only``): each rank holds a
+    different shard of the parameters; only the buffers are broadcast."""
+    params = [] if buffers_only else list(module.parameters())
     with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
+        for tensor in [*params, *module.buffers()]:
             torch.distributed.broadcast(tensor.data, src=0)
 
 
@@ -410,12 +433,6 @@ def _check_thresholds_total(thresholds, max_grad_norm):
 def _check_module_and_optimizer(module, optimizer):
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    if isinstance(module, nn.parallel.DistributedDataParallel):
-        raise ValueError(
-            "module is wrapped in DistributedDataParallel; pass the unwrapped model. dpfused "
-            "all-reduces the clipped sums itself when torch.distributed is initialized (DDP's "
-            "gradient all-reduce never sees a gradient: per-example clipping replaces it)"
-        )
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, DPOptimizer):

@@ -36,6 +36,10 @@ class DPOptimizer(torch.optim.Optimizer):
             group, and only rank 0 adds noise.
         adaptive_clipping: an ``AdaptiveClipping``: after each step the group thresholds move
             toward a quantile of the per-example norms, from noisy counts (dpfused/adaptive.py).
+        reduction: a wrapper's reduction (``dpfused.distributed``): it adds the ranks' clipped
+            sums and counts up before the noise. DDP: every rank adds the same noise
+            (``generator`` is in the same state on every rank); FSDP2: each rank noises the
+            shard it owns (its own stream). Replaces ``distributed``.
     """
 
     # torch.amp.GradScaler then hands its scale to step() (as `grad_scale`/`found_inf`) instead of
@@ -44,7 +48,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer, *, instrumentation, noise_multiplier, accountant=None,
                  generator=None, max_epsilon=None, delta=None, distributed=False,
-                 adaptive_clipping=None):
+                 adaptive_clipping=None, reduction=None):
         # Deliberately no super().__init__: this object is a view that shares the wrapped
         # optimizer's param_groups and state, so schedulers and checkpoints act on the real one.
         self.original_optimizer = optimizer
@@ -55,6 +59,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.max_epsilon, self.delta = max_epsilon, delta
         self.distributed = distributed
         self.adaptive_clipping = adaptive_clipping
+        self.reduction = reduction
         # Group-wise adaptive thresholds are rescaled to keep this total (the sensitivity).
         self._total_threshold = privacy_math.sensitivity([g.threshold for g in self._groups])
         self.rank = torch.distributed.get_rank() if distributed else 0
@@ -187,6 +192,8 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _write_noised_gradients(self, clipped: ClippedStep):
         """Write p.grad for every private parameter; returns the noisy counts (adaptive) or None."""
+        if self.reduction is not None:
+            return self._write_reduced_noised_gradients(clipped)
         std = privacy_math.noise_std_on_rank(
             privacy_math.noise_std(self.noise_multiplier, clipped.thresholds), rank=self.rank)
         normalizer = privacy_math.gradient_normalizer(
@@ -207,6 +214,37 @@ class DPOptimizer(torch.optim.Optimizer):
         for p, grad in zip(params, released):
             p.grad = grad.to(p.dtype)
         return released[-1] if self.adaptive_clipping is not None else None
+
+    def _write_reduced_noised_gradients(self, clipped: ClippedStep):
+        """The wrapper's reduction first, then the noise, the same on every rank (its generator
+        is replicated): one N(0, sigma^2 C^2) per coordinate, and equal parameters on all ranks."""
+        std = privacy_math.noise_std(self.noise_multiplier, clipped.thresholds)
+        normalizer = privacy_math.gradient_normalizer(
+            loss_reduction=clipped.loss_reduction, expected_batch_size=clipped.batch.expected_size,
+        )
+        params = [p for group in self._groups for p in group.params]
+        sums = self.reduction.global_sums(clipped, params)  # this rank's shard of the sums
+        grads = [
+            privacy_math.noised_gradient(
+                sums[id(p)], shape=self.reduction.local_shape(p), std=std,
+                normalizer=normalizer, device=sums[id(p)].device, generator=self.generator,
+                dtype=p.dtype,
+            )
+            for p in params
+        ]
+        for p, grad in zip(params, grads):
+            p.grad = self.reduction.as_grad(p, grad)
+        if self.adaptive_clipping is None:
+            return None
+        counts = self.reduction.global_counts(self._unclipped_counts(clipped, params[0].device))
+        return privacy_math.noised_counts(counts, std=self.adaptive_clipping.count_noise_std,
+                                          generator=self.generator)
+
+    def _unclipped_counts(self, clipped: ClippedStep, device):
+        return torch.stack([
+            clipped.unclipped.get(g, torch.zeros((), dtype=torch.float64)).to(device)
+            for g in range(len(self._groups))
+        ])
 
     def _noised_counts(self, clipped: ClippedStep, device):
         counts = torch.stack([

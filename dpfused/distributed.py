@@ -1,0 +1,331 @@
+"""Data parallel training on PyTorch's own engines: DistributedDataParallel (docs/design.md §9).
+
+Every rank draws the same logical batch and keeps its slice (``engine._shared_generator``); its
+examples' norms and clip factors are local. What differs between engines is how the clipped sums of
+the ranks are added up and where the noise goes:
+
+- plain module (no wrapper): the optimizer all-reduces the noised sums after backward; rank 0 alone
+  adds noise (``privacy_math.noise_std_on_rank``). Unchanged, no class here.
+- ``DistributedDataParallel``: :class:`DDPReduction`. DDP's bucketed all-reduce carries the clipped
+  sums, through a communication hook that sums (DDP's default averages). A bucket whose parameters'
+  groups completed inside backward (``per_layer``'s fast path) is reduced as soon as DDP finds it
+  ready, overlapped with the rest of backward; any other bucket (``flat``, tied weights, recomputed
+  layers) waits for the end of the pass, when the book-keeper has its sums. Physical batches before
+  the last one of a logical batch run without DDP synchronization (``no_sync``). Every rank then holds
+  the same global sum and adds the SAME noise, from a generator all ranks share: the released
+  gradient carries one N(0, sigma^2 C^2) per coordinate, and the ranks' parameters stay equal.
+- FSDP2 (``fully_shard``): :class:`FSDP2Reduction`. Layers see the all-gathered (unsharded)
+  parameters; their clipped sums are mapped to the sharded parameters, added up over the ranks at
+  the release and each rank keeps and noises the shard it owns (``per_rank_generator``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from dpfused.step import ClippedStep, LogicalBatch
+
+__all__ = ["DDPReduction", "FSDP2Reduction", "all_reduce_sum", "check_ddp", "check_same_data",
+           "check_sharding", "is_fsdp2", "per_rank_generator", "replicated_generator", "unwrap"]
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module dpfused instruments: the model inside a DDP wrapper, else ``module`` itself."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.module
+    return module
+
+
+def check_ddp(ddp: nn.parallel.DistributedDataParallel) -> None:
+    """Refuse DDP configurations the reduction cannot be exact with (before anything changes)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("module is a DistributedDataParallel but torch.distributed is not "
+                         "initialized; call torch.distributed.init_process_group first")
+    if ddp.process_group is not dist.group.WORLD and dist.get_world_size(ddp.process_group) != \
+            dist.get_world_size():
+        raise ValueError(
+            "module is a DistributedDataParallel over a process group smaller than the default "
+            "group; dpfused splits each logical batch over all ranks of the default group. Wrap "
+            "it over the default group")
+    if getattr(ddp, "_delay_all_reduce_all_params", False) or getattr(ddp, "static_graph", False):
+        raise ValueError(
+            "module is a DistributedDataParallel with static_graph=True; dpfused's reduction "
+            "needs DDP's per-bucket hooks. Construct it with static_graph=False (the default)")
+    if ddp.mixed_precision is not None:
+        raise ValueError("DistributedDataParallel(mixed_precision=...) is not supported: the "
+                         "clipped sums must be reduced in the parameters' dtype; drop it")
+
+
+class DDPReduction:
+    """Adds the ranks' clipped sums up through DDP's own bucketed all-reduce (module docstring).
+
+    Args:
+        ddp: the DistributedDataParallel wrapper.
+        book: the book-keeper of the wrapped module's instrumentation.
+    """
+
+    def __init__(self, ddp: nn.parallel.DistributedDataParallel, book) -> None:
+        self.ddp, self.book = ddp, book
+        self.world_size = dist.get_world_size()
+        self._deferred: list[tuple[dist.GradBucket, torch.futures.Future]] = []
+        self._synced = False  # this logical batch's last physical batch goes through DDP
+        self._reduced = False  # DDP's hook ran for this logical batch
+        self.buckets_overlapped = self.buckets_deferred = 0  # reduced during / after backward
+        # Buffers: broadcast once by make_private (they are not trained, and a data-dependent
+        # buffer would be released without noise); DDP's per-forward broadcast would make ranks
+        # with different numbers of physical batches wait on each other.
+        ddp.forward_sync_buffers = False
+        ddp.register_comm_hook(state=None, hook=self._comm_hook)
+        book.pass_end_listeners.append(self._flush_deferred)
+
+    # ---- a logical batch --------------------------------------------------------------------------
+    def begin(self, batch: LogicalBatch) -> None:
+        """Loader listener: DDP synchronizes the logical batch's last physical batch only, and only
+        when every rank's slice is non-empty (a rank with no example may skip backward)."""
+        self._synced = batch.is_last_physical and batch.logical_size >= self.world_size
+        self.ddp.require_backward_grad_sync = self._synced
+        if batch.is_last_physical:
+            self._reduced = False
+
+    def _comm_hook(self, _state, bucket):  # no annotations: DDP checks them as types, not strings
+        self._reduced = True
+        if all(self.book.is_final(p) for p in bucket.parameters()):
+            self.buckets_overlapped += 1
+            return self._all_reduce(bucket)  # per_layer fast path: overlaps the rest of backward
+        self.buckets_deferred += 1
+        future = torch.futures.Future()
+        self._deferred.append((bucket, future))
+        return future
+
+    def _flush_deferred(self) -> None:
+        """End of a backward pass (book-keeper listener): reduce the buckets that waited for it."""
+        deferred, self._deferred = self._deferred, []
+        for bucket, future in deferred:
+            self._all_reduce(bucket).then(lambda fut, future=future: future.set_result(fut.value()))
+
+    def _all_reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        """Write this rank's clipped sums into the bucket and sum it over the ranks (async)."""
+        buffer = bucket.buffer()
+        offset = 0
+        for param in bucket.parameters():
+            n = param.numel()
+            total = self.book.logical_sum(param)
+            view = buffer[offset:offset + n]
+            if total is None:
+                view.zero_()
+            else:
+                view.copy_(total.reshape(-1))
+            offset += n
+        work = dist.all_reduce(buffer, group=self.ddp.process_group, async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0])
+
+    # ---- the release ------------------------------------------------------------------------------
+    def global_sums(self, clipped: ClippedStep, params) -> dict[int, torch.Tensor]:
+        """sum over ranks of the clipped sums, per parameter: DDP's reduction (now in ``p.grad``),
+        or one all-reduce here when DDP did not synchronize this logical batch."""
+        if self._synced:
+            if not self._reduced:
+                raise RuntimeError(
+                    "the last physical batch of this logical batch went through backward without "
+                    "DDP synchronizing it: call the DistributedDataParallel module (not the module "
+                    "inside it) in the forward pass")
+            return {id(p): p.grad for p in params}
+        sums = [clipped.sums.get(id(p), torch.zeros_like(p)) for p in params]
+        return {id(p): s for p, s in zip(params, all_reduce_sum(sums))}
+
+    def global_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum([counts])[0]
+
+    def local_shape(self, param) -> torch.Size:
+        return param.shape
+
+    def as_grad(self, param, grad: torch.Tensor) -> torch.Tensor:
+        return grad.to(param.dtype)
+
+
+def all_reduce_sum(tensors):
+    """Sum each tensor over all ranks with one collective per device and dtype (flat buffers)."""
+    by_device = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault((t.device, t.dtype), []).append(i)
+    out = list(tensors)
+    for indices in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        dist.all_reduce(flat)
+        for i, chunk in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+            out[i] = chunk.view_as(tensors[i])
+    return out
+
+
+def replicated_generator(generator, device: torch.device):
+    """A noise generator in the same state on every rank (rank 0's): every rank draws the same
+    noise after the sums are reduced, so it is added once and the replicas stay equal.
+
+    ``generator`` None: seeded from rank 0's global torch RNG, on ``device``.
+    """
+    if generator is None:
+        seed = [int(torch.randint(0, 2**62, (1,)).item())]
+        dist.broadcast_object_list(seed, src=0)
+        return torch.Generator(device=device).manual_seed(seed[0])
+    state = [generator.get_state()]
+    dist.broadcast_object_list(state, src=0)
+    generator.set_state(state[0])
+    return generator
+
+
+
+def check_same_data(data_loader, **settings) -> None:
+    """Every rank must split the SAME logical batches: same dataset size and sampling settings.
+
+    Raises:
+        ValueError (on every rank): a rank whose data loader or settings differ from rank 0's.
+    """
+    mine = {"len(dataset)": len(data_loader.dataset), "batch_size": data_loader.batch_size,
+            **settings}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    for rank, theirs in enumerate(every):
+        differ = {k: (every[0][k], v) for k, v in theirs.items() if v != every[0][k]}
+        if differ:
+            details = ", ".join(f"{k}: {a!r} on rank 0, {b!r} on rank {rank}"
+                                for k, (a, b) in differ.items())
+            raise ValueError(
+                f"rank {rank}'s data loader differs from rank 0's ({details}); every rank must pass the same dataset and settings to make_private: each keeps "
+                "its slice of one shared logical batch, which is what the accountant assumes")
+
+
+# ---- FSDP2 ----------------------------------------------------------------------------------------
+
+def is_fsdp2(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def check_sharding(module: nn.Module, *, clipping: str, adaptive: bool) -> None:
+    """Refuse what the FSDP2 reduction cannot do exactly, naming the module and the fix."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor, Shard
+
+    for path, sub in module.named_modules():
+        if isinstance(sub, FullyShardedDataParallel):
+            raise ValueError(
+                f"module '{path or '<root>'}' is wrapped in FullyShardedDataParallel (FSDP1), "
+                "which flattens parameters so that no layer sees its own weight; use FSDP2 "
+                "(torch.distributed.fsdp.fully_shard) or DistributedDataParallel")
+    sharded = [(n, p) for n, p in module.named_parameters() if isinstance(p, DTensor)]
+    if not sharded:
+        return
+    world = dist.get_world_size()
+    managed = {id(fp.sharded_param) for fp in _fsdp_params_of(module)}
+    for name, p in sharded:
+        if (p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)
+                or p.device_mesh.size() != world or id(p) not in managed):
+            raise ValueError(
+                f"parameter '{name}' is a DTensor placed {tuple(p.placements)} on a "
+                f"{p.device_mesh.ndim}-d mesh of {p.device_mesh.size()} ranks"
+                f"{'' if id(p) in managed else ', not managed by fully_shard'}: only FSDP2's "
+                "Shard(0) over all ranks of the default group is supported (tensor parallelism "
+                "and HSDP meshes are not); shard with fully_shard over the default group")
+    if not is_fsdp2(module):
+        raise ValueError(
+            f"parameter '{sharded[0][0]}' is a DTensor but the module passed to make_private is "
+            "not an FSDP2 module: apply fully_shard to the root too (blocks first, then the root)")
+    if clipping == "per_device":
+        raise ValueError(
+            "clipping='per_device' on an FSDP2-sharded model: per_device clips the parameters "
+            "each device holds (He et al., a model split across devices), but every FSDP rank "
+            "holds a shard of every layer, so a device's group would be a slice of each layer; "
+            "use clipping='per_layer' or 'flat'")
+    if adaptive:
+        raise ValueError("adaptive_clipping with an FSDP2-sharded model is not supported yet; "
+                         "use fixed thresholds")
+
+
+def _fsdp_params_of(root: nn.Module):
+    """FSDP2's FSDPParam of every parameter fully_shard manages under ``root`` (private API)."""
+    for module in root.modules():
+        if is_fsdp2(module):
+            group = module._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                yield from group.fsdp_params
+
+
+class FSDP2Reduction:
+    """FSDP2: every rank's clipped sums (full shape, from the unsharded parameters the layers
+    see) are added up with one all-reduce at the release, and each rank keeps the shard it owns
+    (``torch.chunk`` along dim 0, FSDP2's layout) and adds noise to it alone, from its own stream:
+    every coordinate gets std sigma C exactly once. FSDP's own gradient reduction is switched off
+    (its gradients would be the unclipped ones; dpfused's layers return none).
+
+    Args:
+        root: the FSDP2 root module.
+        book: its instrumentation's book-keeper.
+    """
+
+    def __init__(self, root: nn.Module, book) -> None:
+        self.root, self.book = root, book
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._sharded: dict[int, nn.Parameter] = {}
+        root.set_requires_gradient_sync(False)
+        book.resolve_param = self.sharded_of
+
+    def sharded_of(self, unsharded: torch.Tensor) -> nn.Parameter | None:
+        """The sharded parameter whose all-gathered form ``unsharded`` is (FSDP2's FSDPParam)."""
+        if id(unsharded) not in self._sharded:
+            for fsdp_param in self._fsdp_params():
+                if getattr(fsdp_param, "_unsharded_param", None) is unsharded:
+                    self._sharded[id(unsharded)] = fsdp_param.sharded_param
+        return self._sharded.get(id(unsharded))
+
+    def _fsdp_params(self):
+        return _fsdp_params_of(self.root)
+
+    def local_shape(self, param) -> torch.Size:
+        return param.to_local().shape
+
+    def global_sums(self, clipped: ClippedStep, params) -> dict[int, torch.Tensor]:
+        """This rank's shard of the sum over ranks of the clipped sums, per parameter."""
+        sums = [clipped.sums.get(id(p), None) for p in params]
+        full = [s if s is not None else torch.zeros(p.shape, dtype=p.dtype,
+                                                    device=p.to_local().device)
+                for s, p in zip(sums, params)]
+        return {id(p): self._my_shard(s, p) for p, s in zip(params, all_reduce_sum(full))}
+
+    def _my_shard(self, full: torch.Tensor, param) -> torch.Tensor:
+        chunks = torch.chunk(full, self.world_size, dim=0)
+        mine = chunks[self.rank] if self.rank < len(chunks) else full[:0]
+        if mine.shape != self.local_shape(param):
+            raise RuntimeError(f"FSDP2 shard of shape {tuple(self.local_shape(param))} is not "
+                               "torch.chunk's along dim 0; uneven custom sharding is unsupported")
+        return mine
+
+    def as_grad(self, param, local_grad: torch.Tensor):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local_grad.to(param.dtype), param.device_mesh, param.placements,
+                                  shape=param.shape, stride=param.stride())
+
+
+def per_rank_generator(generator, device: torch.device):
+    """FSDP2: each rank noises its own shard, from a stream of its own. Reproducible: the ranks'
+    seeds are spawned (numpy SeedSequence) from one base seed, rank 0's (from ``generator`` or
+    torch's global RNG), so they differ per rank and are fixed by the user's seed. A secure
+    generator (ChaCha20, keyed from each rank's OS) is independent per rank already."""
+    import numpy as np
+
+    from dpfused.secure_random import ChaCha20Generator
+
+    if isinstance(generator, ChaCha20Generator):
+        return generator
+    draw = {"generator": generator} if generator is not None else {}
+    if generator is not None:
+        draw["device"] = generator.device
+    base = [int(torch.randint(0, 2**62, (1,), **draw).item())]
+    dist.broadcast_object_list(base, src=0)
+    child = np.random.SeedSequence(base[0]).spawn(dist.get_world_size())[dist.get_rank()]
+    seed = int(child.generate_state(1, np.uint64)[0] >> 1)
+    gen_device = generator.device if generator is not None else device
+    return torch.Generator(device=gen_device).manual_seed(seed)

@@ -1,0 +1,100 @@
+"""Sharded and wrapped models that dpfused cannot make private exactly get a clear error (§9)."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import dpfused
+
+
+def _loader(n=16):
+    return DataLoader(TensorDataset(torch.randn(n, 4), torch.randint(0, 2, (n,))), batch_size=4)
+
+
+def _make(model, loader=None, **kwargs):
+    return dpfused.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader or _loader(), noise_multiplier=1.0, max_grad_norm=1.0, **kwargs)
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def test_fsdp1_is_refused(one_rank):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = FullyShardedDataParallel(_mlp(), device_id=torch.device("cpu"),
+                                     use_orig_params=True)
+    with pytest.raises(ValueError, match=r"FullyShardedDataParallel \(FSDP1\).*fully_shard"):
+        _make(model)
+
+
+def test_tensor_parallel_dtensors_are_refused(one_rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    model = _mlp()
+    mesh = init_device_mesh("cpu", (1,))
+    parallelize_module(model, mesh, {"0": ColwiseParallel()})
+    with pytest.raises(ValueError, match=r"tensor parallelism .* not\)"):
+        _make(model)
+
+
+def test_a_sharded_block_without_a_sharded_root_is_refused(one_rank):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp()
+    fully_shard(model[0])
+    with pytest.raises(ValueError, match="apply fully_shard to the root too"):
+        _make(model)
+
+
+def test_per_device_on_a_sharded_model_is_refused_with_the_reason(one_rank):
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(_mlp())
+    with pytest.raises(ValueError, match="every FSDP rank holds a shard of every layer"):
+        _make(model, clipping="per_device")
+
+
+def test_fully_shard_after_make_private_is_detected(one_rank):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp()
+    model, optimizer, loader = _make(model)
+    fully_shard(model)  # replaces the parameters make_private instrumented
+    x, y = next(iter(loader))
+    with pytest.raises(ValueError, match="fully_shard applied after it"):
+        F.cross_entropy(model(x), y).backward()
+
+
+def _differing_loader_worker(rank, init_file, folder):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        with pytest.raises(ValueError, match=r"rank 1's data loader differs .*len\(dataset\): "
+                                             r"16 on rank 0, 20 on rank 1"):
+            _make(_mlp(), loader=_loader(16 if rank == 0 else 20))
+        open(os.path.join(folder, f"ok{rank}"), "w").close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_whose_data_loader_differs_is_detected_on_every_rank(tmp_path):
+    mp.spawn(_differing_loader_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)
+    assert all((tmp_path / f"ok{r}").exists() for r in range(2))
