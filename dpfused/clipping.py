@@ -277,6 +277,11 @@ class Bookkeeper:
         self._batch = None
         self._accumulating = False
 
+    @property
+    def step_in_progress(self) -> bool:
+        """Backward passes of the current logical batch were clipped and not yet released."""
+        return self._step.backward_passes > 0 or self._task is not None
+
     def set_thresholds(self, values) -> None:
         """New C_g for every group (adaptive clipping, a loaded checkpoint); see groups.py."""
         set_thresholds(self.groups, values)
