@@ -70,6 +70,7 @@ class PrivacyEngine(engine.PrivacyEngine):
         """Opacus' make_private: ``(module, optimizer, data_loader)``, or
         ``(module, optimizer, criterion, data_loader)`` for ``grad_sample_mode="ghost"``; with
         ``wrap_model=False`` the first value is a ``GradSampleHooks`` (see the module docstring)."""
+        _refuse_sharded_module(module)
         _refuse_private_loader(data_loader)
         native, opacus = _native_arguments(
             {**kwargs, "module": module, "optimizer": optimizer, "data_loader": data_loader},
@@ -85,6 +86,7 @@ class PrivacyEngine(engine.PrivacyEngine):
         """Opacus' make_private_with_epsilon, with the return values of ``make_private``."""
         if "noise_multiplier" in kwargs:
             raise ValueError("make_private_with_epsilon sets noise_multiplier itself; remove it")
+        _refuse_sharded_module(module)
         _refuse_private_loader(data_loader)
         native, opacus = _native_arguments(
             {**kwargs, "module": module, "optimizer": optimizer, "data_loader": data_loader,
@@ -115,6 +117,19 @@ class GradSampleHooks:
         PrivacyEngine.detach(self._module)
 
     remove_hooks = cleanup
+
+
+def _refuse_sharded_module(module):
+    """FSDP2 (``fully_shard``, which Opacus' ``FSDP2Wrapper`` calls) is not supported yet."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        raise ValueError(
+            f"module ({type(module).__name__}) is sharded with fully_shard (FSDP2; Opacus' "
+            "FSDP2Wrapper and grad_sample_mode='ghost_fsdp'), which dpfused does not support yet: "
+            "its parameters are DTensor shards, so per-example norms would cover one shard. Pass "
+            "the unsharded model; for data parallel training initialize torch.distributed and "
+            "dpfused all-reduces the clipped sums itself")
 
 
 def _refuse_private_loader(data_loader):
