@@ -162,7 +162,7 @@ def test_schedulers_follow_opacus_exactly(name, kwargs):
 
 
 def test_schedulers_are_saved_and_restored_in_checkpoints(tmp_path):
-    engine, model, optimizer, loader = _private()
+    engine, model, optimizer, loader = _private(dpfused.opacus.PrivacyEngine(accountant="rdp"))
     noise = schedulers.StepNoise(optimizer, step_size=1, gamma=0.5)
     clip = schedulers.ExponentialGradClip(optimizer, gamma=0.5)
     for _ in range(2):
@@ -171,7 +171,7 @@ def test_schedulers_are_saved_and_restored_in_checkpoints(tmp_path):
         clip.step()
     engine.save_checkpoint(path=tmp_path / "c.pt", module=model, optimizer=optimizer,
                            noise_scheduler=noise, grad_clip_scheduler=clip)
-    engine_b, model_b, optimizer_b, _ = _private()
+    engine_b, model_b, optimizer_b, _ = _private(dpfused.opacus.PrivacyEngine(accountant="rdp"))
     noise_b = schedulers.StepNoise(optimizer_b, step_size=1, gamma=0.5)
     clip_b = schedulers.ExponentialGradClip(optimizer_b, gamma=0.5)
     engine_b.load_checkpoint(path=tmp_path / "c.pt", module=model_b, optimizer=optimizer_b,
