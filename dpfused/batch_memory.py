@@ -9,9 +9,13 @@ Inside the block the DP loader yields physical batches of at most ``max_physical
 examples; ``optimizer.step()`` skips all but the last physical batch of each logical batch, so the
 clipped sums accumulate and the noise is added once per logical batch (docs/design.md §5). The sampling,
 the accounting and the result are those of ``make_private(max_physical_batch_size=...)``.
+As in Opacus, ``len()`` of the loader the block yields is the expected number of physical batches
+per epoch (``len(data_loader)`` outside the block stays the number of logical batches, the steps).
 """
 
 from __future__ import annotations
+
+import math
 
 from dpfused.optimizer import DPOptimizer
 from dpfused.sampling import DPDataLoader
@@ -58,11 +62,32 @@ class BatchMemoryManager:
         self.optimizer = optimizer
         self._saved: int | None = None
 
-    def __enter__(self) -> DPDataLoader:
+    def __enter__(self) -> "PhysicalBatches":
         self._saved = self.data_loader.max_physical_batch_size
         self.data_loader.max_physical_batch_size = self.max_physical_batch_size
-        return self.data_loader
+        return PhysicalBatches(self.data_loader)
 
     def __exit__(self, *exc_info) -> bool:
         self.data_loader.max_physical_batch_size = self._saved
         return False
+
+
+class PhysicalBatches:
+    """The DP data loader as a ``BatchMemoryManager`` block sees it: the same iteration and
+    attributes, and ``len()`` the expected physical batches per epoch (Opacus' count:
+    ceil(logical batches * expected logical size / max_physical_batch_size))."""
+
+    def __init__(self, data_loader: DPDataLoader):
+        self.data_loader = data_loader
+
+    def __iter__(self):
+        return iter(self.data_loader)
+
+    def __len__(self) -> int:
+        loader = self.data_loader
+        expected = (loader.sample_rate * loader.num_samples if loader.sampling == "poisson"
+                    else loader.batch_size)
+        return math.ceil(len(loader) * expected / loader.max_physical_batch_size)
+
+    def __getattr__(self, name):
+        return getattr(self.data_loader, name)

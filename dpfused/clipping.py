@@ -62,6 +62,7 @@ class _OpenStep:
     examples: int = 0
     backward_passes: int = 0
     dropped: int = 0  # examples dropped for a non-finite gradient (nonfinite="drop")
+    logical_batches: int = 1  # logical batches whose backward passes were collected
 
 
 class Bookkeeper:
@@ -332,6 +333,9 @@ class Bookkeeper:
     # ---- step ------------------------------------------------------------------------------
     def begin(self, batch: LogicalBatch) -> None:
         """The data loader is about to yield a physical batch of ``batch`` (a loader listener)."""
+        if (self._batch is not None and batch.step != self._batch.step
+                and self._step.backward_passes > 0):
+            self._step.logical_batches += 1  # no step() since: manual gradient accumulation
         self._batch = batch
 
     def close(self) -> ClippedStep | None:
@@ -363,6 +367,11 @@ class Bookkeeper:
         self._batch = None
         self._accumulating = False
 
+    @property
+    def step_in_progress(self) -> bool:
+        """Backward passes of the current logical batch were clipped and not yet released."""
+        return self._step.backward_passes > 0 or self._task is not None
+
     def set_thresholds(self, values) -> None:
         """New C_g for every group (adaptive clipping, a loaded checkpoint); see groups.py."""
         set_thresholds(self.groups, values)
@@ -386,6 +395,16 @@ class Bookkeeper:
                 "zero_grad() cleared it). Only an empty logical batch may step without a backward: "
                 "it still takes a noised step"
             )
+        if step.logical_batches > 1:
+            raise RuntimeError(
+                f"optimizer.step() came after the backward passes of {step.logical_batches} "
+                "logical batches: gradient accumulation over several batches of the DP data "
+                "loader is not allowed (each batch it yields is one sampled logical batch, clipped "
+                "and noised once). To train with logical batches larger than memory allows, pass "
+                "max_physical_batch_size= to make_private or use BatchMemoryManager(data_loader=, "
+                "max_physical_batch_size=, optimizer=): the loader then yields physical batches "
+                "and optimizer.step() only steps at the end of each logical batch. Otherwise call "
+                "optimizer.step() after every batch (and optimizer.zero_grad() to redo this one)")
         if batch is not None and step.examples != batch.local_size:
             raise RuntimeError(
                 f"the logical batch has {batch.local_size} examples (on this process) but the "

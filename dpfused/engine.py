@@ -296,6 +296,7 @@ class PrivacyEngine:
             state["data_loader"] = self.data_loader.state_dict()
         if self.optimizer is not None:
             state["steps_taken"] = self.optimizer.steps_taken
+            state["noise_multiplier"] = self.optimizer.noise_multiplier  # schedulers change it
             # Adaptive thresholds move: resume from where they were.
             state["thresholds"] = [g.threshold for g in self.optimizer.instrumentation.groups]
         return state
@@ -309,6 +310,8 @@ class PrivacyEngine:
             self.data_loader.load_state_dict(state["data_loader"])
         if self.optimizer is not None and "steps_taken" in state:
             self.optimizer.steps_taken = state["steps_taken"]
+        if self.optimizer is not None and "noise_multiplier" in state:
+            self.optimizer.noise_multiplier = state["noise_multiplier"]
         if self.optimizer is not None and "thresholds" in state:
             groups = self.optimizer.instrumentation.groups
             if len(state["thresholds"]) != len(groups):
@@ -322,31 +325,33 @@ class PrivacyEngine:
     def save_checkpoint(self, *, path, module: nn.Module, optimizer=None,
                         checkpoint_dict: dict | None = None, noise_scheduler=None,
                         grad_clip_scheduler=None) -> None:
-        """Opacus' save_checkpoint: module, optimizer and this engine's state in one file.
+        """Opacus' save_checkpoint: module, optimizer, schedulers and this engine's state in one file.
 
-        The engine's state is ``state_dict()``: the accountant's ledger, the sampler position and
-        the clipping thresholds, so ``load_checkpoint`` resumes with the same batches and epsilon.
-
-        Raises:
-            ValueError: a noise or clipping scheduler (dpfused has none to save).
+        The engine's state is ``state_dict()``: the accountant's ledger, the sampler position, the
+        clipping thresholds and sigma, so ``load_checkpoint`` resumes with the same batches and
+        epsilon. Schedulers (``dpfused.schedulers``) are saved under Opacus' keys.
         """
-        _refuse_schedulers(noise_scheduler, grad_clip_scheduler)
         checkpoint = dict(checkpoint_dict or {})
         checkpoint["module_state_dict"] = module.state_dict()
         checkpoint["privacy_engine_state_dict"] = self.state_dict()
         if optimizer is not None:
             checkpoint["optimizer_state_dict"] = optimizer.state_dict()
+        checkpoint.update(_scheduler_states(noise_scheduler, grad_clip_scheduler))
         torch.save(checkpoint, path)
 
     def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, noise_scheduler=None,
                         grad_clip_scheduler=None) -> dict:
-        """Restore what ``save_checkpoint`` wrote, after ``make_private``; returns the whole dict."""
-        _refuse_schedulers(noise_scheduler, grad_clip_scheduler)
-        checkpoint = torch.load(path)
+        """Restore what ``save_checkpoint`` wrote, after ``make_private``; returns the whole dict.
+
+        Raises:
+            ValueError: a scheduler is passed but the checkpoint holds no state for it.
+        """
+        checkpoint = torch.load(path, weights_only=False)  # scheduler states may hold callables
         module.load_state_dict(checkpoint["module_state_dict"])
         self.load_state_dict(checkpoint["privacy_engine_state_dict"])
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        _load_scheduler_states(checkpoint, noise_scheduler, grad_clip_scheduler)
         return checkpoint
 
     @staticmethod
@@ -354,11 +359,32 @@ class PrivacyEngine:
         return detach(module)
 
 
-def _refuse_schedulers(noise_scheduler, grad_clip_scheduler):
-    if noise_scheduler is not None or grad_clip_scheduler is not None:
-        raise ValueError("dpfused has no noise or clipping schedulers to checkpoint; change "
-                         "optimizer.noise_multiplier between steps instead (the ledger records "
-                         "each step's sigma)")
+_SCHEDULER_KEYS = (("noise_scheduler", "noise_scheduler_state_dict"),
+                   ("grad_clip_scheduler", "grad_clip_scheduler_state_dict"))
+
+
+def _scheduler_states(noise_scheduler, grad_clip_scheduler) -> dict:
+    """Opacus' checkpoint keys for the schedulers' states (those given)."""
+    given = dict(zip(("noise_scheduler", "grad_clip_scheduler"),
+                     (noise_scheduler, grad_clip_scheduler)))
+    for name, scheduler in given.items():
+        if scheduler is not None and not callable(getattr(scheduler, "state_dict", None)):
+            raise TypeError(f"{name} must be a scheduler with state_dict() (dpfused.schedulers), "
+                            f"got {type(scheduler).__name__}")
+    return {key: given[name].state_dict() for name, key in _SCHEDULER_KEYS
+            if given[name] is not None}
+
+
+def _load_scheduler_states(checkpoint, noise_scheduler, grad_clip_scheduler) -> None:
+    given = dict(zip(("noise_scheduler", "grad_clip_scheduler"),
+                     (noise_scheduler, grad_clip_scheduler)))
+    for name, key in _SCHEDULER_KEYS:
+        if given[name] is None:
+            continue
+        if key not in checkpoint:
+            raise ValueError(f"load_checkpoint: {name} was passed but the checkpoint has no "
+                             f"'{key}'; save it with save_checkpoint({name}=...)")
+        given[name].load_state_dict(checkpoint[key])
 
 
 def _constant_learning_rate(optimizer) -> float:

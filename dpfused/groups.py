@@ -2,7 +2,9 @@
 
 Parameters are partitioned into groups g = 1..K with thresholds C_g; the sensitivity of the
 concatenated clipped sum is sqrt(sum_g C_g^2). ``flat`` is one group, ``per_layer`` a group per
-layer (layers sharing a parameter are joined), ``per_device`` a group per device.
+layer (layers sharing a parameter are joined), ``per_parameter`` a group per parameter tensor
+(Opacus' per-layer clipping: a layer's weight and bias are clipped apart), ``per_device`` a group
+per device.
 ``set_thresholds`` is the one place a threshold is written.
 """
 
@@ -17,7 +19,7 @@ from dpfused import privacy_math
 
 __all__ = ["CLIPPING_MODES", "ClippingGroup", "Layer", "build_groups", "set_thresholds"]
 
-CLIPPING_MODES = ("flat", "per_layer", "per_device")
+CLIPPING_MODES = ("flat", "per_layer", "per_parameter", "per_device")
 
 
 @dataclass
@@ -47,9 +49,10 @@ def build_groups(layers, *, clipping, max_grad_norm, thresholds=None):
 
     Args:
         layers: the instrumented layers.
-        clipping: "flat", "per_layer" or "per_device".
+        clipping: "flat", "per_layer", "per_parameter" or "per_device".
         max_grad_norm: C, the total sensitivity: sqrt(sum_g C_g^2) = C by default.
-        thresholds: per_layer/per_device only: a dict {group name: C_g} or a list in group order.
+        thresholds: group-wise modes only: a dict {group name: C_g} or a list in group order
+            (per_parameter groups are named by the parameter, e.g. "fc1.weight").
 
     Returns:
         The groups, in model order.
@@ -61,6 +64,8 @@ def build_groups(layers, *, clipping, max_grad_norm, thresholds=None):
         return [ClippingGroup("all", [l.path for l in layers], params, float(max_grad_norm))]
     if clipping == "per_layer":
         groups = _groups_by_shared_params(layers)
+    elif clipping == "per_parameter":
+        groups = _groups_by_parameter(layers)
     else:
         groups = _groups_by_device(layers)
     _assign_thresholds(groups, max_grad_norm, thresholds)
@@ -106,6 +111,28 @@ def _groups_by_shared_params(layers):
             params=params,
             threshold=0.0,
             completes_in_backward=len(group_layers) == 1 and not shared,
+        ))
+    return groups
+
+
+def _groups_by_parameter(layers):
+    """One group per parameter tensor, named by its first layer's path and its local name. A
+    layer's pieces then go to several groups; a group completes inside backward when a single
+    layer holds its parameter (the book-keeper's fast path, per group)."""
+    holders = defaultdict(list)
+    for layer in layers:
+        for p in layer.params:
+            holders[id(p)].append(layer)
+    groups = []
+    for p in _unique(p for layer in layers for p in layer.params):
+        first = holders[id(p)][0]
+        local = next(n for n, q in first.module.named_parameters() if q is p)
+        groups.append(ClippingGroup(
+            name=f"{first.path}.{local}" if first.path else local,
+            layers=[l.path for l in holders[id(p)]],
+            params=[p],
+            threshold=0.0,
+            completes_in_backward=len(holders[id(p)]) == 1,
         ))
     return groups
 

@@ -3,10 +3,23 @@
     from opacus import PrivacyEngine          ->   from dpfused.opacus import PrivacyEngine
 
 Opacus' keyword arguments (``poisson_sampling``, ``grad_sample_mode``, ``criterion``,
-``secure_mode``, ``clipping="adaptive"`` with its keywords, a list of per-layer ``max_grad_norm``,
-``accountant="prv"``) are each mapped onto dpfused's or refused with the reason, and
-``make_private`` returns four values when ``criterion=`` is passed, as Opacus does. dpfused's own
-``dpfused.PrivacyEngine`` has one typed interface and always returns three values.
+``secure_mode``, ``wrap_model``, ``rand_on_empty``, ``clipping="adaptive"`` with its keywords, a
+list of per-parameter ``max_grad_norm``, ``accountant="prv"``) are each mapped onto dpfused's or
+refused with the reason, and ``make_private`` returns four values for ``grad_sample_mode="ghost"``,
+as Opacus does. dpfused's own ``dpfused.PrivacyEngine`` has one typed interface and always returns
+three values.
+
+The model is instrumented in place (dpfused has no wrapper module): with ``wrap_model=True``
+(Opacus' default) the returned module is the model itself, and ``model._module`` (how code unwraps
+Opacus' GradSampleModule) is the model too; with ``wrap_model=False`` the first value is a
+``GradSampleHooks`` whose ``cleanup()`` undoes the instrumentation, and the model is used as is.
+
+``poisson_sampling=False`` keeps the user's loader semantics: a loader with ``shuffle=False`` is
+one fixed order, which dpfused samples and accounts as ``sampling="cyclic"`` (the user's order and
+batch size); ``shuffle=True`` is ``sampling="shuffle"``; the loader's ``drop_last`` is kept (with
+``drop_last=False`` the last batch of an epoch is smaller, and the accountant records its own
+size). Opacus accounts such loaders as if they were Poisson, which understates epsilon
+(docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -14,10 +27,15 @@ from __future__ import annotations
 import math
 import warnings
 
-from dpfused import accounting, engine
-from dpfused.adaptive import AdaptiveClipping
+import torch.nn as nn
+from torch.utils.data import RandomSampler, SequentialSampler
 
-__all__ = ["PrivacyEngine", "get_noise_multiplier"]
+from dpfused import accounting, engine, validate
+from dpfused.adaptive import AdaptiveClipping
+from dpfused.instrument import detach, plan
+from dpfused.sampling import DPDataLoader
+
+__all__ = ["GradSampleHooks", "PrivacyEngine", "get_noise_multiplier"]
 
 
 class PrivacyEngine(engine.PrivacyEngine):
@@ -31,17 +49,35 @@ class PrivacyEngine(engine.PrivacyEngine):
     def __init__(self, *, accountant: str = "pld", secure_mode: bool = False, **kwargs):
         super().__init__(accountant=_map_accountant(accountant), secure_mode=secure_mode, **kwargs)
 
-    def make_private(self, *, max_grad_norm, sampling=None, clipping="flat", thresholds=None,
-                     adaptive_clipping=None, **kwargs):
+    @classmethod
+    def get_compatible_module(cls, module: nn.Module) -> nn.Module:
+        """Opacus' get_compatible_module: a fixed copy of ``module`` (``ModuleValidator.fix``),
+        validated.
+
+        Raises:
+            UnsupportedModuleError: what the fix cannot repair.
+        """
+        return validate.ModuleValidator.fix_and_validate(module)
+
+    def is_compatible(self, *, module: nn.Module, optimizer=None, data_loader=None) -> bool:
+        return validate.ModuleValidator.is_valid(module)
+
+    def validate(self, *, module: nn.Module, optimizer=None, data_loader=None) -> None:
+        validate.ModuleValidator.validate(module, strict=True)
+
+    def make_private(self, *, module, optimizer, data_loader, max_grad_norm, sampling=None,
+                     clipping="flat", thresholds=None, adaptive_clipping=None, **kwargs):
         """Opacus' make_private: ``(module, optimizer, data_loader)``, or
-        ``(module, optimizer, criterion, data_loader)`` when ``criterion=`` is passed."""
-        native, criterion = _native_arguments(
-            kwargs, max_grad_norm=max_grad_norm, sampling=sampling, clipping=clipping,
+        ``(module, optimizer, criterion, data_loader)`` for ``grad_sample_mode="ghost"``; with
+        ``wrap_model=False`` the first value is a ``GradSampleHooks`` (see the module docstring)."""
+        _refuse_sharded_module(module)
+        _refuse_private_loader(data_loader)
+        native, opacus = _native_arguments(
+            {**kwargs, "module": module, "optimizer": optimizer, "data_loader": data_loader},
+            max_grad_norm=max_grad_norm, sampling=sampling, clipping=clipping,
             thresholds=thresholds, adaptive_clipping=adaptive_clipping)
         module, optimizer, loader = super().make_private(**native)
-        if criterion is not None:
-            return module, optimizer, criterion, loader
-        return module, optimizer, loader
+        return opacus.returned(module, optimizer, loader)
 
     def make_private_with_epsilon(self, *, module, optimizer, data_loader, target_epsilon,
                                   target_delta, epochs=None, steps=None, last_iterate=None,
@@ -50,7 +86,9 @@ class PrivacyEngine(engine.PrivacyEngine):
         """Opacus' make_private_with_epsilon, with the return values of ``make_private``."""
         if "noise_multiplier" in kwargs:
             raise ValueError("make_private_with_epsilon sets noise_multiplier itself; remove it")
-        native, criterion = _native_arguments(
+        _refuse_sharded_module(module)
+        _refuse_private_loader(data_loader)
+        native, opacus = _native_arguments(
             {**kwargs, "module": module, "optimizer": optimizer, "data_loader": data_loader,
              "noise_multiplier": 0.0},
             max_grad_norm=max_grad_norm, sampling=sampling, clipping=clipping,
@@ -59,16 +97,54 @@ class PrivacyEngine(engine.PrivacyEngine):
         module, optimizer, loader = super().make_private_with_epsilon(
             target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs, steps=steps,
             last_iterate=last_iterate, **native)
-        if criterion is not None:
-            return module, optimizer, criterion, loader
-        return module, optimizer, loader
+        return opacus.returned(module, optimizer, loader)
+
+    @staticmethod
+    def detach(module: nn.Module) -> nn.Module:
+        if module.__dict__.get("_module") is module:
+            del module.__dict__["_module"]
+        return detach(module)
+
+
+class GradSampleHooks:
+    """What Opacus' ``make_private(wrap_model=False)`` returns: keep using the model itself;
+    ``cleanup()`` removes dpfused's instrumentation when training is done."""
+
+    def __init__(self, module: nn.Module):
+        self._module = module
+
+    def cleanup(self) -> None:
+        PrivacyEngine.detach(self._module)
+
+    remove_hooks = cleanup
+
+
+def _refuse_sharded_module(module):
+    """FSDP2 (``fully_shard``, which Opacus' ``FSDP2Wrapper`` calls) is not supported yet."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        raise ValueError(
+            f"module ({type(module).__name__}) is sharded with fully_shard (FSDP2; Opacus' "
+            "FSDP2Wrapper and grad_sample_mode='ghost_fsdp'), which dpfused does not support yet: "
+            "its parameters are DTensor shards, so per-example norms would cover one shard. Pass "
+            "the unsharded model; for data parallel training initialize torch.distributed and "
+            "dpfused all-reduces the clipped sums itself")
+
+
+def _refuse_private_loader(data_loader):
+    if isinstance(data_loader, DPDataLoader):
+        raise TypeError(
+            "data_loader is already a private DPDataLoader (returned by make_private); pass the "
+            "original torch DataLoader: make_private draws its own batches from it")
 
 
 def _native_arguments(kwargs, *, max_grad_norm, sampling, clipping, thresholds, adaptive_clipping):
-    """dpfused's make_private keywords for Opacus' ones, and the criterion (or None)."""
+    """dpfused's make_private keywords for Opacus' ones, and the parsed Opacus arguments."""
     opacus = _OpacusArgs.parse(
         {k: v for k, v in kwargs.items() if k in _OpacusArgs.KEYS},
-        sampling=sampling, clipping=clipping, adaptive_clipping=adaptive_clipping)
+        sampling=sampling, clipping=clipping, adaptive_clipping=adaptive_clipping,
+        data_loader=kwargs["data_loader"])
     if opacus.mapped_adaptive:
         warnings.warn(
             "clipping='adaptive': noise_multiplier is the gradient's sigma in dpfused and the "
@@ -76,13 +152,17 @@ def _native_arguments(kwargs, *, max_grad_norm, sampling, clipping, thresholds, 
             "unclipped_num_std^2)), so epsilon is higher than without adaptive clipping at the "
             "same sigma (Opacus lowers the gradient noise instead). Use "
             "make_private_with_epsilon to target an epsilon", stacklevel=3)
-    max_grad_norm, thresholds = _split_max_grad_norm(max_grad_norm, thresholds, opacus.clipping)
     native = {k: v for k, v in kwargs.items() if k not in _OpacusArgs.KEYS}
+    max_grad_norm, thresholds, opacus.clipping = _split_max_grad_norm(
+        max_grad_norm, thresholds, opacus.clipping, module=native["module"],
+        optimizer=native["optimizer"])
     opacus.check_criterion(native.get("loss_reduction", "mean"))
+    if opacus.drop_last is not None:
+        native.setdefault("drop_last", opacus.drop_last)
     native.update(max_grad_norm=max_grad_norm, thresholds=thresholds, clipping=opacus.clipping,
                   adaptive_clipping=opacus.adaptive_clipping,
                   sampling=opacus.sampling or "poisson")
-    return native, opacus.criterion
+    return native, opacus
 
 
 class _OpacusArgs:
@@ -91,44 +171,87 @@ class _OpacusArgs:
     # Opacus' AdaClipDPOptimizer keywords (clipping="adaptive").
     ADAPTIVE_KEYS = ("target_unclipped_quantile", "clipbound_learning_rate", "max_clipbound",
                      "min_clipbound", "unclipped_num_std")
-    KEYS = ("poisson_sampling", "grad_sample_mode", "secure_mode", "criterion", *ADAPTIVE_KEYS)
+    KEYS = ("poisson_sampling", "grad_sample_mode", "secure_mode", "criterion", "wrap_model",
+            "rand_on_empty", *ADAPTIVE_KEYS)
+    # They only choose Opacus' implementation of per-sample gradients.
+    GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
 
     def __init__(self):
         self.sampling = None
+        self.drop_last = None  # the user's loader's, with poisson_sampling=False
         self.criterion = None
+        self.return_criterion = False  # Opacus returns a criterion for grad_sample_mode="ghost"
+        self.wrap_model = True
         self.clipping = "flat"
         self.adaptive_clipping = None
         self.mapped_adaptive = False  # Opacus' clipping="adaptive" keywords were given
 
     @classmethod
-    def parse(cls, kwargs, *, sampling, clipping, adaptive_clipping=None):
+    def parse(cls, kwargs, *, sampling, clipping, adaptive_clipping=None, data_loader=None):
         args = cls()
-        args.sampling = sampling
         args.clipping, args.adaptive_clipping = clipping, adaptive_clipping
         kwargs = dict(kwargs)
-        args.sampling = cls.sampling_of({**kwargs, "sampling": sampling})
+        args.sampling, args.drop_last = cls.sampling_of({**kwargs, "sampling": sampling},
+                                                        data_loader)
         kwargs.pop("poisson_sampling", None)
-        if "grad_sample_mode" in kwargs:
-            mode = kwargs.pop("grad_sample_mode")
-            if mode not in ("hooks", "ghost", "functorch", "ew"):
-                raise ValueError(
-                    f"grad_sample_mode={mode!r}: dpfused computes per-example norms inside backward "
-                    "for every clipping mode; Opacus' 'hooks', 'ghost', 'functorch' and 'ew' are "
-                    "accepted (they only choose Opacus' implementation); use clipping= to choose "
-                    "the clipping groups"
-                )
-            if mode == "ghost" and clipping != "flat":
-                raise ValueError("grad_sample_mode='ghost' is flat clipping in Opacus; it "
-                                 f"contradicts clipping={clipping!r}")
+        args.return_criterion = cls._grad_sample_mode(kwargs.pop("grad_sample_mode", "hooks"),
+                                                      clipping)
         if kwargs.pop("secure_mode", False):
             raise ValueError("secure_mode is a PrivacyEngine argument: "
                              "PrivacyEngine(secure_mode=True), then make_private without it")
+        # rand_on_empty: Opacus' workaround for empty Poisson batches; dpfused steps an empty
+        # batch with noise and no examples (exact), so either value is accepted.
+        kwargs.pop("rand_on_empty", None)
+        args.wrap_model = bool(kwargs.pop("wrap_model", True))
         if "criterion" in kwargs:
             args.criterion = kwargs.pop("criterion")
         args._parse_adaptive(kwargs)
         if kwargs:
             raise TypeError(f"make_private got unexpected keyword argument(s) {sorted(kwargs)}")
         return args
+
+    @classmethod
+    def _grad_sample_mode(cls, mode, clipping) -> bool:
+        """Check Opacus' grad_sample_mode; True when Opacus would return a criterion."""
+        if mode in ("ghost_fsdp", "ghost_tp"):
+            raise ValueError(
+                f"grad_sample_mode={mode!r} (Opacus' FSDP/tensor-parallel ghost clipping) is not "
+                "supported by dpfused yet. Train the unsharded model with grad_sample_mode='ghost' "
+                "(or 'hooks'; dpfused computes ghost norms inside backward either way), or "
+                "data parallel: dpfused all-reduces the clipped sums itself when "
+                "torch.distributed is initialized")
+        if mode == "no_op":
+            raise ValueError(
+                "grad_sample_mode='no_op' is Opacus' mode for code that computes per-sample "
+                "gradients itself (e.g. with torch.func) and sets p.grad_sample; dpfused computes "
+                "and clips the per-example norms inside backward, so that code goes: call "
+                "loss.backward() on the ordinary loss and use grad_sample_mode='hooks'")
+        if mode not in cls.GRAD_SAMPLE_MODES:
+            raise ValueError(
+                f"grad_sample_mode={mode!r}: dpfused computes per-example norms inside backward "
+                "for every clipping mode; Opacus' 'hooks', 'ghost', 'functorch' and 'ew' are "
+                "accepted (they only choose Opacus' implementation); use clipping= to choose "
+                "the clipping groups"
+            )
+        if mode == "ghost" and clipping != "flat":
+            raise ValueError("grad_sample_mode='ghost' is flat clipping in Opacus; it "
+                             f"contradicts clipping={clipping!r}")
+        return mode == "ghost"
+
+    def returned(self, module, optimizer, loader):
+        """make_private's return values, as Opacus gives them for these arguments."""
+        if not self.wrap_model:
+            module = GradSampleHooks(module)
+        elif "_module" not in module.__dict__ and not hasattr(module, "_module"):
+            # Code written for Opacus unwraps GradSampleModule as model._module: here the model
+            # itself (kept out of _modules, so state_dict and named_modules are unchanged).
+            module.__dict__["_module"] = module
+        if self.return_criterion:
+            criterion = self.criterion
+            if criterion is None:  # Opacus' default criterion
+                criterion = nn.CrossEntropyLoss(reduction=optimizer.instrumentation.book.loss_reduction)
+            return module, optimizer, criterion, loader
+        return module, optimizer, loader
 
     def _parse_adaptive(self, kwargs):
         """Opacus' clipping="adaptive" is flat clipping with a moving norm (Andrew et al.)."""
@@ -154,17 +277,21 @@ class _OpacusArgs:
             min_threshold=given["min_clipbound"], max_threshold=given["max_clipbound"])
 
     @staticmethod
-    def sampling_of(kwargs):
-        """dpfused's sampling from ``sampling=`` or Opacus' ``poisson_sampling=`` (None: default)."""
+    def sampling_of(kwargs, data_loader=None):
+        """dpfused's sampling from ``sampling=`` or Opacus' ``poisson_sampling=`` (None: default),
+        and the drop_last to keep (None: dpfused's default)."""
         sampling = kwargs.get("sampling")
         if "poisson_sampling" not in kwargs:
-            return sampling
-        # Opacus accounts a non-Poisson loader as if it were Poisson, which understates epsilon
-        # (docs/design.md §7); dpfused samples and accounts shuffled batches honestly.
-        mapped = "poisson" if kwargs["poisson_sampling"] else "shuffle"
+            return sampling, None
+        if kwargs["poisson_sampling"]:
+            mapped, drop_last = "poisson", None
+        else:
+            # Opacus keeps the user's loader and accounts it as Poisson, which understates epsilon
+            # (docs/design.md §7); dpfused keeps its order and batch size and accounts it honestly.
+            mapped, drop_last = _sampling_of_loader(data_loader)
         if sampling is not None and sampling != mapped:
             raise ValueError(f"poisson_sampling contradicts sampling={sampling!r}; give one")
-        return mapped
+        return mapped, drop_last
 
     def check_criterion(self, loss_reduction):
         if self.criterion is None:
@@ -175,6 +302,18 @@ class _OpacusArgs:
                 f"criterion has reduction={reduction!r} but loss_reduction={loss_reduction!r}; "
                 "they must match, or per-example gradients are scaled wrongly"
             )
+
+
+def _sampling_of_loader(data_loader):
+    """("cyclic" | "shuffle", drop_last) for a user's loader kept as it is (poisson_sampling=False)."""
+    sampler = getattr(data_loader, "sampler", None)
+    drop_last = getattr(data_loader, "drop_last", None)
+    if type(sampler) is SequentialSampler:
+        return "cyclic", drop_last  # shuffle=False: one fixed order, the same every epoch
+    if type(sampler) is RandomSampler:
+        return "shuffle", drop_last  # shuffle=True: a fresh permutation every epoch
+    # A custom sampler cannot be accounted: it is replaced by shuffling (make_private warns).
+    return "shuffle", drop_last
 
 
 def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float,
@@ -210,20 +349,63 @@ def _map_accountant(name):
     return name
 
 
-def _split_max_grad_norm(max_grad_norm, thresholds, clipping):
-    """Opacus passes per-layer thresholds as a list in max_grad_norm; accept it for per_layer."""
+def _split_max_grad_norm(max_grad_norm, thresholds, clipping, *, module, optimizer):
+    """(max_grad_norm, thresholds, clipping) for dpfused from Opacus' max_grad_norm.
+
+    Opacus' per-layer clipping takes a list with one threshold per trainable parameter, in the
+    optimizer's order: that is dpfused's ``per_parameter`` clipping (a group per parameter tensor,
+    sensitivity sqrt(sum C_p^2)). A list with one value per dpfused ``per_layer`` group (or device
+    for ``per_device``) keeps dpfused's meaning.
+    """
     if isinstance(max_grad_norm, (list, tuple)):
-        if clipping not in ("per_layer", "per_device"):
+        if clipping not in ("per_layer", "per_parameter", "per_device"):
             raise ValueError(f"max_grad_norm is a list but clipping={clipping!r}; a list of "
-                             "thresholds needs clipping='per_layer' or 'per_device'")
+                             "thresholds needs clipping='per_layer' (one per parameter, as in "
+                             "Opacus) or 'per_device'")
         if thresholds is not None:
             raise ValueError("give group thresholds either as max_grad_norm=[...] or thresholds=, not both")
         values = [float(v) for v in max_grad_norm]
-        return math.sqrt(sum(v * v for v in values)), values
+        total = math.sqrt(sum(v * v for v in values))
+        if clipping in ("per_layer", "per_parameter"):
+            per_parameter = _per_parameter_thresholds(values, module, optimizer, clipping)
+            if per_parameter is not None:
+                return total, per_parameter, "per_parameter"
+        return total, values, clipping
     if isinstance(thresholds, (dict, list, tuple)):
         values = thresholds.values() if isinstance(thresholds, dict) else thresholds
         total = math.sqrt(sum(float(v) ** 2 for v in values))
         if not math.isclose(total, float(max_grad_norm), rel_tol=1e-6):
             raise ValueError(f"thresholds give sqrt(sum C_g^2) = {total:.6g} but max_grad_norm="
                              f"{max_grad_norm}; make them agree (max_grad_norm is the sensitivity)")
-    return max_grad_norm, thresholds
+    return max_grad_norm, thresholds, clipping
+
+
+def _per_parameter_thresholds(values, module, optimizer, clipping):
+    """{parameter group name: C_p} when ``values`` has one threshold per trainable parameter of
+    the optimizer (Opacus' order); None when it has one per dpfused per_layer group instead.
+
+    Raises:
+        ValueError: neither count (naming both), or optimizer parameters the model does not clip.
+    """
+    _, groups = plan(module, clipping="per_parameter", max_grad_norm=1.0)
+    name_of = {id(g.params[0]): g.name for g in groups}
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if len(values) == len(params) and all(id(p) in name_of for p in params):
+        if len(params) != len(groups):
+            raise ValueError(
+                f"max_grad_norm has one threshold per optimizer parameter ({len(params)}) but the "
+                f"model has {len(groups)} trainable parameters; every trainable parameter needs a "
+                "threshold: build the optimizer from model.parameters() or freeze the others "
+                "(requires_grad=False)")
+        return {name_of[id(p)]: v for p, v in zip(params, values)}
+    if clipping == "per_layer":
+        _, layer_groups = plan(module, clipping="per_layer", max_grad_norm=1.0)
+        if len(values) == len(layer_groups):
+            return None
+        raise ValueError(
+            f"thresholds: got {len(values)} values for {len(layer_groups)} clipping groups "
+            f"(layers) and {len(params)} trainable parameters: Opacus' per-layer clipping takes "
+            f"one max_grad_norm per parameter, in the optimizer's order ({[g.name for g in groups]})")
+    raise ValueError(
+        f"thresholds: got {len(values)} values for {len(groups)} clipping groups: "
+        f"clipping='per_parameter' takes one per parameter ({[g.name for g in groups]})")

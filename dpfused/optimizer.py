@@ -101,6 +101,45 @@ class DPOptimizer(torch.optim.Optimizer):
     def __repr__(self):
         return f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier})"
 
+    # ---- settable between steps (Opacus' schedulers, dpfused.schedulers) ----------------------
+    @property
+    def noise_multiplier(self) -> float:
+        """sigma of the next step; the accountant records each step's own sigma."""
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value) -> None:
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value < 0):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {value!r}")
+        self._noise_multiplier = float(value)
+
+    @property
+    def max_grad_norm(self) -> float:
+        """C = sqrt(sum_g C_g^2), the sensitivity of a clipped sum (docs/design.md §4)."""
+        return privacy_math.sensitivity([g.threshold for g in self._groups])
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        """Scale every group threshold by value / C, so the sensitivity becomes ``value``.
+
+        Raises:
+            ValueError: not a finite number > 0, or backward passes of the current logical batch
+                were already clipped with the old thresholds (the noise must match them).
+        """
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {value!r}")
+        if self._book.step_in_progress:
+            raise ValueError(
+                "max_grad_norm was changed after loss.backward() and before optimizer.step(): "
+                "those examples were clipped with the old thresholds, and the noise must match "
+                "them. Change it right after optimizer.step() (a grad-clip scheduler's step() "
+                "belongs there)")
+        scale = float(value) / self.max_grad_norm
+        self._book.set_thresholds([g.threshold * scale for g in self._groups])
+        self._total_threshold = float(value)
+
     # ---- the DP step ---------------------------------------------------------------------------
     @property
     def noise_std(self) -> float:

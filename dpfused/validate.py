@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch.nn as nn
@@ -112,12 +113,34 @@ class ModuleValidator:
 
     @staticmethod
     def fix(module: nn.Module, **kwargs) -> nn.Module:
-        """``dpfused.fix``; Opacus' options for other replacements are refused by name."""
-        if kwargs:
-            raise TypeError(f"ModuleValidator.fix: dpfused's fix takes no options; got "
-                            f"{sorted(kwargs)} (BatchNorm always becomes GroupNorm, "
-                            "nn.LSTM/GRU/RNN always become dpfused.layers.DPLSTM/DPGRU/DPRNN)")
+        """A fixed deep copy of ``module``, as Opacus' ``ModuleValidator.fix``; ``module`` is left
+        as it was (``fix_in_place`` / ``dpfused.fix`` change it in place). Opacus' options for
+        other replacements are refused by name."""
+        _refuse_fix_options(kwargs)
+        return fix(copy.deepcopy(module))
+
+    @staticmethod
+    def fix_in_place(module: nn.Module) -> nn.Module:
+        """``dpfused.fix``: the same replacements, made in ``module`` itself; returns it."""
         return fix(module)
+
+    @classmethod
+    def fix_and_validate(cls, module: nn.Module, **kwargs) -> nn.Module:
+        """``fix`` (a copy), then ``validate(strict=True)`` on it.
+
+        Raises:
+            UnsupportedModuleError: what ``fix`` cannot repair (e.g. an LSTM with proj_size).
+        """
+        fixed = cls.fix(module, **kwargs)
+        cls.validate(fixed, strict=True)
+        return fixed
+
+
+def _refuse_fix_options(kwargs):
+    if kwargs:
+        raise TypeError(f"ModuleValidator.fix: dpfused's fix takes no options; got "
+                        f"{sorted(kwargs)} (BatchNorm always becomes GroupNorm, "
+                        "nn.LSTM/GRU/RNN always become dpfused.layers.DPLSTM/DPGRU/DPRNN)")
 
 
 def check_optimizer(optimizer, module: nn.Module) -> None:

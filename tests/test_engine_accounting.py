@@ -131,7 +131,7 @@ def test_opacus_style_checkpoint_resumes_batches_parameters_and_epsilon(adaptive
     assert [g.threshold for g in optimizer_b.instrumentation.groups] == pytest.approx(
         [g.threshold for g in optimizer.instrumentation.groups], rel=1e-6)
     assert engine_b.get_epsilon(1e-5) == engine.get_epsilon(1e-5)
-    with pytest.raises(ValueError, match="no noise or clipping schedulers"):
+    with pytest.raises(TypeError, match="noise_scheduler must be a scheduler"):
         engine_b.save_checkpoint(path=tmp_path / "x.pt", module=model_b, noise_scheduler=object())
 
 

@@ -1,0 +1,359 @@
+"""Opacus 1.6's API surface on dpfused (issue 12 items 2-7): one import changed, same behaviour.
+
+Each message test checks that the error names the fix. Numbers are checked against the installed
+Opacus (schedulers, accountants) or the float64 torch.func oracle (per-parameter clipping).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import dpfused
+import dpfused.opacus
+from dpfused import accountants, schedulers
+from dpfused.validate import ModuleValidator, UnsupportedModuleError
+from tests.oracle import expected_for, per_example_grads, snapshot
+from tests.test_clipping_oracle import _assert_close, _run
+
+
+def _dataset(n=40):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _private(engine=None, model=None, loader=None, **kwargs):
+    engine = engine or dpfused.opacus.PrivacyEngine()
+    model = model or _model()
+    kwargs.setdefault("noise_multiplier", 1.0)
+    kwargs.setdefault("max_grad_norm", 1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = engine.make_private(module=model, optimizer=optimizer,
+                              data_loader=loader or DataLoader(_dataset(), batch_size=8), **kwargs)
+    return (engine, *out)
+
+
+def _one_step(model, optimizer, loader):
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+# ---- item 2: wrap_model, _module, get_compatible_module, ModuleValidator.fix --------------------
+def test_wrap_model_true_returns_the_model_and_model_module_unwraps_to_it():
+    model = _model()
+    keys = list(model.state_dict())
+    _, module, optimizer, loader = _private(model=model)
+    assert module is model and module._module is model
+    assert list(module.state_dict()) == keys and len(list(module.modules())) == 4
+    _one_step(module, optimizer, loader)
+    dpfused.opacus.PrivacyEngine.detach(module)
+    assert "_module" not in module.__dict__
+
+
+def test_wrap_model_false_returns_hooks_whose_cleanup_detaches():
+    model = _model()
+    _, hooks, optimizer, loader = _private(model=model, wrap_model=False)
+    assert isinstance(hooks, dpfused.opacus.GradSampleHooks) and hooks._module is model
+    _one_step(model, optimizer, loader)
+    hooks.cleanup()
+    assert "forward" not in model[0].__dict__  # the instrumentation is gone
+
+
+def test_get_compatible_module_and_fix_return_a_fixed_copy():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    fixed = dpfused.opacus.PrivacyEngine.get_compatible_module(model)
+    assert fixed is not model and isinstance(fixed[1], nn.GroupNorm)
+    assert isinstance(model[1], nn.BatchNorm2d)  # Opacus' fix leaves the original alone
+    copy = ModuleValidator.fix(model)
+    assert copy is not model and isinstance(copy[1], nn.GroupNorm)
+    assert ModuleValidator.fix_in_place(model) is model and isinstance(model[1], nn.GroupNorm)
+    linear = nn.Linear(1, 2)
+    same = dpfused.opacus.PrivacyEngine.get_compatible_module(linear)
+    assert same is not linear and torch.equal(same.weight, linear.weight)
+
+
+def test_unsupported_module_error_is_a_value_error_naming_the_fix():
+    with pytest.raises(UnsupportedModuleError, match="proj_size") as info:
+        ModuleValidator.fix_and_validate(nn.LSTM(3, 4, proj_size=2))
+    assert isinstance(info.value, ValueError)
+
+
+def test_ghost_mode_returns_a_criterion_as_opacus_and_hooks_mode_does_not():
+    _, model, optimizer, criterion, loader = _private(grad_sample_mode="ghost")
+    assert isinstance(criterion, nn.CrossEntropyLoss)
+    dpfused.detach(model)
+    out = _private(grad_sample_mode="hooks", criterion=nn.CrossEntropyLoss())
+    assert len(out) == 4  # engine + Opacus' three values
+
+
+# ---- item 2: sigma and C settable between steps, schedulers, checkpoints ------------------------
+def test_changed_sigma_is_what_the_step_adds_and_the_ledger_records():
+    engine, model, optimizer, loader = _private(noise_multiplier=1.0, max_grad_norm=2.0)
+    _one_step(model, optimizer, loader)
+    optimizer.noise_multiplier = 0.5
+    assert optimizer.noise_std == pytest.approx(1.0)
+    _one_step(model, optimizer, loader)
+    sigmas = [entry.sampled.noise_multiplier for entry in engine.accountant.entries]
+    assert sigmas == [1.0, 0.5]
+    with pytest.raises(ValueError, match="noise_multiplier must be a finite number >= 0"):
+        optimizer.noise_multiplier = -1.0
+
+
+def test_budget_check_uses_the_new_sigma():
+    engine = dpfused.opacus.PrivacyEngine()
+    _, model, optimizer, loader = _private(engine, max_epsilon=50.0, delta=1e-5)
+    _one_step(model, optimizer, loader)
+    optimizer.noise_multiplier = 0.0  # one step at sigma 0 has infinite epsilon
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(dpfused.PrivacyBudgetExhausted):
+        _one_step(model, optimizer, loader)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_max_grad_norm_rescales_every_group_threshold_and_is_refused_mid_step():
+    _, model, optimizer, loader = _private(clipping="per_layer", max_grad_norm=2.0)
+    assert optimizer.max_grad_norm == pytest.approx(2.0)
+    optimizer.max_grad_norm = 1.0
+    thresholds = [g.threshold for g in optimizer.instrumentation.groups]
+    assert thresholds == pytest.approx([1 / math.sqrt(2)] * 2)
+    assert optimizer.noise_std == pytest.approx(optimizer.noise_multiplier * 1.0)
+    x, y = next(iter(loader))
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="after loss.backward.*right after optimizer.step"):
+        optimizer.max_grad_norm = 3.0
+    optimizer.step()
+    optimizer.max_grad_norm = 3.0  # between steps: fine
+    assert optimizer.max_grad_norm == pytest.approx(3.0)
+
+
+class _Holder:
+    def __init__(self):
+        self.noise_multiplier = 2.0
+        self.max_grad_norm = 3.0
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("StepNoise", dict(step_size=2, gamma=0.5)), ("ExponentialNoise", dict(gamma=0.9)),
+    ("LambdaNoise", dict(noise_lambda=lambda e: 1 + e)),
+    ("StepGradClip", dict(step_size=3, gamma=0.5)), ("ExponentialGradClip", dict(gamma=0.8)),
+    ("LambdaGradClip", dict(scheduler_function=lambda e: 1 / (1 + e))),
+])
+def test_schedulers_follow_opacus_exactly(name, kwargs):
+    import opacus.schedulers
+    ours, theirs = _Holder(), _Holder()
+    a = getattr(schedulers, name)(ours, **kwargs)
+    b = getattr(opacus.schedulers, name)(theirs, **kwargs)
+    for _ in range(7):
+        a.step()
+        b.step()
+        assert (ours.noise_multiplier, ours.max_grad_norm) == (
+            theirs.noise_multiplier, theirs.max_grad_norm)
+    assert a.state_dict().keys() == b.state_dict().keys()
+
+
+def test_schedulers_are_saved_and_restored_in_checkpoints(tmp_path):
+    engine, model, optimizer, loader = _private(dpfused.opacus.PrivacyEngine(accountant="rdp"))
+    noise = schedulers.StepNoise(optimizer, step_size=1, gamma=0.5)
+    clip = schedulers.ExponentialGradClip(optimizer, gamma=0.5)
+    for _ in range(2):
+        _one_step(model, optimizer, loader)
+        noise.step()
+        clip.step()
+    engine.save_checkpoint(path=tmp_path / "c.pt", module=model, optimizer=optimizer,
+                           noise_scheduler=noise, grad_clip_scheduler=clip)
+    engine_b, model_b, optimizer_b, _ = _private(dpfused.opacus.PrivacyEngine(accountant="rdp"))
+    noise_b = schedulers.StepNoise(optimizer_b, step_size=1, gamma=0.5)
+    clip_b = schedulers.ExponentialGradClip(optimizer_b, gamma=0.5)
+    engine_b.load_checkpoint(path=tmp_path / "c.pt", module=model_b, optimizer=optimizer_b,
+                             noise_scheduler=noise_b, grad_clip_scheduler=clip_b)
+    assert noise_b.last_epoch == noise.last_epoch == 2 and clip_b.last_epoch == 2
+    assert optimizer_b.noise_multiplier == optimizer.noise_multiplier == 0.25
+    assert engine_b.get_epsilon(1e-5) == engine.get_epsilon(1e-5)
+    engine.save_checkpoint(path=tmp_path / "d.pt", module=model)
+    with pytest.raises(ValueError, match="no 'noise_scheduler_state_dict'"):
+        engine_b.load_checkpoint(path=tmp_path / "d.pt", module=model_b, noise_scheduler=noise_b)
+
+
+# ---- item 3: one threshold per parameter ------------------------------------------------------
+@pytest.mark.parametrize("name", ["mlp", "cnn_groupnorm", "gpt2_tied", "transformer_encoder"])
+def test_per_parameter_clipping_matches_the_oracle(name):
+    expected, ours, _, inst = _run(name, 3, "per_parameter")
+    assert all(len(g.params) == 1 for g in inst.groups)
+    _assert_close(expected, ours, name)
+
+
+def test_opacus_per_parameter_list_is_one_group_per_parameter_in_optimizer_order():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    reference = snapshot(model)
+    params = list(model.parameters())[::-1]  # the optimizer's order decides, as in Opacus
+    optimizer = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1)
+    norms = [0.3, 0.2, 0.4, 0.1]  # 2.bias, 2.weight, 0.bias, 0.weight
+    data = TensorDataset(torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    model, optimizer, loader = dpfused.opacus.PrivacyEngine().make_private(
+        module=model, optimizer=optimizer, data_loader=DataLoader(data, batch_size=6),
+        noise_multiplier=0.0, max_grad_norm=norms, clipping="per_layer")
+    inst = optimizer.instrumentation
+    assert {g.name: g.threshold for g in inst.groups} == {
+        "2.bias": 0.3, "2.weight": 0.2, "0.bias": 0.4, "0.weight": 0.1}
+    assert optimizer.max_grad_norm == pytest.approx(math.sqrt(sum(c * c for c in norms)))
+    x, y = data.tensors
+    grads = per_example_grads(
+        reference, lambda call, ex: F.cross_entropy(call(ex[0]), ex[1], reduction="sum"), (x, y))
+    F.cross_entropy(model(x), y).backward()
+    step = inst.book.close()
+    expected, names = expected_for(model, inst, grads)
+    _assert_close(expected, {names[k]: v for k, v in step.sums.items()}, "mlp")
+
+
+def test_per_layer_list_of_the_wrong_length_names_both_counts():
+    with pytest.raises(ValueError, match="got 3 values for 2 clipping groups.*4 trainable "
+                                         "parameters.*one max_grad_norm per parameter"):
+        _private(clipping="per_layer", max_grad_norm=[1.0, 1.0, 1.0])
+
+
+# ---- item 4: FSDP through Opacus' names -------------------------------------------------------
+def test_ghost_fsdp_is_refused_naming_the_fix():
+    with pytest.raises(ValueError, match="ghost_fsdp.*not supported.*grad_sample_mode='ghost'"):
+        _private(grad_sample_mode="ghost_fsdp")
+
+
+def test_fully_sharded_module_is_refused_naming_the_fix(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    try:
+        model = fully_shard(_model())  # what opacus.utils.fsdp_utils.FSDP2Wrapper does
+        with pytest.raises(ValueError, match="fully_shard.*FSDP2Wrapper.*unsharded"):
+            _private(model=model, grad_sample_mode="ghost")
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- item 5: poisson_sampling=False keeps the loader's semantics ------------------------------
+def test_unshuffled_loader_becomes_cyclic_in_its_order_and_batch_size():
+    data = _dataset(20)
+    _, model, optimizer, loader = _private(
+        loader=DataLoader(data, batch_size=6), poisson_sampling=False)
+    assert (loader.sampling, loader.batch_size, loader.drop_last) == ("cyclic", 6, False)
+    batches = [x for x, _ in loader]
+    assert [len(x) for x in batches] == [6, 6, 6, 2]  # drop_last=False kept: a short last batch
+    assert torch.equal(torch.cat(batches), data.tensors[0])  # the user's order
+
+
+def test_shuffled_loader_becomes_shuffle_and_keeps_drop_last():
+    _, _, _, loader = _private(loader=DataLoader(_dataset(20), batch_size=6, shuffle=True,
+                                                 drop_last=True), poisson_sampling=False)
+    assert (loader.sampling, loader.batch_size, loader.drop_last) == ("shuffle", 6, True)
+    assert [len(x) for x, _ in loader] == [6, 6, 6]
+
+
+# ---- item 6: messages that name the fix -------------------------------------------------------
+def test_private_loader_passed_back_names_the_original_loader():
+    engine, model, optimizer, loader = _private()
+    dpfused.detach(model)
+    with pytest.raises(TypeError, match="already a private DPDataLoader.*original torch DataLoader"):
+        dpfused.opacus.PrivacyEngine().make_private_with_epsilon(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=loader, target_epsilon=3.0, target_delta=1e-5, epochs=1,
+            max_grad_norm=1.0)
+
+
+def test_manual_gradient_accumulation_names_batch_memory_manager():
+    _, model, optimizer, loader = _private(poisson_sampling=False)
+    it = iter(loader)
+    optimizer.zero_grad()
+    for _ in range(2):
+        x, y = next(it)
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="2 logical batches.*max_physical_batch_size=.*"
+                                           "BatchMemoryManager"):
+        optimizer.step()
+    optimizer.zero_grad()  # then the loop can go on, stepping after every batch
+    _one_step(model, optimizer, loader)
+
+
+def test_no_op_mode_says_dpfused_computes_the_norms_itself():
+    with pytest.raises(ValueError, match="no_op.*dpfused computes and clips the per-example "
+                                         "norms.*that code goes"):
+        _private(grad_sample_mode="no_op")
+
+
+@pytest.mark.parametrize("poisson", [True, False])
+def test_len_inside_batch_memory_manager_counts_physical_batches(poisson):
+    _, model, optimizer, loader = _private(
+        loader=DataLoader(_dataset(40), batch_size=10), poisson_sampling=poisson)
+    assert len(loader) == 4
+    with dpfused.BatchMemoryManager(data_loader=loader, max_physical_batch_size=3,
+                                    optimizer=optimizer) as physical:
+        assert len(physical) == math.ceil(4 * 10 / 3)  # Opacus' count
+        x, y = next(iter(physical))
+        assert len(x) <= 3
+    assert len(loader) == 4
+
+
+# ---- item 7: standalone accountants ----------------------------------------------------------
+def _opacus_and_ours(name, history):
+    import opacus.accountants
+    theirs = opacus.accountants.create_accountant(name)
+    ours = accountants.create_accountant(name)
+    for sigma, q, n in history:
+        for _ in range(n):
+            ours.step(noise_multiplier=sigma, sample_rate=q)
+        theirs.history.append((sigma, q, n))
+    return ours, theirs
+
+
+def test_rdp_accountant_agrees_with_opacus():
+    ours, theirs = _opacus_and_ours("rdp", [(1.1, 0.01, 300), (0.8, 0.02, 50)])
+    assert ours.history == theirs.history and len(ours) == 2
+    # dp_accounting's fractional-order RDP is a little larger than Opacus' (never smaller).
+    assert ours.get_epsilon(1e-5) == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-4)
+    assert ours.get_epsilon(1e-5) >= theirs.get_epsilon(1e-5)
+
+
+def test_prv_accountant_agrees_with_opacus_within_its_eps_error():
+    ours, theirs = _opacus_and_ours("prv", [(1.0, 0.02, 200)])
+    # Opacus returns the upper end of an interval of width <= 2 eps_error around the true
+    # epsilon; dp_accounting's PLD is an upper bound on a grid 100x finer.
+    ours, theirs = ours.get_epsilon(1e-5), theirs.get_epsilon(1e-5)
+    assert theirs - 2 * 0.01 <= ours <= theirs + 1e-3
+
+
+def test_accountant_state_round_trips_and_checks_the_mechanism():
+    ours = accountants.RDPAccountant()
+    ours.step(noise_multiplier=1.0, sample_rate=0.1)
+    state = ours.state_dict()
+    other = accountants.RDPAccountant()
+    other.load_state_dict(state)
+    assert other.history == [(1.0, 0.1, 1)]
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        accountants.PRVAccountant().load_state_dict(state)
+
+
+def test_gdp_is_refused_with_the_reason():
+    for make in (lambda: accountants.create_accountant("gdp"), accountants.GaussianAccountant):
+        with pytest.raises(ValueError, match="central-limit approximation is not an upper bound"):
+            make()
+
+
+def test_get_noise_multiplier_follows_opacus_search():
+    from opacus.accountants.utils import get_noise_multiplier as theirs
+    kwargs = dict(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.02, epochs=5)
+    sigma = accountants.get_noise_multiplier(accountant="rdp", **kwargs)
+    assert sigma == pytest.approx(theirs(accountant="rdp", **kwargs), abs=0.01)
+    epsilon = accountants.RDPAccountant()
+    epsilon.history = [(sigma, 0.02, int(5 / 0.02))]
+    assert epsilon.get_epsilon(1e-5) <= 4.0
