@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from dpfused import privacy_math
+from dpfused import distributed, privacy_math
 from dpfused.accounting import IterateFacts, PrivacyBudgetExhausted, SampledStep
 from dpfused.step import ClippedStep
 
@@ -249,7 +249,7 @@ class DPOptimizer(torch.optim.Optimizer):
         released = grads + ([self._noised_counts(clipped, params[0].device)]
                             if self.adaptive_clipping is not None else [])
         if self.distributed:
-            released = _all_reduce_sum(released)
+            released = distributed.all_reduce_sum(released)
         for p, grad in zip(params, released):
             p.grad = grad.to(p.dtype)
         return released[-1] if self.adaptive_clipping is not None else None
@@ -329,17 +329,3 @@ class DPOptimizer(torch.optim.Optimizer):
                 f"this step would raise epsilon to {epsilon:.4g} > max_epsilon={self.max_epsilon} "
                 f"(delta={self.delta}); the step was not applied"
             )
-
-
-def _all_reduce_sum(tensors):
-    """Sum each tensor over all ranks with one collective per device and dtype (flat buffers)."""
-    by_device = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault((t.device, t.dtype), []).append(i)
-    out = list(tensors)
-    for indices in by_device.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
-        torch.distributed.all_reduce(flat)
-        for i, chunk in zip(indices, flat.split([tensors[i].numel() for i in indices])):
-            out[i] = chunk.view_as(tensors[i])
-    return out
