@@ -19,7 +19,6 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
-from dpfused.distributed_checkpoint import load_distributed_checkpoint
 from tests import models
 
 WORLD, N, BATCH, K, M, CLIP, SIGMA = 2, 12, 4, 2, 2, 0.1, 0.8
