@@ -26,6 +26,13 @@ Writes a markdown table to stdout and train.json + train.png to --out.
     python benchmarks/train.py --models gpt2-small --seq-lens 512 --methods nonprivate dpfused_per_layer
     python benchmarks/train.py --max-batch                      # also search the largest batch (slow)
     python benchmarks/train.py --tiny --out /tmp/bench          # CPU smoke run of the whole pipeline
+    python benchmarks/train.py --fsdp --ddp --nproc 8           # sharded / replicated, 8 GPUs
+
+--fsdp / --ddp (multi-process; the script relaunches itself with torch.distributed.run, nccl on GPUs,
+gloo on the CPU) add rows "fsdp:<method>" / "ddp:<method>" for nonprivate, dpfused_per_layer and
+dpfused_flat: the model sharded with FSDP2 (fully_shard per block, then the root) or wrapped in
+DistributedDataParallel, B examples per rank (logical batch B x ranks), examples/s over all ranks,
+peak memory of rank 0, ratios against the same mode's nonprivate row.
 """
 
 from __future__ import annotations
@@ -50,11 +57,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
+from dpfused.distributed import unwrap
 
 METHODS = ("nonprivate", "dpfused_per_layer", "dpfused_flat", "dpfused_per_device",
            "opacus_hooks", "opacus_ghost")
@@ -295,11 +304,14 @@ def build_model(spec: ModelSpec, max_seq_len: int, device: torch.device,
 
 def make_trainer(method: str, spec: ModelSpec, data: TensorDataset, batch_size: int,
                  device: torch.device, dtype: torch.dtype, max_seq_len: int) -> Trainer:
-    model = build_model(spec, max_seq_len, device, dtype)
+    mode, _, method = method.rpartition(":")  # "fsdp:dpfused_flat" -> ("fsdp", "dpfused_flat")
+    model = parallelize(build_model(spec, max_seq_len, device, dtype), mode, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True)
+    loader = DataLoader(data, batch_size=batch_size * world_of(mode), shuffle=False,
+                        drop_last=True)
     if method == "nonprivate":
-        return Trainer(loader, partial(plain_step, model, optimizer, spec, device, dtype))
+        step = partial(plain_step, model, optimizer, spec, device, dtype)
+        return Trainer(loader, partial(rank_slice_step, step) if mode else step)
     if method.startswith("dpfused_"):
         return dpfused_trainer(method.removeprefix("dpfused_"), model, optimizer, loader, spec,
                                device, dtype)
@@ -312,6 +324,33 @@ def make_trainer(method: str, spec: ModelSpec, data: TensorDataset, batch_size: 
         except Exception as e:
             raise OpacusUnsupported(short_error(e)) from e
     raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+
+
+def parallelize(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
+    """--fsdp: FSDP2, each transformer block / ResNet stage, then the root; --ddp: DDP."""
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model.modules():
+            if isinstance(module, nn.ModuleList):
+                for block in module:
+                    fully_shard(block)
+        return fully_shard(model)
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def world_of(mode: str) -> int:
+    return dist.get_world_size() if mode else 1
+
+
+def rank_slice_step(step, batch):
+    """Non-private multi-process baseline: each rank trains on its slice of the global batch, as
+    dpfused's loader slices it (``batch[rank::world]``)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    step([t[rank::world] for t in batch])
 
 
 def plain_step(model, optimizer, spec, device, dtype, batch):
@@ -329,7 +368,7 @@ def dpfused_trainer(clipping, model, optimizer, loader, spec, device, dtype) -> 
         loss_reduction="mean", sampling="cyclic",
     )
     return Trainer(dp_loader, partial(plain_step, model, dp_optimizer, spec, device, dtype),
-                   close=partial(dpfused.detach, model))
+                   close=partial(dpfused.detach, unwrap(model)))
 
 
 def opacus_trainer(mode, model, optimizer, loader, spec, device, dtype) -> Trainer:
@@ -407,7 +446,8 @@ def measure(method: str, spec: ModelSpec, seq_len: int | None, batch_size: int, 
             n_warmup: int, n_steps: int, device: torch.device, dtype: torch.dtype,
             max_seq_len: int) -> Measurement:
     """Set up one method on a fresh model, time its steps, free everything; never raises."""
-    data = make_dataset(spec, seq_len, batch_size * (n_warmup + n_steps))
+    world = world_of(method.rpartition(":")[0])
+    data = make_dataset(spec, seq_len, batch_size * world * (n_warmup + n_steps))
     free_memory(device)
     trainer, result = None, None
     try:
@@ -486,15 +526,38 @@ def run_matrix(args) -> list[Result]:
         dtype = args.dtype or spec.dtype
         batch_size = args.batch_size or spec.batch_size
         for seq_len in (args.seq_lens if spec.is_lm else [None]):
-            cell = []
-            for method in args.methods:
-                print(f"[{name} T={seq_len or '-'} {method}] B={batch_size}", file=sys.stderr,
-                      flush=True)
-                cell.append(run_cell(method, spec, seq_len, batch_size, dtype, max_seq_len, args))
-            add_ratios(cell)
-            rows += cell
-            save_partial(cell, args.out)
+            for methods in method_cells(args):
+                cell = []
+                for method in methods:
+                    log(f"[{name} T={seq_len or '-'} {method}] B={batch_size}")
+                    cell.append(run_cell(method, spec, seq_len, batch_size, dtype, max_seq_len,
+                                         args))
+                add_ratios(cell)
+                rows += cell
+                if is_main_process():
+                    save_partial(cell, args.out)
     return rows
+
+
+PARALLEL_METHODS = ("nonprivate", "dpfused_per_layer", "dpfused_flat")
+
+
+def method_cells(args) -> list[list[str]]:
+    """One process: the methods. --fsdp/--ddp: each mode's methods ("fsdp:nonprivate", ...),
+    each mode with its own baseline."""
+    if not args.parallel:
+        return [args.methods]
+    methods = [m for m in args.methods if m in PARALLEL_METHODS]
+    return [[f"{mode}:{m}" for m in methods] for mode in args.parallel]
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(message: str) -> None:
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 def save_partial(cell: list[Result], out: Path) -> None:
@@ -510,6 +573,7 @@ def run_cell(method, spec, seq_len, batch_size, dtype, max_seq_len, args) -> Res
     common = dict(device=args.device, dtype=dtype, max_seq_len=max_seq_len)
     m = measure(method, spec, seq_len, batch_size, n_warmup=args.warmup, n_steps=args.steps,
                 **common)
+    batch_size *= world_of(method.rpartition(":")[0])  # the global (logical) batch
     row = Result(spec.name, spec.family, seq_len, method, batch_size, str(dtype).split(".")[-1],
                  m.status)
     if m.status == "ok":
@@ -527,7 +591,8 @@ def run_cell(method, spec, seq_len, batch_size, dtype, max_seq_len, args) -> Res
 
 def add_ratios(cell: list[Result]) -> None:
     """Each method against the non-private row of the same model and sequence length."""
-    base = next((r for r in cell if r.method == "nonprivate" and r.status == "ok"), None)
+    base = next((r for r in cell if r.method.rpartition(":")[2] == "nonprivate"
+                 and r.status == "ok"), None)
     if base is None:
         return
     for r in cell:
@@ -635,7 +700,8 @@ def metadata(args) -> dict:
         "tiny": args.tiny, "models": args.models, "seq_lens": args.seq_lens,
         "methods": args.methods, "batch_size": args.batch_size or "per model",
         "dtype": str(args.dtype).split(".")[-1] if args.dtype else "per model",
-        "torch_device": str(args.device),
+        "torch_device": str(args.device), "parallel": args.parallel,
+        "processes": dist.get_world_size() if dist.is_initialized() else 1,
     }
 
 
@@ -662,6 +728,10 @@ def parse_args(argv=None):
     p.add_argument("--max-batch-cap", type=int, default=4096, help="stop the search here")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke run: tiny GPT-2, Llama and ResNet, all methods, in seconds")
+    p.add_argument("--fsdp", action="store_true", help="multi-process rows, FSDP2-sharded")
+    p.add_argument("--ddp", action="store_true", help="multi-process rows, DDP-wrapped")
+    p.add_argument("--nproc", type=int, help="processes for --fsdp/--ddp; default: the number "
+                   "of GPUs, or 2 on the CPU")
     args = p.parse_args(argv)
     resolve_defaults(args)
     return args
@@ -678,12 +748,43 @@ def resolve_defaults(args) -> None:
     args.device_given = args.device is not None
     default_device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
     args.device = torch.device(args.device or default_device)
+    args.parallel = [mode for mode in ("fsdp", "ddp") if getattr(args, mode)]
     # the baseline runs first so every ratio is against a number of this very run
     args.methods = sorted(dict.fromkeys(args.methods), key=lambda m: m != "nonprivate")
 
 
+def launch_processes(args, argv) -> int:
+    """--fsdp/--ddp outside torchrun: run this script again under torch.distributed.run."""
+    import subprocess
+
+    n = args.nproc or (torch.cuda.device_count() if args.device.type == "cuda" else 2)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={n}", __file__, *(sys.argv[1:] if argv is None else argv)]
+    return subprocess.call(command)
+
+
+def init_processes(args) -> None:
+    """One process per device (torchrun's environment): nccl and this rank's GPU, or gloo."""
+    if args.device.type == "cuda":
+        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.parallel and "RANK" not in os.environ:
+        return launch_processes(args, argv)
+    if args.parallel:
+        init_processes(args)
+        try:
+            return run(args)
+        finally:
+            dist.destroy_process_group()
+    return run(args)
+
+
+def run(args) -> int:
     full_size = [m for m in args.models if m not in TINY_MODELS]
     if args.device.type == "cpu" and full_size and not args.device_given:
         print(f"benchmarks/train.py: no CUDA device; {', '.join(full_size)} would take hours on "
@@ -698,6 +799,8 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True  # the same for every method; tuned during warm-up
 
     rows = run_matrix(args)
+    if not is_main_process():
+        return 0
 
     print(markdown_table(rows))
     args.out.mkdir(parents=True, exist_ok=True)

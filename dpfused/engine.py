@@ -354,6 +354,22 @@ class PrivacyEngine:
         _load_scheduler_states(checkpoint, noise_scheduler, grad_clip_scheduler)
         return checkpoint
 
+    def save_distributed_checkpoint(self, *, path, module: nn.Module, optimizer=None) -> None:
+        """A sharded checkpoint (torch.distributed.checkpoint) of an FSDP2, DDP or one-process
+        run: model, optimizer, this engine's ``state_dict()`` and each rank's noise stream
+        (never a secure-mode key). Collective: call on every rank. See
+        ``dpfused.distributed_checkpoint`` and docs/design.md §9."""
+        from dpfused.distributed_checkpoint import save_distributed_checkpoint
+
+        save_distributed_checkpoint(path=path, engine=self, module=module, optimizer=optimizer)
+
+    def load_distributed_checkpoint(self, *, path, module: nn.Module, optimizer=None) -> None:
+        """Restore ``save_distributed_checkpoint``'s checkpoint after ``make_private`` (on every
+        rank): the resumed run gets the same batches, noise (seeded runs) and epsilon."""
+        from dpfused.distributed_checkpoint import load_distributed_checkpoint
+
+        load_distributed_checkpoint(path=path, engine=self, module=module, optimizer=optimizer)
+
     @staticmethod
     def detach(module: nn.Module) -> nn.Module:
         return detach(module)

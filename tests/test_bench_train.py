@@ -115,3 +115,25 @@ def test_max_batch_search_gives_up_on_errors(monkeypatch):
     assert bench.max_batch_size("opacus_ghost", None, None, 8, cap=4096) is None
     monkeypatch.setattr(bench, "measure", lambda *a, **k: bench.Measurement("OOM"))
     assert bench.max_batch_size("opacus_hooks", None, None, 8, cap=4096) is None
+
+
+def test_tiny_fsdp_and_ddp_rows(tmp_path):
+    """--fsdp --ddp relaunch the script under torch.distributed.run (2 CPU processes, gloo): each
+    mode's rows, ratios against that mode's own non-private row, one table from rank 0."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--fsdp", "--ddp", "--models",
+                           "llama-tiny", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.stdout.count("| model |") == 1  # rank 0 alone prints
+    report = json.loads((tmp_path / "train.json").read_text())
+    assert report["meta"]["processes"] == 2 and report["meta"]["parallel"] == ["fsdp", "ddp"]
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {f"{mode}:{m}" for mode in ("fsdp", "ddp")
+                         for m in ("nonprivate", "dpfused_per_layer", "dpfused_flat")}
+    for method, row in rows.items():
+        assert row["status"] == "ok", (method, row["status"])
+        assert row["batch_size"] == 8  # 4 per rank: the logical batch over both ranks
+        assert row["examples_per_s"] == pytest.approx(8 / (row["step_ms"] / 1e3))
+        mode = method.split(":")[0]
+        base = rows[f"{mode}:nonprivate"]["examples_per_s"]
+        assert row["throughput_ratio"] == pytest.approx(row["examples_per_s"] / base)
