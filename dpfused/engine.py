@@ -142,7 +142,8 @@ class PrivacyEngine:
         if wrapper is not module:
             distributed.check_ddp(wrapper)
         distributed.check_sharding(module, clipping=clipping,
-                                   adaptive=adaptive_clipping is not None)
+                                   adaptive=adaptive_clipping is not None, sampling=sampling,
+                                   max_physical_batch_size=max_physical_batch_size)
         sharded = distributed.is_fsdp2(module)
         _check_data_loader(data_loader)
         _check_adaptive(adaptive_clipping, clipping)
