@@ -88,8 +88,8 @@ class Config:
     device: str = "cpu"
     seed: int = 0
     eps_every: int = 50  # refresh epsilon on the progress bar every this many steps: get_epsilon costs
-    #                     ~0.15 s a call, ~6 digits steps' worth (100 steps: 3 s, every step: 17 s). The bar marks
-    #                     the step an older epsilon belongs to ("1.23@50"), never a stale value as current
+    #                     ~0.15 s a call, ~6 digits steps (100 steps: 3 s; refreshed every step: 17 s).
+    #                     An older epsilon is marked with its step ("1.23@50"), never shown as current
     explain: bool = False  # print dpfused.explain(model): each layer's rule, group and norm path
     out: str | None = "runs/train_vision"  # checkpoint directory; "" or None: do not save
 
