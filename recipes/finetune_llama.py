@@ -439,13 +439,8 @@ class Recipe:
 
     def train(self) -> None:
         cfg, total = self.cfg, self.total_steps
-<<<<<<< HEAD
         bar = tqdm(total=total, desc="train", dynamic_ncols=True, disable=self.rank != 0)
-        eps, loss_ema = (0.0 if cfg.dp else math.inf), math.nan
-=======
-        bar = tqdm(total=total, desc="train", dynamic_ncols=True)
         loss_ema = math.nan
->>>>>>> h-recipes
         while self.step < total:  # epochs until `total` logical steps
             for batch in self.train_loader:
                 loss = self.train_step(batch)
