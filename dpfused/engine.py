@@ -230,9 +230,10 @@ class PrivacyEngine:
 
     def _check_before_calibration(self, module, optimizer, data_loader, kwargs):
         """make_private's argument checks, before the (slow) calibration rather than after it."""
-        bound = inspect.signature(self.make_private).bind(
-            module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=0.0,
-            **kwargs)  # TypeError for an unknown or missing keyword
+        # dpfused's own signature, also when a subclass (dpfused.opacus) has mapped its keywords.
+        bound = inspect.signature(PrivacyEngine.make_private).bind(
+            self, module=module, optimizer=optimizer, data_loader=data_loader,
+            noise_multiplier=0.0, **kwargs)  # TypeError for an unknown or missing keyword
         bound.apply_defaults()
         a = bound.arguments
         _check_arguments(noise_multiplier=0.0, max_grad_norm=a["max_grad_norm"],

@@ -271,6 +271,21 @@ def test_private_loader_passed_back_names_the_original_loader():
             max_grad_norm=1.0)
 
 
+def test_opacus_make_private_with_epsilon_with_opacus_keywords():
+    """The Opacus path through make_private_with_epsilon: its keywords mapped, then calibrated."""
+    model = _model()
+    engine = dpfused.opacus.PrivacyEngine()
+    model, optimizer, criterion, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_dataset(), batch_size=8), target_epsilon=3.0, target_delta=1e-5,
+        epochs=2, max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode="ghost",
+        criterion=nn.CrossEntropyLoss())
+    assert isinstance(criterion, nn.CrossEntropyLoss) and loader.sampling == "poisson"
+    for _ in range(2 * len(loader)):
+        _one_step(model, optimizer, loader)
+    assert engine.get_epsilon(1e-5) <= 3.0
+
+
 def test_manual_gradient_accumulation_names_batch_memory_manager():
     _, model, optimizer, loader = _private(poisson_sampling=False)
     it = iter(loader)
