@@ -10,7 +10,6 @@ logical batch still steps with noise.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable
 
 import torch
@@ -199,15 +198,11 @@ class DPOptimizer(torch.optim.Optimizer):
         return loss
 
     def _check_step_input(self, closure):
-        """Before anything runs: a refused step draws no noise and changes nothing."""
+        """Before anything runs: a refused step draws no noise and changes nothing. (sigma is
+        checked where it is set: the ``noise_multiplier`` setter.)"""
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be a callable that returns the loss (or None), got "
                             f"{type(closure).__name__}; no step was taken")
-        sigma = self.noise_multiplier
-        if (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)
-                or not (math.isfinite(sigma) and sigma >= 0)):
-            raise ValueError(f"optimizer.noise_multiplier must be a finite number >= 0, got "
-                             f"{sigma!r}; no step was taken")
 
     def _refuse_grad_scaler(self):
         if getattr(self, "found_inf", None) is None and getattr(self, "grad_scale", None) is None:
