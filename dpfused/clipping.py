@@ -90,8 +90,16 @@ class Bookkeeper:
         self._accumulating = False  # a step() came before the logical batch's last physical one
         self._failure: str | None = None
         # Called with no argument at the end of every backward pass, after its sums are merged
-        # (or after it failed): DDP's deferred buckets are filled there (dpfused/distributed.py).
+        # (or after it failed, see ``pass_failed``): DDP's deferred buckets are filled there, FSDP2
+        # reduce-scatters what did not complete inside backward (dpfused/distributed.py).
         self.pass_end_listeners: list = []
+        # Called with a group's index when it completes inside backward (the per_layer fast path):
+        # FSDP2 hands that group's clipped sums to its reduce-scatter there.
+        self.group_complete_listeners: list = []
+        # Parameters whose .grad must stay empty in backward (a gradient there came from autograd,
+        # not from dpfused). FSDP2 writes the reduced sums into .grad and watches its own
+        # unsharded parameters instead.
+        self.leak_checked_params = self._params
         # FSDP2: layers see the unsharded parameter; this maps it to the sharded one make_private
         # grouped (dpfused/distributed.py). None: parameters are used as they were instrumented.
         self.resolve_param = None
@@ -139,6 +147,8 @@ class Bookkeeper:
         for g in touched:
             if self._completes_now(g, layer):
                 self._complete(g)
+                for listener in self.group_complete_listeners:
+                    listener(g)
 
     def _key(self, param) -> int | None:
         """id of the instrumented parameter ``param`` stands for (itself, or under FSDP2 the
@@ -313,16 +323,25 @@ class Bookkeeper:
             return None
         return parts[0] if len(parts) == 1 else parts[0] + parts[1].to(parts[0].device)
 
+    @property
+    def pass_failed(self) -> bool:
+        """The running (or just ended) backward pass failed; nothing of it was kept."""
+        return self._failure is not None
+
     def _check_no_autograd_gradients(self):
-        leaked = [p for p in self._params if p.grad is not None and bool(p.grad.any())]
+        leaked = [p for p in self.leak_checked_params if p.grad is not None and bool(p.grad.any())]
         if leaked:
-            self._fail(
-                f"{len(leaked)} private parameter(s) (first of shape {tuple(leaked[0].shape)}) hold "
-                "a gradient that did not come through dpfused: either the gradients of the last "
-                "step were not cleared (call optimizer.zero_grad() after each optimizer.step()), or "
-                "a parameter is used outside its module's forward (e.g. F.linear(x, layer.weight)), "
-                "which dpfused cannot clip per example; call the module instead"
-            )
+            self.fail_autograd_gradient(len(leaked), leaked[0].shape)
+
+    def fail_autograd_gradient(self, count: int, shape) -> None:
+        """Fail the pass: ``count`` private parameter(s) received a gradient from autograd."""
+        self._fail(
+            f"{count} private parameter(s) (first of shape {tuple(shape)}) hold "
+            "a gradient that did not come through dpfused: either the gradients of the last "
+            "step were not cleared (call optimizer.zero_grad() after each optimizer.step()), or "
+            "a parameter is used outside its module's forward (e.g. F.linear(x, layer.weight)), "
+            "which dpfused cannot clip per example; call the module instead"
+        )
 
     def _pass_counts_of_every_group(self):
         """A group no example touched in this pass (an unused layer) clipped nobody: +1/2 each."""

@@ -15,8 +15,9 @@ the ranks are added up and where the noise goes:
   the same global sum and adds the SAME noise, from a generator all ranks share: the released
   gradient carries one N(0, sigma^2 C^2) per coordinate, and the ranks' parameters stay equal.
 - FSDP2 (``fully_shard``): :class:`FSDP2Reduction`. Layers see the all-gathered (unsharded)
-  parameters; their clipped sums are mapped to the sharded parameters, added up over the ranks at
-  the release and each rank keeps and noises the shard it owns (``per_rank_generator``).
+  parameters; their clipped sums are handed to FSDP as the unsharded gradients, so FSDP's own
+  reduce-scatter adds them up (inside backward for groups that complete there, ``per_layer``), and
+  each rank noises the shard it owns (``per_rank_generator``).
 """
 
 from __future__ import annotations
@@ -254,21 +255,40 @@ def check_sharding(module: nn.Module, *, clipping: str, adaptive: bool, sampling
             "drop max_physical_batch_size")
 
 
-def _fsdp_params_of(root: nn.Module):
-    """FSDP2's FSDPParam of every parameter fully_shard manages under ``root`` (private API)."""
+def _fsdp_param_groups(root: nn.Module):
+    """FSDP2's FSDPParamGroup of every fully_shard unit under ``root`` (private API)."""
     for module in root.modules():
         if is_fsdp2(module):
             group = module._get_fsdp_state()._fsdp_param_group
             if group is not None:
-                yield from group.fsdp_params
+                yield group
+
+
+def _fsdp_params_of(root: nn.Module):
+    """FSDP2's FSDPParam of every parameter fully_shard manages under ``root`` (private API)."""
+    for group in _fsdp_param_groups(root):
+        yield from group.fsdp_params
 
 
 class FSDP2Reduction:
-    """FSDP2: every rank's clipped sums (full shape, from the unsharded parameters the layers
-    see) are added up with one all-reduce at the release, and each rank keeps the shard it owns
-    (``torch.chunk`` along dim 0, FSDP2's layout) and adds noise to it alone, from its own stream:
-    every coordinate gets std sigma C exactly once. FSDP's own gradient reduction is switched off
-    (its gradients would be the unclipped ones; dpfused's layers return none).
+    """FSDP2: FSDP's own reduce-scatter adds the ranks' clipped sums up, and each rank adds noise
+    to the shard it owns alone, from its own stream: every coordinate gets std sigma C once.
+
+    Layers see the all-gathered (unsharded) parameters and form full-shape clipped sums, exactly
+    as on one process. On the last physical batch of a logical batch, each sum is handed to FSDP
+    as the unsharded parameter's gradient (the logical sum: earlier physical batches included):
+
+    - a group that completes inside backward (the ``per_layer`` fast path) hands its sums over at
+      once, so FSDP's reduce-scatter of that unit carries them, overlapped with the rest of
+      backward: no unclipped gradient, no collective of dpfused's own;
+    - every other sum (``flat``, tied weights, recomputed layers) is known only at the end of the
+      pass; it is handed over then and reduced by the same FSDP machinery (the unit's
+      post-backward, run once more), in one reduce-scatter per unit.
+
+    FSDP reduces with a plain sum (divide factor 1). Earlier physical batches are not reduced
+    (``set_requires_gradient_sync(False)``, FSDP's no_sync): the book keeps their sums. An
+    autograd gradient on an unsharded parameter is a parameter used outside its module: the pass
+    fails (a tensor hook).
 
     Args:
         root: the FSDP2 root module.
@@ -278,45 +298,161 @@ class FSDP2Reduction:
     def __init__(self, root: nn.Module, book) -> None:
         self.root, self.book = root, book
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._fsdp_param = {id(fp.sharded_param): fp for fp in _fsdp_params_of(root)}
+        self._unit_of = {id(fp.sharded_param): group for group in _fsdp_param_groups(root)
+                         for fp in group.fsdp_params}
+        self._private = [p for g in book.groups for p in g.params]
         self._sharded: dict[int, nn.Parameter] = {}
+        self._watched: set[int] = set()  # unsharded parameters with the leak hook
+        self._handed: set[int] = set()  # private parameters handed to FSDP in this pass
+        self._synced = False  # this pass is the logical batch's last: FSDP reduces it
+        self._reduced = False  # the logical batch's sums were reduce-scattered
+        self.units_reduced_after_backward = 0
+        for module in root.modules():
+            if is_fsdp2(module):
+                module.set_gradient_divide_factor(1.0)  # a sum of clipped sums, not FSDP's mean
+                module.set_force_sum_reduction_for_comms(True)  # ReduceOp.SUM (gloo has no premul)
         root.set_requires_gradient_sync(False)
         book.resolve_param = self.sharded_of
+        book.leak_checked_params = ()  # .grad holds FSDP's reduced shards; see _watch_unsharded
+        book.group_complete_listeners.append(self._hand_over_group)
+        book.pass_end_listeners.append(self._hand_over_rest)
+        root.register_forward_hook(self._watch_unsharded)
 
+    # ---- a logical batch --------------------------------------------------------------------------
+    def begin(self, batch: LogicalBatch) -> None:
+        """Loader listener: FSDP reduces the logical batch's last physical batch only."""
+        self._synced = batch.is_last_physical
+        self.root.set_requires_gradient_sync(self._synced)
+        if batch.is_last_physical:
+            self._reduced = False
+
+    def _hand_over_group(self, g: int) -> None:
+        """A group completed inside backward: its sums become FSDP's gradients now."""
+        if self._synced:
+            for param in self.book.groups[g].params:
+                self._hand_over(param)
+
+    def _hand_over(self, param) -> None:
+        """Make ``param``'s logical sum the gradient FSDP reduce-scatters next. Under a
+        MixedPrecisionPolicy whose reduce dtype differs from the (bf16) unsharded parameter, the
+        float32 sum goes where FSDP keeps gradients in the reduce dtype: never rounded to bf16."""
+        fsdp_param = self._fsdp_param[id(param)]
+        unsharded = getattr(fsdp_param, "_unsharded_param", None)
+        if unsharded is None:
+            return  # its unit never ran forward: no gradient, zeros at the release
+        if not self._handed:
+            self._check_grads_cleared()
+        total = self.book.logical_sum(param)
+        reduce_dtype = fsdp_param.reduce_dtype
+        dtype = reduce_dtype if reduce_dtype not in (None, unsharded.dtype) else unsharded.dtype
+        grad = (torch.zeros(unsharded.shape, dtype=dtype, device=unsharded.device)
+                if total is None else total.to(dtype))
+        if dtype == unsharded.dtype:
+            unsharded.grad = grad
+        else:
+            fsdp_param.unsharded_accumulated_grad = grad
+        self._handed.add(id(param))
+
+    def _check_grads_cleared(self) -> None:
+        """FSDP adds its reduce-scatter into an existing sharded ``.grad``: a gradient left from
+        the last step would be released again."""
+        if any(p.grad is not None and bool(p.grad.to_local().any()) for p in self._private):
+            self.book.fail_autograd_gradient(
+                sum(p.grad is not None for p in self._private),
+                next(p.shape for p in self._private if p.grad is not None))
+
+    def _holds_unreduced(self, param) -> bool:
+        """FSDP has not yet reduced the gradient handed over for ``param`` in this pass."""
+        fsdp_param = self._fsdp_param[id(param)]
+        if getattr(fsdp_param, "_unsharded_param", None) is None:
+            return False
+        return (fsdp_param.unsharded_param.grad is not None
+                or fsdp_param.unsharded_accumulated_grad is not None)
+
+    def _hand_over_rest(self) -> None:
+        """End of a backward pass (book-keeper listener, after FSDP's own end-of-backward): hand
+        over the sums completed at the end of the pass and reduce-scatter them unit by unit.
+        Every rank hands over the same parameters (zeros where it has no sum), so the units'
+        reduce-scatters match across ranks."""
+        if not self._synced or self.book.pass_failed:
+            self._handed = set()
+            return
+        for param in [p for p in self._private if id(p) not in self._handed]:
+            self._hand_over(param)
+        # Handed over after their unit's post-backward ran (at the end of the pass, or late).
+        pending = [p for p in self._private if self._holds_unreduced(p)]
+        units = list({id(self._unit_of[id(p)]): self._unit_of[id(p)] for p in pending}.values())
+        _reduce_scatter_units(units)
+        self.units_reduced_after_backward += len(units)
+        self._handed = set()
+        self._reduced = True
+
+    def _watch_unsharded(self, _module, _inputs, _output) -> None:
+        """Root forward hook: watch each unsharded parameter (FSDP creates them at the first
+        all-gather) for an autograd gradient, which dpfused's layers never produce."""
+        for param in self._private:  # frozen parameters (LoRA's base weights) need no watch
+            fsdp_param = self._fsdp_param[id(param)]
+            key = id(param)
+            if key in self._watched or not hasattr(fsdp_param, "_unsharded_param"):
+                continue
+            fsdp_param.unsharded_param.register_hook(self._refuse_autograd_gradient)
+            self._watched.add(key)
+
+    def _refuse_autograd_gradient(self, grad: torch.Tensor | None) -> None:
+        # Called with None when autograd visits the parameter without a gradient (dpfused's
+        # layers return none for their weights).
+        if grad is not None and bool(grad.any()):
+            self.book.fail_autograd_gradient(1, grad.shape)
+
+    # ---- the release ------------------------------------------------------------------------------
     def sharded_of(self, unsharded: torch.Tensor) -> nn.Parameter | None:
         """The sharded parameter whose all-gathered form ``unsharded`` is (FSDP2's FSDPParam)."""
         if id(unsharded) not in self._sharded:
-            for fsdp_param in self._fsdp_params():
+            for fsdp_param in self._fsdp_param.values():
                 if getattr(fsdp_param, "_unsharded_param", None) is unsharded:
                     self._sharded[id(unsharded)] = fsdp_param.sharded_param
         return self._sharded.get(id(unsharded))
-
-    def _fsdp_params(self):
-        return _fsdp_params_of(self.root)
 
     def local_shape(self, param) -> torch.Size:
         return param.to_local().shape
 
     def global_sums(self, clipped: ClippedStep, params) -> dict[int, torch.Tensor]:
-        """This rank's shard of the sum over ranks of the clipped sums, per parameter."""
-        sums = [clipped.sums.get(id(p), None) for p in params]
-        full = [s if s is not None else torch.zeros(p.shape, dtype=p.dtype,
-                                                    device=p.to_local().device)
-                for s, p in zip(sums, params)]
-        return {id(p): self._my_shard(s, p) for p, s in zip(params, all_reduce_sum(full))}
-
-    def _my_shard(self, full: torch.Tensor, param) -> torch.Tensor:
-        chunks = torch.chunk(full, self.world_size, dim=0)
-        mine = chunks[self.rank] if self.rank < len(chunks) else full[:0]
-        if mine.shape != self.local_shape(param):
-            raise RuntimeError(f"FSDP2 shard of shape {tuple(self.local_shape(param))} is not "
-                               "torch.chunk's along dim 0; uneven custom sharding is unsupported")
-        return mine
+        """This rank's shard of the sum over ranks of the clipped sums, per parameter: what FSDP's
+        reduce-scatter wrote into the sharded ``.grad``."""
+        if clipped.batch.logical_size > 0 and not self._reduced:
+            raise RuntimeError(
+                "the logical batch's last physical batch was not reduced over the ranks: under "
+                "FSDP2 every rank must run forward and backward on its share of every logical "
+                "batch, even an empty share (FSDP's collectives wait for all ranks)")
+        return {id(p): (p.grad.to_local() if p.grad is not None
+                        else torch.zeros(self.local_shape(p), dtype=p.dtype,
+                                         device=p.to_local().device))
+                for p in params}
 
     def as_grad(self, param, local_grad: torch.Tensor):
         from torch.distributed.tensor import DTensor
 
         return DTensor.from_local(local_grad.to(param.dtype), param.device_mesh, param.placements,
                                   shape=param.shape, stride=param.stride())
+
+
+def _reduce_scatter_units(units) -> None:
+    """Run FSDP2's post-backward (its reduce-scatter of the unsharded gradients into the sharded
+    ``.grad``, accumulating) for ``units`` after FSDP's own end of backward, and wait for it."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    for unit in reversed(units):  # the order FSDP itself reduces in: last unit first
+        unit.post_backward()
+    for unit in units:
+        unit._training_state = TrainingState.IDLE
+        unit.finalize_backward()
+    if units:
+        states = units[0].comm_ctx.reduce_scatter_states
+        for state in states:
+            if state.event is not None:
+                torch.accelerator.current_stream().wait_event(state.event)
+        states.clear()
 
 
 def per_rank_generator(generator, device: torch.device):

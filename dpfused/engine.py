@@ -173,6 +173,7 @@ class PrivacyEngine:
                 noise_generator, next(iter(inst.params)).device)
         elif sharded:  # FSDP2: each rank noises the shard it owns (§9)
             reduction = distributed.FSDP2Reduction(module, inst.book)
+            loader.add_listener(reduction.begin)
             noise_generator = distributed.per_rank_generator(
                 noise_generator, next(iter(inst.params)).to_local().device)
         dp_optimizer = DPOptimizer(

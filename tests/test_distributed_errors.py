@@ -91,6 +91,41 @@ def test_fully_shard_after_make_private_is_detected(one_rank):
         F.cross_entropy(model(x), y).backward()
 
 
+class _UsesWeightOutside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x) + F.linear(x, self.lin.weight)  # the weight outside its module
+
+
+def test_a_sharded_parameter_used_outside_its_module_is_refused(one_rank):
+    from torch.distributed.fsdp import fully_shard
+
+    model, optimizer, loader = _make(fully_shard(_UsesWeightOutside()))
+    x, y = next(iter(loader))
+    with pytest.raises(ValueError, match="did not come through dpfused.*call the module instead"):
+        F.cross_entropy(model(x), y).backward()
+
+
+def test_sharded_gradients_left_from_the_last_step_are_refused(one_rank):
+    from torch.distributed.fsdp import fully_shard
+
+    model, optimizer, loader = _make(fully_shard(_mlp()))
+    batches = iter(loader)
+    x, y = next(batches)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    before = [p.full_tensor().clone() for p in model.parameters()]
+    x, y = next(batches)  # no optimizer.zero_grad(): FSDP would add into the released gradient
+    with pytest.raises(ValueError, match="call optimizer.zero_grad"):
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        optimizer.step()
+    assert all(torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
+
+
 def _differing_loader_worker(rank, init_file, folder):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

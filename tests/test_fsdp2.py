@@ -1,91 +1,236 @@
-"""FSDP2-sharded models (fully_shard; gloo, 2 CPU processes, float64), docs/design.md §9.
+"""FSDP2-sharded models (fully_shard; gloo, 2 CPU processes), docs/design.md §9.
 
-Noise 0: after two steps every rank's shards put together are the parameters of ONE process that
-clipped the whole logical batch with the torch.func oracle. Noise: with zero gradients each rank's
-shard carries N(0, (sigma C / B)^2) per coordinate, from a stream of its own. One spawn per model.
+Noise 0, float64: after two steps every rank's shards put together are the parameters of ONE
+process that clipped the whole logical batch with the torch.func oracle, for flat and per_layer,
+mean and sum losses, cyclic and shuffle sampling, physical batches, activation checkpointing, tied
+weights (GPT-2) and LoRA adapters (GPT-2 + peft). Poisson: the same as one dpfused process drawing
+the same batches. bf16 MixedPrecisionPolicy with float32 reduction: the float64 oracle to bf16
+accuracy. Noise: with zero gradients each rank's shard carries N(0, (sigma C / B)^2) per
+coordinate, from a stream of its own. Collectives: a private step issues exactly the collectives
+of a non-private FSDP step (FSDP's all-gathers and one reduce-scatter per unit). One spawn per
+model.
 """
 
+import copy
 import os
+from collections import Counter
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
-from tests.test_ddp import BATCH, CLIP, LR, STEPS, WORLD, _case, _group_names, _oracle, \
-    assert_same_update
+from tests import models
+from tests.oracle import clipped_sums, per_example_grads
+from tests.test_ddp import BATCH, CLIP, LR, STEPS, WORLD, _group_names, assert_same_update
 
-CONFIGS = [  # (clipping, max_physical_batch_size, activation checkpointing)
-    ("flat", None, False),
-    ("per_layer", 2, False),
-    ("per_layer", None, True),
+CONFIGS = [  # (clipping, max_physical_batch_size, activation checkpointing, loss_reduction, sampling)
+    ("flat", None, False, "mean", "cyclic"),
+    ("per_layer", 2, False, "mean", "cyclic"),
+    ("per_layer", None, True, "mean", "cyclic"),
+    ("per_layer", None, False, "sum", "shuffle"),
+    ("flat", 2, False, "sum", "shuffle"),
 ]
 SIGMA = 4.0
+POISSON_BATCH = 4  # expected logical batch of the Poisson run: sample rate 1/2
+FACTORIES = {"gpt2": models.gpt2, "llama": models.llama, "gpt2_lora": models.gpt2_lora}
 
 
 def _blocks(model):
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
     return model.transformer.h if hasattr(model, "transformer") else model.model.layers
 
 
-def _sharded(name, checkpointing):
-    case = _case(name)
-    model = case.model
+def _shard(model, checkpointing=False, mp_policy=None):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
     for block in _blocks(model):
-        fully_shard(block)
-    fully_shard(model)
-    return case, model
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
 
 
-def _train(name, clipping, physical, checkpointing, noise=0.0, zero_loss=False):
-    case, model = _sharded(name, checkpointing)
+def _make_private(case, model, *, noise=0.0, clipping="flat", physical=None,
+                  loss_reduction="mean", sampling="cyclic", batch_size=BATCH):
     engine = dpfused.PrivacyEngine()
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-        data_loader=DataLoader(TensorDataset(*case.inputs), batch_size=BATCH),
-        noise_multiplier=noise, max_grad_norm=CLIP, clipping=clipping, sampling="cyclic",
-        max_physical_batch_size=physical, noise_generator=torch.Generator().manual_seed(3))
-    steps = 1 if zero_loss else STEPS
+        data_loader=DataLoader(TensorDataset(*case.inputs), batch_size=batch_size),
+        noise_multiplier=noise, max_grad_norm=CLIP, clipping=clipping, sampling=sampling,
+        loss_reduction=loss_reduction, max_physical_batch_size=physical,
+        sampling_generator=torch.Generator().manual_seed(5),
+        noise_generator=torch.Generator().manual_seed(3))
+    return engine, model, optimizer, loader
+
+
+def _run(case, model, optimizer, loader, loss_reduction="mean", steps=STEPS, zero_loss=False):
     while optimizer.steps_taken < steps:
         for batch in loader:
             optimizer.zero_grad()
-            loss = case.batch_loss(model, batch)
+            loss = case.batch_loss(model, batch, reduction=loss_reduction)
             (loss * 0 if zero_loss else loss).backward()
             optimizer.step()
-    if zero_loss:  # this rank's shards of the noised gradient
-        return {n: p.grad.to_local().clone() for n, p in model.named_parameters()}
-    return {"params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
+            if optimizer.steps_taken == steps:
+                break
+
+
+def _full_params(model):
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _train(name, clipping, physical, checkpointing, loss_reduction, sampling):
+    case = FACTORIES[name](BATCH)
+    model = _shard(case.model, checkpointing)
+    engine, model, optimizer, loader = _make_private(
+        case, model, clipping=clipping, physical=physical, loss_reduction=loss_reduction,
+        sampling=sampling)
+    _run(case, model, optimizer, loader, loss_reduction)
+    return {"params": _full_params(model), "epsilon": engine.get_epsilon(1e-5),
             "groups": _group_names(model, optimizer.instrumentation.groups),
-            "epsilon": engine.get_epsilon(1e-5)}
+            "units_after_backward": optimizer.reduction.units_reduced_after_backward}
+
+
+def _train_poisson(name, world):
+    """Poisson sampling (sample rate 1/2), noise 0: on ``world`` ranks or one process."""
+    case = FACTORIES[name](BATCH)
+    model = _shard(case.model) if world > 1 else case.model
+    engine, model, optimizer, loader = _make_private(
+        case, model, clipping="per_layer", sampling="poisson", batch_size=POISSON_BATCH)
+    _run(case, model, optimizer, loader, steps=3)
+    return _full_params(model)
+
+
+def _train_mixed_precision(name):
+    """bf16 parameters in compute, float32 reduction and master shards."""
+    case = FACTORIES[name](BATCH)
+    model = _shard(case.model.float(), mp_policy=MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    engine, model, optimizer, loader = _make_private(case, model, clipping="per_layer")
+    _run(case, model, optimizer, loader)
+    return {"params": _full_params(model),
+            "grad_dtypes": {p.grad.dtype for p in model.parameters() if p.grad is not None},
+            "groups": _group_names(model, optimizer.instrumentation.groups)}
+
+
+def _noise(name):
+    case = FACTORIES[name](BATCH)
+    engine, model, optimizer, loader = _make_private(case, _shard(case.model), noise=SIGMA)
+    _run(case, model, optimizer, loader, steps=1, zero_loss=True)
+    return {n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class _CountCollectives(TorchDispatchMode):
+    """Counts the c10d collectives issued (every process group op goes through the dispatcher)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            self.counts[func.name().split("::")[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _collectives(name, clipping):
+    """Collectives of one private step against one non-private FSDP step of the same model."""
+    case = FACTORIES[name](BATCH)
+    plain = _shard(copy.deepcopy(case.model))
+    plain_optimizer = torch.optim.SGD(plain.parameters(), lr=LR)
+    with _CountCollectives() as baseline:
+        case.batch_loss(plain, case.inputs).backward()
+        plain_optimizer.step()
+    engine, model, optimizer, loader = _make_private(case, _shard(case.model), clipping=clipping)
+    batch = next(iter(loader))
+    with _CountCollectives() as private:
+        case.batch_loss(model, batch).backward()
+        optimizer.step()
+    return {"baseline": baseline.counts, "private": private.counts,
+            "units_after_backward": optimizer.reduction.units_reduced_after_backward}
 
 
 def _worker(rank, init_file, folder, name):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
-        results = [_train(name, *config) for config in CONFIGS]
-        noise = _train(name, "flat", None, False, noise=SIGMA, zero_loss=True)
-        torch.save({"results": results, "noise": noise}, os.path.join(folder, f"rank{rank}.pt"))
+        out = {"results": [_train(name, *config) for config in CONFIGS],
+               "poisson": _train_poisson(name, WORLD)}
+        if name == "llama":
+            out["noise"] = _noise(name)
+            out["mixed"] = _train_mixed_precision(name)
+            out["collectives"] = {c: _collectives(name, c) for c in ("per_layer", "flat")}
+        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+def _oracle(name, groups, normalizer, dtype=torch.float64):
+    """One process, the whole batch: STEPS SGD steps on the oracle's clipped sums / normalizer."""
+    case = FACTORIES[name](BATCH)
+    model = case.model
+    for _ in range(STEPS):
+        grads = per_example_grads(model, case.example_loss, case.inputs)
+        thresholds = {tuple(names): c for names, c in groups}
+        sums = clipped_sums(grads, [names for names, _ in groups],
+                            threshold_of=lambda ns: thresholds[tuple(ns)])
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in sums:
+                    p -= LR * sums[n] / normalizer
+    return {n: p.detach().to(dtype) for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """name -> the ranks' results; one 2-process spawn per model, shared by the tests."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(name)
+            mp.spawn(_worker, args=(str(folder / "init"), str(folder), name), nprocs=WORLD,
+                     join=True)
+            cache[name] = [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
+        return cache[name]
+
+    return get
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_fsdp2_two_ranks_equal_one_process_oracle_and_noise_each_shard_once(tmp_path, name):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), name), nprocs=WORLD,
-             join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    initial = dict(_case(name).model.named_parameters())
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gpt2_lora"])
+def test_fsdp2_two_ranks_equal_one_process_oracle(spawned, name):
+    ranks = spawned(name)
+    initial = {n: p for n, p in FACTORIES[name](BATCH).model.named_parameters() if p.requires_grad}
     for i, config in enumerate(CONFIGS):
-        expected = _oracle(name, ranks[0]["results"][i]["groups"])
+        normalizer = 1.0 if config[3] == "sum" else BATCH
+        expected = _oracle(name, ranks[0]["results"][i]["groups"], normalizer)
         for ours in ranks:
-            assert_same_update(initial, ours["results"][i]["params"], expected, name, config)
+            assert_same_update(initial, ours["results"][i]["params"], expected,
+                               name.split("_")[0], config)
         assert ranks[0]["results"][i]["epsilon"] == ranks[1]["results"][i]["epsilon"]
+        clipping = config[0]
+        after = ranks[0]["results"][i]["units_after_backward"]
+        if clipping == "flat":  # sums known at the end of backward only
+            assert after > 0, config
+        elif name == "llama":  # every group completes inside backward: FSDP's own reduce-scatter
+            assert after == 0, config
+    # Poisson: the same batches as one dpfused process (itself checked against the oracle).
+    # Tolerances as assert_same_update's: HF Llama's RMSNorm computes in float32.
+    one_process = _train_poisson(name, 1)
+    for ours in ranks:
+        assert_same_update(initial, ours["poisson"], one_process, name.split("_")[0], "poisson")
+
+
+@pytest.mark.slow
+def test_fsdp2_noise_mixed_precision_and_collectives(spawned):
+    ranks = spawned("llama")
     # Noise: zero gradients, so each rank's shard is N(0, (sigma C / B)^2) alone.
     shards = [torch.cat([g.flatten() for g in r["noise"].values()]) for r in ranks]
     for shard in shards:
@@ -95,3 +240,18 @@ def test_fsdp2_two_ranks_equal_one_process_oracle_and_noise_each_shard_once(tmp_
     n = min(s.numel() for s in shards)
     corr = torch.corrcoef(torch.stack([shards[0][:n], shards[1][:n]]))[0, 1]
     assert abs(corr) < 4 / n ** 0.5  # the ranks' streams are not the same stream
+    # bf16 compute, float32 reduction: the float64 oracle to bf16 accuracy, float32 shards.
+    initial = {n: p.float() for n, p in models.llama(BATCH).model.named_parameters()}
+    expected = _oracle("llama", ranks[0]["mixed"]["groups"], BATCH, torch.float32)
+    for ours in ranks:
+        assert ours["mixed"]["grad_dtypes"] == {torch.float32}
+        update = torch.cat([(expected[n] - initial[n]).flatten() for n in expected])
+        got = torch.cat([(ours["mixed"]["params"][n] - initial[n]).flatten() for n in expected])
+        assert (got - update).norm() / update.norm() < 0.03
+    # per_layer: exactly the collectives of non-private FSDP (no all-reduce, no broadcast);
+    # flat: the same counts too, the reduce-scatters running after backward.
+    for clipping, counted in ranks[0]["collectives"].items():
+        assert counted["private"] == counted["baseline"], clipping
+        assert counted["baseline"]["_reduce_scatter_base_"] > 0
+    assert ranks[0]["collectives"]["per_layer"]["units_after_backward"] == 0
+    assert ranks[0]["collectives"]["flat"]["units_after_backward"] > 0
