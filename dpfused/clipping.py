@@ -227,6 +227,7 @@ class Bookkeeper:
             self._check_finite(group, norm_sq)
         elif self._pass_dropped:
             tagged = [(path, _without_examples(piece, dropped)) for path, piece in tagged]
+        dropped = self._with_padding(dropped, len(norm_sq))
         scale = self._loss_scale()
         multipliers = privacy_math.example_multipliers(norm_sq, group.threshold, scale,
                                                        dropped=dropped)
@@ -240,6 +241,20 @@ class Bookkeeper:
                 self._pass_sums[key].add_(clipped)
             else:
                 self._pass_sums[key] = clipped
+
+    def _padding(self) -> int:
+        return self._batch.padding if self._batch is not None else 0
+
+    def _with_padding(self, dropped, examples: int):
+        """``dropped`` with the physical batch's padding examples (its last ``padding``; FSDP2
+        lockstep, ``LogicalBatch.padding``) added: they run, and their multiplier is exactly 0.
+        Adaptive counts never see them (adaptive clipping is refused under FSDP2)."""
+        padding = self._padding()
+        if not padding:
+            return dropped
+        mask = torch.zeros(examples, dtype=torch.bool)
+        mask[examples - padding:] = True
+        return mask if dropped is None else dropped | mask.to(dropped.device)
 
     def _check_finite(self, group, norm_sq):
         if not torch.isfinite(norm_sq).all():
@@ -299,7 +314,8 @@ class Bookkeeper:
             _merge(self._step.sums, self._pass_sums)
             if self.count_unclipped:
                 _merge(self._step.unclipped, self._pass_counts_of_every_group())
-            self._step.examples += self._pass_batch or 0
+            examples = self._pass_batch or 0
+            self._step.examples += examples - (self._padding() if examples else 0)
             self._step.backward_passes += 1
             self._step.dropped += self._pass_dropped
             self._reset_pass()

@@ -205,8 +205,7 @@ def is_fsdp2(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def check_sharding(module: nn.Module, *, clipping: str, adaptive: bool, sampling: str = "cyclic",
-                   max_physical_batch_size: int | None = None) -> None:
+def check_sharding(module: nn.Module, *, clipping: str, adaptive: bool) -> None:
     """Refuse what the FSDP2 reduction cannot do exactly, naming the module and the fix."""
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor, Shard
@@ -244,15 +243,6 @@ def check_sharding(module: nn.Module, *, clipping: str, adaptive: bool, sampling
     if adaptive:
         raise ValueError("adaptive_clipping with an FSDP2-sharded model is not supported yet; "
                          "use fixed thresholds")
-    if sampling == "poisson" and max_physical_batch_size is not None:
-        # FSDP2 all-gathers in every forward and backward, so all ranks must run the same number
-        # of physical batches; Poisson shares differ by one example, so their chunk counts can too.
-        raise ValueError(
-            "max_physical_batch_size with Poisson sampling on an FSDP2-sharded model: the ranks' "
-            "shares of a Poisson batch differ in size, so they would run different numbers of "
-            "physical batches and FSDP's collectives would hang; use sampling='cyclic' or "
-            "'shuffle' with a batch size divisible by world_size * max_physical_batch_size, or "
-            "drop max_physical_batch_size")
 
 
 def _fsdp_param_groups(root: nn.Module):

@@ -142,8 +142,7 @@ class PrivacyEngine:
         if wrapper is not module:
             distributed.check_ddp(wrapper)
         distributed.check_sharding(module, clipping=clipping,
-                                   adaptive=adaptive_clipping is not None, sampling=sampling,
-                                   max_physical_batch_size=max_physical_batch_size)
+                                   adaptive=adaptive_clipping is not None)
         sharded = distributed.is_fsdp2(module)
         _check_data_loader(data_loader)
         _check_adaptive(adaptive_clipping, clipping)
@@ -159,7 +158,7 @@ class PrivacyEngine:
             data_loader, sampling=sampling, sample_rate=sample_rate, shuffle_once=shuffle_once,
             max_physical_batch_size=max_physical_batch_size, drop_last=drop_last,
             generator=sampling_generator, secure_mode=self.secure_mode, rank=rank,
-            world_size=world_size)
+            world_size=world_size, lockstep=sharded)
         inst = instrument(module, clipping=clipping, max_grad_norm=max_grad_norm,
                           thresholds=thresholds, loss_reduction=loss_reduction,
                           batch_first=batch_first, count_unclipped=adaptive_clipping is not None,

@@ -44,6 +44,11 @@ class LogicalBatch:
         local_size: examples of this logical batch on this rank (= logical_size on one process).
         physical_size: examples in this physical batch.
         is_last_physical: True on the physical batch that completes its logical batch.
+        padding: examples at the end of this physical batch that are not part of the logical
+            batch (FSDP2, whose collectives need every rank to run each physical batch: a rank
+            with no example of its own for one runs one example of the logical batch with weight
+            exactly 0 instead, so that models that cannot forward an empty batch still work).
+            Counted in ``physical_size``, not in ``local_size``.
     """
 
     sampling: str
@@ -58,6 +63,7 @@ class LogicalBatch:
     local_size: int
     physical_size: int
     is_last_physical: bool
+    padding: int = 0
 
     @property
     def expected_size(self) -> float:

@@ -72,14 +72,6 @@ def test_per_device_on_a_sharded_model_is_refused_with_the_reason(one_rank):
         _make(model, clipping="per_device")
 
 
-def test_poisson_physical_batches_on_a_sharded_model_are_refused(one_rank):
-    from torch.distributed.fsdp import fully_shard
-
-    model = fully_shard(_mlp())
-    with pytest.raises(ValueError, match="different numbers of physical batches .* would hang"):
-        _make(model, sampling="poisson", max_physical_batch_size=2)
-
-
 def test_fully_shard_after_make_private_is_detected(one_rank):
     from torch.distributed.fsdp import fully_shard
 

@@ -3,8 +3,8 @@
 Noise 0, float64: after two steps every rank's shards put together are the parameters of ONE
 process that clipped the whole logical batch with the torch.func oracle, for flat and per_layer,
 mean and sum losses, cyclic and shuffle sampling, physical batches, activation checkpointing, tied
-weights (GPT-2) and LoRA adapters (GPT-2 + peft). Poisson: the same as one dpfused process drawing
-the same batches. bf16 MixedPrecisionPolicy with float32 reduction: the float64 oracle to bf16
+weights (GPT-2) and LoRA adapters (GPT-2 + peft). Poisson, in physical batches (some empty): the
+same as one dpfused process drawing the same batches. bf16 MixedPrecisionPolicy with float32 reduction: the float64 oracle to bf16
 accuracy. Noise: with zero gradients each rank's shard carries N(0, (sigma C / B)^2) per
 coordinate, from a stream of its own. Collectives: a private step issues exactly the collectives
 of a non-private FSDP step (FSDP's all-gathers and one reduce-scatter per unit). One spawn per
@@ -98,11 +98,14 @@ def _train(name, clipping, physical, checkpointing, loss_reduction, sampling):
 
 
 def _train_poisson(name, world):
-    """Poisson sampling (sample rate 1/2), noise 0: on ``world`` ranks or one process."""
+    """Poisson sampling (sample rate 1/2), noise 0: on ``world`` ranks in physical batches of
+    one example (the ranks run as many as the larger share needs: some are empty), or one
+    process with whole logical batches."""
     case = FACTORIES[name](BATCH)
     model = _shard(case.model) if world > 1 else case.model
     engine, model, optimizer, loader = _make_private(
-        case, model, clipping="per_layer", sampling="poisson", batch_size=POISSON_BATCH)
+        case, model, clipping="per_layer", sampling="poisson", batch_size=POISSON_BATCH,
+        physical=1 if world > 1 else None)
     _run(case, model, optimizer, loader, steps=3)
     return _full_params(model)
 

@@ -335,6 +335,44 @@ def test_physical_splitting_and_current():
             assert merged == logical[step]
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_lockstep_ranks_yield_equal_physical_batch_counts(k):
+    """FSDP2: every rank runs as many physical batches as the largest share needs, so the ranks'
+    collectives stay in step; the shares still partition the logical batch, each chunk <= k;
+    a rank with nothing left runs a padding example (k=1 makes that happen)."""
+    world = 3
+    def steps(rank):
+        loader = make_private_data_loader(
+            tensor_loader(n=40, batch_size=10), sampling="poisson", max_physical_batch_size=k,
+            generator=seeded(2), rank=rank, world_size=world, lockstep=True)
+        out: dict[int, list] = {}
+        for _ in range(2):
+            for _, y in loader:
+                out.setdefault(loader.current.step, []).append((loader.current, y.tolist()))
+        return out
+
+    ranks = [steps(r) for r in range(world)]
+    logical = [list(b) for b in PoissonBatchSampler(num_samples=40, sample_rate=0.25,
+                                                    generator=seeded(2))]
+    assert set(ranks[0]) == set(ranks[1]) == set(ranks[2])
+    for step in ranks[0]:
+        counts = {len(r[step]) for r in ranks}
+        assert len(counts) == 1  # the same number of physical batches on every rank
+        size = ranks[0][step][0][0].logical_size
+        assert counts == {max(1, math.ceil(math.ceil(size / world) / k))}
+        # A rank whose share ran out runs one example of the logical batch, marked as padding.
+        merged = sorted(i for r in ranks for info, chunk in r[step] if not info.padding
+                        for i in chunk)
+        if step < len(logical):
+            assert merged == sorted(logical[step])
+        for r in ranks:
+            assert all(len(chunk) <= k for _, chunk in r[step])
+            for info, chunk in r[step]:
+                assert info.padding in (0, 1) and (not info.padding or len(chunk) == 1)
+                assert info.physical_size == len(chunk)
+            assert [info.is_last_physical for info, _ in r[step]][-1]
+
+
 def test_loader_with_workers_keeps_current_in_sync():
     user = DataLoader(DictDataset(n=30), batch_size=6, collate_fn=pad_collate, num_workers=2,
                       prefetch_factor=4)

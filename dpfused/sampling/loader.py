@@ -52,10 +52,11 @@ class _PhysicalBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, logical: _DPBatchSampler, max_physical_batch_size: int | None,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, lockstep: bool = False) -> None:
         self.logical = logical
         self.max_physical_batch_size = max_physical_batch_size
         self.rank, self.world_size = rank, world_size
+        self.lockstep = lockstep
         self.first_step = 0
         self.infos: deque[LogicalBatch] = deque()
 
@@ -74,11 +75,11 @@ class _PhysicalBatchSampler(Sampler[list[int]]):
         for batch in self.logical:
             position = self.logical.position - 1
             share = batch[self.rank :: self.world_size]
-            if not share or k is None:
-                chunks = [share]  # an empty share is one empty physical batch
-            else:
-                chunks = [share[i : i + k] for i in range(0, len(share), k)]
+            chunks = self._split(share, len(batch))
             for j, chunk in enumerate(chunks):
+                padding = 0
+                if self.lockstep and not chunk and batch:
+                    chunk, padding = [batch[0]], 1  # run, weighted 0 (LogicalBatch.padding)
                 infos.append(LogicalBatch(
                     sampling=self.logical.sampling,
                     sample_rate=getattr(self.logical, "sample_rate", None),
@@ -92,9 +93,29 @@ class _PhysicalBatchSampler(Sampler[list[int]]):
                     local_size=len(share),
                     physical_size=len(chunk),
                     is_last_physical=j == len(chunks) - 1,
+                    padding=padding,
                 ))
                 yield chunk
             step += 1
+
+    def _split(self, share: list[int], logical_size: int) -> list[list[int]]:
+        """Physical batches of at most k examples. ``lockstep`` (FSDP2, whose collectives need
+        every rank to run the same number of forwards and backwards): every rank makes as many
+        as the largest share needs, ``ceil(ceil(logical_size / world_size) / k)``, known to all
+        ranks from the shared logical batch, and spreads its share evenly over them (a rank
+        whose share is smaller may run out: it then runs a padding example, see ``_generate``)."""
+        k = self.max_physical_batch_size
+        if k is None or not share and not self.lockstep:
+            return [share]  # an empty share is one empty physical batch
+        if not self.lockstep:
+            return [share[i : i + k] for i in range(0, len(share), k)]
+        largest_share = -(-logical_size // self.world_size)
+        count = max(1, -(-largest_share // k))
+        size, extra = divmod(len(share), count)
+        bounds = [0]
+        for j in range(count):
+            bounds.append(bounds[-1] + size + (j < extra))
+        return [share[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +141,9 @@ class DPDataLoader:
             :class:`ShuffleBatchSampler` over ``len(dataset)`` examples.
         max_physical_batch_size: split logical batches into physical ones of at most this size.
         collate_fn: as for DataLoader (default ``default_collate``); empty batches are handled.
+        rank, world_size: data parallel: this process keeps ``batch[rank::world_size]``.
+        lockstep: every rank yields the same number of physical batches per logical batch
+            (FSDP2's collectives need it); a rank with a smaller share may get an empty one.
         **data_loader_kwargs: num_workers, pin_memory, timeout, worker_init_fn, ... passed on to
             ``torch.utils.data.DataLoader``.
     """
@@ -133,6 +157,7 @@ class DPDataLoader:
         collate_fn: Callable[[list], Any] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        lockstep: bool = False,
         **data_loader_kwargs: Any,
     ) -> None:
         if isinstance(dataset, IterableDataset):
@@ -162,7 +187,7 @@ class DPDataLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is not in [0, world_size={world_size}).")
         self.rank, self.world_size = rank, world_size
-        self._physical = _PhysicalBatchSampler(batch_sampler, None, rank, world_size)
+        self._physical = _PhysicalBatchSampler(batch_sampler, None, rank, world_size, lockstep)
         self.max_physical_batch_size = max_physical_batch_size
         self.data_loader = DataLoader(
             dataset,
@@ -315,6 +340,7 @@ def make_private_data_loader(
     steps_per_epoch: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    lockstep: bool = False,
 ) -> DPDataLoader:
     """Rebuild ``data_loader`` around a DP batch sampler.
 
@@ -336,6 +362,8 @@ def make_private_data_loader(
         steps_per_epoch: Poisson steps per nominal epoch; default round(1/q).
         rank, world_size: data parallel: this process keeps ``batch[rank::world_size]`` of every
             logical batch; every rank must use the same sampler seed.
+        lockstep: every rank yields the same number of physical batches per logical batch
+            (FSDP2), possibly empty ones.
 
     Returns:
         The DPDataLoader.
@@ -360,6 +388,7 @@ def make_private_data_loader(
         collate_fn=_collate_fn_of(data_loader),
         rank=rank,
         world_size=world_size,
+        lockstep=lockstep,
         **_worker_options_of(data_loader),
     )
 
