@@ -70,14 +70,18 @@ def _make_private(case, model, *, noise=0.0, clipping="flat", physical=None,
 
 
 def _run(case, model, optimizer, loader, loss_reduction="mean", steps=STEPS, zero_loss=False):
+    """Train ``steps`` logical steps; returns how many physical batches were padding."""
+    padded = 0
     while optimizer.steps_taken < steps:
         for batch in loader:
+            padded += loader.current.padding
             optimizer.zero_grad()
             loss = case.batch_loss(model, batch, reduction=loss_reduction)
             (loss * 0 if zero_loss else loss).backward()
             optimizer.step()
             if optimizer.steps_taken == steps:
                 break
+    return padded
 
 
 def _full_params(model):
@@ -106,8 +110,8 @@ def _train_poisson(name, world):
     engine, model, optimizer, loader = _make_private(
         case, model, clipping="per_layer", sampling="poisson", batch_size=POISSON_BATCH,
         physical=1 if world > 1 else None)
-    _run(case, model, optimizer, loader, steps=3)
-    return _full_params(model)
+    padded = _run(case, model, optimizer, loader, steps=3)
+    return {"params": _full_params(model), "padded": padded}
 
 
 def _train_mixed_precision(name):
@@ -226,9 +230,11 @@ def test_fsdp2_two_ranks_equal_one_process_oracle(spawned, name):
             assert after == 0, config
     # Poisson: the same batches as one dpfused process (itself checked against the oracle).
     # Tolerances as assert_same_update's: HF Llama's RMSNorm computes in float32.
-    one_process = _train_poisson(name, 1)
+    one_process = _train_poisson(name, 1)["params"]
     for ours in ranks:
-        assert_same_update(initial, ours["poisson"], one_process, name.split("_")[0], "poisson")
+        assert_same_update(initial, ours["poisson"]["params"], one_process, name.split("_")[0],
+                           "poisson")
+    assert sum(r["poisson"]["padded"] for r in ranks) > 0  # a rank ran a weight-0 example
 
 
 @pytest.mark.slow
