@@ -1,6 +1,6 @@
 """Data parallel training on PyTorch's own engines: DistributedDataParallel (docs/design.md §9).
 
-Every rank draws the same logical batch and keeps its slice (``engine._shared_generator``); its
+Every rank draws the same logical batch and keeps its slice (``replicated_generator``); its
 examples' norms and clip factors are local. What differs between engines is how the clipped sums of
 the ranks are added up and where the noise goes:
 
@@ -161,20 +161,32 @@ def all_reduce_sum(tensors):
 
 
 def replicated_generator(generator, device: torch.device):
-    """A noise generator in the same state on every rank (rank 0's): every rank draws the same
-    noise after the sums are reduced, so it is added once and the replicas stay equal.
+    """A new generator in rank 0's state on every rank; the caller's is left as it was.
 
-    ``generator`` None: seeded from rank 0's global torch RNG, on ``device``.
+    Used twice: the sampler's (every rank draws the same logical batch and keeps its slice, so
+    the union over ranks is the batch the accountant assumes; in secure mode rank 0's ChaCha20
+    key) and, under DDP, the noise's (every rank adds the same noise after the reduction, so it
+    is added once and the replicas stay equal). ``broadcast_object_list`` carries the state, so
+    it works with every backend and for CUDA generators.
+
+    Args:
+        generator: a torch.Generator, a ChaCha20Generator, or None: then one seeded from rank
+            0's global torch RNG, on ``device``.
+        device: where a generator made for ``generator=None`` lives.
     """
+    from dpfused.secure_random import ChaCha20Generator
+
     if generator is None:
-        seed = [int(torch.randint(0, 2**62, (1,)).item())]
-        dist.broadcast_object_list(seed, src=0)
-        return torch.Generator(device=device).manual_seed(seed[0])
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        generator = torch.Generator(device=device).manual_seed(seed)
     state = [generator.get_state()]
     dist.broadcast_object_list(state, src=0)
-    generator.set_state(state[0])
-    return generator
-
+    if isinstance(generator, ChaCha20Generator):
+        shared = ChaCha20Generator(impl=generator.impl)  # keyed from the OS, then replaced
+    else:
+        shared = torch.Generator(device=generator.device)
+    shared.set_state(state[0])
+    return shared
 
 
 def check_same_data(data_loader, **settings) -> None:

@@ -153,7 +153,8 @@ class PrivacyEngine:
                 data_loader, sampling=sampling, sample_rate=sample_rate, drop_last=drop_last,
                 shuffle_once=shuffle_once, clipping=clipping, loss_reduction=loss_reduction)
             _broadcast_parameters(module, buffers_only=sharded)
-            sampling_generator = _shared_generator(sampling_generator)
+            sampling_generator = distributed.replicated_generator(sampling_generator,
+                                                                  torch.device("cpu"))
         loader = dp_sampling.make_private_data_loader(
             data_loader, sampling=sampling, sample_rate=sample_rate, shuffle_once=shuffle_once,
             max_physical_batch_size=max_physical_batch_size, drop_last=drop_last,
@@ -431,19 +432,6 @@ def _broadcast_parameters(module: nn.Module, *, buffers_only: bool = False) -> N
     with torch.no_grad():
         for tensor in [*params, *module.buffers()]:
             torch.distributed.broadcast(tensor.data, src=0)
-
-
-def _shared_generator(generator):
-    """One sampler state for all ranks (rank 0's; in secure mode its key): each rank keeps its
-    slice of the SAME logical batch, so the union over ranks is the Poisson/cyclic/shuffled batch
-    the accountant assumes."""
-    if generator is None:  # as on one process: seeded from torch's global RNG (rank 0's)
-        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-    state = generator.get_state()
-    torch.distributed.broadcast(state, src=0)
-    shared = ChaCha20Generator() if isinstance(generator, ChaCha20Generator) else torch.Generator()
-    shared.set_state(state)
-    return shared
 
 
 def _check_adaptive(adaptive_clipping, clipping):
