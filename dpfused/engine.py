@@ -26,6 +26,7 @@ from dpfused.adaptive import AdaptiveClipping
 from dpfused.groups import CLIPPING_MODES
 from dpfused.instrument import detach, instrument, plan
 from dpfused.optimizer import DPOptimizer
+from dpfused.arguments import check_max_grad_norm, check_noise_multiplier, check_number
 from dpfused.secure_random import ChaCha20Generator
 from dpfused.step import SAMPLINGS
 
@@ -476,11 +477,8 @@ def _check_module_and_optimizer(module, optimizer):
 def _check_arguments(*, noise_multiplier, max_grad_norm, clipping, loss_reduction, sampling,
                      sample_rate, max_epsilon, delta, max_physical_batch_size, flags,
                      noise_generator, sampling_generator, nonfinite_gradients):
-    _check_number("max_grad_norm", max_grad_norm, "a finite number > 0",
-                  lambda v: math.isfinite(v) and v > 0,
-                  hint="; per-group thresholds go in thresholds=")
-    _check_number("noise_multiplier", noise_multiplier, "a finite number >= 0",
-                  lambda v: math.isfinite(v) and v >= 0)
+    check_max_grad_norm(max_grad_norm, hint="; per-group thresholds go in thresholds=")
+    check_noise_multiplier(noise_multiplier)
     _check_choice("clipping", clipping, CLIPPING_MODES)
     _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
     _check_choice("sampling", sampling, SAMPLINGS)
@@ -488,7 +486,7 @@ def _check_arguments(*, noise_multiplier, max_grad_norm, clipping, loss_reductio
     if sample_rate is not None:
         if sampling != "poisson":
             raise ValueError(f"sample_rate applies to sampling='poisson' only; got sampling={sampling!r}")
-        _check_number("sample_rate", sample_rate, "in (0, 1]", lambda v: 0 < v <= 1)
+        check_number("sample_rate", sample_rate, "in (0, 1]", lambda v: 0 < v <= 1)
     if max_physical_batch_size is not None and (
             isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
             or max_physical_batch_size < 1):
@@ -496,8 +494,8 @@ def _check_arguments(*, noise_multiplier, max_grad_norm, clipping, loss_reductio
     if (max_epsilon is None) != (delta is None):
         raise ValueError("max_epsilon and delta go together: give both or neither")
     if max_epsilon is not None:
-        _check_number("max_epsilon", max_epsilon, "> 0", lambda v: v > 0)
-        _check_number("delta", delta, "in (0, 1)", lambda v: 0 < v < 1)
+        check_number("max_epsilon", max_epsilon, "> 0", lambda v: v > 0)
+        check_number("delta", delta, "in (0, 1)", lambda v: 0 < v < 1)
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -506,9 +504,9 @@ def _check_arguments(*, noise_multiplier, max_grad_norm, clipping, loss_reductio
 
 
 def _check_calibration_arguments(*, target_epsilon, target_delta, epochs, steps, last_iterate):
-    _check_number("target_epsilon", target_epsilon, "a finite number > 0",
+    check_number("target_epsilon", target_epsilon, "a finite number > 0",
                   lambda v: math.isfinite(v) and v > 0)
-    _check_number("target_delta", target_delta, "in (0, 1)", lambda v: 0 < v < 1)
+    check_number("target_delta", target_delta, "in (0, 1)", lambda v: 0 < v < 1)
     for name, value in (("epochs", epochs), ("steps", steps)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
                                   or value < 1):
@@ -526,21 +524,13 @@ def _check_calibration_arguments(*, target_epsilon, target_delta, epochs, steps,
         raise ValueError(f"last_iterate: unknown keys {unknown}; it takes smoothness, "
                          "weight_decay and convex (the learning rate is read from the optimizer)")
     if last_iterate.get("smoothness") is not None:
-        _check_number("last_iterate['smoothness']", last_iterate["smoothness"],
+        check_number("last_iterate['smoothness']", last_iterate["smoothness"],
                       "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
     if "weight_decay" in last_iterate:
-        _check_number("last_iterate['weight_decay']", last_iterate["weight_decay"],
+        check_number("last_iterate['weight_decay']", last_iterate["weight_decay"],
                       "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
     if not isinstance(last_iterate.get("convex", False), bool):
         raise TypeError(f"last_iterate['convex'] must be True or False, got {last_iterate['convex']!r}")
-
-
-def _check_number(name, value, requirement, holds, *, hint=""):
-    """A real number (not a bool, string or tensor) for which ``holds`` is true, or an error."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {requirement}, got {value!r} ({type(value).__name__}){hint}")
-    if not holds(float(value)):
-        raise ValueError(f"{name} must be {requirement}, got {value!r}{hint}")
 
 
 def _check_generator(name, generator, *, cpu=False):

@@ -9,13 +9,13 @@ logical batch still steps with noise.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
 from dpfused import distributed, privacy_math
 from dpfused.accounting import IterateFacts, PrivacyBudgetExhausted, SampledStep
+from dpfused.arguments import check_max_grad_norm, check_noise_multiplier
 from dpfused.step import ClippedStep
 
 __all__ = ["DPOptimizer"]
@@ -108,9 +108,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @noise_multiplier.setter
     def noise_multiplier(self, value) -> None:
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value) or value < 0):
-            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {value!r}")
+        check_noise_multiplier(value)
         self._noise_multiplier = float(value)
 
     @property
@@ -123,12 +121,10 @@ class DPOptimizer(torch.optim.Optimizer):
         """Scale every group threshold by value / C, so the sensitivity becomes ``value``.
 
         Raises:
-            ValueError: not a finite number > 0, or backward passes of the current logical batch
+            TypeError, ValueError: not a finite number > 0; ValueError: backward passes of the current logical batch
                 were already clipped with the old thresholds (the noise must match them).
         """
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value) or value <= 0):
-            raise ValueError(f"max_grad_norm must be a finite number > 0, got {value!r}")
+        check_max_grad_norm(value)
         if self._book.step_in_progress:
             raise ValueError(
                 "max_grad_norm was changed after loss.backward() and before optimizer.step(): "
