@@ -213,8 +213,14 @@ class PrivacyAccountant:
         for name, ours in (("mechanism", self._mechanism), ("neighboring", self._configured)):
             if state[name] != ours:
                 raise ValueError(
-                    f"load_state_dict: the saved ledger used {name}={state[name]!r} but this "
-                    f"accountant uses {ours!r}; build the accountant with {name}={state[name]!r}."
+                    f"load_state_dict: the saved ledger used {name}={_described(state[name])} "
+                    f"but this accountant uses {_described(ours)}; build the accountant with "
+                    f"{name}={state[name]!r}."
                 )
         self._entries = [LedgerEntry.from_dict(e) for e in state["entries"]]
         self._cache.clear()
+
+
+def _described(setting) -> str:
+    """A ledger setting for a message: None (neighboring) is each sampling's own default."""
+    return "None (each sampling's default relation)" if setting is None else repr(setting)
