@@ -227,13 +227,15 @@ class Bookkeeper:
             self._check_finite(group, norm_sq)
         elif self._pass_dropped:
             tagged = [(path, _without_examples(piece, dropped)) for path, piece in tagged]
-        dropped = self._with_padding(dropped, len(norm_sq))
         scale = self._loss_scale()
+        if self.count_unclipped:  # over the batch's own examples (padding is no example)
+            real = len(norm_sq) - self._padding()
+            self._pass_counts[g] = privacy_math.centered_unclipped_count(
+                norm_sq[:real], group.threshold, scale,
+                dropped=None if dropped is None else dropped[:real])
+        dropped = self._with_padding(dropped, len(norm_sq))
         multipliers = privacy_math.example_multipliers(norm_sq, group.threshold, scale,
                                                        dropped=dropped)
-        if self.count_unclipped:
-            self._pass_counts[g] = privacy_math.centered_unclipped_count(
-                norm_sq, group.threshold, scale, dropped=dropped)
         for path, piece in tagged:
             clipped = piece.weighted_sum(multipliers)
             key = self._key(piece.param)
@@ -248,7 +250,7 @@ class Bookkeeper:
     def _with_padding(self, dropped, examples: int):
         """``dropped`` with the physical batch's padding examples (its last ``padding``; FSDP2
         lockstep, ``LogicalBatch.padding``) added: they run, and their multiplier is exactly 0.
-        Adaptive counts never see them (adaptive clipping is refused under FSDP2)."""
+        Adaptive counts leave them out (``_complete``)."""
         padding = self._padding()
         if not padding:
             return dropped
@@ -361,7 +363,7 @@ class Bookkeeper:
 
     def _pass_counts_of_every_group(self):
         """A group no example touched in this pass (an unused layer) clipped nobody: +1/2 each."""
-        examples = self._pass_batch or 0
+        examples = (self._pass_batch or 0) - (self._padding() if self._pass_batch else 0)
         return {g: self._pass_counts.get(g, torch.tensor(0.5 * examples, dtype=torch.float64))
                 for g in range(len(self.groups))}
 

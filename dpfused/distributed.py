@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from dpfused import privacy_math
 from dpfused.step import ClippedStep, LogicalBatch
 
 __all__ = ["DDPReduction", "FSDP2Reduction", "all_reduce_sum", "check_ddp", "check_same_data",
@@ -136,8 +137,11 @@ class DDPReduction:
         sums = [clipped.sums.get(id(p), torch.zeros_like(p)) for p in params]
         return {id(p): s for p, s in zip(params, all_reduce_sum(sums))}
 
-    def global_counts(self, counts: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum([counts])[0]
+    def noised_global_counts(self, counts: torch.Tensor, *, std: float, generator) -> torch.Tensor:
+        """Adaptive thresholds: the ranks' counts summed, plus the same N(0, std^2) on every
+        rank (the noise generator is replicated)."""
+        return privacy_math.noised_counts(all_reduce_sum([counts])[0], std=std,
+                                          generator=generator)
 
     def local_shape(self, param) -> torch.Size:
         return param.shape
@@ -217,7 +221,7 @@ def is_fsdp2(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def check_sharding(module: nn.Module, *, clipping: str, adaptive: bool) -> None:
+def check_sharding(module: nn.Module, *, clipping: str) -> None:
     """Refuse what the FSDP2 reduction cannot do exactly, naming the module and the fix."""
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor, Shard
@@ -252,9 +256,6 @@ def check_sharding(module: nn.Module, *, clipping: str, adaptive: bool) -> None:
             "each device holds (He et al., a model split across devices), but every FSDP rank "
             "holds a shard of every layer, so a device's group would be a slice of each layer; "
             "use clipping='per_layer' or 'flat'")
-    if adaptive:
-        raise ValueError("adaptive_clipping with an FSDP2-sharded model is not supported yet; "
-                         "use fixed thresholds")
 
 
 def _fsdp_param_groups(root: nn.Module):
@@ -431,6 +432,14 @@ class FSDP2Reduction:
                         else torch.zeros(self.local_shape(p), dtype=p.dtype,
                                          device=p.to_local().device))
                 for p in params}
+
+    def noised_global_counts(self, counts: torch.Tensor, *, std: float, generator) -> torch.Tensor:
+        """Adaptive thresholds: each rank noises its counts from its own stream with std /
+        sqrt(world) and the all-reduce adds them up: N(0, std^2) once, the same noisy counts (so
+        the same next thresholds) on every rank."""
+        share = privacy_math.noise_std_of_rank_share(std, world_size=self.world_size)
+        return all_reduce_sum([privacy_math.noised_counts(counts, std=share,
+                                                          generator=generator)])[0]
 
     def as_grad(self, param, local_grad: torch.Tensor):
         from torch.distributed.tensor import DTensor

@@ -142,8 +142,7 @@ class PrivacyEngine:
         _check_module_and_optimizer(module, optimizer)
         if wrapper is not module:
             distributed.check_ddp(wrapper)
-        distributed.check_sharding(module, clipping=clipping,
-                                   adaptive=adaptive_clipping is not None)
+        distributed.check_sharding(module, clipping=clipping)
         sharded = distributed.is_fsdp2(module)
         _check_data_loader(data_loader)
         _check_adaptive(adaptive_clipping, clipping)

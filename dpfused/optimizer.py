@@ -266,9 +266,9 @@ class DPOptimizer(torch.optim.Optimizer):
             p.grad = self.reduction.as_grad(p, grad)
         if self.adaptive_clipping is None:
             return None
-        counts = self.reduction.global_counts(self._unclipped_counts(clipped, params[0].device))
-        return privacy_math.noised_counts(counts, std=self.adaptive_clipping.count_noise_std,
-                                          generator=self.generator)
+        return self.reduction.noised_global_counts(
+            self._unclipped_counts(clipped, sums[id(params[0])].device),
+            std=self.adaptive_clipping.count_noise_std, generator=self.generator)
 
     def _unclipped_counts(self, clipped: ClippedStep, device):
         return torch.stack([
@@ -277,10 +277,7 @@ class DPOptimizer(torch.optim.Optimizer):
         ])
 
     def _noised_counts(self, clipped: ClippedStep, device):
-        counts = torch.stack([
-            clipped.unclipped.get(g, torch.zeros((), dtype=torch.float64)).to(device)
-            for g in range(len(self._groups))
-        ])
+        counts = self._unclipped_counts(clipped, device)
         std = privacy_math.noise_std_on_rank(self.adaptive_clipping.count_noise_std, rank=self.rank)
         return privacy_math.noised_counts(counts, std=std, generator=self.generator)
 

@@ -31,6 +31,7 @@ __all__ = [
     "default_group_thresholds",
     "sensitivity",
     "noise_std",
+    "noise_std_of_rank_share",
     "noise_std_on_rank",
     "gradient_normalizer",
     "noised_gradient",
@@ -150,6 +151,13 @@ def noise_std_on_rank(std: float, *, rank: int) -> float:
     Every other rank contributes only its clipped sums (docs/design.md §5).
     """
     return std if rank == 0 else 0.0
+
+
+def noise_std_of_rank_share(std: float, *, world_size: int) -> float:
+    """FSDP2 counts: each of ``world_size`` ranks adds independent N(0, std^2 / world_size) to
+    its part before the all-reduce; the sum carries N(0, std^2) exactly, and every rank ends
+    with the same noisy value without sharing a generator."""
+    return std / math.sqrt(world_size)
 
 
 def gradient_normalizer(

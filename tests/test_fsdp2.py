@@ -4,7 +4,7 @@ Noise 0, float64: after two steps every rank's shards put together are the param
 process that clipped the whole logical batch with the torch.func oracle, for flat and per_layer,
 mean and sum losses, cyclic and shuffle sampling, physical batches, activation checkpointing, tied
 weights (GPT-2) and LoRA adapters (GPT-2 + peft). Poisson, in physical batches (some empty): the
-same as one dpfused process drawing the same batches. bf16 MixedPrecisionPolicy with float32 reduction: the float64 oracle to bf16
+same as one dpfused process drawing the same batches, also with adaptive thresholds. bf16 MixedPrecisionPolicy with float32 reduction: the float64 oracle to bf16
 accuracy. Noise: with zero gradients each rank's shard carries N(0, (sigma C / B)^2) per
 coordinate, from a stream of its own. Collectives: a private step issues exactly the collectives
 of a non-private FSDP step (FSDP's all-gathers and one reduce-scatter per unit). One spawn per
@@ -57,7 +57,7 @@ def _shard(model, checkpointing=False, mp_policy=None):
 
 
 def _make_private(case, model, *, noise=0.0, clipping="flat", physical=None,
-                  loss_reduction="mean", sampling="cyclic", batch_size=BATCH):
+                  loss_reduction="mean", sampling="cyclic", batch_size=BATCH, adaptive=None):
     engine = dpfused.PrivacyEngine()
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
@@ -65,7 +65,7 @@ def _make_private(case, model, *, noise=0.0, clipping="flat", physical=None,
         noise_multiplier=noise, max_grad_norm=CLIP, clipping=clipping, sampling=sampling,
         loss_reduction=loss_reduction, max_physical_batch_size=physical,
         sampling_generator=torch.Generator().manual_seed(5),
-        noise_generator=torch.Generator().manual_seed(3))
+        noise_generator=torch.Generator().manual_seed(3), adaptive_clipping=adaptive)
     return engine, model, optimizer, loader
 
 
@@ -101,17 +101,21 @@ def _train(name, clipping, physical, checkpointing, loss_reduction, sampling):
             "units_after_backward": optimizer.reduction.units_reduced_after_backward}
 
 
-def _train_poisson(name, world):
+def _train_poisson(name, world, adaptive=False):
     """Poisson sampling (sample rate 1/2), noise 0: on ``world`` ranks in physical batches of
-    one example (the ranks run as many as the larger share needs: some are empty), or one
-    process with whole logical batches."""
+    one example (the ranks run as many as the larger share needs: some are padding), or one
+    process with whole logical batches. ``adaptive``: adaptive per_layer thresholds, counts
+    noised with a negligible std (the ranks' count noises differ from one process's)."""
     case = FACTORIES[name](BATCH)
     model = _shard(case.model) if world > 1 else case.model
     engine, model, optimizer, loader = _make_private(
         case, model, clipping="per_layer", sampling="poisson", batch_size=POISSON_BATCH,
-        physical=1 if world > 1 else None)
+        physical=1 if world > 1 else None,
+        adaptive=dpfused.AdaptiveClipping(count_noise_std=1e-9, learning_rate=0.5)
+        if adaptive else None)
     padded = _run(case, model, optimizer, loader, steps=3)
-    return {"params": _full_params(model), "padded": padded}
+    return {"params": _full_params(model), "padded": padded,
+            "thresholds": [g.threshold for g in optimizer.instrumentation.groups]}
 
 
 def _train_mixed_precision(name):
@@ -170,6 +174,7 @@ def _worker(rank, init_file, folder, name):
         out = {"results": [_train(name, *config) for config in CONFIGS],
                "poisson": _train_poisson(name, WORLD)}
         if name == "llama":
+            out["adaptive"] = _train_poisson(name, WORLD, adaptive=True)
             out["noise"] = _noise(name)
             out["mixed"] = _train_mixed_precision(name)
             out["collectives"] = {c: _collectives(name, c) for c in ("per_layer", "flat")}
@@ -235,6 +240,14 @@ def test_fsdp2_two_ranks_equal_one_process_oracle(spawned, name):
         assert_same_update(initial, ours["poisson"]["params"], one_process, name.split("_")[0],
                            "poisson")
     assert sum(r["poisson"]["padded"] for r in ranks) > 0  # a rank ran a weight-0 example
+    if name == "llama":  # adaptive thresholds: counts over the ranks, padding not counted
+        one_process = _train_poisson(name, 1, adaptive=True)
+        for ours in ranks:
+            torch.testing.assert_close(ours["adaptive"]["thresholds"],
+                                       one_process["thresholds"], rtol=1e-6, atol=0)
+            assert_same_update(initial, ours["adaptive"]["params"], one_process["params"],
+                               "llama", "adaptive")
+        assert len(set(one_process["thresholds"])) > 1  # the thresholds did move apart
 
 
 @pytest.mark.slow
