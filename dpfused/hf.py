@@ -32,6 +32,7 @@ physical batch of such per-example losses.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -208,11 +209,12 @@ class DPTrainingMixin:
                 "with such a delta a mechanism may publish an example outright; use a smaller delta")
         self.model.train()
         self.create_optimizer()
+        module = self._data_parallel_module()
         sampling_seed, noise_seed = _seeds(privacy.seed)
         self._noise_generator = torch.Generator(device=self.args.device).manual_seed(noise_seed)
         self.privacy_engine = PrivacyEngine(accountant=privacy.accountant)
         common = dict(
-            module=self.model, optimizer=self.optimizer, data_loader=self._base_train_loader(),
+            module=module, optimizer=self.optimizer, data_loader=self._base_train_loader(),
             max_grad_norm=privacy.max_grad_norm, clipping=privacy.clipping,
             loss_reduction="mean",  # compute_loss is a mean over the physical batch
             sampling=privacy.sampling, adaptive_clipping=privacy.adaptive_clipping,
@@ -230,6 +232,19 @@ class DPTrainingMixin:
             _, optimizer, loader = self.privacy_engine.make_private(
                 noise_multiplier=privacy.noise_multiplier, **common)
         self.optimizer, self._dp_optimizer, self._dp_loader = optimizer, optimizer, loader
+
+    def _data_parallel_module(self) -> torch.nn.Module:
+        """Several processes: the model in dpfused's own DistributedDataParallel (DDP's bucketed
+        all-reduce carries the clipped sums, docs/design.md §9). It becomes ``model_wrapped``, so
+        the Trainer sees a wrapped model and does not let accelerate wrap it a second time."""
+        if self.args.world_size <= 1:
+            return self.model
+        device = self.args.device
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=self.args.ddp_bucket_cap_mb or 25)
+        self.model_wrapped = ddp
+        return ddp
 
     def _base_train_loader(self) -> DataLoader:
         """The training DataLoader HF would build, with the logical batch size and no sampler of
@@ -278,20 +293,30 @@ class DPTrainingMixin:
         self._dp_optimizer.zero_grad(set_to_none=True)  # a fresh logical batch
         total = torch.zeros((), dtype=torch.float64, device=self.args.device)
         count = 0
-        for batch in inputs.physical:
+        for i, batch in enumerate(inputs.physical):
             size = _batch_size(batch)
             if size == 0:  # an empty Poisson batch: no forward; the step still adds noise
                 continue
             batch = self._prepare_inputs(batch)
-            with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, batch)
-            loss.backward()  # per-example clipping happens inside; not accelerator.backward,
-            # which would divide by the caller's gradient_accumulation_steps
+            with self._synchronized(model, last=i == len(inputs.physical) - 1):
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, batch)
+                loss.backward()  # per-example clipping happens inside; not accelerator.backward,
+                # which would divide by the caller's gradient_accumulation_steps
             total += loss.detach().double() * size
             count += size
         loss = (total / count).float() if count else torch.tensor(math.nan, device=self.args.device)
         self._last_training_loss = loss
         return loss
+
+    @staticmethod
+    def _synchronized(model, *, last: bool):
+        """DDP reduces the logical batch's last physical batch only (its clipped sums so far are
+        added up then). The Trainer fetches a whole logical batch before the first forward, so
+        the loader-driven switch (dpfused/distributed.py) has already seen the last one."""
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last:
+            return model.no_sync()
+        return contextlib.nullcontext()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """In training: the mean over the batch of ``per_example_loss``. In evaluation (no
@@ -451,11 +476,12 @@ class DPTrainer(DPTrainingMixin, Trainer):
     """``transformers.Trainer`` with DP-SGD: ``DPTrainer(..., privacy=PrivacyArguments(...))``.
 
     See the module docstring for how batches, steps, losses and checkpoints map onto DP-SGD.
+    Several processes (``torchrun`` / ``accelerate launch`` without an FSDP config) train with
+    DistributedDataParallel: each rank runs its slice of every logical batch.
 
     Raises:
         ValueError: a setting that would change the privacy guarantee silently (each message names
-            the fix): nn.DataParallel (n_gpu > 1 in one process), several processes, DeepSpeed,
-            FSDP, fp16 (GradScaler), label_smoothing_factor, compute_loss_func, a custom train
+            the fix): nn.DataParallel (n_gpu > 1 in one process), DeepSpeed, FSDP, fp16 (GradScaler), label_smoothing_factor, compute_loss_func, a custom train
             sampler or train_sampling_strategy other than "random", auto_find_batch_size,
             model_init.
         TypeError: a subclass that overrides compute_loss without the per-example contract.
@@ -500,8 +526,10 @@ def _refuse_unsupported_args(args) -> None:
          "optimizer step, which per-example clipping and the single noised step replace); remove "
          "deepspeed= and train on one device, or with dpfused's make_private in a torchrun loop"),
         (getattr(args, "fsdp", None),
-         "FSDP is not supported by DPTrainer (sharded parameters never hold the full per-example "
-         "gradients); remove fsdp= and train on one device"),
+         "FSDP is not supported by DPTrainer yet; remove fsdp= and train on one device or with "
+         "DistributedDataParallel (torchrun / accelerate launch without an FSDP config), or shard "
+         "with fully_shard and call dpfused's make_private in your own loop "
+         "(recipes/finetune_llama.py --fsdp, recipes/accelerate_llama.py)"),
         (args.label_smoothing_factor,
          f"label_smoothing_factor={args.label_smoothing_factor} is refused: HF's label smoother "
          "averages over every token of the batch, so one example's loss depends on the others. Set "
@@ -525,11 +553,11 @@ def _refuse_unsupported_args(args) -> None:
         raise ValueError(
             f"{args.n_gpu} GPUs in one process: the Trainer would wrap the model in nn.DataParallel, "
             "whose replicas dpfused cannot instrument. Use one GPU (CUDA_VISIBLE_DEVICES=0)")
-    if args.world_size > 1:
+    if args.world_size > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise ValueError(
-            f"world_size={args.world_size}: DPTrainer does not support several processes yet (the "
-            "Trainer's DDP wrapper would all-reduce gradients that dpfused replaces). Run on one "
-            "process, or use dpfused.PrivacyEngine.make_private in a torchrun loop")
+            "accelerate's FSDP plugin is not supported by DPTrainer yet; launch without the FSDP "
+            "config (DPTrainer then trains with DistributedDataParallel), or shard with fully_shard "
+            "and call dpfused's make_private in your own loop (recipes/accelerate_llama.py)")
 
 
 def _copy_args(args, **changes):

@@ -288,6 +288,53 @@ def test_budget_stops_before_the_exceeding_step_with_a_checkpoint(tmp_path):
     assert (tmp_path / "checkpoint-2" / PRIVACY_STATE_NAME).is_file()
 
 
+def _ddp_trainer_worker(rank, port, folder):
+    # What `torchrun` / `accelerate launch --num_processes 2` set up; TrainingArguments then
+    # initializes torch.distributed (gloo on the CPU).
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    try:
+        trainer = dp_trainer(gpt2(), folder)
+        assert trainer.args.world_size == 2
+        trainer.train()
+        assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
+        torch.save({"params": trainer_params(trainer), "epsilon": trainer.get_epsilon(),
+                    "steps": trainer.state.global_step}, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def trainer_params(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_ddp_like_one_process_on_the_whole_logical_batch(tmp_path):
+    """torchrun with 2 processes: DDP carries the clipped sums; same logical batches (one
+    sampler seed), rank 0 draws the one process's noise: the same parameters and epsilon as one
+    process whose physical batches hold the same logical batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_trainer_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    single = dp_trainer(gpt2(), tmp_path / "single", gradient_accumulation_steps=2 * ACCUMULATION)
+    single.train()
+    expected = trainer_params(single)
+    for rank in range(2):
+        ours = torch.load(tmp_path / f"rank{rank}.pt")
+        assert ours["steps"] == 3 and ours["epsilon"] == single.get_epsilon()
+        for name, value in expected.items():
+            torch.testing.assert_close(ours["params"][name], value, rtol=1e-9, atol=1e-12,
+                                       msg=name)
+
+
 # ---- refusals -------------------------------------------------------------------------------------
 
 
