@@ -26,30 +26,15 @@ phase() {  # phase NAME SECONDS COMMAND...: run, log to $OUT/NAME.txt, say how i
     tail -4 "$OUT/$name.txt"
 }
 
-install_dpfused() {
-    if [ "$dry" = 1 ]; then return 0; fi
-    local site=/tmp/dpfused-site
-    if [ -d .whl ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" \
-            .whl/*.whl || return 1
-    fi
-    export PYTHONPATH="$site"
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
-}
-
-environment() {
-    date -u
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "no GPU"
-    python3 -c "import sys, torch, triton, opacus, transformers, dpfused; \
-print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, \
-'triton', triton.__version__, 'opacus', opacus.__version__, 'transformers', \
-transformers.__version__, 'dpfused', dpfused.__version__)"
-}
+. benchmarks/gpu_common.sh
 
 : > "$OUT/phases.txt"
-start=$SECONDS
-install_dpfused > "$OUT/install.txt" 2>&1  # a shell function: no `timeout`; pip reads local wheels
-echo "install: exit $? in $((SECONDS - start)) s" | tee -a "$OUT/phases.txt"
+start=$SECONDS rc=0
+if [ "$dry" != 1 ]; then  # a shell function: no `timeout`; pip reads local wheels only
+    install_dpfused > "$OUT/install.txt" 2>&1
+    rc=$?
+fi
+echo "install: exit $rc in $((SECONDS - start)) s" | tee -a "$OUT/phases.txt"
 environment > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 if [ "$dry" = 1 ]; then

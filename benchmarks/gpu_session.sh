@@ -15,23 +15,10 @@ OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
+. benchmarks/gpu_common.sh
 install() {
-    local site=/tmp/dpfused-site
-    if [ -d .whl ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" \
-            .whl/*.whl || exit 1
-    fi
-    export PYTHONPATH="$site"
-    # Editable, as CI installs it.
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
-    {
-        date -u
-        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-        python3 -c "import sys, torch, triton, opacus, transformers, dpfused; \
-print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, \
-'triton', triton.__version__, 'opacus', opacus.__version__, 'transformers', \
-transformers.__version__, 'dpfused', dpfused.__version__, dpfused.__file__)"
-    } > "$OUT/env.txt" 2>&1
+    install_dpfused || exit 1
+    environment > "$OUT/env.txt" 2>&1
     cat "$OUT/env.txt"
 }
 

@@ -74,9 +74,10 @@ def _worker(rank, init_file, folder, name):
         dist.destroy_process_group()
 
 
-def _oracle(name, groups):
-    """One process, the whole batch: STEPS SGD steps on the oracle's clipped sums / B."""
-    case = _case(name)
+def _oracle(name, groups, normalizer=BATCH, case=None):
+    """One process, the whole batch: STEPS SGD steps on the oracle's clipped sums / normalizer
+    (B for a mean loss, 1 for a summed one); ``case`` default ``_case(name)``."""
+    case = case or _case(name)
     model = copy.deepcopy(case.model)
     for _ in range(STEPS):
         grads = per_example_grads(model, case.example_loss, case.inputs)
@@ -85,8 +86,9 @@ def _oracle(name, groups):
                             threshold_of=lambda ns: thresholds[tuple(ns)])
         with torch.no_grad():
             for n, p in model.named_parameters():
-                p -= LR * sums[n] / BATCH
-    return {n: p.detach() for n, p in model.named_parameters()}
+                if n in sums:  # frozen parameters (LoRA's base) have no gradient
+                    p -= LR * sums[n] / normalizer
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def assert_same_update(initial, ours, expected, name, config):

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
 from tests import models
-from tests.oracle import clipped_sums, per_example_grads
-from tests.test_ddp import BATCH, CLIP, LR, STEPS, WORLD, _group_names, assert_same_update
+from tests.test_ddp import BATCH, CLIP, LR, STEPS, WORLD, _group_names, _oracle, \
+    assert_same_update
 
 CONFIGS = [  # (clipping, max_physical_batch_size, activation checkpointing, loss_reduction, sampling)
     ("flat", None, False, "mean", "cyclic"),
@@ -183,22 +183,6 @@ def _worker(rank, init_file, folder, name):
         dist.destroy_process_group()
 
 
-def _oracle(name, groups, normalizer, dtype=torch.float64):
-    """One process, the whole batch: STEPS SGD steps on the oracle's clipped sums / normalizer."""
-    case = FACTORIES[name](BATCH)
-    model = case.model
-    for _ in range(STEPS):
-        grads = per_example_grads(model, case.example_loss, case.inputs)
-        thresholds = {tuple(names): c for names, c in groups}
-        sums = clipped_sums(grads, [names for names, _ in groups],
-                            threshold_of=lambda ns: thresholds[tuple(ns)])
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in sums:
-                    p -= LR * sums[n] / normalizer
-    return {n: p.detach().to(dtype) for n, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     """name -> the ranks' results; one 2-process spawn per model, shared by the tests."""
@@ -222,7 +206,8 @@ def test_fsdp2_two_ranks_equal_one_process_oracle(spawned, name):
     initial = {n: p for n, p in FACTORIES[name](BATCH).model.named_parameters() if p.requires_grad}
     for i, config in enumerate(CONFIGS):
         normalizer = 1.0 if config[3] == "sum" else BATCH
-        expected = _oracle(name, ranks[0]["results"][i]["groups"], normalizer)
+        expected = _oracle(name, ranks[0]["results"][i]["groups"], normalizer,
+                           case=FACTORIES[name](BATCH))
         for ours in ranks:
             assert_same_update(initial, ours["results"][i]["params"], expected,
                                name.split("_")[0], config)
@@ -264,7 +249,7 @@ def test_fsdp2_noise_mixed_precision_and_collectives(spawned):
     assert abs(corr) < 4 / n ** 0.5  # the ranks' streams are not the same stream
     # bf16 compute, float32 reduction: the float64 oracle to bf16 accuracy, float32 shards.
     initial = {n: p.float() for n, p in models.llama(BATCH).model.named_parameters()}
-    expected = _oracle("llama", ranks[0]["mixed"]["groups"], BATCH, torch.float32)
+    expected = {n: p.float() for n, p in _oracle("llama", ranks[0]["mixed"]["groups"]).items()}
     for ours in ranks:
         assert ours["mixed"]["grad_dtypes"] == {torch.float32}
         update = torch.cat([(expected[n] - initial[n]).flatten() for n in expected])
