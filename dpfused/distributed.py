@@ -72,6 +72,7 @@ class DDPReduction:
         self.ddp, self.book = ddp, book
         self.world_size = dist.get_world_size()
         self._deferred: list[tuple[dist.GradBucket, torch.futures.Future]] = []
+        self._global: dict[int, torch.Tensor] = {}  # id(param) -> sum over ranks, this batch
         self._synced = False  # this logical batch's last physical batch goes through DDP
         self._reduced = False  # DDP's hook ran for this logical batch
         self.buckets_overlapped = self.buckets_deferred = 0  # reduced during / after backward
@@ -89,7 +90,7 @@ class DDPReduction:
         self._synced = batch.is_last_physical and batch.logical_size >= self.world_size
         self.ddp.require_backward_grad_sync = self._synced
         if batch.is_last_physical:
-            self._reduced = False
+            self._reduced, self._global = False, {}
 
     def _comm_hook(self, _state, bucket):  # no annotations: DDP checks them as types, not strings
         self._reduced = True
@@ -108,20 +109,22 @@ class DDPReduction:
             self._all_reduce(bucket).then(lambda fut, future=future: future.set_result(fut.value()))
 
     def _all_reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
-        """Write this rank's clipped sums into the bucket and sum it over the ranks (async)."""
-        buffer = bucket.buffer()
-        offset = 0
-        for param in bucket.parameters():
-            n = param.numel()
-            total = self.book.logical_sum(param)
-            view = buffer[offset:offset + n]
-            if total is None:
-                view.zero_()
-            else:
-                view.copy_(total.reshape(-1))
-            offset += n
-        work = dist.all_reduce(buffer, group=self.ddp.process_group, async_op=True)
-        return work.get_future().then(lambda fut: fut.value()[0])
+        """Sum this rank's clipped sums over the ranks (async), in a buffer of dpfused's own; DDP
+        gets zeros back, so .grad holds nothing un-noised between backward and the step (a
+        clip_grad_norm_ there sees 0 and changes nothing)."""
+        params = list(bucket.parameters())
+        sums = [self.book.logical_sum(p) for p in params]
+        flat = torch.cat([torch.zeros(p.numel(), dtype=bucket.buffer().dtype,
+                                      device=bucket.buffer().device) if s is None
+                          else s.reshape(-1) for p, s in zip(params, sums)])
+        work = dist.all_reduce(flat, group=self.ddp.process_group, async_op=True)
+
+        def keep(_fut):
+            for p, chunk in zip(params, flat.split([p.numel() for p in params])):
+                self._global[id(p)] = chunk.view(p.shape)
+            return bucket.buffer().zero_()
+
+        return work.get_future().then(keep)
 
     # ---- the release ------------------------------------------------------------------------------
     def global_sums(self, clipped: ClippedStep, params) -> dict[int, torch.Tensor]:
@@ -133,7 +136,8 @@ class DDPReduction:
                     "the last physical batch of this logical batch went through backward without "
                     "DDP synchronizing it: call the DistributedDataParallel module (not the module "
                     "inside it) in the forward pass")
-            return {id(p): p.grad for p in params}
+            sums, self._global = self._global, {}
+            return {id(p): sums[id(p)] for p in params}
         sums = [clipped.sums.get(id(p), torch.zeros_like(p)) for p in params]
         return {id(p): s for p, s in zip(params, all_reduce_sum(sums))}
 
@@ -310,6 +314,7 @@ class FSDP2Reduction:
         self._handed: set[int] = set()  # private parameters handed to FSDP in this pass
         self._synced = False  # this pass is the logical batch's last: FSDP reduces it
         self._reduced = False  # the logical batch's sums were reduce-scattered
+        self._global: dict[int, torch.Tensor] = {}  # id(param) -> this rank's shard of the sum
         self.units_reduced_after_backward = 0
         for module in root.modules():
             if is_fsdp2(module):
@@ -328,7 +333,7 @@ class FSDP2Reduction:
         self._synced = batch.is_last_physical
         self.root.set_requires_gradient_sync(self._synced)
         if batch.is_last_physical:
-            self._reduced = False
+            self._reduced, self._global = False, {}
 
     def _hand_over_group(self, g: int) -> None:
         """A group completed inside backward: its sums become FSDP's gradients now."""
@@ -390,6 +395,12 @@ class FSDP2Reduction:
         self.units_reduced_after_backward += len(units)
         self._handed = set()
         self._reduced = True
+        # Out of .grad until the release: nothing un-noised is there between backward and the
+        # step (a clip_grad_norm_ or a gradient-norm log would read it).
+        for param in self._private:
+            if param.grad is not None:
+                self._global[id(param)] = param.grad.to_local()
+                param.grad = None
 
     def _watch_unsharded(self, _module, _inputs, _output) -> None:
         """Root forward hook: watch each unsharded parameter (FSDP creates them at the first
@@ -422,15 +433,15 @@ class FSDP2Reduction:
 
     def global_sums(self, clipped: ClippedStep, params) -> dict[int, torch.Tensor]:
         """This rank's shard of the sum over ranks of the clipped sums, per parameter: what FSDP's
-        reduce-scatter wrote into the sharded ``.grad``."""
+        reduce-scatter wrote into the sharded ``.grad`` (kept aside since, zeros if none)."""
         if clipped.batch.logical_size > 0 and not self._reduced:
             raise RuntimeError(
                 "the logical batch's last physical batch was not reduced over the ranks: under "
-                "FSDP2 every rank must run forward and backward on its share of every logical "
-                "batch, even an empty share (FSDP's collectives wait for all ranks)")
-        return {id(p): (p.grad.to_local() if p.grad is not None
-                        else torch.zeros(self.local_shape(p), dtype=p.dtype,
-                                         device=p.to_local().device))
+                "FSDP2 every rank must run forward and backward on each of its physical batches "
+                "(FSDP's collectives wait for all ranks)")
+        reduced, self._global = self._global, {}
+        return {id(p): reduced.get(id(p), torch.zeros(self.local_shape(p), dtype=p.dtype,
+                                                      device=p.to_local().device))
                 for p in params}
 
     def noised_global_counts(self, counts: torch.Tensor, *, std: float, generator) -> torch.Tensor:
