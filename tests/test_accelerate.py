@@ -38,12 +38,13 @@ def use_fsdp2_on_cpu(accelerator) -> None:
     """accelerate 1.15 turns FSDP on for GPUs (and other accelerators) only; on CPUs it falls back
     to DDP. fully_shard itself runs on CPUs (gloo), so switch accelerate's shared state to FSDP2,
     what ``Accelerator(fsdp_plugin=...)`` does on GPUs (the same as recipes/accelerate_llama.py)."""
+    from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False)
     accelerator.state.distributed_type = DistributedType.FSDP
-    assert accelerator.is_fsdp2
+    PartialState().distributed_type = DistributedType.FSDP  # as AcceleratorState sets it too
 
 
 def _train(accelerator, kind, name, clipping, physical):
@@ -88,6 +89,7 @@ def _worker(rank, port, folder):
             if config[0] == "fsdp2" and not accelerator.is_fsdp2:
                 use_fsdp2_on_cpu(accelerator)
             results.append(_train(accelerator, *config))
+            assert accelerator.is_fsdp2 == (config[0] == "fsdp2")  # prepare kept the mode
         torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
