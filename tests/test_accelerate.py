@@ -49,6 +49,8 @@ def use_fsdp2_on_cpu(accelerator) -> None:
 
 def _train(accelerator, kind, name, clipping, physical):
     case = _case(name)
+    accelerator._models.clear()  # one model per run, as in a program (clip_grad_norm_ scans them)
+    accelerator._optimizers.clear()
     model, optimizer = accelerator.prepare(case.model, torch.optim.SGD(case.model.parameters(),
                                                                        lr=LR))
     wrapped = nn.parallel.DistributedDataParallel if kind == "ddp" else type(case.model)
@@ -86,7 +88,7 @@ def _worker(rank, port, folder):
     try:
         results = []
         for config in CONFIGS:
-            if config[0] == "fsdp2" and not accelerator.is_fsdp2:
+            if config[0] == "fsdp2":  # a fresh plugin: it remembers the model's layer class
                 use_fsdp2_on_cpu(accelerator)
             results.append(_train(accelerator, *config))
             assert accelerator.is_fsdp2 == (config[0] == "fsdp2")  # prepare kept the mode
