@@ -1,4 +1,4 @@
-"""HuggingFace accelerate: what make_private accepts from ``accelerator.prepare`` (docs/design.md §9).
+"""HuggingFace accelerate: what make_private takes from ``accelerator.prepare`` (design.md §9).
 
 The supported order: ``model, optimizer = accelerator.prepare(model, optimizer)`` (accelerate wraps
 the model in DistributedDataParallel, or shards it with FSDP2's ``fully_shard``, and wraps the

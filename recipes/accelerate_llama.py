@@ -1,7 +1,9 @@
 """DP-SGD fine-tuning of a Llama-family model's LoRA adapter under HuggingFace accelerate.
 
-    accelerate launch --config_file recipes/accelerate_fsdp2.yaml recipes/accelerate_llama.py
-    accelerate launch --config_file recipes/accelerate_multi_process.yaml recipes/accelerate_llama.py
+    accelerate launch --config_file recipes/accelerate_fsdp2.yaml \\
+        recipes/accelerate_llama.py                        # FSDP2, 2 processes, CPUs (gloo)
+    accelerate launch --config_file recipes/accelerate_multi_process.yaml \\
+        recipes/accelerate_llama.py                        # DistributedDataParallel
     accelerate launch --config_file recipes/accelerate_fsdp2.yaml --num_processes 8 \\
         recipes/accelerate_llama.py --device cuda          # one GPU per process, nccl
 
@@ -86,7 +88,7 @@ def build(cfg: llama.Config):
 
 
 def make_private(cfg: llama.Config, accelerator: Accelerator, model, train_set):
-    """accelerate first (model and optimizer), dpfused second, with the loader accelerate never saw."""
+    """accelerate first (model and optimizer), then dpfused, with a loader accelerate never saw."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=llama.default_lr(cfg), weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
