@@ -77,6 +77,22 @@ def _train(accelerator, kind, name, clipping, physical):
             "epsilon": engine.get_epsilon(1e-5)}
 
 
+def _fsdp2_after_make_private(accelerator) -> str:
+    """The other order under FSDP2: accelerate shards a model make_private already instrumented.
+    Returns the error of the first backward."""
+    case = _case("llama")
+    accelerator._models.clear()
+    accelerator._optimizers.clear()
+    model, optimizer, loader = dpfused.PrivacyEngine().make_private(
+        module=case.model, optimizer=torch.optim.SGD(case.model.parameters(), lr=LR),
+        data_loader=DataLoader(TensorDataset(*case.inputs), batch_size=BATCH),
+        noise_multiplier=0.0, max_grad_norm=CLIP, sampling="cyclic")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    with pytest.raises(ValueError) as refused:
+        accelerator.backward(case.batch_loss(model, next(iter(loader))))
+    return str(refused.value)
+
+
 def _worker(rank, port, folder):
     # What `accelerate launch --multi_gpu --num_processes 2` sets up on a CPU machine.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -92,7 +108,9 @@ def _worker(rank, port, folder):
                 use_fsdp2_on_cpu(accelerator)
             results.append(_train(accelerator, *config))
             assert accelerator.is_fsdp2 == (config[0] == "fsdp2")  # prepare kept the mode
-        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
+        use_fsdp2_on_cpu(accelerator)
+        torch.save({"results": results, "reversed": _fsdp2_after_make_private(accelerator)},
+                   os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -103,13 +121,17 @@ def test_models_prepared_by_accelerate_equal_one_process_oracle(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    saved = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = [r["results"] for r in saved]
     for i, (kind, name, clipping, physical) in enumerate(CONFIGS):
         initial = dict(_case(name).model.named_parameters())
         expected = _oracle(name, ranks[0][i]["groups"])
         for ours in ranks:
             assert_same_update(initial, ours[i]["params"], expected, name, CONFIGS[i])
         assert ranks[0][i]["epsilon"] == ranks[1][i]["epsilon"] > 0
+    for r in saved:  # FSDP2 the other way round: refused at the first backward, with the order
+        assert "replaced after make_private" in r["reversed"]
+        assert "Shard the model first" in r["reversed"]
 
 
 # ---- in this process: what is refused, and why ---------------------------------------------------
@@ -151,6 +173,29 @@ def test_the_accelerated_optimizer_is_unwrapped(fresh_accelerate):
     _, dp_optimizer, dp_loader = _make_private(model, optimizer, loader)
     assert dp_optimizer.original_optimizer is inner
     assert accelerator.prepare(dp_loader) is dp_loader
+    # Preparing the private optimizer afterwards wraps it again; with one accumulation step and
+    # no scaler, accelerate's step is the DP step.
+    prepared = accelerator.prepare(dp_optimizer)
+    x, y = next(iter(dp_loader))
+    prepared.zero_grad()
+    accelerator.backward(nn.functional.cross_entropy(model(x), y))
+    prepared.step()
+    assert dp_optimizer.steps_taken == 1
+
+
+@pytest.mark.parametrize("dispatch", [False, True])  # DataLoaderShard, DataLoaderDispatcher
+def test_a_loader_prepared_by_accelerate_is_refused_before_calibration(fresh_accelerate,
+                                                                       dispatch):
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(
+        dispatch_batches=dispatch))
+    model, optimizer, loader = _mlp_and_loader()
+    prepared = accelerator.prepare(loader)
+    with pytest.raises(TypeError, match="Dispatcher" if dispatch else "DataLoaderShard"):
+        dpfused.PrivacyEngine().make_private_with_epsilon(
+            module=model, optimizer=optimizer, data_loader=prepared, target_epsilon=1.0,
+            target_delta=1e-5, epochs=1, max_grad_norm=1.0)
 
 
 def test_gradient_accumulation_is_refused_with_the_dp_way(fresh_accelerate):
