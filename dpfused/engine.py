@@ -15,12 +15,13 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import os
 from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 
-from dpfused import accounting, distributed, privacy_math, validate
+from dpfused import accounting, distributed, hf_accelerate, privacy_math, validate
 from dpfused import sampling as dp_sampling
 from dpfused.adaptive import AdaptiveClipping
 from dpfused.groups import CLIPPING_MODES
@@ -89,10 +90,13 @@ class PrivacyEngine:
         """Instrument ``module`` in place and wrap ``optimizer`` and ``data_loader``.
 
         Args:
-            module: the model, in train mode, or a ``DistributedDataParallel`` wrapping it (docs/
-                design.md §9). The same object is returned, instrumented in place.
-            optimizer: any torch.optim optimizer over the module's parameters.
+            module: the model, in train mode, or a ``DistributedDataParallel`` wrapping it, or
+                sharded with FSDP2's ``fully_shard`` (also as ``accelerator.prepare`` returns
+                them; docs/design.md §9). The same object is returned, instrumented in place.
+            optimizer: any torch.optim optimizer over the module's parameters (accelerate's
+                ``AcceleratedOptimizer`` is unwrapped: the DP optimizer steps the one inside).
             data_loader: a DataLoader over a map-style dataset; rebuilt with a DP batch sampler.
+                Not one prepared by accelerate: dpfused splits each logical batch over the ranks.
             noise_multiplier: sigma >= 0 (noise std is sigma * C).
             max_grad_norm: C, the total clipping norm (sqrt(sum_g C_g^2) for group-wise clipping).
             clipping: "flat" (one group; book-keeping), "per_layer" (a group per layer; fast path)
@@ -138,6 +142,7 @@ class PrivacyEngine:
                          nonfinite_gradients=nonfinite_gradients)
         _check_thresholds_total(thresholds, max_grad_norm)
         accounting.check_neighboring(self.neighboring, sampling)
+        optimizer = hf_accelerate.unwrap_optimizer(optimizer)  # accelerate's wrapper, if any
         wrapper, module = module, distributed.unwrap(module)
         _check_module_and_optimizer(module, optimizer)
         if wrapper is not module:
@@ -247,7 +252,7 @@ class PrivacyEngine:
                          sampling_generator=a["sampling_generator"],
                          nonfinite_gradients=a["nonfinite_gradients"])
         _check_thresholds_total(a["thresholds"], a["max_grad_norm"])
-        _check_module_and_optimizer(module, optimizer)
+        _check_module_and_optimizer(module, hf_accelerate.unwrap_optimizer(optimizer))
         _check_data_loader(data_loader)
 
     def _calibrated_sigma(self, *, module, optimizer, data_loader, target_epsilon, target_delta,
@@ -420,8 +425,24 @@ def _data_parallel_world() -> tuple[int, int]:
     """(rank, world size) of torch.distributed's default group; (0, 1) without one."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
+        _refuse_uninitialized_launch()
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def _refuse_uninitialized_launch() -> None:
+    """A launcher (torchrun, accelerate launch) started several processes but torch.distributed
+    is not initialized: each process would train alone on the whole data set, unnoticed. (On a
+    CPU-only machine ``Accelerator()`` leaves it so; ``Accelerator(cpu=True)`` initializes gloo.)"""
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise ValueError(
+            f"WORLD_SIZE={world}: this is one of {world} launched processes, but "
+            "torch.distributed is not initialized, so each process would train on its own; "
+            "call torch.distributed.init_process_group() before make_private (under accelerate "
+            "on CPUs: Accelerator(cpu=True))")
 
 
 def _broadcast_parameters(module: nn.Module, *, buffers_only: bool = False) -> None:
@@ -544,6 +565,7 @@ def _check_generator(name, generator, *, cpu=False):
 
 def _check_data_loader(data_loader):
     """What the sampler and the accounting need of the loader, named as ``data_loader``."""
+    hf_accelerate.refuse_prepared_loader(data_loader)
     if isinstance(data_loader, dp_sampling.DPDataLoader):
         raise TypeError(
             "data_loader is already a private DPDataLoader (returned by make_private); pass the "

@@ -25,6 +25,7 @@ from torch.utils.data import (
 )
 from torch.utils.data._utils.collate import default_collate, default_convert
 
+from dpfused.hf_accelerate import refuse_prepared_loader
 from dpfused.sampling.collate import EmptySafeCollate
 from dpfused.sampling.samplers import (
     SAMPLINGS,
@@ -397,12 +398,7 @@ def _check_user_loader(data_loader: DataLoader) -> Dataset:
     """The loader's map-style dataset; refuses what cannot be sampled per example."""
     # accelerate's prepared loaders pass isinstance(DataLoader) (they fake __class__) but carry a
     # per-process batch size and their own sharding: refuse them rather than guess.
-    if type(data_loader).__module__.split(".")[0] == "accelerate":
-        raise TypeError(
-            f"data_loader is accelerate's {type(data_loader).__name__}: pass the DataLoader from "
-            "before accelerator.prepare(). dpfused draws each logical batch itself and gives every "
-            "rank its slice, which the privacy accounting relies on."
-        )
+    refuse_prepared_loader(data_loader)
     if not isinstance(data_loader, DataLoader):
         raise TypeError(f"data_loader must be a torch DataLoader; got {type(data_loader).__name__}.")
     dataset = data_loader.dataset
