@@ -93,7 +93,7 @@ def _find_layers(module):
 
 def _unruled_rule(module):
     """The torch.func fallback for a module without a rule; the container rule when it also has
-    descendants with trainable parameters (their own rules clip those; docs/design.md §4)."""
+    descendants with trainable parameters (their own rules clip those; docs/design.md §3)."""
     if any(p.requires_grad for child in module.children() for p in child.parameters()):
         return container_rule()
     return fallback_rule()

@@ -6,7 +6,7 @@ own parameters (its *direct* parameters) are used in its forward around calls of
 Pieces: each direct parameter -> ``DensePiece`` (norm_path "dense"); the children's parameters are
 handed over by the children's own rules. Kernels reached: none.
 
-How (docs/design.md §4, "Containers with their own parameters"). The forward runs the module's
+How (docs/design.md §3, the container rule). The forward runs the module's
 own code once, with its direct parameters swapped for detached copies: the children run
 instrumented (their rules deliver their pieces in backward) and the input gradient flows through
 the direct parameters' values, but no batch-summed gradient reaches them. The output then passes
