@@ -271,6 +271,22 @@ def test_private_loader_passed_back_names_the_original_loader():
             max_grad_norm=1.0)
 
 
+@pytest.mark.parametrize("with_epsilon", [False, True])
+def test_batch_larger_than_the_dataset_names_both_sizes(with_epsilon):
+    """Opacus' dcgan example filters MNIST to one digit: a small dataset can fall below one batch."""
+    model = _model()
+    arguments = dict(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     data_loader=DataLoader(_dataset(40), batch_size=64), max_grad_norm=1.0)
+    engine = dpfused.opacus.PrivacyEngine()
+    with pytest.raises(ValueError, match=r"batch_size \(64\) is larger than its dataset \(40 "
+                                         r"examples\).*batch_size of at most 40"):
+        if with_epsilon:
+            engine.make_private_with_epsilon(target_epsilon=3.0, target_delta=1e-5, epochs=1,
+                                             **arguments)
+        else:
+            engine.make_private(noise_multiplier=1.0, **arguments)
+
+
 def test_opacus_make_private_with_epsilon_with_opacus_keywords():
     """The Opacus path through make_private_with_epsilon: its keywords mapped, then calibrated."""
     model = _model()
