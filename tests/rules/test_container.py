@@ -222,3 +222,19 @@ def test_tuple_output_is_refused_naming_the_module():
     with pytest.raises(TypeError, match="ReturnsTuple owns trainable parameters directly "
                                         r"\(extra_param\) and returned tuple"):
         model(torch.randn(2, DIM))
+
+
+class FunctionalDropout(LinearWithExtraParam):
+    def __init__(self):
+        super().__init__(DIM, DIM)
+
+    def forward(self, x):
+        return F.dropout(self.fc(x), 0.5, training=True).matmul(self.extra_param)
+
+
+def test_random_numbers_drawn_in_the_forward_fail_loudly_naming_the_module():
+    """Functional dropout is not visible to check(): the per-example re-run refuses to draw."""
+    model, _, _ = _make_private(FunctionalDropout())
+    with pytest.raises(RuntimeError, match="parameters extra_param that FunctionalDropout owns "
+                                           "directly.*must not draw random numbers"):
+        model(torch.randn(2, DIM)).sum().backward()
