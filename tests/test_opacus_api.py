@@ -88,6 +88,17 @@ def test_unsupported_module_error_is_a_value_error_naming_the_fix():
     assert isinstance(info.value, ValueError)
 
 
+def test_make_private_raises_unsupported_module_error_naming_every_module():
+    """Opacus' make_private raises UnsupportedModuleError (its test_model_validator on resnet18)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3),
+                          nn.BatchNorm2d(4))
+    with pytest.raises(UnsupportedModuleError) as info:
+        _private(model=model)
+    assert isinstance(info.value, ValueError)
+    assert [e.split(" (")[0] for e in info.value.errors] == ["module '1'", "module '3'"]
+    assert all("dpfused.fix(model) swaps BatchNorm for GroupNorm" in e for e in info.value.errors)
+
+
 def test_ghost_mode_returns_a_criterion_as_opacus_and_hooks_mode_does_not():
     _, model, optimizer, criterion, loader = _private(grad_sample_mode="ghost")
     assert isinstance(criterion, nn.CrossEntropyLoss)
