@@ -238,3 +238,40 @@ def test_random_numbers_drawn_in_the_forward_fail_loudly_naming_the_module():
     with pytest.raises(RuntimeError, match="parameters extra_param that FunctionalDropout owns "
                                            "directly.*must not draw random numbers"):
         model(torch.randn(2, DIM)).sum().backward()
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_huggingface_vit_embeddings_match_oracle(clipping):
+    """HuggingFace's ViTEmbeddings: class token and position table around the patch convolution
+    (its dropout has p=0 by default). Errors are relative to the whole released gradient: the
+    key projection's bias has a zero gradient (softmax ignores it), so its own relative error is
+    rounding noise over rounding noise."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=8,
+                                    num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=16, num_labels=3)
+    model = transformers.ViTForImageClassification(config).double().train()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1])
+
+    def loss(logits, labels):
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    grads = per_example_grads(snapshot(model), lambda call, b: loss(call(b[0]).logits, b[1]), (x, y))
+    norms = torch.cat([g.reshape(3, -1) for g in grads.values()], 1).norm(dim=1)
+    inst = instrument(model, clipping=clipping, max_grad_norm=float(norms.median()),
+                      thresholds=None, loss_reduction="sum", batch_first=True)
+    try:
+        loss(model(x).logits, y).backward()
+        step = inst.book.close()
+        expected, names = expected_for(model, inst, grads)
+        ours = {names[key]: value for key, value in step.sums.items()}
+        rules = {row.split()[0]: row.split()[1] for row in explain(model).splitlines()[2:]}
+        assert rules["vit.embeddings"] == "container"
+    finally:
+        detach(model)
+    assert set(ours) == set(expected)
+    scale = torch.cat([e.flatten() for e in expected.values()]).norm()
+    for name, value in expected.items():
+        assert (ours[name] - value).norm() / scale < TOLERANCE, name
