@@ -109,13 +109,14 @@ class _DirectCall(_Call):
 
 
 def _run_with_detached(module, direct, args, kwargs):
-    """The module's own forward with its direct parameters swapped for detached copies."""
+    """The module's own forward with its direct parameters swapped for detached copies (still
+    ``nn.Parameter``s, so a child given one as an argument treats it as shared, not per example)."""
     patched = module.__dict__.get("forward")
     original = getattr(patched, "_dpfused_original", None) or type(module).forward.__get__(module)
     saved = {n: module._parameters[n] for n in direct}
     try:
         for n, p in saved.items():
-            module._parameters[n] = p.detach()
+            module._parameters[n] = nn.Parameter(p.detach(), requires_grad=False)
         return original(*args, **kwargs)
     finally:
         module._parameters.update(saved)

@@ -85,11 +85,12 @@ class Gain(nn.Module):
 
 
 class PassesParameter(nn.Module):
-    # gain is (1, DIM): the fallback rule of the child takes a positional tensor whose first
-    # dimension equals the batch size for a per-example input (see rules/functorch.py).
+    """gain's first dimension is DIM = 4: with a batch of 4 the child's torch.func rule must
+    still pass it whole to every example (it is a parameter), not row i to example i."""
+
     def __init__(self):
         super().__init__()
-        self.gain = nn.Parameter(torch.randn(1, DIM))
+        self.gain = nn.Parameter(torch.randn(DIM))
         self.inner = Gain()
 
     def forward(self, x):
