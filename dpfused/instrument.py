@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from dpfused.clipping import Bookkeeper
 from dpfused.groups import Layer, build_groups
-from dpfused.rules import fallback_rule, rule_for
+from dpfused.rules import container_rule, fallback_rule, rule_for
 from dpfused.rules.functorch import bypassing
 
 __all__ = ["Instrumentation", "instrument", "plan", "detach", "explain", "instrumentation_of"]
@@ -85,10 +85,18 @@ def _find_layers(module):
                       if p.requires_grad and id(p) not in held]
         if not params:
             continue
-        rule = rule or fallback_rule()
+        rule = rule or _unruled_rule(sub)
         rule.check(sub, path or "<root>")
         layers.append(Layer(path or "<root>", sub, rule, params))
     return layers
+
+
+def _unruled_rule(module):
+    """The torch.func fallback for a module without a rule; the container rule when it also has
+    descendants with trainable parameters (their own rules clip those; docs/design.md §3)."""
+    if any(p.requires_grad for child in module.children() for p in child.parameters()):
+        return container_rule()
+    return fallback_rule()
 
 
 def _held_by_ruled_descendants(module):

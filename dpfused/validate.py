@@ -25,7 +25,8 @@ class UnsupportedModuleError(ValueError):
 
 
 def check_module(module: nn.Module) -> None:
-    """Raise a ValueError naming the first module that would break per-example privacy."""
+    """Raise ``UnsupportedModuleError`` (a ValueError) naming every module that would break
+    per-example privacy, each with its fix, as Opacus' ``make_private`` does."""
     if not module.training:
         raise ValueError(
             "module is in eval mode; call model.train() before make_private (dropout and the "
@@ -33,7 +34,7 @@ def check_module(module: nn.Module) -> None:
         )
     problems = module_problems(module, training=True)
     if problems:
-        raise ValueError(problems[0])
+        raise UnsupportedModuleError(problems)
 
 
 def module_problems(module: nn.Module, *, training: bool = False) -> list[str]:

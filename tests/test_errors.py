@@ -67,15 +67,25 @@ def test_recurrent_layer_is_refused_with_the_fix():
         _make(nn.ModuleDict({"cell": nn.GRUCell(4, 4)}))
 
 
-def test_module_with_own_and_child_parameters_is_refused():
+def test_module_with_own_and_child_parameters_refused_only_where_the_container_rule_is_inexact():
+    """Such a module gets the container rule (exactness: tests/rules/test_container.py); what
+    that rule cannot make exact, a dropout drawn inside it, is refused naming module and fix."""
     class Mixed(nn.Module):
-        def __init__(self):
+        def __init__(self, p):
             super().__init__()
             self.pos = nn.Parameter(torch.zeros(4))
             self.lin = nn.Linear(4, 2)
+            self.drop = nn.Dropout(p)
 
-    with pytest.raises(ValueError, match=r"module '<root>' \(Mixed\) owns trainable parameters"):
-        _make(Mixed())
+        def forward(self, x):
+            return self.lin(self.drop(x + self.pos))
+
+    with pytest.raises(ValueError, match=r"module '<root>' \(Mixed\) owns trainable parameters "
+                                         r"directly \(pos\) and runs 'drop' \(Dropout, p=0.5\)"
+                                         r".*p=0, or move the parameters into a leaf module"):
+        _make(Mixed(0.5))
+    model, _, _ = _make(Mixed(0.0))
+    assert "container" in dpfused.explain(model)
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])

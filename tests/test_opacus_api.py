@@ -88,6 +88,17 @@ def test_unsupported_module_error_is_a_value_error_naming_the_fix():
     assert isinstance(info.value, ValueError)
 
 
+def test_make_private_raises_unsupported_module_error_naming_every_module():
+    """Opacus' make_private raises UnsupportedModuleError (its test_model_validator on resnet18)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3),
+                          nn.BatchNorm2d(4))
+    with pytest.raises(UnsupportedModuleError) as info:
+        _private(model=model)
+    assert isinstance(info.value, ValueError)
+    assert [e.split(" (")[0] for e in info.value.errors] == ["module '1'", "module '3'"]
+    assert all("dpfused.fix(model) swaps BatchNorm for GroupNorm" in e for e in info.value.errors)
+
+
 def test_ghost_mode_returns_a_criterion_as_opacus_and_hooks_mode_does_not():
     _, model, optimizer, criterion, loader = _private(grad_sample_mode="ghost")
     assert isinstance(criterion, nn.CrossEntropyLoss)
@@ -269,6 +280,22 @@ def test_private_loader_passed_back_names_the_original_loader():
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             data_loader=loader, target_epsilon=3.0, target_delta=1e-5, epochs=1,
             max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("with_epsilon", [False, True])
+def test_batch_larger_than_the_dataset_names_both_sizes(with_epsilon):
+    """Opacus' dcgan example filters MNIST to one digit: a small dataset can fall below one batch."""
+    model = _model()
+    arguments = dict(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     data_loader=DataLoader(_dataset(40), batch_size=64), max_grad_norm=1.0)
+    engine = dpfused.opacus.PrivacyEngine()
+    with pytest.raises(ValueError, match=r"batch_size \(64\) is larger than its dataset \(40 "
+                                         r"examples\).*batch_size of at most 40"):
+        if with_epsilon:
+            engine.make_private_with_epsilon(target_epsilon=3.0, target_delta=1e-5, epochs=1,
+                                             **arguments)
+        else:
+            engine.make_private(noise_multiplier=1.0, **arguments)
 
 
 def test_opacus_make_private_with_epsilon_with_opacus_keywords():

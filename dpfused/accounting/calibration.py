@@ -24,7 +24,7 @@ from dpfused.accounting.records import (
     check_delta,
     check_neighboring,
 )
-from dpfused.sampling.samplers import batches_per_epoch
+from dpfused.sampling.samplers import batches_per_epoch, poisson_rate_of_batch_size
 from dpfused.step import SAMPLINGS
 
 __all__ = ["calibrate_noise_multiplier"]
@@ -153,7 +153,7 @@ def _poisson_schedule(sample_rate, num_samples, batch_size, epochs, steps, last_
     if sample_rate is None:
         if batch_size is None or num_samples is None:
             raise ValueError("sampling='poisson' needs sample_rate, or batch_size and num_samples.")
-        sample_rate = batch_size / num_samples
+        sample_rate = poisson_rate_of_batch_size(batch_size, num_samples)
     if not (0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate!r}.")
     if steps is None:

@@ -92,6 +92,15 @@ def fallback_rule() -> LayerRule:
     return _FALLBACK
 
 
-from dpfused.rules import conv, embedding, functorch, linear, mha, norms, recurrent  # noqa: E402,F401
+def container_rule() -> LayerRule:
+    """The rule for a module without a dedicated rule that owns trainable parameters directly and
+    has descendants with trainable parameters (``dpfused.rules.container``)."""
+    return _CONTAINER
+
+
+from dpfused.rules import (  # noqa: E402,F401
+    container, conv, embedding, functorch, linear, mha, norms, recurrent,
+)
 
 _FALLBACK = functorch.FunctorchRule()
+_CONTAINER = container.ContainerRule()

@@ -6,7 +6,8 @@ plain torch arithmetic).
 
 Correct for every module that treats examples independently, fast for none: the backward re-runs
 the module's forward inside ``vmap(vjp)`` over single examples. Positional tensor arguments whose
-first dimension is the batch are split per example; everything else is passed through unchanged.
+first dimension is the batch are split per example, except parameters; everything else is passed
+through unchanged.
 The module must not draw random numbers (dropout) in its own forward: the re-run would draw again.
 """
 
@@ -63,8 +64,7 @@ class _Call:
         self.trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
         self.frozen = {n: p for n, p in module.named_parameters() if not p.requires_grad}
         batch = _batch_size(args, tap.batch_first)
-        self.slots = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch
-                      for a in args]
+        self.slots = [_per_example(a, batch) for a in args]
         self.constants = [None if s else a for s, a in zip(self.slots, args)]
         self.num_inputs = sum(self.slots)
 
@@ -105,9 +105,18 @@ class _Call:
         return param_grads, input_grads
 
 
+def _per_example(arg, batch) -> bool:
+    """Whether a positional argument is split per example: a tensor whose first dimension is the
+    batch, except a parameter (shared by every example, whatever its first dimension: a parent
+    passing its (B, ...)-shaped parameter to this module when the batch happens to have B
+    examples must not hand example i row i of it)."""
+    return (isinstance(arg, torch.Tensor) and not isinstance(arg, nn.Parameter) and arg.dim() > 0
+            and arg.shape[0] == batch)
+
+
 def _batch_size(args, batch_first):
     for a in args:
-        if isinstance(a, torch.Tensor) and a.dim() > 0:
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and a.dim() > 0:
             if not batch_first:
                 raise ValueError(
                     "the torch.func fallback rule supports batch_first=True only"

@@ -34,6 +34,7 @@ from dpfused.sampling.samplers import (
     ShuffleBatchSampler,
     _check_positive_int,
     _DPBatchSampler,
+    poisson_rate_of_batch_size,
 )
 from dpfused.step import LogicalBatch
 
@@ -438,7 +439,7 @@ def _poisson_sampler(common, sample_rate, batch_size, steps_per_epoch) -> Poisso
                 "sampling='poisson' needs sample_rate or batch_size (the loader has "
                 "batch_size=None)."
             )
-        sample_rate = batch_size / common["num_samples"]
+        sample_rate = poisson_rate_of_batch_size(batch_size, common["num_samples"])
     return PoissonBatchSampler(sample_rate=sample_rate, steps_per_epoch=steps_per_epoch, **common)
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "CyclicBatchSampler",
     "PoissonBatchSampler",
     "ShuffleBatchSampler",
+    "poisson_rate_of_batch_size",
     "batches_per_epoch",
 ]
 
@@ -363,3 +364,18 @@ class ShuffleBatchSampler(_FixedSizeBatchSampler):
     def _epoch_batches(self, generator: torch.Generator) -> Iterator[list[int]]:
         return self._batches_of(_permutation(generator, self.num_samples))
 
+
+def poisson_rate_of_batch_size(batch_size: int, num_samples: int) -> float:
+    """The Poisson rate q = batch_size / len(dataset) that a loader's batch size stands for.
+
+    Raises:
+        ValueError: the batch size exceeds the dataset (q > 1), naming both and the fix.
+    """
+    if batch_size > num_samples:
+        raise ValueError(
+            f"the data loader's batch_size ({batch_size}) is larger than its dataset "
+            f"({num_samples} examples): Poisson sampling draws each example with probability "
+            "batch_size / len(dataset), which must be at most 1. Use a batch_size of at most "
+            f"{num_samples} (batch_size={num_samples} trains on the whole dataset every step, "
+            "sample rate 1)")
+    return batch_size / num_samples

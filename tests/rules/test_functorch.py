@@ -56,3 +56,14 @@ def test_unknown_module_gets_the_fallback():
     from dpfused.rules import fallback_rule, rule_for
 
     assert rule_for(ScaleShift(2, 2)) is None and fallback_rule().name == "functorch"
+
+
+def test_a_parameter_argument_is_never_split_per_example():
+    """A (B, ...)-shaped parameter handed to a module is shared by every example, also when the
+    batch happens to have B examples; a tensor of that shape is per example."""
+    from dpfused.rules.functorch import _per_example
+
+    batch = 4
+    assert not _per_example(nn.Parameter(torch.randn(batch, 3)), batch)
+    assert _per_example(torch.randn(batch, 3), batch)
+    assert not _per_example(torch.randn(3, batch), batch)
