@@ -186,6 +186,7 @@ class PrivacyEngine:
             accountant=self.accountant, generator=noise_generator, max_epsilon=max_epsilon,
             delta=delta, distributed=world_size > 1 and reduction is None,
             adaptive_clipping=adaptive_clipping, reduction=reduction,
+            expected_batch_size=_expected_batch_size_per_process(loader, world_size),
         )
         self.module, self.optimizer, self.data_loader = wrapper, dp_optimizer, loader
         return wrapper, dp_optimizer, loader
@@ -453,6 +454,13 @@ def _broadcast_parameters(module: nn.Module, *, buffers_only: bool = False) -> N
     with torch.no_grad():
         for tensor in [*params, *module.buffers()]:
             torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _expected_batch_size_per_process(loader, world_size: int) -> int:
+    """Opacus' ``optimizer.expected_batch_size``: q N (Poisson) or b, over the ranks."""
+    expected = (loader.sample_rate * loader.num_samples if loader.sampling == "poisson"
+                else loader.batch_size)
+    return int(expected / world_size)
 
 
 def _check_adaptive(adaptive_clipping, clipping):

@@ -39,6 +39,10 @@ class DPOptimizer(torch.optim.Optimizer):
             sums and counts up before the noise. DDP: every rank adds the same noise
             (``generator`` is in the same state on every rank); FSDP2: each rank noises the
             shard it owns (its own stream). Replaces ``distributed``.
+        expected_batch_size: Opacus' attribute of that name, for code that reads it: the
+            expected logical batch size per process (``int(q N / world_size)`` under Poisson,
+            ``int(b / world_size)`` otherwise). Informational: each step is normalized by its own
+            logical batch's expected size (``LogicalBatch.expected_size``), never by this.
     """
 
     # torch.amp.GradScaler then hands its scale to step() (as `grad_scale`/`found_inf`) instead of
@@ -47,7 +51,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer, *, instrumentation, noise_multiplier, accountant=None,
                  generator=None, max_epsilon=None, delta=None, distributed=False,
-                 adaptive_clipping=None, reduction=None):
+                 adaptive_clipping=None, reduction=None, expected_batch_size=None):
         # Deliberately no super().__init__: this object is a view that shares the wrapped
         # optimizer's param_groups and state, so schedulers and checkpoints act on the real one.
         self.original_optimizer = optimizer
@@ -64,6 +68,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.rank = torch.distributed.get_rank() if distributed else 0
         self.steps_taken = 0
         self.steps_skipped = 0
+        self._expected_batch_size = expected_batch_size
         # Examples whose NaN/inf gradient was dropped (nonfinite_gradients="drop") in the steps
         # taken. Not private: a diagnostic for the trainer, not for release.
         self.examples_dropped = 0
@@ -101,6 +106,11 @@ class DPOptimizer(torch.optim.Optimizer):
         return f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier})"
 
     # ---- settable between steps (Opacus' schedulers, dpfused.schedulers) ----------------------
+    @property
+    def expected_batch_size(self) -> int | None:
+        """Opacus' expected logical batch size per process (read-only; see the class Args)."""
+        return self._expected_batch_size
+
     @property
     def noise_multiplier(self) -> float:
         """sigma of the next step; the accountant records each step's own sigma."""

@@ -107,6 +107,17 @@ def test_ghost_mode_returns_a_criterion_as_opacus_and_hooks_mode_does_not():
     assert len(out) == 4  # engine + Opacus' three values
 
 
+def test_expected_batch_size_is_opacus_attribute_and_read_only():
+    """Opacus' ddp tutorial and test_noise_level read optimizer.expected_batch_size."""
+    _, _, optimizer, _ = _private()  # Poisson, q = 8/40 over 40 examples
+    assert optimizer.expected_batch_size == 8
+    _, _, optimizer, _ = _private(poisson_sampling=False,
+                                  loader=DataLoader(_dataset(), batch_size=10))
+    assert optimizer.expected_batch_size == 10
+    with pytest.raises(AttributeError):
+        optimizer.expected_batch_size = 3
+
+
 # ---- item 2: sigma and C settable between steps, schedulers, checkpoints ------------------------
 def test_changed_sigma_is_what_the_step_adds_and_the_ledger_records():
     engine, model, optimizer, loader = _private(noise_multiplier=1.0, max_grad_norm=2.0)
