@@ -64,3 +64,11 @@ def expected_for(model, inst, grads):
     groups = [[names[id(p)] for p in g.params] for g in inst.groups]
     threshold = {tuple(names[id(p)] for p in g.params): g.threshold for g in inst.groups}
     return clipped_sums(grads, groups, threshold_of=lambda ns: threshold[tuple(ns)]), names
+
+
+def assert_sums_close(expected, ours, tolerance=1e-9):
+    """dpfused's clipped sums equal the oracle's, parameter by parameter, in relative norm."""
+    assert set(ours) == set(expected), f"parameters differ: {set(ours) ^ set(expected)}"
+    for name, value in expected.items():
+        err = (ours[name].double() - value).norm() / value.norm().clamp_min(1e-30)
+        assert err < tolerance, f"{name}: relative error {err:.3g}"

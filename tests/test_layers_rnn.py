@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 import dpfused
 from dpfused.instrument import detach, instrument
 from dpfused.layers import DPGRU, DPLSTM, DPRNN, dp_equivalent
-from tests.oracle import expected_for
+from tests.oracle import assert_sums_close, expected_for
 
 BATCH, STEPS, INPUT, HIDDEN = 3, 4, 3, 4
 PAIRS = {"lstm": (nn.LSTM, DPLSTM, {}), "gru": (nn.GRU, DPGRU, {}),
@@ -188,13 +188,6 @@ def _clipped_sums(model, reference, x, lengths, clipping):
         detach(model)
 
 
-def _assert_sums_close(expected, ours):
-    assert set(ours) == set(expected), f"parameters differ: {set(ours) ^ set(expected)}"
-    for name, value in expected.items():
-        err = (ours[name].double() - value).norm() / value.norm().clamp_min(1e-30)
-        assert err < 1e-9, f"{name}: relative error {err:.3g}"
-
-
 def _models(kind, packed, **config):
     reference, ours = _pair(kind, **config)
     model = Tagger(ours, packed)
@@ -210,14 +203,14 @@ def _models(kind, packed, **config):
 def test_clipped_sums_match_oracle(kind, batch_first, packed, clipping):
     model, oracle = _models(kind, packed, num_layers=2, bidirectional=True, batch_first=batch_first)
     x, lengths = _inputs(lengths=(2, 4, 3) if packed else (STEPS,) * BATCH)
-    _assert_sums_close(*_clipped_sums(model, oracle, x, lengths, clipping))
+    assert_sums_close(*_clipped_sums(model, oracle, x, lengths, clipping))
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))
 def test_single_layer_without_bias_matches_oracle(kind):
     model, oracle = _models(kind, True, bias=False)
     x, lengths = _inputs(lengths=(1, 4, 2))
-    _assert_sums_close(*_clipped_sums(model, oracle, x, lengths, "per_layer"))
+    assert_sums_close(*_clipped_sums(model, oracle, x, lengths, "per_layer"))
 
 
 @settings(max_examples=8, deadline=None)
@@ -231,7 +224,7 @@ def test_generated_configurations_match_oracle(kind, num_layers, bidirectional, 
                             bidirectional=bidirectional, bias=bias, batch_first=batch_first)
     lengths = lengths if packed else [max(lengths)] * len(lengths)
     x, lengths = _inputs(lengths=tuple(lengths))
-    _assert_sums_close(*_clipped_sums(model, oracle, x, lengths, clipping))
+    assert_sums_close(*_clipped_sums(model, oracle, x, lengths, clipping))
 
 
 def test_loss_on_some_steps_and_frozen_parameters_match_oracle():
@@ -251,7 +244,7 @@ def test_loss_on_some_steps_and_frozen_parameters_match_oracle():
     x, lengths = _inputs(lengths=(STEPS,) * BATCH)
     expected, ours = _clipped_sums(model, oracle, x, lengths, "flat")
     assert "rnn.weight_hh_l0" not in ours
-    _assert_sums_close(expected, ours)
+    assert_sums_close(expected, ours)
 
 
 class Seq2Seq(nn.Module):
@@ -274,7 +267,7 @@ def test_gradients_through_initial_states_match_oracle(kind):
     model, oracle = Seq2Seq(encoder, decoder), Seq2Seq(encoder_ref, decoder_ref)
     x, lengths = _inputs(lengths=(STEPS,) * BATCH)
     for clipping in ("flat", "per_layer"):
-        _assert_sums_close(*_clipped_sums(model, oracle, x, lengths, clipping))
+        assert_sums_close(*_clipped_sums(model, oracle, x, lengths, clipping))
 
 
 def test_each_projection_hands_over_one_piece_with_every_step(monkeypatch):
@@ -366,4 +359,4 @@ def test_opacus_dplstm_is_accepted_and_matches_oracle():
     oracle = copy.deepcopy(model)
     x, lengths = _inputs(lengths=(STEPS,) * BATCH)
     for clipping in ("flat", "per_layer"):
-        _assert_sums_close(*_clipped_sums(model, oracle, x, lengths, clipping))
+        assert_sums_close(*_clipped_sums(model, oracle, x, lengths, clipping))

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
 from dpfused.instrument import detach, explain, instrument
-from tests.oracle import expected_for, per_example_grads, snapshot
+from tests.oracle import assert_sums_close, expected_for, per_example_grads, snapshot
 from tests.rules.harness import half_square, released_matches_oracle, OneLayer, TOLERANCE
 
 DIM = 4
@@ -130,13 +130,6 @@ def _clipped_sums(model, x, clipping, reduction):
         detach(model)
 
 
-def _assert_sums_close(expected, ours):
-    assert set(ours) == set(expected), f"parameters differ: {set(ours) ^ set(expected)}"
-    for name, value in expected.items():
-        err = (ours[name].double() - value).norm() / value.norm().clamp_min(1e-30)
-        assert err < TOLERANCE, f"{name}: relative error {err:.3g}"
-
-
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("batch", [1, 4])
@@ -144,7 +137,7 @@ def _assert_sums_close(expected, ours):
 def test_clipped_sums_match_oracle(name, batch, clipping, reduction):
     model, x = _model_and_inputs(name, batch)
     expected, ours, table = _clipped_sums(model, x, clipping, reduction)
-    _assert_sums_close(expected, ours)
+    assert_sums_close(expected, ours, TOLERANCE)
     assert "container" in table
 
 
