@@ -1,6 +1,9 @@
-"""Import a recipe script as a module: recipes/ is a folder of scripts, not a package."""
+"""Import a recipe script as a module (recipes/ is a folder of scripts, not a package), or run
+one under a multi-process launcher."""
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,3 +16,13 @@ def load_recipe(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def launch_recipe(launcher: list[str], script: str, args: list[str]) -> str:
+    """Run ``python -m <launcher...> recipes/<script> <args...>``; its stdout (fails the test with
+    the output's tail if it fails). One thread per process: the CI machine has 2 cores."""
+    env = {**os.environ, "PYTHONPATH": str(RECIPES.parent), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", *launcher, str(RECIPES / script), *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout

@@ -5,14 +5,11 @@ tests/test_accelerate.py's oracle test; here the recipe runs end to end, only ra
 saves, and recipes/finetune_llama.py's load_checkpoint reads what it saved.
 """
 
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from tests.recipe_loader import RECIPES, load_recipe
+from tests.recipe_loader import RECIPES, launch_recipe, load_recipe
 from tests.test_recipes_extra import LLAMA_TINY
 
 ARGS = LLAMA_TINY + ["--steps", "2", "--noise-multiplier", "0"]
@@ -22,13 +19,9 @@ def _accelerate_launch(config: str, out: Path) -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(RECIPES.parent), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(RECIPES / config), "--main_process_port", str(port),
-               str(RECIPES / "accelerate_llama.py"), *ARGS, "--out", str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return launch_recipe(["accelerate.commands.launch", "--config_file", str(RECIPES / config),
+                          "--main_process_port", str(port)], "accelerate_llama.py",
+                         [*ARGS, "--out", str(out)])
 
 
 @pytest.mark.slow

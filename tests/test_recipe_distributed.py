@@ -6,27 +6,20 @@ coordinates whose gradient is near zero). Only rank 0 prints and writes the reci
 distributed checkpoint holds every rank's part.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.recipe_loader import RECIPES, load_recipe
+from tests.recipe_loader import launch_recipe, load_recipe
 from tests.test_recipes_extra import LLAMA_TINY
 
 ARGS = LLAMA_TINY + ["--steps", "2", "--noise-multiplier", "0"]
 
 
 def _torchrun(mode: str, out: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(RECIPES.parent), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", str(RECIPES / "finetune_llama.py"), f"--{mode}", *ARGS, "--out", str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return launch_recipe(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                         "finetune_llama.py", [f"--{mode}", *ARGS, "--out", str(out)])
 
 
 @pytest.mark.slow
