@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 import os
 from collections.abc import Mapping
 
@@ -320,6 +321,8 @@ class PrivacyEngine:
         if self.optimizer is not None and "steps_taken" in state:
             self.optimizer.steps_taken = state["steps_taken"]
         if self.optimizer is not None and "noise_multiplier" in state:
+            _warn_if_restored_sigma_differs(state["noise_multiplier"],
+                                            self.optimizer.noise_multiplier)
             self.optimizer.noise_multiplier = state["noise_multiplier"]
         if self.optimizer is not None and "thresholds" in state:
             groups = self.optimizer.instrumentation.groups
@@ -454,6 +457,17 @@ def _broadcast_parameters(module: nn.Module, *, buffers_only: bool = False) -> N
     with torch.no_grad():
         for tensor in [*params, *module.buffers()]:
             torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _warn_if_restored_sigma_differs(restored: float, configured: float) -> None:
+    """Opacus treats sigma as configuration; dpfused resumes the saved run's sigma (a noise
+    scheduler continues where it was). Say so when the two differ."""
+    if restored != configured:
+        warnings.warn(
+            f"the loaded state restores noise_multiplier={restored} (the saved run's, e.g. set by "
+            f"a noise scheduler), not the {configured} passed to make_private; set "
+            "optimizer.noise_multiplier after loading to change it (the ledger records each "
+            "step's own sigma, so epsilon is right either way)", UserWarning, stacklevel=3)
 
 
 def _expected_batch_size_per_process(loader, world_size: int) -> int:

@@ -196,8 +196,9 @@ def test_schedulers_are_saved_and_restored_in_checkpoints(tmp_path):
     engine_b, model_b, optimizer_b, _ = _private(dpfused.opacus.PrivacyEngine(accountant="rdp"))
     noise_b = schedulers.StepNoise(optimizer_b, step_size=1, gamma=0.5)
     clip_b = schedulers.ExponentialGradClip(optimizer_b, gamma=0.5)
-    engine_b.load_checkpoint(path=tmp_path / "c.pt", module=model_b, optimizer=optimizer_b,
-                             noise_scheduler=noise_b, grad_clip_scheduler=clip_b)
+    with pytest.warns(UserWarning, match=r"restores noise_multiplier=0.25 .* not the 1.0"):
+        engine_b.load_checkpoint(path=tmp_path / "c.pt", module=model_b, optimizer=optimizer_b,
+                                 noise_scheduler=noise_b, grad_clip_scheduler=clip_b)
     assert noise_b.last_epoch == noise.last_epoch == 2 and clip_b.last_epoch == 2
     assert optimizer_b.noise_multiplier == optimizer.noise_multiplier == 0.25
     assert engine_b.get_epsilon(1e-5) == engine.get_epsilon(1e-5)
