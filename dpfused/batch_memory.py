@@ -85,9 +85,7 @@ class PhysicalBatches:
 
     def __len__(self) -> int:
         loader = self.data_loader
-        expected = (loader.sample_rate * loader.num_samples if loader.sampling == "poisson"
-                    else loader.batch_size)
-        return math.ceil(len(loader) * expected / loader.max_physical_batch_size)
+        return math.ceil(len(loader) * loader.expected_batch_size / loader.max_physical_batch_size)
 
     def __getattr__(self, name):
         return getattr(self.data_loader, name)

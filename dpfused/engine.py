@@ -472,9 +472,7 @@ def _warn_if_restored_sigma_differs(restored: float, configured: float) -> None:
 
 def _expected_batch_size_per_process(loader, world_size: int) -> int:
     """Opacus' ``optimizer.expected_batch_size``: q N (Poisson) or b, over the ranks."""
-    expected = (loader.sample_rate * loader.num_samples if loader.sampling == "poisson"
-                else loader.batch_size)
-    return int(expected / world_size)
+    return int(loader.expected_batch_size / world_size)
 
 
 def _check_adaptive(adaptive_clipping, clipping):

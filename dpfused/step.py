@@ -27,6 +27,15 @@ __all__ = ["SAMPLINGS", "LogicalBatch", "ClippedStep"]
 SAMPLINGS = ("poisson", "cyclic", "shuffle")
 
 
+def expected_batch_size(*, sampling: str, sample_rate: float | None, num_samples: int,
+                        batch_size: int | None) -> float:
+    """The expected logical batch size: q * N under Poisson sampling, b under cyclic/shuffle.
+    Public (fixed before training), never the realized size of a Poisson batch."""
+    if sampling == "poisson":
+        return sample_rate * num_samples
+    return float(batch_size)
+
+
 @dataclass(frozen=True, kw_only=True)
 class LogicalBatch:
     """One logical batch as the sampler drew it, seen from one of its physical batches.
@@ -68,9 +77,8 @@ class LogicalBatch:
     @property
     def expected_size(self) -> float:
         """q * N under Poisson sampling, b under cyclic/shuffle: B_norm of a mean loss (§5)."""
-        if self.sampling == "poisson":
-            return self.sample_rate * self.num_samples
-        return float(self.batch_size)
+        return expected_batch_size(sampling=self.sampling, sample_rate=self.sample_rate,
+                                   num_samples=self.num_samples, batch_size=self.batch_size)
 
     def dp_event(self, noise_multiplier: float) -> dp_accounting.DpEvent:
         """The mechanism this logical batch releases with noise multiplier sigma (§7).

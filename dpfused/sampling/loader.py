@@ -36,7 +36,7 @@ from dpfused.sampling.samplers import (
     _DPBatchSampler,
     poisson_rate_of_batch_size,
 )
-from dpfused.step import LogicalBatch
+from dpfused.step import LogicalBatch, expected_batch_size
 
 __all__ = ["DPDataLoader", "make_private_data_loader"]
 
@@ -221,6 +221,12 @@ class DPDataLoader:
     @property
     def num_samples(self) -> int:
         return self.batch_sampler.num_samples
+
+    @property
+    def expected_batch_size(self) -> float:
+        """q N (Poisson) or b (cyclic/shuffle): the expected logical batch, over all ranks."""
+        return expected_batch_size(sampling=self.sampling, sample_rate=self.sample_rate,
+                                   num_samples=self.num_samples, batch_size=self.batch_size)
 
     @property
     def max_physical_batch_size(self) -> int | None:
