@@ -36,6 +36,7 @@ CONFIGS = [  # (clipping, max_physical_batch_size, activation checkpointing, los
     ("flat", 2, False, "sum", "shuffle"),
 ]
 SIGMA = 4.0
+COUNT_STD = 2.0  # sigma_b of the adaptive counts' noise check
 POISSON_BATCH = 4  # expected logical batch of the Poisson run: sample rate 1/2
 FACTORIES = {"gpt2": models.gpt2, "llama": models.llama, "gpt2_lora": models.gpt2_lora}
 
@@ -137,6 +138,15 @@ def _noise(name):
     return {n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _count_noise(name):
+    """Adaptive thresholds' noisy counts under FSDP2, for counts of 0: each rank adds its own
+    N(0, std^2 / world) before the all-reduce, so the sum must be N(0, std^2), the same on all."""
+    case = FACTORIES[name](BATCH)
+    _, _, optimizer, _ = _make_private(case, _shard(case.model))
+    return optimizer.reduction.noised_global_counts(
+        torch.zeros(4000, dtype=torch.float64), std=COUNT_STD, generator=optimizer.generator)
+
+
 class _CountCollectives(TorchDispatchMode):
     """Counts the c10d collectives issued (every process group op goes through the dispatcher)."""
 
@@ -176,6 +186,7 @@ def _worker(rank, init_file, folder, name):
         if name == "llama":
             out["adaptive"] = _train_poisson(name, WORLD, adaptive=True)
             out["noise"] = _noise(name)
+            out["count_noise"] = _count_noise(name)
             out["mixed"] = _train_mixed_precision(name)
             out["collectives"] = {c: _collectives(name, c) for c in ("per_layer", "flat")}
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
@@ -247,6 +258,10 @@ def test_fsdp2_noise_mixed_precision_and_collectives(spawned):
     n = min(s.numel() for s in shards)
     corr = torch.corrcoef(torch.stack([shards[0][:n], shards[1][:n]]))[0, 1]
     assert abs(corr) < 4 / n ** 0.5  # the ranks' streams are not the same stream
+    # Adaptive counts: one N(0, sigma_b^2) in total (not sigma_b^2 per rank), equal on all ranks.
+    counts = ranks[0]["count_noise"]
+    torch.testing.assert_close(ranks[1]["count_noise"], counts, rtol=0, atol=0)
+    assert abs(counts.std().item() / COUNT_STD - 1) < 0.05  # 4000 draws: std error ~1.1%
     # bf16 compute, float32 reduction: the float64 oracle to bf16 accuracy, float32 shards.
     initial = {n: p.float() for n, p in models.llama(BATCH).model.named_parameters()}
     expected = {n: p.float() for n, p in _oracle("llama", ranks[0]["mixed"]["groups"]).items()}
