@@ -40,18 +40,18 @@ cat "$OUT/env.txt"
 if [ "$dry" = 1 ]; then
     phase kernel_tests 70 python3 -m pytest tests/kernels/test_kernels_ghost_norm.py -q -x \
         -p no:cacheprovider
-    phase kernels 50 python3 benchmarks/kernels.py --tiny --out "$OUT"
-    phase train 90 python3 benchmarks/train.py --tiny --out "$OUT" --models gpt2-tiny \
+    phase kernels 50 python3 benchmarks/bench_kernels.py --tiny --out "$OUT"
+    phase train 90 python3 benchmarks/bench_train.py --tiny --out "$OUT" --models gpt2-tiny \
         --methods nonprivate dpfused_per_layer dpfused_flat opacus_ghost
 else
     # On CUDA: bf16 tolerances and the peak-memory test (the sm_90 compile test runs in CI).
     phase kernel_tests 70 python3 -m pytest tests/kernels -q -x -p no:cacheprovider \
         --ignore=tests/kernels/test_kernels_sm90_compile.py
-    phase kernels 50 python3 benchmarks/kernels.py --out "$OUT" --models gpt2-small llama-1b \
+    phase kernels 50 python3 benchmarks/bench_kernels.py --out "$OUT" --models gpt2-small llama-1b \
         --batch 8 --seq 512 --dtype bfloat16
-    phase train 90 python3 benchmarks/train.py --out "$OUT" --models gpt2-small --seq-lens 512 \
+    phase train 90 python3 benchmarks/bench_train.py --out "$OUT" --models gpt2-small --seq-lens 512 \
         --methods nonprivate dpfused_per_layer dpfused_flat opacus_hooks opacus_ghost --steps 5 \
         --warmup 2
 fi
-phase fsdp2_cuda 30 torchrun --nproc_per_node 1 benchmarks/fsdp2_cuda_check.py
+phase fsdp2_cuda 30 torchrun --nproc_per_node 1 benchmarks/bench_fsdp2_cuda.py
 echo "done; phases:"; cat "$OUT/phases.txt"

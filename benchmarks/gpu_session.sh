@@ -30,15 +30,15 @@ case "$phase" in
         timeout 240 python3 -m pytest tests/kernels -q -p no:cacheprovider -x \
             > "$OUT/kernel_tests.txt" 2>&1
         echo "kernel tests: exit $?"; tail -3 "$OUT/kernel_tests.txt"
-        timeout 300 python3 benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.txt"
+        timeout 300 python3 benchmarks/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.txt"
         ;;
     gpt2)
-        timeout 560 python3 benchmarks/train.py --out "$OUT" \
+        timeout 560 python3 benchmarks/bench_train.py --out "$OUT" \
             --models gpt2-medium-untied gpt2-small gpt2-medium --seq-lens 512 128 1024 \
             2>&1 | tee "$OUT/train_gpt2.txt"
         ;;
     llama)
-        timeout 560 python3 benchmarks/train.py --out "$OUT" --models llama-1b resnet18-gn \
+        timeout 560 python3 benchmarks/bench_train.py --out "$OUT" --models llama-1b resnet18-gn \
             --seq-lens 512 128 1024 2>&1 | tee "$OUT/train_llama.txt"
         ;;
     *)

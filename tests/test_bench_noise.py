@@ -1,4 +1,4 @@
-"""benchmarks/noise.py: a seconds-long CPU run prints the throughput table."""
+"""benchmarks/bench_noise.py: a seconds-long CPU run prints the throughput table."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "noise.py"
+SCRIPT = REPO / "benchmarks" / "bench_noise.py"
 
 
 def test_noise_benchmark_smoke_prints_table():

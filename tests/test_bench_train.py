@@ -1,4 +1,4 @@
-"""benchmarks/train.py runs its whole pipeline on the CPU (--tiny) and writes table, JSON and PNG."""
+"""benchmarks/bench_train.py runs its whole pipeline on the CPU (--tiny) and writes table, JSON and PNG."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "train.py"
+SCRIPT = ROOT / "benchmarks" / "bench_train.py"
 METHODS = ("nonprivate", "dpfused_per_layer", "dpfused_flat", "dpfused_per_device",
            "opacus_hooks", "opacus_ghost")
 TINY_MODELS = ("gpt2-tiny", "llama-tiny", "resnet-tiny")  # GPT-2, Llama and vision families

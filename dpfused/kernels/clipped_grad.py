@@ -18,7 +18,7 @@ bytes (bf16) against 2·B·T·m·n FLOPs of GEMM, so its share of the time falls
 (~3.35 TB/s, ~990 dense bf16 TFLOP/s) it is ~14% of the GEMM at n = 4096 and ~4% at n = 14336:
 narrow right operands favour the fused kernel, wide ones favour cuBLAS. The crossover
 (`_SCALE_MATMUL_MIN_COLS`) is an estimate from that arithmetic, NOT a measurement: run
-benchmarks/kernels.py on the target GPU and move it. The fused kernel is also the one that adds
+benchmarks/bench_kernels.py on the target GPU and move it. The fused kernel is also the one that adds
 no memory, which per-layer clipping relies on.
 """
 

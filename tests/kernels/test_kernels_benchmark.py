@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py: the --tiny CPU smoke mode prints a table and writes its files."""
+"""benchmarks/bench_kernels.py: the --tiny CPU smoke mode prints a table and writes its files."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "kernels.py"
+SCRIPT = REPO / "benchmarks" / "bench_kernels.py"
 
 
 def test_benchmark_tiny_prints_table(tmp_path):

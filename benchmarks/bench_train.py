@@ -22,11 +22,11 @@ cyclic sampling; Opacus: poisson_sampling=False), so each step sees the same exa
 
 Writes a markdown table to stdout and train.json + train.png to --out.
 
-    python benchmarks/train.py                                  # full matrix on a CUDA GPU
-    python benchmarks/train.py --models gpt2-small --seq-lens 512 --methods nonprivate dpfused_per_layer
-    python benchmarks/train.py --max-batch                      # also search the largest batch (slow)
-    python benchmarks/train.py --tiny --out /tmp/bench          # CPU smoke run of the whole pipeline
-    python benchmarks/train.py --fsdp --ddp --nproc 8           # sharded / replicated, 8 GPUs
+    python benchmarks/bench_train.py                                  # full matrix on a CUDA GPU
+    python benchmarks/bench_train.py --models gpt2-small --seq-lens 512 --methods nonprivate dpfused_per_layer
+    python benchmarks/bench_train.py --max-batch                      # also search the largest batch (slow)
+    python benchmarks/bench_train.py --tiny --out /tmp/bench          # CPU smoke run of the whole pipeline
+    python benchmarks/bench_train.py --fsdp --ddp --nproc 8           # sharded / replicated, 8 GPUs
 
 --fsdp / --ddp (multi-process; the script relaunches itself with torch.distributed.run, nccl on GPUs,
 gloo on the CPU) add rows "fsdp:<method>" / "ddp:<method>" for nonprivate, dpfused_per_layer and
@@ -787,7 +787,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     full_size = [m for m in args.models if m not in TINY_MODELS]
     if args.device.type == "cpu" and full_size and not args.device_given:
-        print(f"benchmarks/train.py: no CUDA device; {', '.join(full_size)} would take hours on "
+        print(f"benchmarks/bench_train.py: no CUDA device; {', '.join(full_size)} would take hours on "
               "the CPU. Use --tiny for a CPU smoke run of the whole pipeline, or --device cpu to "
               "insist.", file=sys.stderr)
         return 2

@@ -22,9 +22,9 @@ layer's backward).
 Writes a markdown table to stdout and kernels.json + kernels.png to --out. Needs CUDA; `--tiny` runs
 a seconds-long CPU smoke test of the torch paths (for CI) instead.
 
-    python benchmarks/kernels.py                      # full sweep, bf16, on a GPU
-    python benchmarks/kernels.py --models gpt2-small --batch 8 --seq 512
-    python benchmarks/kernels.py --tiny --out /tmp/bench
+    python benchmarks/bench_kernels.py                      # full sweep, bf16, on a GPU
+    python benchmarks/bench_kernels.py --models gpt2-small --batch 8 --seq 512
+    python benchmarks/bench_kernels.py --tiny --out /tmp/bench
 """
 
 import argparse
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
         device, dtype, bench, impls = "cpu", torch.float32, bench_cpu, ("torch",)
     else:
         if not torch.cuda.is_available():
-            print("benchmarks/kernels.py needs a CUDA GPU (the Triton kernels run there); "
+            print("benchmarks/bench_kernels.py needs a CUDA GPU (the Triton kernels run there); "
                   "use --tiny for a CPU smoke run of the torch paths.", file=sys.stderr)
             return 2
         models = {name: MODELS[name] for name in args.models}

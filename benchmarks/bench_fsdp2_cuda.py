@@ -7,7 +7,7 @@ FSDP2 step on GPUs equals the same private step without FSDP (noise 0, float32),
 flat, and that a bf16 MixedPrecisionPolicy run completes with float32 shards. Prints one line per
 check and exits 1 on a mismatch.
 
-    torchrun --nproc_per_node 1 benchmarks/fsdp2_cuda_check.py      # or one per GPU
+    torchrun --nproc_per_node 1 benchmarks/bench_fsdp2_cuda.py      # or one per GPU
 """
 
 from __future__ import annotations

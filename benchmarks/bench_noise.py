@@ -14,9 +14,9 @@ CPU, Philox on CUDA), in values per second, for float32 noise of a few sizes:
 
 `ratio` is the row's time over `normal_`'s at the same size (how many times slower).
 
-    python benchmarks/noise.py                   # CPU, and the GPU if there is one
-    python benchmarks/noise.py --sizes 65536 1048576 --devices cpu --threads 1
-    python benchmarks/noise.py --devices cpu --sizes 512 --min-seconds 0   # smoke test (CI)
+    python benchmarks/bench_noise.py                   # CPU, and the GPU if there is one
+    python benchmarks/bench_noise.py --sizes 65536 1048576 --devices cpu --threads 1
+    python benchmarks/bench_noise.py --devices cpu --sizes 512 --min-seconds 0   # smoke test (CI)
 """
 
 import argparse
