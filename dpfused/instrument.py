@@ -17,6 +17,7 @@ from dpfused.clipping import Bookkeeper
 from dpfused.groups import Layer, build_groups
 from dpfused.rules import container_rule, fallback_rule, rule_for
 from dpfused.rules.functorch import bypassing
+from dpfused.validate import guard_forwards
 
 __all__ = ["Instrumentation", "instrument", "plan", "detach", "explain", "instrumentation_of"]
 
@@ -51,7 +52,8 @@ def instrument(module, *, clipping, max_grad_norm, thresholds, loss_reduction, b
                       count_unclipped=count_unclipped, nonfinite=nonfinite)
     for layer in layers:
         _patch(layer, book.tap(layer))
-    inst = Instrumentation(module, layers, book, clipping, _guard_token_mean_losses(module))
+    hooks = [*_guard_token_mean_losses(module), *guard_forwards(module)]
+    inst = Instrumentation(module, layers, book, clipping, hooks)
     _ACTIVE[module] = inst
     return inst
 
