@@ -140,15 +140,15 @@ def test_frozen_recurrent_layer_unfrozen_after_make_private_is_refused_at_the_fo
 
 def test_guards_sit_only_on_modules_that_could_mix_examples_and_detach_removes_them():
     """The check costs nothing on models without BatchNorm / InstanceNorm / recurrent layers:
-    no pre-hook at all."""
+    the only pre-hook is the private module's own (it re-installs stripped forwards)."""
     mlp = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     mlp, _, _ = _private(mlp, TensorDataset(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)))
-    assert [len(m._forward_pre_hooks) for m in mlp.modules()] == [0, 0, 0, 0]
+    assert [len(m._forward_pre_hooks) for m in mlp.modules()] == [1, 0, 0, 0]
 
     model = _cnn()
     model[1].eval()
     model, _, _ = _private(model, _images())
-    assert [len(m._forward_pre_hooks) for m in model.modules()] == [0, 0, 1, 0, 0, 0]
+    assert [len(m._forward_pre_hooks) for m in model.modules()] == [1, 0, 1, 0, 0, 0]
     dpfused.detach(model)
     assert all(not m._forward_pre_hooks and "forward" not in m.__dict__ for m in model.modules())
     model.train()(torch.randn(2, 2, 5, 5)).sum().backward()  # an ordinary model again
