@@ -1,4 +1,5 @@
-"""Checks before training starts, and ``fix`` for the layers that mix examples (docs/design.md §1, issue 2)."""
+"""Checks at make_private and at every forward of a private model, and ``fix`` for the layers that
+mix examples (docs/design.md §2.1)."""
 
 from __future__ import annotations
 
