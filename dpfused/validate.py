@@ -69,8 +69,8 @@ def guard_forwards(module: nn.Module) -> list[RemovableHandle]:
     InstanceNorm and recurrent layer (only those: the rest of the model pays nothing) applies the
     make_private check at each call, before the module runs: nothing it would compute or update
     exists yet when it refuses. With grad enabled every problem is refused; without grad only a
-    BatchNorm in training mode, whose running statistics the call would update and which are
-    released with the model without noise.
+    module in training mode whose running statistics the call would update (BatchNorm, or an
+    InstanceNorm tracking them): they are released with the model without noise.
 
     Raises (from the hook):
         UnsupportedModuleError: the module mixes examples in this call; the message names it,
@@ -98,7 +98,8 @@ def _problem(name: str, sub: nn.Module, *, as_trained: bool, grad_enabled: bool)
     otherwise it is judged as it would run now, with or without grad."""
     if isinstance(sub, _BatchNorm):
         return _batchnorm_problem(name, sub, as_trained=as_trained, grad_enabled=grad_enabled)
-    if isinstance(sub, _InstanceNorm) and sub.track_running_stats:
+    if (isinstance(sub, _InstanceNorm) and sub.track_running_stats
+            and (grad_enabled or sub.training)):
         return (
             f"module '{name}' ({type(sub).__name__}) has track_running_stats=True: its running "
             "buffers average over the batch and are released with the model without noise; "

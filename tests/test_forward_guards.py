@@ -188,3 +188,22 @@ def test_model_in_eval_mode_with_batchnorm_trains_in_eval_mode():
     assert not torch.equal(before["4.weight"], after["4.weight"])  # it trained
     for buffer in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
         assert torch.equal(before[buffer], after[buffer])
+
+
+def test_instance_norm_made_to_track_statistics_after_make_private_is_refused():
+    """make_private refuses track_running_stats=True; turned on afterwards, the forward refuses
+    it too (without grad as well, in training mode: the call would update the buffers)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4), nn.Flatten(), nn.Linear(36, 3))
+    model, _, _ = _private(model, _images())
+    norm = model[1]
+    norm.track_running_stats = True
+    norm.register_buffer("running_mean", torch.zeros(4))
+    norm.register_buffer("running_var", torch.ones(4))
+    x = torch.randn(4, 2, 5, 5)
+    with pytest.raises(UnsupportedModuleError, match=r"module '1' \(InstanceNorm2d\) has "
+                                                     r"track_running_stats=True"):
+        model(x)
+    with torch.no_grad(), pytest.raises(UnsupportedModuleError, match="track_running_stats"):
+        model(x)
+    assert torch.equal(norm.running_mean, torch.zeros(4))
