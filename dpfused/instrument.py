@@ -3,6 +3,11 @@
 The module object, its parameters and its state_dict keys stay the same; only ``forward`` of each
 instrumented submodule is overridden on the instance (``detach`` deletes the override). Forwards
 run without grad (evaluation, ``generate``) go straight to the original code.
+
+Code that swaps instance-level forwards after make_private (the ``kernels`` library, which
+transformers runs again at every ``train()`` / ``eval()`` of a model loaded with hub kernels)
+deletes or replaces the override; a forward pre-hook on the private module puts it back before
+every grad-enabled forward (docs/design.md §2.1).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dpfused.clipping import Bookkeeper
 from dpfused.groups import Layer, build_groups
 from dpfused.rules import container_rule, fallback_rule, rule_for
 from dpfused.rules.functorch import bypassing
+from dpfused.validate import guard_forwards
 
 __all__ = ["Instrumentation", "instrument", "plan", "detach", "explain", "instrumentation_of"]
 
@@ -32,6 +38,7 @@ class Instrumentation:
     book: Bookkeeper
     clipping: str
     hooks: list = field(default_factory=list)  # removed by detach
+    patches: list["_Patch"] = field(default_factory=list)  # one per layer, removed by detach
 
     @property
     def groups(self):
@@ -49,9 +56,10 @@ def instrument(module, *, clipping, max_grad_norm, thresholds, loss_reduction, b
                           thresholds=thresholds)
     book = Bookkeeper(groups, loss_reduction=loss_reduction, batch_first=batch_first,
                       count_unclipped=count_unclipped, nonfinite=nonfinite)
-    for layer in layers:
-        _patch(layer, book.tap(layer))
-    inst = Instrumentation(module, layers, book, clipping, _guard_token_mean_losses(module))
+    patches = [_Patch(layer, book.tap(layer)) for layer in layers]
+    hooks = [module.register_forward_pre_hook(_restore_patches(patches), prepend=True),
+             *_guard_token_mean_losses(module), *guard_forwards(module)]
+    inst = Instrumentation(module, layers, book, clipping, hooks, patches)
     _ACTIVE[module] = inst
     return inst
 
@@ -128,18 +136,74 @@ def _check_coverage(module, layers):
         raise ValueError("module has no trainable parameters; nothing to make private")
 
 
-def _patch(layer, tap):
-    module = layer.module
-    original = module.forward  # bound method (or an instance override, restored by detach)
-    had_override = "forward" in module.__dict__
+class _Patch:
+    """dpfused's ``forward`` on one layer's instance: the rule with grad, the module's own code
+    without."""
 
-    def forward(*args, **kwargs):
+    def __init__(self, layer, tap):
+        self.layer, self.tap = layer, tap
+        self.install()
+
+    def install(self):
+        module, rule, tap = self.layer.module, self.layer.rule, self.tap
+        # An instance-level forward already there (a hub kernel, accelerate's device hook) keeps
+        # running without grad and is put back by detach; None means the class's forward.
+        self.replaced = module.__dict__.get("forward")
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            if bypassing() or not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            return rule.forward(module, tap, *args, **kwargs)
+
+        forward._dpfused_original = self.replaced  # type: ignore[attr-defined]  # rules/container.py
+        self.forward = forward
+        module.forward = forward
+
+    def stripped(self) -> bool:
+        """True when the override was deleted, or replaced by the ``kernels`` library.
+
+        ``kernels.kernelize`` pops the instance attribute ``forward`` to go back to the class's
+        code, or sets a hub kernel's forward there (and ``_kernel_repo`` beside it). Both compute
+        the layer's own function, which the rule computes too, so re-installing is exact. Any other
+        replacement (accelerate wrapping the override, a user's own forward) is left alone: if it
+        bypasses the rule, backward fails closed.
+        """
+        current = self.layer.module.__dict__.get("forward")
+        if current is self.forward:
+            return False
+        return current is None or "_kernel_repo" in self.layer.module.__dict__
+
+    def remove(self):
+        module = self.layer.module
+        module.__dict__.pop("forward", None)
+        if self.replaced is not None:
+            module.forward = self.replaced
+
+
+def _restore_patches(patches):
+    """A forward pre-hook for the private module: re-install every stripped override.
+
+    Runs before the module's forward, so its submodules resolve ``forward`` after the repair. The
+    module's own override (a private model that is itself one layer) is resolved before the hook
+    runs: if that one was stripped, the call is refused and the override re-installed.
+    """
+
+    def restore(root, _args):
         if bypassing() or not torch.is_grad_enabled():
-            return original(*args, **kwargs)
-        return layer.rule.forward(module, tap, *args, **kwargs)
+            return
+        stripped = [patch for patch in patches if patch.stripped()]
+        for patch in stripped:
+            patch.install()
+        if any(patch.layer.module is root for patch in stripped):
+            raise RuntimeError(
+                f"the forward of the private module ({type(root).__name__}) was replaced after "
+                "make_private (e.g. by the kernels library's kernelize, which transformers runs "
+                "at model.train() / model.eval()); this call would bypass per-example clipping, "
+                "so it was refused and dpfused re-installed its forward: repeat the call"
+            )
 
-    forward._dpfused_original = (original if had_override else None)  # type: ignore[attr-defined]
-    module.forward = forward
+    return restore
 
 
 # HuggingFace heads whose built-in loss (``labels=``) averages over every token of the batch.
@@ -180,11 +244,8 @@ def detach(module: nn.Module) -> nn.Module:
         raise ValueError("module is not instrumented by dpfused (nothing to detach)")
     for hook in inst.hooks:
         hook.remove()
-    for layer in inst.layers:
-        patched = layer.module.__dict__.pop("forward", None)
-        original = getattr(patched, "_dpfused_original", None)
-        if original is not None:
-            layer.module.forward = original
+    for patch in inst.patches:
+        patch.remove()
     return module
 
 

@@ -1,19 +1,25 @@
-"""Checks before training starts, and ``fix`` for the layers that mix examples (docs/design.md §1, issue 2)."""
+"""Checks at make_private and at every forward of a private model, and ``fix`` for the layers that
+mix examples (docs/design.md §2.1)."""
 
 from __future__ import annotations
 
 import copy
 import math
 
+import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.utils.hooks import RemovableHandle
 
 from dpfused.layers.recurrent import dp_equivalent
 
 __all__ = ["ModuleValidator", "UnsupportedModuleError", "check_module", "check_optimizer",
-           "fix", "module_problems"]
+           "fix", "guard_forwards", "module_problems"]
 
 _RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+# The module types whose refusal can depend on their mode or flags at call time.
+_MIXING_CANDIDATES = (_BatchNorm, _InstanceNorm, *_RECURRENT)
 
 
 class UnsupportedModuleError(ValueError):
@@ -26,12 +32,12 @@ class UnsupportedModuleError(ValueError):
 
 def check_module(module: nn.Module) -> None:
     """Raise ``UnsupportedModuleError`` (a ValueError) naming every module that would break
-    per-example privacy, each with its fix, as Opacus' ``make_private`` does."""
-    if not module.training:
-        raise ValueError(
-            "module is in eval mode; call model.train() before make_private (dropout and the "
-            "layer rules assume training mode)"
-        )
+    per-example privacy, each with its fix, as Opacus' ``make_private`` does.
+
+    The module may be in eval mode (``from_pretrained`` returns one): what must hold is that no
+    module mixes examples during a private forward, and ``guard_forwards`` checks that at every
+    forward, after whatever ``train()`` / ``eval()`` calls came in between.
+    """
     problems = module_problems(module, training=True)
     if problems:
         raise UnsupportedModuleError(problems)
@@ -42,28 +48,93 @@ def module_problems(module: nn.Module, *, training: bool = False) -> list[str]:
 
     Args:
         module: the model.
-        training: judge BatchNorm by its current mode (a BatchNorm in eval mode uses fixed
-            statistics and is fine); False judges the model as it will train, every BatchNorm
-            in train mode.
+        training: judge BatchNorm by its current mode (a BatchNorm in eval mode with running
+            statistics uses fixed statistics and is fine); False judges the model as it will
+            train, every BatchNorm in train mode.
     """
     problems = []
     for path, sub in module.named_modules():
-        name = path or "<root>"
-        if isinstance(sub, _BatchNorm) and (sub.training or not training):
-            problems.append(
-                f"module '{name}' ({type(sub).__name__}) mixes examples in a batch (batch "
-                "statistics), so one example changes every other example's gradient; replace it "
-                "(dpfused.fix(model) swaps BatchNorm for GroupNorm) or put it in eval mode"
-            )
-        if isinstance(sub, nn.modules.instancenorm._InstanceNorm) and sub.track_running_stats:
-            problems.append(
-                f"module '{name}' ({type(sub).__name__}) has track_running_stats=True: its running "
-                "buffers average over the batch and are released with the model without noise; "
-                "construct it with track_running_stats=False (dpfused.fix(model) does)"
-            )
-        if isinstance(sub, _RECURRENT) and any(p.requires_grad for p in sub.parameters()):
-            problems.append(_recurrent_problem(name, sub))
+        problem = _problem(path or "<root>", sub, as_trained=not training, grad_enabled=True)
+        if problem is not None:
+            problems.append(problem)
     return problems
+
+
+def guard_forwards(module: nn.Module) -> list[RemovableHandle]:
+    """Refuse, at every forward of ``module``'s submodules that could mix examples, the ones that
+    now do; returns the hooks' handles (``dpfused.detach`` removes them).
+
+    ``model.train()`` after make_private puts a BatchNorm that was in eval mode back on batch
+    statistics; the check at make_private cannot see that. A forward pre-hook on each BatchNorm,
+    InstanceNorm and recurrent layer (only those: the rest of the model pays nothing) applies the
+    make_private check at each call, before the module runs: nothing it would compute or update
+    exists yet when it refuses. With grad enabled every problem is refused; without grad only a
+    module in training mode whose running statistics the call would update (BatchNorm, or an
+    InstanceNorm tracking them): they are released with the model without noise.
+
+    Raises (from the hook):
+        UnsupportedModuleError: the module mixes examples in this call; the message names it,
+            what it does and the fix.
+    """
+    handles = []
+    for path, sub in module.named_modules():
+        if isinstance(sub, _MIXING_CANDIDATES):
+            handles.append(sub.register_forward_pre_hook(_refuse_if_mixing(path or "<root>")))
+    return handles
+
+
+def _refuse_if_mixing(path: str):
+    def refuse(sub, _args):
+        problem = _problem(path, sub, as_trained=False, grad_enabled=torch.is_grad_enabled())
+        if problem is not None:
+            raise UnsupportedModuleError([f"dpfused refused a forward of the private model: "
+                                          f"{problem}"])
+
+    return refuse
+
+
+def _problem(name: str, sub: nn.Module, *, as_trained: bool, grad_enabled: bool) -> str | None:
+    """What ``sub`` breaks, or None. ``as_trained`` judges a BatchNorm as if in training mode;
+    otherwise it is judged as it would run now, with or without grad."""
+    if isinstance(sub, _BatchNorm):
+        return _batchnorm_problem(name, sub, as_trained=as_trained, grad_enabled=grad_enabled)
+    if (isinstance(sub, _InstanceNorm) and sub.track_running_stats
+            and (grad_enabled or sub.training)):
+        return (
+            f"module '{name}' ({type(sub).__name__}) has track_running_stats=True: its running "
+            "buffers average over the batch and are released with the model without noise; "
+            "construct it with track_running_stats=False (dpfused.fix(model) does)"
+        )
+    if (isinstance(sub, _RECURRENT) and grad_enabled
+            and any(p.requires_grad for p in sub.parameters())):
+        return _recurrent_problem(name, sub)
+    return None
+
+
+def _batchnorm_problem(name, bn, *, as_trained, grad_enabled):
+    # torch's rule (_BatchNorm.forward): batch statistics in training mode, and also in eval mode
+    # when there are no running buffers; the buffers are updated only in training mode.
+    training = as_trained or bn.training
+    has_buffers = bn.running_mean is not None
+    kind = type(bn).__name__
+    if training and (grad_enabled or has_buffers):
+        updates = (" and updates running_mean/running_var from the batch, which are released "
+                   "with the model without noise" if has_buffers else "")
+        return (
+            f"module '{name}' ({kind}) mixes examples in a batch: in training mode it normalizes "
+            f"with the batch's statistics, so one example changes every other example's "
+            f"gradient{updates}. Replace it (dpfused.fix(model) swaps BatchNorm for GroupNorm), "
+            "or put it in eval mode (fixed statistics) and back in eval mode after every "
+            f"model.train(), which puts it in training mode (model.get_submodule('{name}').eval())"
+        )
+    if not has_buffers and grad_enabled:
+        return (
+            f"module '{name}' ({kind}) mixes examples in a batch: it has no running statistics "
+            "(track_running_stats=False), so even in eval mode it normalizes with the batch's "
+            "statistics and one example changes every other example's gradient. Replace it "
+            "(dpfused.fix(model) swaps BatchNorm for GroupNorm)"
+        )
+    return None
 
 
 def _recurrent_problem(name: str, module: nn.Module) -> str:
@@ -172,7 +243,7 @@ def fix(module: nn.Module) -> nn.Module:
     if _swappable_recurrent(module):
         return dp_equivalent(module)
     for sub in module.modules():
-        if isinstance(sub, nn.modules.instancenorm._InstanceNorm) and sub.track_running_stats:
+        if isinstance(sub, _InstanceNorm) and sub.track_running_stats:
             sub.track_running_stats = False
             sub.running_mean = sub.running_var = sub.num_batches_tracked = None
     for name, child in module.named_children():

@@ -46,9 +46,19 @@ def test_fix_swaps_batchnorm_for_groupnorm():
     _make(model)
 
 
-def test_eval_mode_is_refused():
-    with pytest.raises(ValueError, match="eval mode.*model.train"):
-        _make(nn.Linear(4, 2).eval())
+def test_eval_mode_is_accepted():
+    """from_pretrained returns eval mode (issue 21 item 4): what matters is the mode of each
+    example-mixing module at every forward, which tests/test_forward_guards.py checks."""
+    model = nn.Linear(4, 2).eval()
+    _make(model)
+    assert not model.training
+
+
+def test_batchnorm_in_eval_mode_without_running_statistics_is_refused():
+    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm2d\) mixes examples.*no running "
+                                         r"statistics.*dpfused.fix"):
+        _make(nn.Sequential(nn.Conv2d(3, 8, 3),
+                            nn.BatchNorm2d(8, track_running_stats=False).eval()))
 
 
 def test_optimizer_parameter_outside_module_is_refused():
