@@ -299,3 +299,69 @@ def test_cancellation_under_bf16_autocast(clipping):
     x = torch.randn(1, 1, n) * 1e4
     crafted = (torch.cat([x, -(1 - 2.0 ** -6) * x], dim=1), torch.ones(1, 2, m))
     assert_within_clip(model, honest, crafted, clipping=clipping)
+
+
+# ---- issue 25, "not yet tried": every other rule, with one example's inputs huge -------------------
+class Scaled(nn.Module):
+    """A per-example parameter that no rule covers (the torch.func fallback)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        return torch.tanh(x) * self.scale ** 2
+
+
+class WithExtraParam(nn.Module):
+    """A parameter next to a trainable child (the container rule)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.extra = nn.Parameter(torch.randn(dim, dim) / dim)
+
+    def forward(self, x):
+        return self.fc(x).matmul(self.extra)
+
+
+def _rule_models():
+    from dpfused.layers import DPGRU, DPLSTM
+
+    dim = 6
+    return {
+        "layernorm": nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim)),
+        "rmsnorm": nn.Sequential(nn.Linear(dim, dim), nn.RMSNorm(dim)),
+        "groupnorm": nn.Sequential(nn.Conv1d(5, dim, 1), nn.GroupNorm(2, dim)),
+        "functorch": nn.Sequential(nn.Linear(dim, dim), Scaled(dim)),
+        "container": WithExtraParam(dim),
+        "dplstm": DPLSTM(dim, dim, batch_first=True),
+        "dpgru": DPGRU(dim, dim, batch_first=True),
+    }
+
+
+class SumOut(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return (out[0] if isinstance(out, tuple) else out).sum()
+
+
+@pytest.mark.parametrize("clipping", MODES)
+@pytest.mark.parametrize("name", list(_rule_models()))
+@pytest.mark.parametrize("big", [1e15, 1e30])
+def test_every_rule_bounds_a_huge_example(name, clipping, big):
+    """One example's inputs multiplied by 1e15 or 1e30 (finite in float32): either its gradient
+    overflows in the model's own forward/backward (a NaN/inf gradient: refused, nothing released)
+    or it moves the clipped sum by at most C."""
+    torch.manual_seed(10)
+    model = SumOut(_rule_models()[name])
+    honest = torch.randn(4, 5, 6)
+    crafted = honest[:1] * big
+    try:
+        assert_within_clip(model, (honest,), (crafted,), clipping=clipping)
+    except ValueError as refused:
+        assert "non-finite per-example gradient" in str(refused)
