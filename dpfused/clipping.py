@@ -9,12 +9,14 @@ routes each piece to the clipping group of its parameter. A group completes:
 - otherwise at the end of the backward pass (an autograd callback): ``flat`` book-keeping, groups
   joined by shared parameters, layers called more than once, recomputed (checkpointed) layers.
 
-Completing a group: per-example group norms (cross terms for parameters used more than once),
-multipliers c_i * loss_scale (``privacy_math``), clipped sums per parameter. Clipped sums of a pass
-are merged into the step's sums only when the whole pass succeeded, so a failed pass leaves no half.
+Completing a group: per-example upper bounds of the norm of what the group releases (estimates
+with their rigorous floating-point error, cross terms for parameters used more than once, and a
+magnitude fallback: ``privacy_math.norm_upper_bound``), multipliers c_i * loss_scale, clipped sums
+per parameter, each example reduced before the examples are added. Clipped sums of a pass are
+merged into the step's sums only when the whole pass succeeded, so a failed pass leaves no half.
 
-A NaN/inf per-example norm (``nonfinite``): "raise" fails the pass (nothing of it is kept); "drop"
-gives that example multiplier 0 in every group. Dropping needs all of an example's group norms
+A NaN/inf gradient (``nonfinite``; a huge finite one is clipped like any other): "raise" fails the
+pass (nothing of it is kept); "drop" gives that example multiplier 0 in every group. Dropping needs all of an example's group norms
 before any group's sum, so with "drop" every group completes at the end of backward (no fast path).
 """
 
@@ -30,6 +32,7 @@ import torch.nn as nn
 
 from dpfused import privacy_math
 from dpfused.groups import set_thresholds
+from dpfused.pieces import disjoint, joint_release_error, joint_weighted_sum, merge_factor_uses
 from dpfused.step import ClippedStep, LogicalBatch
 
 __all__ = ["Bookkeeper"]
@@ -215,34 +218,44 @@ class Bookkeeper:
     def _loss_scale(self):
         return float(self._pass_batch) if self.loss_reduction == "mean" else 1.0
 
-    def _complete(self, g, norm_sq=None, dropped=None):
+    def _complete(self, g, uses=None, bound=None, dropped=None):
         """Clip group g's pieces into the pass's sums; ``dropped`` (nonfinite="drop"): the
         examples to give multiplier 0, decided from all groups' norms (``_complete_all``)."""
         group = self.groups[g]
-        tagged = self._pieces.pop(g)
+        if uses is None:
+            tagged = self._pieces.pop(g)
+            uses = self._uses(tagged)
+            bound = self._group_norm_bound(uses)
+            self._record_norm_paths(tagged)
         self._completed.add(g)
-        if norm_sq is None:
-            norm_sq = self._group_norm_sq(tagged)
         if dropped is None:
-            self._check_finite(group, norm_sq)
+            self._check_finite(group, bound)
         elif self._pass_dropped:
-            tagged = [(path, _without_examples(piece, dropped)) for path, piece in tagged]
+            uses = {key: [_without_examples(piece, dropped) for piece in plist]
+                    for key, plist in uses.items()}
         scale = self._loss_scale()
         if self.count_unclipped:  # over the batch's own examples (padding is no example)
-            real = len(norm_sq) - self._padding()
+            real = len(bound) - self._padding()
             self._pass_counts[g] = privacy_math.centered_unclipped_count(
-                norm_sq[:real], group.threshold, scale,
+                bound[:real], group.threshold, scale,
                 dropped=None if dropped is None else dropped[:real])
-        dropped = self._with_padding(dropped, len(norm_sq))
-        multipliers = privacy_math.example_multipliers(norm_sq, group.threshold, scale,
+        dropped = self._with_padding(dropped, len(bound))
+        multipliers = privacy_math.example_multipliers(bound, group.threshold, scale,
                                                        dropped=dropped)
-        for path, piece in tagged:
-            clipped = piece.weighted_sum(multipliers)
-            key = self._key(piece.param)
+        for key, plist in uses.items():
+            clipped = _clipped_sum(plist, multipliers)
             if key in self._pass_sums:
                 self._pass_sums[key].add_(clipped)
             else:
                 self._pass_sums[key] = clipped
+
+    def _uses(self, tagged):
+        """{parameter key: its pieces in this group}, plain factor uses of one parameter joined
+        (``pieces.merge_factor_uses``)."""
+        by_param = defaultdict(list)
+        for _, piece in tagged:
+            by_param[self._key(piece.param)].append(piece)
+        return {key: merge_factor_uses(plist) for key, plist in by_param.items()}
 
     def _padding(self) -> int:
         return self._batch.padding if self._batch is not None else 0
@@ -258,9 +271,10 @@ class Bookkeeper:
         mask[examples - padding:] = True
         return mask if dropped is None else dropped | mask.to(dropped.device)
 
-    def _check_finite(self, group, norm_sq):
-        if not torch.isfinite(norm_sq).all():
-            bad = torch.nonzero(~torch.isfinite(norm_sq)).flatten().tolist()[:10]
+    def _check_finite(self, group, bound):
+        """A non-finite norm bound means a NaN/inf gradient (a huge finite one is clipped)."""
+        if not torch.isfinite(bound).all():
+            bad = torch.nonzero(~torch.isfinite(bound)).flatten().tolist()[:10]
             self._fail(
                 f"non-finite per-example gradient norm in clipping group '{group.name}' for "
                 f"examples {bad} of this batch; no step was taken from this backward pass "
@@ -275,8 +289,12 @@ class Bookkeeper:
             for g in pending:
                 self._complete(g)
             return
-        norms = {g: self._group_norm_sq(self._pieces[g]) for g in pending}
-        dropped = privacy_math.nonfinite_examples(list(norms.values()))
+        tagged = {g: self._pieces.pop(g) for g in pending}
+        uses = {g: self._uses(tagged[g]) for g in pending}
+        bounds = {g: self._group_norm_bound(uses[g]) for g in pending}
+        for g in pending:
+            self._record_norm_paths(tagged[g])
+        dropped = privacy_math.nonfinite_examples(list(bounds.values()))
         self._pass_dropped = int(dropped.sum())
         if self._pass_dropped:
             warnings.warn(
@@ -284,20 +302,30 @@ class Bookkeeper:
                 "(nonfinite_gradients='drop'); optimizer.examples_dropped counts them. The count "
                 "is not private: do not release it", RuntimeWarning, stacklevel=2)
         for g in pending:
-            self._complete(g, norms[g], dropped)
+            self._complete(g, uses[g], bounds[g], dropped)
 
-    def _group_norm_sq(self, tagged):
-        by_param = defaultdict(list)
-        for path, piece in tagged:
-            by_param[id(piece.param)].append(piece)
-        total = None
-        for plist in by_param.values():
-            for i, p in enumerate(plist):
-                terms = [p.norm_sq()] + [2 * p.inner(q) for q in plist[i + 1:]]
-                for term in terms:
-                    total = term.clone() if total is None else total + term.to(total.dtype)
-        self._record_norm_paths(tagged)
-        return total
+    def _group_norm_bound(self, uses):
+        """Per-example upper bounds (B,) of the norm of what the group releases, for any input
+        (``privacy_math.norm_upper_bound``; docs/design.md §3, "Floating point").
+
+        Per parameter: the squared norm of the summed uses, sum_u ||G^u||^2 + 2 sum_{u<v} <G^u, G^v>,
+        with the error bounds of every term; how far its clipped sum's per-example gradient can be
+        from it; and a magnitude from positive quantities. Parameters are disjoint coordinates.
+        """
+        value = error = release_sq = magnitude_sq = 0
+        for plist in uses.values():
+            for i, piece in enumerate(plist):
+                terms = [piece.norm_estimate()] + [piece.inner_estimate(q) for q in plist[i + 1:]]
+                for k, term in enumerate(terms):
+                    weight = 1 if k == 0 else 2
+                    value = value + weight * term.value
+                    error = error + weight * term.error
+            release = _release_error(plist)
+            magnitude = sum(piece.magnitude() for piece in plist) + release
+            release_sq = release_sq + release * release
+            magnitude_sq = magnitude_sq + magnitude * magnitude
+        return privacy_math.norm_upper_bound(value, error, torch.sqrt(release_sq),
+                                             torch.sqrt(magnitude_sq))
 
     def _record_norm_paths(self, tagged):
         """layer -> how its pieces' norms were computed, e.g. "ghost+dense", for explain()."""
@@ -460,6 +488,22 @@ class Bookkeeper:
         self._failure = None
         self._reset_pass()
         self._reset_forward()
+
+
+def _clipped_sum(plist, multipliers):
+    """One parameter's clipped sum over its pieces, each example reduced before the examples are
+    added: a piece at a time when they hold disjoint rows (or there is one), else jointly."""
+    if len(plist) == 1 or disjoint(plist):
+        return sum(piece.weighted_sum(multipliers) for piece in plist)
+    return joint_weighted_sum(plist, multipliers)
+
+
+def _release_error(plist):
+    """How far one parameter's released per-example gradient can be from the sum of its pieces'
+    estimated ones (``_clipped_sum``'s two ways)."""
+    if len(plist) == 1 or disjoint(plist):
+        return sum(piece.release_error() for piece in plist)
+    return joint_release_error(plist)
 
 
 def _merge(into: dict, new: dict) -> None:

@@ -3,7 +3,7 @@
 Every path that clips, scales or noises a gradient calls these functions; nothing else in dpfused
 computes a clip factor, a sensitivity, a noise standard deviation or the final normalization.
 
-    per example i, group g:  c_ig = min(1, C_g / (||G_ig|| + 1e-6))
+    per example i, group g:  c_ig = min(1, C_g / (N_ig + 1e-6)),  N_ig >= ||released G_ig||
     sensitivity:             C = sqrt(sum_g C_g^2)          (add/remove adjacency)
     final gradient:          (sum_i c_ig G_ig + N(0, sigma^2 C^2 I)) / B_norm
 
@@ -23,6 +23,7 @@ from dpfused.secure_random import ChaCha20Generator
 
 __all__ = [
     "CLIP_EPS",
+    "norm_upper_bound",
     "clip_factors",
     "example_multipliers",
     "NONFINITE_CHOICES",
@@ -49,30 +50,60 @@ __all__ = [
 CLIP_EPS = 1e-6
 
 
-def clip_factors(norm_sq: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Per-example clip factors ``min(1, C / (||G_i|| + 1e-6))`` from squared norms ``(B,)``."""
-    return (threshold / (_norms(norm_sq) + CLIP_EPS)).clamp(max=1.0)
+def norm_upper_bound(value: torch.Tensor, error: torch.Tensor, release: torch.Tensor,
+                     magnitude: torch.Tensor) -> torch.Tensor:
+    """N_i, an upper bound of the norm of what example i's clipped sum will actually release.
+
+    The guarantee of the clip (docs/design.md §3, "Floating point"): for ANY input, finite or
+    crafted to cancel, ||released contribution of example i|| <= c_i N_i <= C. Two bounds, each
+    rigorous on its own, and the smaller is taken:
+
+    - sqrt(max(value, 0) + error) + release: ``value`` the computed squared norm (ghost, direct,
+      cross terms: it may cancel to anything, negative included), ``error`` a bound on its error,
+      ``release`` a bound on how far the released per-example gradient is from the one whose norm
+      was estimated (its own rounding, example by example);
+    - ``magnitude``: a bound from positive quantities only (sum_t ||left_t|| ||right_t|| for a factor
+      piece), which cannot cancel and stays finite for every finite fp32/bf16/fp16 input.
+
+    Where the first is not finite (the squared norms overflowed) the second is used; where the
+    second is not finite the example's gradient itself is (``nonfinite_examples``).
+
+    Args:
+        value, error, release, magnitude: (B,) float64, summed over a clipping group's pieces as
+            ``dpfused.clipping`` does (release and magnitude in quadrature over parameters).
+
+    Returns:
+        (B,) float64 norm bounds.
+    """
+    estimated = value.clamp_min(0).add(error).sqrt().add(release)
+    return torch.where(torch.isfinite(estimated), torch.minimum(estimated, magnitude), magnitude)
 
 
-def example_multipliers(norm_sq: torch.Tensor, threshold: float, loss_scale: float, *,
+def clip_factors(norm_bound: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per-example clip factors ``min(1, C / (N_i + 1e-6))`` from norm upper bounds ``(B,)``."""
+    return (threshold / (_accumulation(norm_bound) + CLIP_EPS)).clamp(max=1.0)
+
+
+def example_multipliers(norm_bound: torch.Tensor, threshold: float, loss_scale: float, *,
                         dropped: torch.Tensor | None = None) -> torch.Tensor:
     """What each example's raw per-example gradient is multiplied by before summing.
 
     The layer rules see the gradient of the loss the user backpropagates; with a mean loss over B
     examples that is G_i / B. ``loss_scale`` (B for "mean", 1 for "sum") restores G_i; the clip
-    factor is computed on the restored norm.
+    factor is computed on the restored norm bound.
 
     Args:
-        norm_sq: squared norms of the raw (loss-scaled) per-example gradients, ``(B,)``.
+        norm_bound: upper bounds of the raw (loss-scaled) per-example norms, ``(B,)``
+            (``norm_upper_bound``).
         threshold: the group's clipping threshold C_g.
         loss_scale: factor from the raw gradient to the true per-example gradient.
         dropped: ``(B,)`` bool, examples whose contribution is dropped (``nonfinite_examples``):
             their multiplier is exactly 0, whatever their (non-finite) norm.
 
     Returns:
-        ``(B,)`` float32 (float64 for float64 norms) tensor ``c_i * loss_scale``.
+        ``(B,)`` float32 (float64 for float64 bounds) tensor ``c_i * loss_scale``.
     """
-    multipliers = clip_factors(_true_norm_sq(norm_sq, loss_scale), threshold) * loss_scale
+    multipliers = clip_factors(_true_norm(norm_bound, loss_scale), threshold) * loss_scale
     if dropped is None:
         return multipliers
     return torch.where(dropped.to(multipliers.device), torch.zeros_like(multipliers), multipliers)
@@ -88,20 +119,23 @@ def example_multipliers(norm_sq: torch.Tensor, threshold: float, loss_scale: flo
 NONFINITE_CHOICES = ("raise", "drop")
 
 
-def nonfinite_examples(norm_sqs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``(B,)`` bool: True for the examples with a NaN/inf squared norm in any clipping group.
+def nonfinite_examples(norm_bounds: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(B,)`` bool: True for the examples with a NaN/inf norm bound in any clipping group.
 
-    Elementwise over examples: example i's entry depends on example i's group norms only (never on
-    another example's), which is what keeps dropping it private.
+    A bound is non-finite only where the released gradient itself is (``norm_upper_bound`` falls
+    back to a magnitude that is finite for every finite fp32/bf16/fp16 input): a huge but finite
+    gradient is clipped, not dropped, and never stops the step. Elementwise over examples: example
+    i's entry depends on example i's group norms only (never on another example's), which is what
+    keeps dropping it private.
 
     Args:
-        norm_sqs: each group's per-example squared norms, ``(B,)`` each (possibly on different
+        norm_bounds: each group's per-example norm bounds, ``(B,)`` each (possibly on different
             devices; the result is on the first one's).
     """
-    device = norm_sqs[0].device
-    dropped = torch.zeros(norm_sqs[0].shape, dtype=torch.bool, device=device)
-    for norm_sq in norm_sqs:
-        dropped |= ~torch.isfinite(norm_sq).to(device)
+    device = norm_bounds[0].device
+    dropped = torch.zeros(norm_bounds[0].shape, dtype=torch.bool, device=device)
+    for bound in norm_bounds:
+        dropped |= ~torch.isfinite(bound).to(device)
     return dropped
 
 
@@ -116,13 +150,9 @@ def without_examples(per_example: torch.Tensor, dropped: torch.Tensor) -> torch.
                        per_example)
 
 
-def _true_norm_sq(norm_sq: torch.Tensor, loss_scale: float) -> torch.Tensor:
-    """Squared norms of the true per-example gradients: clipping and counting use the same ones."""
-    return _accumulation(norm_sq) * (loss_scale * loss_scale)
-
-
-def _norms(norm_sq: torch.Tensor) -> torch.Tensor:
-    return _accumulation(norm_sq).clamp_min(0).sqrt()
+def _true_norm(norm_bound: torch.Tensor, loss_scale: float) -> torch.Tensor:
+    """Norm bounds of the true per-example gradients: clipping and counting use the same ones."""
+    return _accumulation(norm_bound) * loss_scale
 
 
 def _accumulation(t: torch.Tensor) -> torch.Tensor:
@@ -206,15 +236,15 @@ def noised_gradient(
 # sensitivity covers that exactly.
 
 
-def centered_unclipped_count(norm_sq: torch.Tensor, threshold: float, loss_scale: float, *,
+def centered_unclipped_count(norm_bound: torch.Tensor, threshold: float, loss_scale: float, *,
                              dropped: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_i (1[||G_i|| <= C_g] - 1/2) over a batch, from raw squared norms ``(B,)`` (a 0-d tensor).
+    """sum_i (1[N_i <= C_g] - 1/2) over a batch, from raw norm bounds ``(B,)`` (a 0-d tensor).
 
     ``loss_scale`` restores the true per-example gradient as in ``example_multipliers``. A dropped
     example (``nonfinite_examples``) was scaled by 0, i.e. clipped: it adds -1/2 in every group, so
     each example still adds +-1/2 per group (sensitivity unchanged) and is counted in B_exp.
     """
-    unclipped = _norms(_true_norm_sq(norm_sq, loss_scale)) <= threshold
+    unclipped = _true_norm(norm_bound, loss_scale) <= threshold
     if dropped is not None:
         unclipped &= ~dropped.to(unclipped.device)
     return (unclipped.to(torch.float64) - 0.5).sum()

@@ -1,30 +1,49 @@
-"""Triton kernels and their torch reference twins. Knows nothing of privacy."""
+"""Triton kernels and their torch reference twins. Knows nothing of privacy.
 
-# Every op takes `impl="auto" | "triton" | "torch"`; see dispatch.resolve_impl. Importing this
-# package runs no kernel and needs no GPU; without the triton package "auto" picks torch.
+The Triton ops take `impl="auto" | "triton" | "torch"`; see dispatch.resolve_impl. Importing this
+package runs no kernel and needs no GPU; without the triton package "auto" picks torch. The
+embedding ops are torch on every device (embedding_norm.py says why). Every op that feeds a clip
+factor comes in a `_bounded` form returning an `Estimate`: the value and a rigorous bound on its
+floating-point error (docs/design.md §3, "Floating point").
+"""
+
+from ._checks import Estimate, exact_fp32_matmul, gamma, row_norms, unit_roundoff
 from .chacha20 import chacha20_blocks
-from .clipped_grad import (choose_clipped_grad_variant, clipped_weight_grad,
-                           clipped_weight_grad_scale_matmul)
-from .direct_norm import direct_norm_sq
+from .clipped_grad import clipped_weight_grad, split_scale
+from .direct_norm import direct_norm_sq, direct_norm_sq_bounded
 from .dispatch import choose_norm_path, resolve_impl, triton_available
-from .embedding_norm import embedding_clipped_grad, embedding_dense_inner, embedding_norm_sq
-from .ghost_norm import ghost_inner, ghost_norm_sq, ghost_norm_sq_with_bias
+from .embedding_norm import (EmbeddingGroups, embedding_clipped_grad,
+                             embedding_dense_inner_bounded, embedding_groups, embedding_norm_sq,
+                             groups_clipped_grad, groups_norm_sq)
+from .ghost_norm import (ghost_inner, ghost_inner_bounded, ghost_norm_sq, ghost_norm_sq_bounded,
+                         magnitude)
 from .norm_layers import norm_layer_backward
 
 __all__ = [
+    "EmbeddingGroups",
+    "Estimate",
     "chacha20_blocks",
-    "choose_clipped_grad_variant",
     "choose_norm_path",
     "clipped_weight_grad",
-    "clipped_weight_grad_scale_matmul",
     "direct_norm_sq",
+    "direct_norm_sq_bounded",
     "embedding_clipped_grad",
-    "embedding_dense_inner",
+    "embedding_dense_inner_bounded",
+    "embedding_groups",
     "embedding_norm_sq",
+    "exact_fp32_matmul",
+    "gamma",
     "ghost_inner",
+    "ghost_inner_bounded",
     "ghost_norm_sq",
-    "ghost_norm_sq_with_bias",
+    "ghost_norm_sq_bounded",
+    "groups_clipped_grad",
+    "groups_norm_sq",
+    "magnitude",
     "norm_layer_backward",
     "resolve_impl",
+    "row_norms",
+    "split_scale",
     "triton_available",
+    "unit_roundoff",
 ]

@@ -1,5 +1,9 @@
 """Input checks and small helpers shared by the ops (errors name the offending argument)."""
 
+import contextlib
+import math
+from typing import NamedTuple
+
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -84,3 +88,61 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# ---- floating-point error bounds (docs/design.md §3, "Floating point") ---------------------------
+#
+# Every op that feeds a clip factor reports, next to its value, a rigorous bound on how far the value
+# can be from the exact one, for ANY input: a clip factor computed from an underestimated norm lets a
+# crafted example escape clipping. The bounds are Higham's (Accuracy and Stability of Numerical
+# Algorithms, 2nd ed., §3.1): a sum of n terms, in any order, is off by at most gamma_n * (sum of
+# |terms|), gamma_n = n u / (1 - n u), u the unit roundoff of the accumulation. SAFETY doubles every
+# gamma: tensor cores and some BLAS kernels accumulate with truncation or without guard digits, whose
+# per-addition error is up to 2u (Fasi, Higham, Mikaitis, Pranesh 2021).
+
+SAFETY = 2.0
+
+
+class Estimate(NamedTuple):
+    """A computed per-example quantity and a rigorous bound on its error, both (B,) float64.
+
+    |value - exact| <= error for any input. A non-finite value or error means the computation
+    overflowed (entries near the dtype's range): the caller must then bound the quantity another way.
+    """
+
+    value: torch.Tensor
+    error: torch.Tensor
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norms of the last dimension in float64, (B, T) from (B, T, d): exact to a few ulps
+    of float64 and finite for every finite fp32/bf16/fp16 input (their squares fit in float64)."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = 2^-p of an accumulation dtype: float32 2^-24, float64 2^-53 (fp16/bf16 accumulate in fp32)."""
+    return 2.0 ** -53 if dtype == torch.float64 else 2.0 ** -24
+
+
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """SAFETY * gamma_n: the relative error bound of an n-term sum (or dot product) in ``dtype``'s
+    accumulation, n counted generously (every addition and multiplication of a term's path)."""
+    nu = SAFETY * max(int(n), 1) * unit_roundoff(dtype)
+    if nu >= 0.5:
+        return math.inf  # no useful bound: callers then fall back to the magnitude bound
+    return nu / (1.0 - nu)
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul():
+    """torch matmuls inside run in IEEE float32 on CUDA, never TF32 (HF ``tf32=True`` turns TF32 on
+    globally): TF32 rounds the operands to 10-bit mantissas, which the error bounds above do not
+    cover. No effect on the CPU."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = saved

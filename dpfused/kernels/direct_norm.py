@@ -9,14 +9,23 @@ the launcher adds the (B, tiles) partials.
 
 Cost per example ~2·T·m·n FLOPs: the cheaper form when T·(m+n) ≥ m·n (long sequences, narrow
 layers); see dispatch.choose_norm_path and ghost_norm.py for the other form.
+
+Floating point (docs/design.md §3). The computed G̃_i differs from G_i entry by entry by at most
+γ_T Σ_t |left_t[p]||right_t[q]| (a T-term sum in fp32, any order), so ‖G̃_i − G_i‖ ≤ γ_T K_i with
+K_i = Σ_t ‖left_t‖‖right_t‖; squaring and summing positive terms adds a relative γ of its own. A
+middle token u ⊗ v lost between +M·a ⊗ b and −M·a ⊗ b is within that bound, so `direct_norm_sq_bounded`
+reports ‖G̃_i‖² with error 2γ_T K_i ‖G̃_i‖ + (γ_T K_i)² + γ_sq ‖G̃_i‖²: never below the truth once
+the error is added. The squares overflow fp32 for entries beyond ~1.8e19: the value is then inf and
+the caller falls back to K_i.
 """
 
 import torch
 
-from ._checks import (accum_dtype, check_dim, check_same_device, check_tensor, common_dtype,
-                      dot_precision, next_pow2)
+from ._checks import (Estimate, accum_dtype, check_dim, check_same_device, check_tensor,
+                      common_dtype, dot_precision, exact_fp32_matmul, gamma, next_pow2)
 from ._compat import INTERPRETING_AT_IMPORT, tl, triton
 from .dispatch import resolve_impl
+from .ghost_norm import magnitude
 
 # ---------------------------------------------------------------------------------------------
 # Autotune configs: (BLOCK_M, BLOCK_N, BLOCK_T, num_warps, num_stages), keyed on m, n and the
@@ -33,6 +42,8 @@ _INTERPRETER_CONFIGS = [(16, 16, 16, 1, 1)]
 _CONFIGS = _INTERPRETER_CONFIGS if INTERPRETING_AT_IMPORT else _GPU_CONFIGS
 _MIN_BLOCK_M = min(c[0] for c in _CONFIGS)  # smallest tiles size the partial-sum buffer
 _MIN_BLOCK_N = min(c[1] for c in _CONFIGS)
+# The most terms one square passes through before the float64 partial sums: a row, then a column.
+_MAX_SQUARE_SUM = max(c[0] + c[1] for c in _GPU_CONFIGS + _INTERPRETER_CONFIGS) + 1
 _MAX_GRID_B = 65535  # CUDA limit of grid axis 1, which indexes examples
 
 
@@ -88,11 +99,22 @@ def _direct_kernel(
         r_ptrs += BLOCK_T * stride_rt
 
     # ---- phase 2: square and sum the tile (masked rows/cols are exact zeros) -------------------
-    tl.store(out_ptr + pid_b * stride_outb + pid_tile, tl.sum(acc * acc))
+    # Rows, then columns: each level sums at most BLOCK_N, then BLOCK_M terms (the error bound).
+    tl.store(out_ptr + pid_b * stride_outb + pid_tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
-_direct_kernel_tuned = triton.autotune(configs=_autotune_configs(),
-                                       key=["T_BUCKET", "M", "N"])(_direct_kernel)
+def _prune_configs(configs, named_args, **kwargs):
+    """Exact fp32 dots (DOT_PRECISION="ieee") hold the tile in registers on CUDA cores: keep
+    tiles of at most 64 fp32 accumulators per thread (the 128×256 tile spills kilobytes)."""
+    if kwargs.get("DOT_PRECISION") != "ieee":
+        return configs
+    fits = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
+    return fits or configs
+
+
+_direct_kernel_tuned = triton.autotune(configs=_autotune_configs(), key=["T_BUCKET", "M", "N"],
+                                       prune_configs_by={"early_config_prune": _prune_configs},
+                                       )(_direct_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +147,15 @@ def _launch(left, right, *, config: dict | None = None) -> torch.Tensor:
             DOT_PRECISION=dot_precision(dtype), UPCAST=INTERPRETING_AT_IMPORT,
             **(config or {}),
         )
-    return partial.sum(1)
+    return partial.double().sum(1)
+
+
+def _bounded(value, left, right, *, dtype, squares: float) -> Estimate:
+    """The module docstring's bound: G̃ off by γ_T K in Frobenius norm, its squares summed with a
+    relative error ``squares``."""
+    drift = gamma(left.shape[1], dtype) * magnitude(left, right)
+    error = 2 * drift * value.clamp_min(0).sqrt() + drift * drift + squares * value.abs()
+    return Estimate(value, error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,25 +164,28 @@ def _launch(left, right, *, config: dict | None = None) -> torch.Tensor:
 _TORCH_CHUNK_ELEMENTS = 1 << 26  # at most ~64M entries of G held at once
 
 
-def direct_norm_sq_torch(left, right) -> torch.Tensor:
-    """‖Σ_t left_t ⊗ right_t‖²_F per example, by building G_i with einsum."""
+def direct_norm_sq_torch(left, right) -> Estimate:
+    """‖Σ_t left_t ⊗ right_t‖²_F per example, by building G_i with einsum (in the accumulation
+    dtype) and summing its squares in float64; with the module docstring's error bound."""
     acc = accum_dtype(left, right)
     B, _, M = left.shape
     N = right.shape[2]
     chunk = max(1, _TORCH_CHUNK_ELEMENTS // max(1, M * N))
-    out = torch.empty(B, dtype=acc, device=left.device)
-    for start in range(0, B, chunk):
-        sl = slice(start, start + chunk)
-        grads = torch.einsum("btm,btn->bmn", left[sl].to(acc), right[sl].to(acc))  # (b, m, n)
-        out[sl] = grads.pow(2).sum(dim=(1, 2))
-    return out
+    out = torch.empty(B, dtype=torch.float64, device=left.device)
+    with exact_fp32_matmul():
+        for start in range(0, B, chunk):
+            sl = slice(start, start + chunk)
+            grads = torch.einsum("btm,btn->bmn", left[sl].to(acc), right[sl].to(acc))  # (b, m, n)
+            out[sl] = grads.double().pow(2).sum(dim=(1, 2))
+    return _bounded(out, left, right, dtype=acc, squares=gamma(M * N + 1, torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-def direct_norm_sq(left: torch.Tensor, right: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
-    """Per-example ‖Σ_t left_t ⊗ right_t‖²_F, building G_i tile by tile on chip.
+def direct_norm_sq_bounded(left: torch.Tensor, right: torch.Tensor, *,
+                           impl: str = "auto") -> Estimate:
+    """Per-example ‖Σ_t left_t ⊗ right_t‖²_F, building G_i tile by tile on chip, with an error bound.
 
     Args:
         left: (B, T, m), e.g. the output gradient of an nn.Linear.
@@ -160,7 +193,8 @@ def direct_norm_sq(left: torch.Tensor, right: torch.Tensor, *, impl: str = "auto
         impl: "auto" (Triton on CUDA, else torch), "triton" or "torch".
 
     Returns:
-        (B,) float32 (float64 when an input is float64).
+        ``Estimate(value, error)``, both (B,) float64: |value − ‖G_i‖²| <= error for any input
+        (inf where the squares overflowed).
 
     Raises:
         ValueError: bad shapes, dims, devices or dtypes; see dispatch.resolve_impl for `impl`.
@@ -172,7 +206,13 @@ def direct_norm_sq(left: torch.Tensor, right: torch.Tensor, *, impl: str = "auto
     check_dim("right.shape[1]", right.shape[1], "left.shape[1]", left.shape[1])
     if resolve_impl(impl, left, right) == "torch":
         return direct_norm_sq_torch(left, right)
-    return _launch(left, right)
+    return _bounded(_launch(left, right), left, right, dtype=torch.float32,
+                    squares=gamma(_MAX_SQUARE_SUM, torch.float32))
 
 
-__all__ = ["direct_norm_sq", "direct_norm_sq_torch"]
+def direct_norm_sq(left: torch.Tensor, right: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """The value of ``direct_norm_sq_bounded``: (B,) float32 (float64 when an input is float64)."""
+    return direct_norm_sq_bounded(left, right, impl=impl).value.to(accum_dtype(left, right))
+
+
+__all__ = ["direct_norm_sq", "direct_norm_sq_bounded", "direct_norm_sq_torch"]

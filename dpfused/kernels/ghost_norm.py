@@ -1,4 +1,4 @@
-"""Ghost per-example squared norms of linear-type weight gradients.
+"""Ghost per-example squared norms of linear-type weight gradients, with rigorous error bounds.
 
 A linear-type layer's per-example weight gradient is G_i = Σ_t left[i,t] ⊗ right[i,t] (m × n);
 for nn.Linear left = output grad g (m = d_out) and right = input a (n = d_in). Its squared
@@ -10,24 +10,38 @@ and the cross term of two uses of one weight (tied weights, docs/design.md §3) 
 
     ⟨G^(1), G^(2)⟩ = Σ_{t,s} (left1_t·left2_s)(right1_t·right2_s)          (t < T1, s < T2).
 
-The bias of the same layer has ‖Σ_t left_t‖² = Σ_{t,s} left_t·left_s: the sum of the left Gram
-matrix, which the kernel has in hand anyway (`ghost_norm_sq_with_bias`).
+Floating point. The sum can cancel catastrophically: an example whose tokens are x and −(1−δ)x has a
+tiny ‖G_i‖ made of huge terms, and its computed value can be anywhere in ±(rounding of the terms),
+negative or zero included. A clip factor from such a value lets the example escape clipping, so every
+op here also returns `error`, a bound on |computed − exact| that holds for any input
+(docs/design.md §3, "Floating point"):
+
+    |value − exact| ≤ (1+γ_Σ)·(γ_m E_L + γ_n E_R + γ_Σ A) + γ_m γ_n K1 K2,
+    E_L = Σ_{t,s} ‖l1_t‖‖l2_s‖ |RR̃_ts|,  E_R = Σ_{t,s} ‖r1_t‖‖r2_s‖ |LL̃_ts|,  A = Σ_{t,s} |LL̃_ts RR̃_ts|,
+
+with LL̃, RR̃ the computed Gram entries (each off by at most γ_m ‖l1_t‖‖l2_s‖, resp. γ_n ‖r1_t‖‖r2_s‖),
+K_u = Σ_t ‖l_u,t‖‖r_u,t‖ and γ_Σ the bound of the final summation. E_L and E_R weight each Gram
+error by the other Gram's entry, so for ordinary data (tokens far from parallel) the bound is about
+(γ_m + γ_n)·‖G_i‖², not the (γ_m + γ_n)·K² a cruder analysis gives.
 
 Kernel: like flash attention, each program owns one block of BLOCK_T rows t of one example and walks
 the blocks of s; per (t, s) tile it builds both Gram tiles on chip (reducing over m, then n, in
-BLOCK_K chunks), multiplies them elementwise and adds to an fp32 accumulator. No B×T×T tensor ever
-reaches memory. For the norm (one operand set) the Gram product is symmetric, so a program only
-walks s-blocks at or after its own and counts off-diagonal tiles twice: half the FLOPs. Each
-program writes one partial sum; the launcher adds the (B, T/BLOCK_T) partials.
+BLOCK_K chunks), multiplies them elementwise and adds to fp32 accumulators (the value, E_L, E_R and
+A). No B×T×T tensor ever reaches memory. For the norm (one operand set) the Gram product is
+symmetric, so a program only walks s-blocks at or after its own and counts off-diagonal tiles twice:
+half the FLOPs. Each program writes one partial sum per accumulator; the launcher adds the
+(B, T/BLOCK_T) partials in float64.
 
 Cost per example ~2·T²·(m+n) FLOPs (half that with symmetry) versus ~2·T·m·n for the direct form
-(direct_norm.py); dispatch.choose_norm_path picks.
+(direct_norm.py); dispatch.choose_norm_path picks. The error terms add a few elementwise operations
+per Gram entry, next to the 2(m+n) of the Grams themselves.
 """
 
 import torch
 
-from ._checks import (accum_dtype, check_dim, check_same_device, check_tensor, common_dtype,
-                      dot_precision, next_pow2)
+from ._checks import (Estimate, accum_dtype, check_dim, check_same_device, check_tensor,
+                      common_dtype, dot_precision, exact_fp32_matmul, gamma, next_pow2,
+                      row_norms)
 from ._compat import INTERPRETING_AT_IMPORT, tl, triton
 from .dispatch import resolve_impl
 
@@ -35,21 +49,21 @@ from .dispatch import resolve_impl
 # Autotune configs: (BLOCK_T, BLOCK_K, num_warps, num_stages), keyed on the padded sequence length
 # and the two widths. The interpreter gets one small config (autotuning there would only burn time).
 # ---------------------------------------------------------------------------------------------
-# Registers and spills for sm_90 are checked in CI (tests/kernels/test_kernels_sm90_compile.py):
-# bf16 spills at most 8 B (32/32 at 4 warps), fp32 284 B at BLOCK_T=128 (16 warps cap registers
-# at 128 and two 128x128 fp32 accumulators do not fit).
+# Registers and spills for sm_90 are checked in CI (tests/kernels/test_kernels_sm90_compile.py).
+# BLOCK_T = 128 (16 warps) spills once the error accumulators sit beside the value's: not offered.
 _GPU_CONFIGS = [
     (32, 32, 4, 4),
     (32, 64, 4, 4),
     (64, 32, 8, 3),
     (64, 64, 8, 3),
-    (128, 32, 16, 2),
 ]
 _INTERPRETER_CONFIGS = [(16, 16, 1, 1)]
 _CONFIGS = _INTERPRETER_CONFIGS if INTERPRETING_AT_IMPORT else _GPU_CONFIGS
 # Smallest BLOCK_T of any config: sizes the buffer of per-program partial sums.
 _MIN_BLOCK_T = min(c[0] for c in _CONFIGS)
+_MAX_BLOCK_T = max(c[0] for c in _GPU_CONFIGS + _INTERPRETER_CONFIGS)
 _MAX_GRID_B = 65535  # CUDA limit of grid axis 1, which indexes examples
+_ACCUMULATORS = 4  # value, E_L, E_R, A (module docstring)
 
 
 def _autotune_configs():
@@ -64,16 +78,16 @@ def _autotune_configs():
 # under a banner comment.
 @triton.jit
 def _ghost_kernel(
-    l1_ptr, r1_ptr, l2_ptr, r2_ptr, out_ptr, bias_out_ptr,
+    l1_ptr, r1_ptr, l2_ptr, r2_ptr, nl1_ptr, nr1_ptr, nl2_ptr, nr2_ptr, out_ptr,
     T1, T2, M, N,
     stride_l1b, stride_l1t, stride_l1m,
     stride_r1b, stride_r1t, stride_r1n,
     stride_l2b, stride_l2t, stride_l2m,
     stride_r2b, stride_r2t, stride_r2n,
-    stride_outb,
+    stride_n1b, stride_n2b,  # row-norm vectors (B, T1) and (B, T2), contiguous in t
+    stride_outa, stride_outb,  # out: (accumulator, B, partials)
     T_BUCKET,  # autotune key only (next power of two of max(T1, T2))
     SYMMETRIC: tl.constexpr,  # operand sets 1 and 2 are the same tensors
-    WITH_BIAS: tl.constexpr,  # also sum the left Gram matrix (bias norm)
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # cast dot operands to fp32 (the interpreter mis-handles bf16 dots)
     BLOCK_T: tl.constexpr,
@@ -90,10 +104,14 @@ def _ghost_kernel(
     r1_base = r1_ptr + pid_b * stride_r1b
     l2_base = l2_ptr + pid_b * stride_l2b
     r2_base = r2_ptr + pid_b * stride_r2b
+    nl_t = tl.load(nl1_ptr + pid_b * stride_n1b + offs_t, mask=mask_t, other=0.0)
+    nr_t = tl.load(nr1_ptr + pid_b * stride_n1b + offs_t, mask=mask_t, other=0.0)
 
-    # Row sums of the accumulated tiles: a (BLOCK_T,) vector keeps register pressure low.
+    # Row sums of the accumulated tiles: (BLOCK_T,) vectors keep register pressure low.
     acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    acc_bias = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    acc_el = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    acc_er = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    acc_abs = tl.zeros((BLOCK_T,), dtype=tl.float32)
 
     # With one operand set the (t, s) Gram product is symmetric: walk only s-blocks >= this t-block.
     if SYMMETRIC:
@@ -134,30 +152,47 @@ def _ghost_kernel(
             r1_ptrs += BLOCK_K * stride_r1n
             r2_ptrs += BLOCK_K * stride_r2n
 
-        # ---- phase 3: accumulate the elementwise product -----------------------------------
+        # ---- phase 3: the value and its error terms (module docstring) ----------------------
         # Symmetric walk: an off-diagonal tile also stands for its transpose, so it counts twice.
+        nl_s = tl.load(nl2_ptr + pid_b * stride_n2b + offs_s, mask=mask_s, other=0.0)
+        nr_s = tl.load(nr2_ptr + pid_b * stride_n2b + offs_s, mask=mask_s, other=0.0)
         if SYMMETRIC:
             weight = 1.0 + (s_start > t_start).to(tl.float32)
-            ll = ll * weight
-        acc += tl.sum(ll * rr, axis=1)
-        if WITH_BIAS:
-            acc_bias += tl.sum(ll, axis=1)
+        else:
+            weight = 1.0
+        product = ll * rr
+        acc += tl.sum(product, axis=1) * weight
+        acc_abs += tl.sum(tl.abs(product), axis=1) * weight
+        acc_el += tl.sum(nl_t[:, None] * nl_s[None, :] * tl.abs(rr), axis=1) * weight
+        acc_er += tl.sum(nr_t[:, None] * nr_s[None, :] * tl.abs(ll), axis=1) * weight
 
-    # ---- epilogue: one partial sum per (example, t-block) ---------------------------------
-    tl.store(out_ptr + pid_b * stride_outb + pid_t, tl.sum(acc))
-    if WITH_BIAS:
-        tl.store(bias_out_ptr + pid_b * stride_outb + pid_t, tl.sum(acc_bias))
+    # ---- epilogue: one partial sum per (accumulator, example, t-block) -----------------------
+    out = out_ptr + pid_b * stride_outb + pid_t
+    tl.store(out, tl.sum(acc))
+    tl.store(out + stride_outa, tl.sum(acc_el))
+    tl.store(out + 2 * stride_outa, tl.sum(acc_er))
+    tl.store(out + 3 * stride_outa, tl.sum(acc_abs))
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Exact fp32 dots (DOT_PRECISION="ieee") keep their operand tiles in registers: BLOCK_K = 64
+    spills there, so fp32 runs the BLOCK_K = 32 configs (keeps at least one)."""
+    if kwargs.get("DOT_PRECISION") != "ieee":
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= 32] or configs
 
 
 _ghost_kernel_tuned = triton.autotune(configs=_autotune_configs(),
-                                      key=["T_BUCKET", "M", "N", "SYMMETRIC"])(_ghost_kernel)
+                                      key=["T_BUCKET", "M", "N", "SYMMETRIC"],
+                                      prune_configs_by={"early_config_prune": _prune_configs},
+                                      )(_ghost_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
-def _launch(l1, r1, l2, r2, *, symmetric: bool, with_bias: bool, config: dict | None = None):
-    """Run the kernel; returns (weight norm² or inner product (B,), bias norm² (B,) or None).
+def _launch(l1, r1, l2, r2, *, symmetric: bool, config: dict | None = None):
+    """Run the kernel; returns the float64 sums (value, E_L, E_R, A), each (B,).
 
     `config` (e.g. {"BLOCK_T": 16, "BLOCK_K": 16}) bypasses autotuning; tests use it.
     """
@@ -168,28 +203,60 @@ def _launch(l1, r1, l2, r2, *, symmetric: bool, with_bias: bool, config: dict | 
         raise ValueError(f"batch size {B} exceeds {_MAX_GRID_B}; split the batch")
     dtype = common_dtype(l1, r1, l2, r2)
     l1, r1, l2, r2 = (t.to(dtype) for t in (l1, r1, l2, r2))
+    # Row norms in fp32 (an overflow to inf makes the error inf: the caller then falls back).
+    nl1, nr1 = row_norms(l1).float().contiguous(), row_norms(r1).float().contiguous()
+    nl2, nr2 = (nl1, nr1) if symmetric else (row_norms(l2).float().contiguous(),
+                                            row_norms(r2).float().contiguous())
 
     min_block = config["BLOCK_T"] if config else _MIN_BLOCK_T
     n_partials = max(1, triton.cdiv(T1, min_block))
-    partial = torch.zeros((B, n_partials), dtype=torch.float32, device=device)
-    bias_partial = torch.zeros_like(partial) if with_bias else partial
+    partial = torch.zeros((_ACCUMULATORS, B, n_partials), dtype=torch.float32, device=device)
     if B > 0 and T1 > 0 and T2 > 0:
         kernel = _ghost_kernel if config else _ghost_kernel_tuned
         grid = lambda meta: (triton.cdiv(T1, meta["BLOCK_T"]), B)  # noqa: E731
         kernel[grid](
-            l1, r1, l2, r2, partial, bias_partial,
+            l1, r1, l2, r2, nl1, nr1, nl2, nr2, partial,
             T1, T2, M, N,
             l1.stride(0), l1.stride(1), l1.stride(2),
             r1.stride(0), r1.stride(1), r1.stride(2),
             l2.stride(0), l2.stride(1), l2.stride(2),
             r2.stride(0), r2.stride(1), r2.stride(2),
-            partial.stride(0),
+            nl1.stride(0), nl2.stride(0),
+            partial.stride(0), partial.stride(1),
             next_pow2(max(T1, T2)),
-            SYMMETRIC=symmetric, WITH_BIAS=with_bias,
+            SYMMETRIC=symmetric,
             DOT_PRECISION=dot_precision(dtype), UPCAST=INTERPRETING_AT_IMPORT,
             **(config or {}),
         )
-    return partial.sum(1), (bias_partial.sum(1) if with_bias else None)
+    return partial.double().sum(dim=2).unbind(0)
+
+
+def _triton_estimate(l1, r1, l2, r2, *, symmetric: bool, config: dict | None = None) -> Estimate:
+    value, e_left, e_right, absolute = _launch(l1, r1, l2, r2, symmetric=symmetric,
+                                               config=config)
+    # Every product passes through: a row sum of a tile (<= BLOCK_T terms), the walk over s-blocks
+    # (<= T2/BLOCK_T + 1), the tile sum (BLOCK_T), the partials (<= T1/BLOCK_T + 1), the weight and
+    # the product itself: counted generously, in fp32.
+    summed = 2 * _MAX_BLOCK_T + l1.shape[1] + l2.shape[1] + 4
+    return _estimate(value, e_left, e_right, absolute, l1, r1, l2, r2,
+                     gram_dtype=torch.float32, summation=gamma(summed, torch.float32))
+
+
+def _estimate(value, e_left, e_right, absolute, l1, r1, l2, r2, *, gram_dtype: torch.dtype,
+              summation: float) -> Estimate:
+    """The bound of the module docstring from the four float64 sums; ``gram_dtype`` is the Gram
+    matrices' accumulation dtype, ``summation`` the γ of the sums over (t, s)."""
+    g_m, g_n = gamma(l1.shape[2], gram_dtype), gamma(r1.shape[2], gram_dtype)
+    k1, k2 = magnitude(l1, r1), magnitude(l2, r2)
+    error = ((1 + summation) * (g_m * e_left + g_n * e_right + summation * absolute)
+             + g_m * g_n * k1 * k2)
+    return Estimate(value, error)
+
+
+def magnitude(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """K_i = Σ_t ‖left_{i,t}‖·‖right_{i,t}‖ in float64, (B,): an upper bound of ‖G_i‖ (triangle
+    inequality), finite for every finite fp32/bf16/fp16 input."""
+    return (row_norms(left) * row_norms(right)).sum(dim=1)
 
 
 def _check_operands(left_name, left, right_name, right):
@@ -201,26 +268,38 @@ def _check_operands(left_name, left, right_name, right):
 
 
 # ---------------------------------------------------------------------------------------------
-# Torch reference twins (materialize the B×T×T Gram matrices; accumulate in fp32 or float64)
+# Torch reference twins (materialize the B×T×T Gram matrices; the product and its sums in float64)
 # ---------------------------------------------------------------------------------------------
-def ghost_inner_torch(left1, right1, left2, right2) -> torch.Tensor:
-    """Σ_{t,s} (left1_t·left2_s)(right1_t·right2_s) per example, via explicit Gram matrices."""
+def ghost_inner_torch(left1, right1, left2, right2) -> Estimate:
+    """Σ_{t,s} (left1_t·left2_s)(right1_t·right2_s) per example, via explicit Gram matrices in the
+    accumulation dtype, products and sums in float64, with the error bound of the module docstring."""
     acc = accum_dtype(left1, right1, left2, right2)
-    gram_l = torch.einsum("btm,bsm->bts", left1.to(acc), left2.to(acc))  # (B, T1, T2)
-    gram_r = torch.einsum("btn,bsn->bts", right1.to(acc), right2.to(acc))  # (B, T1, T2)
-    return (gram_l * gram_r).sum(dim=(1, 2))
+    with exact_fp32_matmul():
+        gram_l = torch.einsum("btm,bsm->bts", left1.to(acc), left2.to(acc)).double()  # (B,T1,T2)
+        gram_r = torch.einsum("btn,bsn->bts", right1.to(acc), right2.to(acc)).double()
+    product = gram_l * gram_r
+
+    def outer(a, b):  # (B, T1), (B, T2) -> (B, T1, T2)
+        return a[:, :, None] * b[:, None, :]
+
+    e_left = (outer(row_norms(left1), row_norms(left2)) * gram_r.abs()).sum(dim=(1, 2))
+    e_right = (outer(row_norms(right1), row_norms(right2)) * gram_l.abs()).sum(dim=(1, 2))
+    summation = gamma(left1.shape[1] * left2.shape[1] + 2, torch.float64)
+    return _estimate(product.sum(dim=(1, 2)), e_left, e_right, product.abs().sum(dim=(1, 2)),
+                     left1, right1, left2, right2, gram_dtype=acc, summation=summation)
 
 
-def ghost_norm_sq_torch(left, right) -> torch.Tensor:
-    """Σ_{t,s} (left_t·left_s)(right_t·right_s) per example."""
+def ghost_norm_sq_torch(left, right) -> Estimate:
+    """Σ_{t,s} (left_t·left_s)(right_t·right_s) per example, with its error bound."""
     return ghost_inner_torch(left, right, left, right)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-def ghost_norm_sq(left: torch.Tensor, right: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
-    """Per-example ‖Σ_t left_t ⊗ right_t‖²_F by the ghost form, without materializing G_i.
+def ghost_norm_sq_bounded(left: torch.Tensor, right: torch.Tensor, *,
+                          impl: str = "auto") -> Estimate:
+    """Per-example ‖Σ_t left_t ⊗ right_t‖²_F by the ghost form, and a bound on its error.
 
     Args:
         left: (B, T, m), e.g. the output gradient of an nn.Linear.
@@ -228,7 +307,8 @@ def ghost_norm_sq(left: torch.Tensor, right: torch.Tensor, *, impl: str = "auto"
         impl: "auto" (Triton on CUDA, else torch), "triton" or "torch".
 
     Returns:
-        (B,) float32 (float64 when an input is float64).
+        ``Estimate(value, error)``, both (B,) float64: |value − ‖G_i‖²| <= error for any input
+        (inf, or a NaN value, where the computation overflowed: callers fall back to the magnitude).
 
     Raises:
         ValueError: bad shapes, dims, devices or dtypes; see dispatch.resolve_impl for `impl`.
@@ -236,36 +316,18 @@ def ghost_norm_sq(left: torch.Tensor, right: torch.Tensor, *, impl: str = "auto"
     _check_operands("left", left, "right", right)
     if resolve_impl(impl, left, right) == "torch":
         return ghost_norm_sq_torch(left, right)
-    return _launch(left, right, left, right, symmetric=True, with_bias=False)[0]
+    return _triton_estimate(left, right, left, right, symmetric=True)
 
 
-def ghost_norm_sq_with_bias(left: torch.Tensor, right: torch.Tensor, *,
-                            impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Ghost weight norm² and the bias norm² ‖Σ_t left_t‖² of the same layer, in one pass.
-
-    Args:
-        left: (B, T, m) output gradient.
-        right: (B, T, n) input activations.
-        impl: "auto", "triton" or "torch".
-
-    Returns:
-        (weight norm² (B,), bias norm² (B,)), float32 (float64 for float64 inputs).
-
-    Raises:
-        ValueError: bad shapes, dims, devices or dtypes, or `impl`.
-    """
-    _check_operands("left", left, "right", right)
-    if resolve_impl(impl, left, right) == "torch":
-        acc = accum_dtype(left, right)
-        bias = left.to(acc).sum(dim=1).pow(2).sum(dim=1)
-        return ghost_norm_sq_torch(left, right), bias
-    weight, bias = _launch(left, right, left, right, symmetric=True, with_bias=True)
-    return weight, bias
+def ghost_norm_sq(left: torch.Tensor, right: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """The value of ``ghost_norm_sq_bounded``: (B,) float32 (float64 when an input is float64)."""
+    return _as_output(ghost_norm_sq_bounded(left, right, impl=impl).value, left, right)
 
 
-def ghost_inner(left1: torch.Tensor, right1: torch.Tensor, left2: torch.Tensor,
-                right2: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
-    """Per-example ⟨G^(1), G^(2)⟩_F of two linear-type uses of one weight (tied weights).
+def ghost_inner_bounded(left1: torch.Tensor, right1: torch.Tensor, left2: torch.Tensor,
+                        right2: torch.Tensor, *, impl: str = "auto") -> Estimate:
+    """Per-example ⟨G^(1), G^(2)⟩_F of two linear-type uses of one weight (tied weights), with a
+    bound on its error.
 
     G^(u) = Σ_t left_u[t] ⊗ right_u[t]; the sequence lengths T1 and T2 may differ.
 
@@ -274,7 +336,7 @@ def ghost_inner(left1: torch.Tensor, right1: torch.Tensor, left2: torch.Tensor,
         impl: "auto", "triton" or "torch".
 
     Returns:
-        (B,) float32 (float64 for float64 inputs).
+        ``Estimate(value, error)``, both (B,) float64.
 
     Raises:
         ValueError: bad shapes, dims, devices or dtypes, or `impl`.
@@ -287,8 +349,19 @@ def ghost_inner(left1: torch.Tensor, right1: torch.Tensor, left2: torch.Tensor,
     check_dim("right2.shape[2]", right2.shape[2], "right1.shape[2]", right1.shape[2])
     if resolve_impl(impl, left1, right1, left2, right2) == "torch":
         return ghost_inner_torch(left1, right1, left2, right2)
-    return _launch(left1, right1, left2, right2, symmetric=False, with_bias=False)[0]
+    return _triton_estimate(left1, right1, left2, right2, symmetric=False)
 
 
-__all__ = ["ghost_inner", "ghost_inner_torch", "ghost_norm_sq", "ghost_norm_sq_torch",
-           "ghost_norm_sq_with_bias"]
+def ghost_inner(left1: torch.Tensor, right1: torch.Tensor, left2: torch.Tensor,
+                right2: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """The value of ``ghost_inner_bounded``: (B,) float32 (float64 for float64 inputs)."""
+    value = ghost_inner_bounded(left1, right1, left2, right2, impl=impl).value
+    return _as_output(value, left1, right1, left2, right2)
+
+
+def _as_output(value: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    return value.to(accum_dtype(*inputs))
+
+
+__all__ = ["ghost_inner", "ghost_inner_bounded", "ghost_inner_torch", "ghost_norm_sq",
+           "ghost_norm_sq_bounded", "ghost_norm_sq_torch", "magnitude"]
