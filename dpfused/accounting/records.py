@@ -5,7 +5,9 @@
   ``GaussianDpEvent(sigma)`` for cyclic/shuffle, whose steps of one epoch compose as one Gaussian),
   with the epoch it belongs to. This is all the composed epsilon needs.
 - :class:`IterateFacts`: what the last-iterate bound needs besides: the step's place in the fixed
-  order, learning rate, weight decay, and whether the optimizer was plain SGD.
+  order, learning rate, every parameter group's weight decay, the loss reduction and the normalizer
+  B_norm the noised sum was divided by, the clipping norm C of the step, and whether the optimizer
+  was plain SGD.
 
 Adjacency names are defined here, once: ``add_remove`` (Poisson sampling), ``zero_out`` (cyclic and
 shuffled batches: the example is replaced by a null example with zero gradient and every other
@@ -24,6 +26,7 @@ import dp_accounting
 from dpfused.step import SAMPLINGS, LogicalBatch
 
 __all__ = [
+    "LOSS_REDUCTIONS",
     "MECHANISMS",
     "NEIGHBORINGS",
     "IterateFacts",
@@ -37,6 +40,7 @@ __all__ = [
 
 MECHANISMS = ("pld", "rdp")
 NEIGHBORINGS = ("add_remove", "zero_out", "replace_one")
+LOSS_REDUCTIONS = ("mean", "sum")
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -171,21 +175,36 @@ def _gaussian_of(event: dp_accounting.DpEvent):
 
 @dataclass(frozen=True, kw_only=True)
 class IterateFacts:
-    """What the last-iterate bound needs to know of a step besides its event.
+    """What the last-iterate bound needs to know of a step besides its event (docs/design.md §7.4).
+
+    The step applies x <- (1 - eta lambda_g) x_g - (eta / B_norm) (S + noise) to every parameter
+    group g, S being the sum of the batch's clipped gradients (norm <= C each) and the noise
+    N(0, sigma^2 C^2 I).
 
     Attributes:
         position_in_epoch: logical batch index within the epoch (0-based).
         batches_per_epoch: logical batches per epoch.
-        learning_rate: the step's learning rate, when known (one for all parameter groups).
-        weight_decay: SGD ``weight_decay`` (lambda) of the step.
-        plain_sgd: True iff the optimizer is ``torch.optim.SGD`` with momentum 0, no Nesterov and
-            one learning rate.
+        learning_rate: eta, when known (one for all parameter groups).
+        weight_decays: SGD ``weight_decay`` (lambda_g) of every parameter group.
+        loss_reduction: "mean" or "sum", how the loss reduced over the batch (None: unknown).
+        normalizer: B_norm the noised sum was divided by (b for a mean loss under cyclic
+            sampling, 1 for a summed one); None when unknown.
+        max_grad_norm: C of the step, sqrt(sum_g C_g^2) of the thresholds the sums were clipped
+            with; None when unknown.
+        plain_sgd: True iff the optimizer is ``torch.optim.SGD`` with momentum 0, no Nesterov,
+            ``maximize=False`` and one learning rate.
+
+    A ledger saved before dpfused recorded ``loss_reduction``, ``normalizer`` and ``max_grad_norm``
+    (or facts built without them) has None there: the last-iterate bound refuses such steps.
     """
 
     position_in_epoch: int = 0
     batches_per_epoch: int = 1
     learning_rate: float | None = None
-    weight_decay: float = 0.0
+    weight_decays: tuple[float, ...] = (0.0,)
+    loss_reduction: str | None = None
+    normalizer: float | None = None
+    max_grad_norm: float | None = None
     plain_sgd: bool = False
 
     def __post_init__(self) -> None:
@@ -196,8 +215,40 @@ class IterateFacts:
             )
         if self.learning_rate is not None and not (self.learning_rate >= 0):
             raise ValueError(f"IterateFacts: learning_rate must be >= 0 or None; got {self.learning_rate!r}")
-        if not (self.weight_decay >= 0) or not math.isfinite(self.weight_decay):
-            raise ValueError(f"IterateFacts: weight_decay must be >= 0; got {self.weight_decay!r}")
+        decays = _decays_tuple(self.weight_decays)
+        object.__setattr__(self, "weight_decays", decays)
+        if self.loss_reduction is not None:
+            check_choice("IterateFacts: loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        for name in ("normalizer", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"IterateFacts: {name} must be a finite number > 0 or None; got {value!r}")
+
+    @property
+    def weight_decay_range(self) -> tuple[float, float]:
+        """(smallest, largest) lambda_g: the contraction of phi_k needs both (docs/design.md §7.4)."""
+        return min(self.weight_decays), max(self.weight_decays)
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> IterateFacts:
+        """Facts saved by ``asdict``; an older ledger's single ``weight_decay`` (then the largest of
+        the groups', which the bound cannot use) is kept as the only value, and the fields it
+        lacks stay None, so the bound refuses those steps."""
+        state = dict(state)
+        if "weight_decay" in state:
+            state["weight_decays"] = (state.pop("weight_decay"),)
+        return cls(**state)
+
+
+def _decays_tuple(weight_decays) -> tuple[float, ...]:
+    if isinstance(weight_decays, (int, float)) or not isinstance(weight_decays, Sequence):
+        raise TypeError(f"IterateFacts: weight_decays must be a sequence (one lambda per parameter "
+                        f"group); got {weight_decays!r}")
+    decays = tuple(float(w) for w in weight_decays)
+    if not decays or not all(math.isfinite(w) and w >= 0 for w in decays):
+        raise ValueError(f"IterateFacts: weight_decays must hold at least one finite lambda >= 0; "
+                         f"got {weight_decays!r}")
+    return decays
 
 
 @dataclass(frozen=True)
@@ -212,4 +263,4 @@ class LedgerEntry:
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> LedgerEntry:
-        return cls(SampledStep.from_dict(state["sampled"]), IterateFacts(**state["iterate"]))
+        return cls(SampledStep.from_dict(state["sampled"]), IterateFacts.from_dict(state["iterate"]))
