@@ -189,6 +189,9 @@ class PrivacyEngine:
             adaptive_clipping=adaptive_clipping, reduction=reduction,
             expected_batch_size=_expected_batch_size_per_process(loader, world_size),
         )
+        # A second make_private on this engine: the new loader counts its epochs from 0 again,
+        # and they are new epochs (docs/design.md §7.2).
+        self.accountant.begin_phase()
         self.module, self.optimizer, self.data_loader = wrapper, dp_optimizer, loader
         return wrapper, dp_optimizer, loader
 
@@ -210,7 +213,9 @@ class PrivacyEngine:
         """make_private with sigma calibrated so that ``epochs`` of training spend ``target_epsilon``.
 
         The calibration uses the same accountant, sampling and public sizes as training and returns
-        the conservative side (epsilon(sigma) <= target_epsilon).
+        the conservative side (epsilon(sigma) <= target_epsilon). The target covers the run being
+        made private, not steps already in this engine's ledger (``get_epsilon`` reports the whole
+        ledger).
 
         Args:
             last_iterate: calibrate the last-iterate bound instead of the composed one (cyclic

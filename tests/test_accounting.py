@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 
@@ -240,6 +241,75 @@ def test_state_dict_round_trips(mechanism):
     assert fresh.get_epsilon(DELTA) == acc.get_epsilon(DELTA)
     with pytest.raises(ValueError, match="neighboring='replace_one' but this accountant uses None"):
         PrivacyAccountant(mechanism=mechanism).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases (issue 25.2): a second data loader counts its epochs from 0 again
+# ---------------------------------------------------------------------------------------------
+
+
+def two_phase_accountant(**kw) -> PrivacyAccountant:
+    """One epoch of 3 cyclic batches (sigma 2), a new phase, one epoch of 3 more (sigma 3)."""
+    acc = accountant_with(cyclic_steps(2.0, 1, m=3), **kw)
+    acc.begin_phase()
+    acc.begin_phase()  # idempotent while the new phase has no step
+    for entry in cyclic_steps(3.0, 1, m=3):
+        acc.record(entry.sampled, entry.iterate)
+    return acc
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "pld"])
+def test_epochs_of_two_phases_are_two_epochs(mechanism):
+    acc = two_phase_accountant(mechanism=mechanism)
+    assert [e.sampled.phase for e in acc.entries] == [0, 0, 0, 1, 1, 1] and acc.phase == 1
+    assert acc.epochs_started == 2
+    expected = dp_accounting_epsilon([dp_accounting.GaussianDpEvent(2.0),
+                                      dp_accounting.GaussianDpEvent(3.0)], mechanism=mechanism)
+    assert acc.get_epsilon(DELTA) == pytest.approx(expected, rel=1e-9 if mechanism == "rdp" else 2e-3)
+    assert acc.get_epsilon(DELTA) > accountant_with(cyclic_steps(2.0, 1, m=3),
+                                                    mechanism=mechanism).get_epsilon(DELTA)
+    empty = PrivacyAccountant()
+    empty.begin_phase()
+    assert empty.phase == 0
+
+
+def test_phases_survive_a_state_dict_and_are_inferred_for_older_ledgers():
+    acc = two_phase_accountant()
+    acc.begin_phase()  # make_private again, nothing trained yet: the next step is phase 2
+    fresh = PrivacyAccountant()
+    fresh.load_state_dict(pickle.loads(pickle.dumps(acc.state_dict())))
+    assert fresh.entries == acc.entries and fresh.phase == 2
+    # A ledger saved before phases existed: a step whose (epoch, position) does not come after the
+    # one before it was drawn by a new loader.
+    legacy = acc.state_dict()
+    del legacy["phase"]
+    legacy["version"] = 2
+    for entry in legacy["entries"]:
+        del entry["sampled"]["phase"]
+    old = PrivacyAccountant()
+    old.load_state_dict(legacy)
+    assert [e.sampled.phase for e in old.entries] == [0, 0, 0, 1, 1, 1] and old.phase == 1
+    assert old.get_epsilon(DELTA) == acc.get_epsilon(DELTA)
+    # A saved phase below a recorded one cannot merge later steps into an earlier run's epochs.
+    lowered = {**acc.state_dict(), "phase": 0}
+    fresh.load_state_dict(lowered)
+    assert fresh.phase == 1
+
+
+def test_the_accountant_stamps_the_phase():
+    acc = two_phase_accountant()
+    step = cyclic_steps(3.0, 1, m=3)[0]
+    acc.record(dataclasses.replace(step.sampled, phase=7), step.iterate)
+    assert acc.entries[-1].sampled.phase == 1
+    with pytest.raises(ValueError, match="phase must be >= 0"):
+        SampledStep(event=GAUSS, sampling="cyclic", batch_size=4, phase=-1)
+
+
+def test_last_iterate_refuses_several_phases():
+    acc = two_phase_accountant()
+    with pytest.raises(LastIterateUnavailable, match="one fixed cyclic order .* 2 phases"):
+        acc.get_last_iterate_epsilon(DELTA, smoothness=1.0)
+    assert "2 phases" in privacy_report(acc, DELTA, smoothness=1.0).last_iterate_reason
 
 
 def test_no_steps_and_no_noise():

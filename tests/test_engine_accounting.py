@@ -335,3 +335,34 @@ def test_maximize_is_not_plain_sgd_for_the_last_iterate():
     _train(model, optimizer, loader, 3)
     report = engine.privacy_report(DELTA, smoothness=1.0)
     assert report.last_iterate_epsilon is None and "maximize" in report.last_iterate_reason
+
+
+# ---- issue 25.2: a second make_private on one engine ------------------------------------------
+
+
+def test_a_second_make_private_on_one_engine_counts_its_epochs_again(tmp_path):
+    """Train one cyclic epoch, make_private again on the same engine (a new loader starts at epoch
+    0), train another: two epochs, two Gaussians (0c36fdd merged them into one)."""
+    engine = dpfused.PrivacyEngine()
+    for phase in range(2):
+        torch.manual_seed(phase)
+        model = nn.Linear(5, 3)
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+            data_loader=DataLoader(_dataset(), batch_size=10), noise_multiplier=1.0,
+            max_grad_norm=1.0, sampling="cyclic")
+        _train(model, optimizer, loader, len(loader))
+    two_epochs = dp_accounting.pld.PLDAccountant()
+    two_epochs.compose(dp_accounting.GaussianDpEvent(1.0), 2)
+    assert engine.get_epsilon(DELTA) == pytest.approx(two_epochs.get_epsilon(DELTA), rel=2e-3)
+    assert [e.sampled.phase for e in engine.accountant.entries] == [0] * 6 + [1] * 6
+    report = engine.privacy_report(DELTA, smoothness=1.0)
+    assert report.epochs == 2 and "2 phases" in report.last_iterate_reason
+    # A resumed engine continues in the saved phase.
+    resumed = dpfused.PrivacyEngine()
+    model = nn.Linear(5, 3)
+    resumed.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                         data_loader=DataLoader(_dataset(), batch_size=10), noise_multiplier=1.0,
+                         max_grad_norm=1.0, sampling="cyclic")
+    resumed.load_state_dict(engine.state_dict())
+    assert resumed.accountant.phase == 1 and resumed.get_epsilon(DELTA) == engine.get_epsilon(DELTA)

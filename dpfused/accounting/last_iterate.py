@@ -265,6 +265,7 @@ def _check_run(entries: Sequence[LedgerEntry]) -> None:
                 f"last-iterate accounting needs every learning rate; step {k} has none recorded."
             )
         _check_step_scale_recorded(k, it)
+    _check_one_phase(entries)
 
 
 def _check_step_scale_recorded(k: int, it) -> None:
@@ -276,6 +277,17 @@ def _check_step_scale_recorded(k: int, it) -> None:
             f"clipping norm C (the step moves by eta*C/B_norm); step {k} has no {', '.join(missing)} "
             "recorded (a ledger saved by an older dpfused, or IterateFacts built without them). "
             "Report the composed epsilon."
+        )
+
+
+def _check_one_phase(entries: Sequence[LedgerEntry]) -> None:
+    phases = sorted({e.sampled.phase for e in entries})
+    if len(phases) > 1:
+        raise LastIterateUnavailable(
+            f"last-iterate accounting needs one fixed cyclic order for the whole run; this ledger "
+            f"has {len(phases)} phases (make_private was called again on the engine, with a data "
+            "loader whose order need not be the first one's). Report the composed epsilon, or "
+            "train in one make_private."
         )
 
 

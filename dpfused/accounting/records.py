@@ -3,11 +3,15 @@
 - :class:`SampledStep`: the step as a dp_accounting ``DpEvent`` produced from the sampler's
   ``LogicalBatch`` (``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` for Poisson,
   ``GaussianDpEvent(sigma)`` for cyclic/shuffle, whose steps of one epoch compose as one Gaussian),
-  with the epoch it belongs to. This is all the composed epsilon needs.
+  with the phase and epoch it belongs to. This is all the composed epsilon needs.
 - :class:`IterateFacts`: what the last-iterate bound needs besides: the step's place in the fixed
   order, learning rate, every parameter group's weight decay, the loss reduction and the normalizer
   B_norm the noised sum was divided by, the clipping norm C of the step, and whether the optimizer
   was plain SGD.
+
+Phases. A phase is one sampling run: the steps drawn by one private data loader. A second
+``make_private`` on an engine whose ledger is not empty starts a new phase, whose loader counts its
+epochs from 0 again; the epochs of different phases are different epochs (docs/design.md §7.2).
 
 Adjacency names are defined here, once: ``add_remove`` (Poisson sampling), ``zero_out`` (cyclic and
 shuffled batches: the example is replaced by a null example with zero gradient and every other
@@ -103,10 +107,13 @@ class SampledStep:
         event: ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` (Poisson) or
             ``GaussianDpEvent(sigma)`` (cyclic/shuffle); sigma is sigma_eff with adaptive clipping.
         sampling: "poisson", "cyclic" or "shuffle".
-        epoch: the epoch (0-based): cyclic/shuffled steps of one epoch compose as one Gaussian.
+        epoch: the epoch (0-based) within its phase: cyclic/shuffled steps of one (phase, epoch)
+            compose as one Gaussian.
         batch_size: b for cyclic/shuffle (None for Poisson).
         examples: examples in the logical batch (reported, never used in the bound).
         adaptive_clipping: the step also released noisy unclipped counts (folded into sigma).
+        phase: the sampling run (0-based) the step belongs to; the accountant stamps it (see the
+            module docstring).
     """
 
     event: dp_accounting.DpEvent
@@ -115,6 +122,7 @@ class SampledStep:
     batch_size: int | None = None
     examples: int = 0
     adaptive_clipping: bool = False
+    phase: int = 0
 
     def __post_init__(self) -> None:
         check_choice("sampling", self.sampling, SAMPLINGS)
@@ -135,6 +143,8 @@ class SampledStep:
                 f"SampledStep: sampling={self.sampling!r} needs batch_size >= 1; got {self.batch_size!r}")
         if self.epoch < 0:
             raise ValueError(f"SampledStep: epoch must be >= 0; got {self.epoch!r}")
+        if self.phase < 0:
+            raise ValueError(f"SampledStep: phase must be >= 0; got {self.phase!r}")
 
     @classmethod
     def of(cls, batch: LogicalBatch, noise_multiplier: float, *,
@@ -164,7 +174,8 @@ class SampledStep:
         event = (dp_accounting.PoissonSampledDpEvent(float(state["sample_rate"]), gaussian)
                  if state["sampling"] == "poisson" else gaussian)
         fields = ("sampling", "epoch", "batch_size", "examples", "adaptive_clipping")
-        return cls(event=event, **{k: state[k] for k in fields})
+        # A ledger saved before phases were recorded has none: the accountant infers them.
+        return cls(event=event, phase=int(state.get("phase", 0)), **{k: state[k] for k in fields})
 
 
 def _gaussian_of(event: dp_accounting.DpEvent):
