@@ -213,9 +213,10 @@ class PrivacyEngine:
         """make_private with sigma calibrated so that ``epochs`` of training spend ``target_epsilon``.
 
         The calibration uses the same accountant, sampling and public sizes as training and returns
-        the conservative side (epsilon(sigma) <= target_epsilon). The target covers the run being
-        made private, not steps already in this engine's ledger (``get_epsilon`` reports the whole
-        ledger).
+        the conservative side (epsilon(sigma) <= target_epsilon). It warns (UserWarning) when
+        ``target_delta`` >= 1/N, N the dataset size: such a target allows releasing an example in
+        the clear. The target covers the run being made private, not steps already in this
+        engine's ledger (``get_epsilon`` reports the whole ledger).
 
         Args:
             last_iterate: calibrate the last-iterate bound instead of the composed one (cyclic
@@ -298,14 +299,29 @@ class PrivacyEngine:
 
     # ---- accounting -----------------------------------------------------------------------------
     def get_epsilon(self, delta: float) -> float:
-        """Composed epsilon (every iterate released) for the steps taken so far (Opacus-compatible)."""
-        return self.accountant.get_epsilon(delta)
+        """Composed epsilon (every iterate released) for the steps taken so far (Opacus-compatible).
+
+        Warns (UserWarning) when delta >= 1/N, N the private data loader's dataset size: such a
+        guarantee allows releasing an example in the clear.
+        """
+        epsilon = self.accountant.get_epsilon(delta)  # checks delta first
+        accounting.warn_if_delta_not_small(delta, self._num_samples())
+        return epsilon
 
     def privacy_report(self, delta: float, *, smoothness: float | None = None,
                        convex: bool = False) -> accounting.PrivacyReport:
-        """Composed and (where its assumptions hold) last-iterate epsilon, with the assumptions."""
-        return accounting.privacy_report(self.accountant, delta, smoothness=smoothness,
-                                         convex=convex)
+        """Composed and (where its assumptions hold) last-iterate epsilon, with the assumptions.
+
+        Warns (UserWarning) when delta >= 1/N, as :meth:`get_epsilon`.
+        """
+        report = accounting.privacy_report(self.accountant, delta, smoothness=smoothness,
+                                           convex=convex)
+        accounting.warn_if_delta_not_small(delta, self._num_samples())
+        return report
+
+    def _num_samples(self) -> int | None:
+        """N of the private data loader (the latest make_private's), None before make_private."""
+        return None if self.data_loader is None else self.data_loader.num_samples
 
     def state_dict(self) -> dict:
         """Accountant ledger and sampler position: resume gives the same batches and epsilon."""

@@ -1,6 +1,7 @@
 """The engine's side of sampling and accounting: calibration, budget, report, exact resume (issue 3)."""
 
 import math
+import warnings
 
 import dp_accounting
 import dp_accounting.rdp
@@ -366,3 +367,43 @@ def test_a_second_make_private_on_one_engine_counts_its_epochs_again(tmp_path):
                          max_grad_norm=1.0, sampling="cyclic")
     resumed.load_state_dict(engine.state_dict())
     assert resumed.accountant.phase == 1 and resumed.get_epsilon(DELTA) == engine.get_epsilon(DELTA)
+
+
+# ---- issue 25.5: delta >= 1/N --------------------------------------------------------------------
+
+
+DELTA_ADVICE = "delta=0.5 is >= 1/N = 1/32 \\(N = 32 examples.*use delta << 1/N"
+
+
+def test_delta_at_or_above_one_over_n_warns_where_epsilon_is_reported_or_targeted():
+    """delta >= 1/N allows publishing an example outright: 0c36fdd returned epsilon 0.0 for
+    delta = 0.5 on N = 32 without a word. The number is still returned (it is right for that delta)."""
+    engine = _cyclic_run(epochs=1)[0]
+    with pytest.warns(UserWarning, match=DELTA_ADVICE):
+        assert engine.get_epsilon(0.5) >= 0.0
+    with pytest.warns(UserWarning, match=DELTA_ADVICE):
+        engine.privacy_report(0.5)
+    with pytest.warns(UserWarning, match="delta=0.03125 is >= 1/N = 1/32"):
+        engine.get_epsilon(1 / 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.get_epsilon(DELTA)
+        engine.privacy_report(DELTA)
+        engine.get_epsilon(0.9 / 32)
+
+
+def test_calibration_warns_for_delta_at_or_above_one_over_n():
+    model = nn.Linear(5, 3)
+    with pytest.warns(UserWarning, match=DELTA_ADVICE):
+        dpfused.PrivacyEngine(accountant="rdp").make_private_with_epsilon(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+            data_loader=DataLoader(_dataset(32), batch_size=4), target_epsilon=1.0,
+            target_delta=0.5, epochs=1, max_grad_norm=1.0, sampling="cyclic")
+    with pytest.warns(UserWarning, match=DELTA_ADVICE):
+        dpfused.accounting.calibrate_noise_multiplier(
+            target_epsilon=1.0, delta=0.5, sampling="cyclic", num_samples=32, batch_size=4,
+            epochs=1, mechanism="rdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # N unknown: nothing to compare with
+        dpfused.accounting.calibrate_noise_multiplier(target_epsilon=1.0, delta=0.5,
+                                                      sampling="cyclic", epochs=1, mechanism="rdp")

@@ -25,6 +25,7 @@ from dpfused.accounting.records import (
     check_choice,
     check_delta,
     check_neighboring,
+    warn_if_delta_not_small,
 )
 from dpfused.sampling.samplers import batches_per_epoch, poisson_rate_of_batch_size
 from dpfused.step import SAMPLINGS
@@ -110,6 +111,9 @@ def calibrate_noise_multiplier(
     (default False). The learning rate, weight decays, C and sigma are taken as constant: a
     scheduler that changes them changes the bound (the report gives the run's own).
 
+    A UserWarning says so when ``num_samples`` is given and delta >= 1/num_samples (a guarantee
+    that allows releasing an example in the clear).
+
     Returns:
         sigma with epsilon(sigma) <= target_epsilon, within 0.1% of the smallest such sigma.
 
@@ -120,6 +124,7 @@ def calibrate_noise_multiplier(
     if not (target_epsilon > 0):
         raise ValueError(f"target_epsilon must be > 0; got {target_epsilon!r}.")
     delta = check_delta(delta)
+    warn_if_delta_not_small(delta, num_samples)
     check_choice("sampling", sampling, SAMPLINGS)
     check_choice("mechanism", mechanism, MECHANISMS)
     neighboring = check_neighboring(neighboring, sampling)

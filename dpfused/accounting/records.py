@@ -21,6 +21,7 @@ example keeps its slot, Kairouz et al. 2021) and ``replace_one`` (sensitivity 2C
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -97,6 +98,28 @@ def check_delta(delta: float) -> float:
     if not (isinstance(delta, (int, float)) and 0.0 < float(delta) < 1.0):
         raise ValueError(f"delta must satisfy 0 < delta < 1; got {delta!r}.")
     return float(delta)
+
+
+def warn_if_delta_not_small(delta: float, num_samples: int | None, *, stacklevel: int = 3) -> None:
+    """A UserWarning when delta >= 1/N: such a delta allows releasing an example in the clear.
+
+    The mechanism that publishes one random example of N whole is (0, 1/N)-DP, so a guarantee with
+    delta >= 1/N rules out nothing an attacker cares about; the usual advice is delta << 1/N (e.g.
+    1e-5 for N = 60000). The epsilon computed for such a delta is right; only the claim is empty.
+    """
+    if num_samples is None or num_samples < 1 or delta < 1.0 / num_samples:
+        return
+    warnings.warn(
+        f"delta={delta:g} is >= 1/N = 1/{num_samples} (N = {num_samples} examples in the dataset): "
+        "an (epsilon, delta) guarantee with delta >= 1/N allows releasing an example in the clear "
+        "(publishing one random example of N is (0, 1/N)-DP), so it protects nothing; use "
+        f"delta << 1/N (e.g. delta <= {_suggested_delta(num_samples):g})",
+        UserWarning, stacklevel=stacklevel)
+
+
+def _suggested_delta(num_samples: int) -> float:
+    """A power of ten at least ten times below 1/N."""
+    return 10.0 ** math.floor(math.log10(0.1 / num_samples))
 
 
 @dataclass(frozen=True, kw_only=True)
