@@ -366,7 +366,8 @@ def last_iterate_assumptions(
         )
     else:
         out.append(f"every per-example loss is L-smooth with L={smoothness:g}")
-    out.append("plain SGD (torch.optim.SGD, momentum=0, nesterov=False), learning rates as recorded")
+    out.append("plain SGD (torch.optim.SGD, momentum=0, nesterov=False, maximize=False), learning "
+               "rates as recorded")
     if entries:
         out.append(
             f"fixed cyclic order: batch size {entries[0].sampled.batch_size}, "

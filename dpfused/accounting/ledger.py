@@ -208,7 +208,8 @@ class PrivacyAccountant:
 
         Raises:
             LastIterateUnavailable: sampling not cyclic, optimizer not plain SGD, learning rate
-                unknown, L missing or <= 0, or a learning rate above 2/L with ``convex``.
+                unknown, a step without its loss reduction, B_norm or C (an older ledger), several
+                phases, L missing or <= 0, or a learning rate above 2/L_k with ``convex``.
             ValueError: delta not in (0, 1).
         """
         delta = check_delta(delta)
