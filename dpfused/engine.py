@@ -189,6 +189,9 @@ class PrivacyEngine:
             adaptive_clipping=adaptive_clipping, reduction=reduction,
             expected_batch_size=_expected_batch_size_per_process(loader, world_size),
         )
+        # A second make_private on this engine: the new loader counts its epochs from 0 again,
+        # and they are new epochs (docs/design.md §7.2).
+        self.accountant.begin_phase()
         self.module, self.optimizer, self.data_loader = wrapper, dp_optimizer, loader
         return wrapper, dp_optimizer, loader
 
@@ -210,13 +213,18 @@ class PrivacyEngine:
         """make_private with sigma calibrated so that ``epochs`` of training spend ``target_epsilon``.
 
         The calibration uses the same accountant, sampling and public sizes as training and returns
-        the conservative side (epsilon(sigma) <= target_epsilon).
+        the conservative side (epsilon(sigma) <= target_epsilon). It warns (UserWarning) when
+        ``target_delta`` >= 1/N, N the dataset size: such a target allows releasing an example in
+        the clear. The target covers the run being made private, not steps already in this
+        engine's ledger (``get_epsilon`` reports the whole ledger).
 
         Args:
             last_iterate: calibrate the last-iterate bound instead of the composed one (cyclic
                 sampling, plain SGD at a constant learning rate): a dict with ``smoothness`` (L),
-                and optionally ``weight_decay`` and ``convex``; the learning rate is read from the
-                optimizer. ``privacy_report`` then reports that bound for the run.
+                and optionally ``convex``. The learning rate and every parameter group's weight
+                decay are read from the optimizer (a ``weight_decay`` key must agree with them),
+                the loss reduction from ``loss_reduction``; C and sigma are taken as constant
+                (schedulers change the bound; ``privacy_report`` then reports the run's own).
             **kwargs: everything else make_private takes, except noise_multiplier. With
                 ``adaptive_clipping`` the calibrated sigma is sigma_eff of gradient and counts
                 together; the gradient's sigma is solved from it.
@@ -273,7 +281,8 @@ class PrivacyEngine:
             raise ValueError("last_iterate calibration needs fixed clipping thresholds; drop "
                              "adaptive_clipping or last_iterate")
         if last_iterate is not None:
-            last_iterate = {**last_iterate, "learning_rate": _constant_learning_rate(optimizer)}
+            last_iterate = _last_iterate_plan(last_iterate, hf_accelerate.unwrap_optimizer(optimizer),
+                                              kwargs.get("loss_reduction", "mean"))
         sigma = accounting.calibrate_noise_multiplier(
             target_epsilon=target_epsilon, delta=target_delta, sampling=sampling,
             sample_rate=kwargs.get("sample_rate") if sampling == "poisson" else None,
@@ -290,14 +299,29 @@ class PrivacyEngine:
 
     # ---- accounting -----------------------------------------------------------------------------
     def get_epsilon(self, delta: float) -> float:
-        """Composed epsilon (every iterate released) for the steps taken so far (Opacus-compatible)."""
-        return self.accountant.get_epsilon(delta)
+        """Composed epsilon (every iterate released) for the steps taken so far (Opacus-compatible).
+
+        Warns (UserWarning) when delta >= 1/N, N the private data loader's dataset size: such a
+        guarantee allows releasing an example in the clear.
+        """
+        epsilon = self.accountant.get_epsilon(delta)  # checks delta first
+        accounting.warn_if_delta_not_small(delta, self._num_samples())
+        return epsilon
 
     def privacy_report(self, delta: float, *, smoothness: float | None = None,
                        convex: bool = False) -> accounting.PrivacyReport:
-        """Composed and (where its assumptions hold) last-iterate epsilon, with the assumptions."""
-        return accounting.privacy_report(self.accountant, delta, smoothness=smoothness,
-                                         convex=convex)
+        """Composed and (where its assumptions hold) last-iterate epsilon, with the assumptions.
+
+        Warns (UserWarning) when delta >= 1/N, as :meth:`get_epsilon`.
+        """
+        report = accounting.privacy_report(self.accountant, delta, smoothness=smoothness,
+                                           convex=convex)
+        accounting.warn_if_delta_not_small(delta, self._num_samples())
+        return report
+
+    def _num_samples(self) -> int | None:
+        """N of the private data loader (the latest make_private's), None before make_private."""
+        return None if self.data_loader is None else self.data_loader.num_samples
 
     def state_dict(self) -> dict:
         """Accountant ledger and sampler position: resume gives the same batches and epsilon."""
@@ -413,6 +437,33 @@ def _load_scheduler_states(checkpoint, noise_scheduler, grad_clip_scheduler) -> 
             raise ValueError(f"load_checkpoint: {name} was passed but the checkpoint has no "
                              f"'{key}'; save it with save_checkpoint({name}=...)")
         given[name].load_state_dict(checkpoint[key])
+
+
+def _last_iterate_plan(last_iterate, optimizer, loss_reduction) -> dict:
+    """calibrate_noise_multiplier's ``last_iterate``: the user's L and convexity, and what the
+    optimizer will do: its learning rate and every parameter group's weight decay (a group
+    without weight decay does not contract, so one lambda for all would understate epsilon)."""
+    _check_plain_sgd(optimizer)
+    decays = [float(group.get("weight_decay", 0.0)) for group in optimizer.param_groups]
+    if "weight_decay" in last_iterate and any(w != last_iterate["weight_decay"] for w in decays):
+        raise ValueError(
+            f"last_iterate['weight_decay']={last_iterate['weight_decay']!r} but the optimizer's "
+            f"parameter groups have weight_decay {decays}; drop the key (the weight decays are "
+            "read from the optimizer)")
+    plan = {key: last_iterate[key] for key in ("smoothness", "convex") if key in last_iterate}
+    return {**plan, "learning_rate": _constant_learning_rate(optimizer), "weight_decay": decays,
+            "loss_reduction": loss_reduction}
+
+
+def _check_plain_sgd(optimizer) -> None:
+    groups = optimizer.param_groups
+    if type(optimizer) is not torch.optim.SGD or any(
+            g.get("momentum", 0) != 0 or g.get("nesterov", False) or g.get("maximize", False)
+            for g in groups):
+        raise accounting.LastIterateUnavailable(
+            "last_iterate calibration needs plain SGD (torch.optim.SGD with momentum=0, "
+            f"nesterov=False, maximize=False); got {type(optimizer).__name__} "
+            f"{[{k: g.get(k) for k in ('momentum', 'nesterov', 'maximize') if k in g} for g in groups]}")
 
 
 def _constant_learning_rate(optimizer) -> float:

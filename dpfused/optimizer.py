@@ -191,13 +191,14 @@ class DPOptimizer(torch.optim.Optimizer):
             self.steps_skipped += 1
             return None
         sampled = self._sampled_step(clipped)
+        facts = self._iterate_facts(clipped)  # raises on a bad param group before anything runs
         self._check_budget(sampled)  # before anything is written: a refused step changes nothing
         noisy_counts = self._write_noised_gradients(clipped)
         self._book.next_step()
         if noisy_counts is not None:
             self._adapt_thresholds(noisy_counts, clipped)
         if self.accountant is not None:
-            self.accountant.record(sampled, self._iterate_facts(clipped.batch))
+            self.accountant.record(sampled, facts)
         self.steps_taken += 1
         self.examples_dropped += clipped.dropped
         self.original_optimizer.step()
@@ -303,18 +304,27 @@ class DPOptimizer(torch.optim.Optimizer):
             min_threshold=config.min_threshold, max_threshold=config.max_threshold,
         ))
 
-    def _iterate_facts(self, batch) -> IterateFacts:
-        """What the last-iterate bound needs to know of this step's optimizer (docs/design.md §7)."""
+    def _iterate_facts(self, clipped: ClippedStep) -> IterateFacts:
+        """What the last-iterate bound needs to know of this step (docs/design.md §7.4): the
+        map the wrapped optimizer applies, x_g <- (1 - eta lambda_g) x_g - (eta / B_norm) * (clipped
+        sum + noise), and the C the sum was clipped with."""
         lrs = {float(g["lr"]) for g in self.param_groups if "lr" in g}
-        # One learning rate for all groups is part of "plain SGD" for the last-iterate bound.
+        # One learning rate for all groups is part of "plain SGD" for the last-iterate bound;
+        # maximize=True climbs the loss, which the convex case's contraction does not cover.
         plain_sgd = (type(self.original_optimizer) is torch.optim.SGD and len(lrs) <= 1 and all(
-            g.get("momentum", 0) == 0 and not g.get("nesterov", False) for g in self.param_groups))
-        decays = {float(g.get("weight_decay", 0.0)) for g in self.param_groups}
+            g.get("momentum", 0) == 0 and not g.get("nesterov", False)
+            and not g.get("maximize", False) for g in self.param_groups))
+        batch = clipped.batch
         return IterateFacts(
             position_in_epoch=batch.position_in_epoch,
             batches_per_epoch=batch.batches_per_epoch,
             learning_rate=next(iter(lrs)) if len(lrs) == 1 else None,
-            weight_decay=max(decays) if decays else 0.0,
+            # Every group's: one without weight decay does not contract (the largest factor counts).
+            weight_decays=tuple(float(g.get("weight_decay", 0.0)) for g in self.param_groups),
+            loss_reduction=clipped.loss_reduction,
+            normalizer=privacy_math.gradient_normalizer(
+                loss_reduction=clipped.loss_reduction, expected_batch_size=batch.expected_size),
+            max_grad_norm=privacy_math.sensitivity(clipped.thresholds),
             plain_sgd=plain_sgd,
         )
 

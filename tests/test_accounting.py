@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 
@@ -52,19 +53,55 @@ def poisson_steps(q: float, sigma: float, steps: int, **kw) -> list[LedgerEntry]
 
 
 def cyclic_steps(sigma, epochs: int, m: int, *, extra: int = 0, lr=0.1, weight_decay=0.0,
-                 b: int = 8, sampling: str = "cyclic", plain_sgd: bool = True) -> list[LedgerEntry]:
-    """``epochs`` full epochs of m batches, then ``extra`` steps of a partial epoch."""
+                 b: int = 8, sampling: str = "cyclic", plain_sgd: bool = True,
+                 loss_reduction: str = "mean", clip=1.0) -> list[LedgerEntry]:
+    """``epochs`` full epochs of m batches, then ``extra`` steps of a partial epoch.
+
+    ``weight_decay``: lambda, or a tuple of every parameter group's; ``clip``: C, or C_k per step."""
     total = epochs * m + extra
     sigmas = sigma if isinstance(sigma, (list, tuple)) else [sigma] * total
     lrs = lr if isinstance(lr, (list, tuple)) else [lr] * total
+    clips = clip if isinstance(clip, (list, tuple)) else [clip] * total
+    decays = weight_decay if isinstance(weight_decay, tuple) else (weight_decay,)
     return [
         LedgerEntry(
             SampledStep(event=dp_accounting.GaussianDpEvent(sigmas[k]), sampling=sampling,
                         epoch=k // m, batch_size=b, examples=b),
             IterateFacts(position_in_epoch=k % m, batches_per_epoch=m, learning_rate=lrs[k],
-                         weight_decay=weight_decay, plain_sgd=plain_sgd))
+                         weight_decays=decays, loss_reduction=loss_reduction,
+                         normalizer=b if loss_reduction == "mean" else 1, max_grad_norm=clips[k],
+                         plain_sgd=plain_sgd))
         for k in range(total)
     ]
+
+
+def formula_rho(entries, *, smoothness: float, shift_factor: float = 1.0) -> float:
+    """rho of the worst position, straight from docs/design.md §7.4 in plain floats (no log space):
+    phi_k moves by (eta_k/B_norm) times the noised clipped sum, so c_k = max_g |1 - eta_k lambda_g|
+    + eta_k (b/B_norm) L, s_k = eta_k sigma_k C_k / B_norm, Delta_k = eta_k C_k / B_norm; each
+    appearance t0 opens a window to t1 with w_k = prod_{j=k+1..t1} c_j and
+    rho_window = (1/2) (w_t0 Delta_t0)^2 / sum_k w_k^2 s_k^2; a position's rho sums its windows."""
+    b = entries[0].sampled.batch_size
+    m = entries[0].iterate.batches_per_epoch
+    c, s, shift = [], [], []
+    for e in entries:
+        it = e.iterate
+        step = it.learning_rate / it.normalizer
+        c.append(max(abs(1 - it.learning_rate * lam) for lam in it.weight_decays)
+                 + it.learning_rate * (b / it.normalizer) * smoothness)
+        s.append(step * e.sampled.noise_multiplier * it.max_grad_norm)
+        shift.append(shift_factor * step * it.max_grad_norm)
+    n, worst = len(entries), 0.0
+    for p in range(m):
+        uses = [k for k in range(n) if entries[k].iterate.position_in_epoch == p]
+        total = 0.0
+        for i, t0 in enumerate(uses):
+            t1 = uses[i + 1] - 1 if i + 1 < len(uses) else n - 1
+            w = {k: math.prod(c[k + 1 : t1 + 1]) for k in range(t0, t1 + 1)}
+            total += 0.5 * (w[t0] * shift[t0]) ** 2 / sum(w[k] ** 2 * s[k] ** 2
+                                                         for k in range(t0, t1 + 1))
+        worst = max(worst, total)
+    return worst
 
 
 def accountant_with(records, **kw) -> PrivacyAccountant:
@@ -204,6 +241,75 @@ def test_state_dict_round_trips(mechanism):
     assert fresh.get_epsilon(DELTA) == acc.get_epsilon(DELTA)
     with pytest.raises(ValueError, match="neighboring='replace_one' but this accountant uses None"):
         PrivacyAccountant(mechanism=mechanism).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases (issue 25.2): a second data loader counts its epochs from 0 again
+# ---------------------------------------------------------------------------------------------
+
+
+def two_phase_accountant(**kw) -> PrivacyAccountant:
+    """One epoch of 3 cyclic batches (sigma 2), a new phase, one epoch of 3 more (sigma 3)."""
+    acc = accountant_with(cyclic_steps(2.0, 1, m=3), **kw)
+    acc.begin_phase()
+    acc.begin_phase()  # idempotent while the new phase has no step
+    for entry in cyclic_steps(3.0, 1, m=3):
+        acc.record(entry.sampled, entry.iterate)
+    return acc
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "pld"])
+def test_epochs_of_two_phases_are_two_epochs(mechanism):
+    acc = two_phase_accountant(mechanism=mechanism)
+    assert [e.sampled.phase for e in acc.entries] == [0, 0, 0, 1, 1, 1] and acc.phase == 1
+    assert acc.epochs_started == 2
+    expected = dp_accounting_epsilon([dp_accounting.GaussianDpEvent(2.0),
+                                      dp_accounting.GaussianDpEvent(3.0)], mechanism=mechanism)
+    assert acc.get_epsilon(DELTA) == pytest.approx(expected, rel=1e-9 if mechanism == "rdp" else 2e-3)
+    assert acc.get_epsilon(DELTA) > accountant_with(cyclic_steps(2.0, 1, m=3),
+                                                    mechanism=mechanism).get_epsilon(DELTA)
+    empty = PrivacyAccountant()
+    empty.begin_phase()
+    assert empty.phase == 0
+
+
+def test_phases_survive_a_state_dict_and_are_inferred_for_older_ledgers():
+    acc = two_phase_accountant()
+    acc.begin_phase()  # make_private again, nothing trained yet: the next step is phase 2
+    fresh = PrivacyAccountant()
+    fresh.load_state_dict(pickle.loads(pickle.dumps(acc.state_dict())))
+    assert fresh.entries == acc.entries and fresh.phase == 2
+    # A ledger saved before phases existed: a step whose (epoch, position) does not come after the
+    # one before it was drawn by a new loader.
+    legacy = acc.state_dict()
+    del legacy["phase"]
+    legacy["version"] = 2
+    for entry in legacy["entries"]:
+        del entry["sampled"]["phase"]
+    old = PrivacyAccountant()
+    old.load_state_dict(legacy)
+    assert [e.sampled.phase for e in old.entries] == [0, 0, 0, 1, 1, 1] and old.phase == 1
+    assert old.get_epsilon(DELTA) == acc.get_epsilon(DELTA)
+    # A saved phase below a recorded one cannot merge later steps into an earlier run's epochs.
+    lowered = {**acc.state_dict(), "phase": 0}
+    fresh.load_state_dict(lowered)
+    assert fresh.phase == 1
+
+
+def test_the_accountant_stamps_the_phase():
+    acc = two_phase_accountant()
+    step = cyclic_steps(3.0, 1, m=3)[0]
+    acc.record(dataclasses.replace(step.sampled, phase=7), step.iterate)
+    assert acc.entries[-1].sampled.phase == 1
+    with pytest.raises(ValueError, match="phase must be >= 0"):
+        SampledStep(event=GAUSS, sampling="cyclic", batch_size=4, phase=-1)
+
+
+def test_last_iterate_refuses_several_phases():
+    acc = two_phase_accountant()
+    with pytest.raises(LastIterateUnavailable, match="one fixed cyclic order .* 2 phases"):
+        acc.get_last_iterate_epsilon(DELTA, smoothness=1.0)
+    assert "2 phases" in privacy_report(acc, DELTA, smoothness=1.0).last_iterate_reason
 
 
 def test_no_steps_and_no_noise():
@@ -399,6 +505,97 @@ def test_last_iterate_uses_each_steps_learning_rate():
     assert bound.rho_per_position[0] == pytest.approx(expected_p0, rel=1e-12)
 
 
+# Issue 19.6: the bound must follow what each step did. m = 8 batches of b = 4, 4 epochs, L = 1.
+SCALE_RUN = dict(sigma=1.0, epochs=4, m=8, b=4)
+HALF = 16  # the step from which a grad-clip scheduler has lowered C from 1 to 0.25
+
+
+@pytest.mark.parametrize("name, kwargs, same_as", [
+    # loss_reduction="sum": the step is eta times the clipped sum (B_norm = 1), so the batch term is
+    # (b L)-Lipschitz: c = 1 + eta b L. At eta = 0.2 / b it is the mean run at eta = 0.2 exactly.
+    ("sum", dict(loss_reduction="sum", lr=0.05), dict(lr=0.2)),
+    # weight decay 5 on weights, 0 on biases: the bias coordinates do not contract, c = 1 + eta L,
+    # the run without weight decay (the largest factor counts, not the smallest).
+    ("groups", dict(weight_decay=(5.0, 0.0), lr=0.2), dict(lr=0.2)),
+    # a scheduler lowers C mid-run: s_k = eta sigma C_k / b is smaller after it, Delta_t0 is not.
+    ("clip", dict(clip=[1.0] * HALF + [0.25] * HALF, lr=0.2), None),
+])
+def test_last_iterate_follows_each_steps_reduction_decays_and_clip(name, kwargs, same_as):
+    entries = cyclic_steps(**SCALE_RUN, **kwargs)
+    acc = accountant_with(entries, mechanism="rdp")
+    rho = acc.last_iterate_bound(smoothness=1.0).rho
+    assert rho == pytest.approx(formula_rho(entries, smoothness=1.0), rel=1e-12)
+    epsilon = acc.get_last_iterate_epsilon(DELTA, smoothness=1.0)
+    assert epsilon == pytest.approx(
+        dp_accounting_epsilon([dp_accounting.GaussianDpEvent(1 / math.sqrt(2 * rho))],
+                              mechanism="rdp"), rel=1e-12)
+    if same_as is not None:
+        plain = accountant_with(cyclic_steps(**SCALE_RUN, **same_as))
+        assert epsilon == pytest.approx(plain.get_last_iterate_epsilon(DELTA, smoothness=1.0),
+                                        rel=1e-12)
+    # What 0c36fdd reported, read off the same formula: mean reduction, the largest lambda only, a
+    # constant C. Each is below the bound (the under-report of issue 19.6).
+    old = cyclic_steps(**SCALE_RUN, lr=kwargs["lr"],
+                       weight_decay=max(kwargs.get("weight_decay", (0.0,))))
+    assert formula_rho(old, smoothness=1.0) < rho * (1 - 1e-3)
+
+
+def test_last_iterate_formula_with_everything_changing():
+    """Learning rate, sigma, C, three weight decays, a summed loss, a partial epoch, replace-one."""
+    rng = np.random.default_rng(3)
+    total = 3 * 5 + 2
+    entries = cyclic_steps(list(rng.uniform(0.5, 2.0, total)), 3, m=5, extra=2, b=6,
+                           lr=list(rng.uniform(0.001, 0.05, total)), weight_decay=(0.5, 0.0, 2.0),
+                           loss_reduction="sum", clip=list(rng.uniform(0.1, 2.0, total)))
+    acc = accountant_with(entries, neighboring="replace_one")
+    bound = acc.last_iterate_bound(smoothness=0.8)
+    assert bound.rho == pytest.approx(formula_rho(entries, smoothness=0.8, shift_factor=2.0),
+                                      rel=1e-10)
+
+
+def test_contraction_factors_take_the_worst_group_and_the_gradient_scale():
+    eta = np.array([0.1, 0.3])
+    groups = [(5.0, 0.0), (1.0, 2.0)]
+    smooth = contraction_factors(eta, groups, smoothness=2.0, convex=False, gradient_scales=[4, 1])
+    np.testing.assert_allclose(smooth, [max(abs(1 - 0.5), 1.0) + 0.1 * 4 * 2.0,
+                                        max(abs(1 - 0.3), abs(1 - 0.6)) + 0.3 * 2.0])
+    # Convex: the Hessian lies in [lambda_min, lambda_max + L_k], L_k = (b / B_norm) L.
+    convex = contraction_factors(eta, groups, smoothness=2.0, convex=True, gradient_scales=[4, 1])
+    np.testing.assert_allclose(convex, [max(1.0, abs(1 - 0.1 * (5.0 + 8.0))),
+                                        max(abs(1 - 0.3), abs(1 - 0.3 * 4.0))])
+    unknown_l = contraction_factors(eta, groups, smoothness=None, convex=True)
+    np.testing.assert_allclose(unknown_l, [max(1.0, 1 + 0.5), max(abs(1 - 0.3), 1 + 0.6)])
+
+
+def test_convex_learning_rate_limit_counts_the_summed_batch():
+    """Under a summed loss eta L_k <= 2 means eta <= 2 / (b L): eta = 0.1 is fine for a mean loss
+    with L = 10 and b = 4, not for a summed one."""
+    mean = accountant_with(cyclic_steps(1.0, 1, 3, b=4, lr=0.1))
+    assert mean.last_iterate_bound(smoothness=10.0, convex=True).rho > 0
+    summed = accountant_with(cyclic_steps(1.0, 1, 3, b=4, lr=0.1, loss_reduction="sum"))
+    with pytest.raises(LastIterateUnavailable, match="convex=True needs learning rates <= 2/L = "
+                                                     r"0.05 \(loss_reduction='sum'"):
+        summed.last_iterate_bound(smoothness=10.0, convex=True)
+
+
+def test_ledger_without_the_step_scale_is_refused_for_the_last_iterate():
+    """A ledger saved before dpfused recorded B_norm and C (one 'weight_decay', the largest): its
+    composed epsilon stands, the last-iterate bound is refused with the reason."""
+    acc = accountant_with(cyclic_steps(1.0, 2, m=3))
+    state = acc.state_dict()
+    for entry in state["entries"]:
+        it = entry["iterate"]
+        it["weight_decay"] = max(it.pop("weight_decays"))
+        for key in ("loss_reduction", "normalizer", "max_grad_norm"):
+            del it[key]
+    old = PrivacyAccountant()
+    old.load_state_dict(state)
+    assert old.get_epsilon(DELTA) == acc.get_epsilon(DELTA)
+    with pytest.raises(LastIterateUnavailable, match="step 0 has no loss_reduction, normalizer, "
+                                                     "max_grad_norm recorded.*older dpfused"):
+        old.get_last_iterate_epsilon(DELTA, smoothness=1.0)
+
+
 LAST_ITERATE_REFUSALS = [
     (poisson_steps(0.1, 1.0, 3, plain_sgd=True, learning_rate=0.1), {"smoothness": 1.0},
      "needs cyclic sampling .* sampling='poisson'"),
@@ -518,9 +715,32 @@ def test_calibrate_last_iterate():
     assert sigma < composed
 
 
+@pytest.mark.parametrize("spec, run", [
+    ({"loss_reduction": "sum", "learning_rate": 0.05}, dict(loss_reduction="sum", lr=0.05)),
+    ({"weight_decay": [5.0, 0.0], "learning_rate": 0.2}, dict(weight_decay=(5.0, 0.0), lr=0.2)),
+])
+def test_calibrate_last_iterate_for_a_summed_loss_and_weight_decay_groups(spec, run):
+    """Issue 19.6: calibration used the mean-loss step and one lambda, and under-noised."""
+    sigma = calibrate_noise_multiplier(target_epsilon=3.0, delta=DELTA, sampling="cyclic",
+                                       num_samples=32, batch_size=4, epochs=4,
+                                       last_iterate={"smoothness": 1.0, **spec})
+
+    def last_eps(s):
+        entries = cyclic_steps(s, 4, m=8, b=4, **run)
+        rho = formula_rho(entries, smoothness=1.0)
+        return dp_accounting_epsilon([dp_accounting.GaussianDpEvent(1 / math.sqrt(2 * rho))],
+                                     mechanism="rdp")
+
+    assert_conservative_and_tight(sigma, last_eps, 3.0)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
+        ({"last_iterate": {"smoothness": 1.0, "learning_rate": 0.1, "lr_schedule": "cosine"}},
+         ValueError, "last_iterate: unknown keys \\['lr_schedule'\\]"),
+        ({"last_iterate": {"smoothness": 1.0, "learning_rate": 0.1, "loss_reduction": "max"}},
+         ValueError, "last_iterate\\['loss_reduction'\\] must be one of \\('mean', 'sum'\\)"),
         ({"target_epsilon": 0.0}, ValueError, "target_epsilon must be > 0; got 0.0"),
         ({"target_epsilon": -1.0}, ValueError, "target_epsilon must be > 0"),
         ({"delta": 0.0}, ValueError, "delta must satisfy 0 < delta < 1; got 0.0"),

@@ -20,6 +20,7 @@ from dpfused.sampling import (
     ShuffleBatchSampler,
     make_private_data_loader,
 )
+from dpfused.sampling.samplers import inclusion_threshold
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -95,6 +96,30 @@ def test_poisson_batch_sizes_are_binomial():
     counts = np.bincount(np.concatenate([np.asarray(b, dtype=int) for b in batches]), minlength=n)
     assert abs(counts.mean() / steps - q) < 0.005
     assert all(b == sorted(set(b)) for b in batches)  # no duplicates within a batch
+
+
+@pytest.mark.parametrize("secure_mode", [False, True])
+def test_poisson_rate_is_not_rounded_up_to_the_float32_grid(secure_mode):
+    """Issue 19.8: float32 uniforms k / 2^24 compared with q include an index with probability
+    ceil(q 2^24) / 2^24, at least 2^-24 however small q is (x3.7 at q = 1.6e-8). At q = 1e-12
+    over 2^23 indices and 12 steps, that rate gives 6 inclusions on average (P(none) = e^-6);
+    the rate q gives 1e-4."""
+    # The secure sampler always drew float64 uniforms: fewer steps check it (its key is random).
+    kwargs = {"secure_mode": True} if secure_mode else {"generator": seeded(0)}
+    sampler = PoissonBatchSampler(num_samples=2**23, sample_rate=1e-12,
+                                  steps_per_epoch=4 if secure_mode else 12, **kwargs)
+    assert sum(len(batch) for batch in sampler) == 0
+
+
+@pytest.mark.parametrize("q", [1.0, 0.5, 2.0**-30, 0.2, 1.6e-8, 1 / 3, 1e-17])
+def test_inclusion_threshold_is_exactly_q_or_just_below(q):
+    """Both generators draw float64 uniforms k / 2^53, so P(U < t) = t exactly for the threshold
+    t = floor(q 2^53) / 2^53: never above q (the accountant composes q), below it by < 2^-53."""
+    t = inclusion_threshold(q)
+    assert t <= q and q - t < 2.0**-53
+    assert (t * 2.0**53) == math.floor(t * 2.0**53)  # a point of the uniforms' grid
+    if (q * 2.0**53).is_integer():
+        assert t == q
 
 
 def test_poisson_defaults_and_len():

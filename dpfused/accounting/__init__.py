@@ -27,6 +27,7 @@ from dpfused.accounting.records import (
     SampledStep,
     check_neighboring,
     default_neighboring,
+    warn_if_delta_not_small,
 )
 from dpfused.accounting.report import PrivacyReport, privacy_report
 
@@ -50,5 +51,6 @@ __all__ = [
     "gaussian_rdp_epsilon",
     "last_iterate_bound",
     "privacy_report",
+    "warn_if_delta_not_small",
     "window_rho",
 ]

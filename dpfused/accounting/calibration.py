@@ -12,9 +12,11 @@ from typing import Any
 
 import dp_accounting
 
+from dpfused import privacy_math
 from dpfused.accounting.composition import composed_epsilon
 from dpfused.accounting.last_iterate import gaussian_rdp_epsilon, last_iterate_of_entries
 from dpfused.accounting.records import (
+    LOSS_REDUCTIONS,
     MECHANISMS,
     IterateFacts,
     LastIterateUnavailable,
@@ -23,6 +25,7 @@ from dpfused.accounting.records import (
     check_choice,
     check_delta,
     check_neighboring,
+    warn_if_delta_not_small,
 )
 from dpfused.sampling.samplers import batches_per_epoch, poisson_rate_of_batch_size
 from dpfused.step import SAMPLINGS
@@ -103,7 +106,13 @@ def calibrate_noise_multiplier(
     times the sampler's steps per epoch. Cyclic/shuffle: epochs = ``epochs`` or ceil(steps / batches
     per epoch), each composing one Gaussian. With ``last_iterate`` (cyclic only) the last-iterate
     bound is calibrated instead of the composed one; its keys: ``smoothness`` (L),
-    ``learning_rate`` (constant eta), ``weight_decay`` (default 0), ``convex`` (default False).
+    ``learning_rate`` (constant eta), ``weight_decay`` (lambda, or a list with every parameter
+    group's lambda_g; default 0), ``loss_reduction`` ("mean", default, or "sum"), ``convex``
+    (default False). The learning rate, weight decays, C and sigma are taken as constant: a
+    scheduler that changes them changes the bound (the report gives the run's own).
+
+    A UserWarning says so when ``num_samples`` is given and delta >= 1/num_samples (a guarantee
+    that allows releasing an example in the clear).
 
     Returns:
         sigma with epsilon(sigma) <= target_epsilon, within 0.1% of the smallest such sigma.
@@ -115,6 +124,7 @@ def calibrate_noise_multiplier(
     if not (target_epsilon > 0):
         raise ValueError(f"target_epsilon must be > 0; got {target_epsilon!r}.")
     delta = check_delta(delta)
+    warn_if_delta_not_small(delta, num_samples)
     check_choice("sampling", sampling, SAMPLINGS)
     check_choice("mechanism", mechanism, MECHANISMS)
     neighboring = check_neighboring(neighboring, sampling)
@@ -172,19 +182,19 @@ def _fixed_batches_per_epoch(num_samples, batch_size, drop_last) -> int | None:
                              drop_last=drop_last)
 
 
+_LAST_ITERATE_KEYS = ("smoothness", "learning_rate", "weight_decay", "loss_reduction", "convex")
+
+
 def _calibrate_last_iterate(target_epsilon, delta, sampling, batch_size, per_epoch, epochs, steps,
                             last_iterate, neighboring) -> float:
     """With a constant sigma, s_k is proportional to sigma and Delta_k is not, so
     rho(sigma) = rho(1) / sigma^2: one bound at sigma = 1, then bisection on the closed form."""
     if per_epoch is None:
         raise ValueError("last_iterate calibration needs num_samples and batch_size.")
-    if "learning_rate" not in last_iterate:
-        raise LastIterateUnavailable("last_iterate calibration needs a learning_rate.")
+    facts = _calibration_facts(last_iterate, per_epoch, batch_size)
     if epochs is None and steps is None:
         raise ValueError(f"sampling={sampling!r} needs epochs, or steps with num_samples and batch_size.")
     total = int(steps) if steps is not None else int(epochs) * per_epoch
-    facts = dict(batches_per_epoch=per_epoch, learning_rate=float(last_iterate["learning_rate"]),
-                 weight_decay=float(last_iterate.get("weight_decay", 0.0)), plain_sgd=True)
     template = [
         LedgerEntry(
             SampledStep(event=dp_accounting.GaussianDpEvent(1.0), sampling=sampling,
@@ -201,3 +211,21 @@ def _calibrate_last_iterate(target_epsilon, delta, sampling, batch_size, per_epo
     return _bisect_sigma(
         lambda sigma: gaussian_rdp_epsilon(rho_1 / sigma**2, delta), target_epsilon
     )
+
+
+def _calibration_facts(last_iterate, per_epoch, batch_size) -> dict[str, Any]:
+    """The IterateFacts of every planned step (C = 1: a constant C cancels)."""
+    unknown = sorted(set(last_iterate) - set(_LAST_ITERATE_KEYS))
+    if unknown:
+        raise ValueError(f"last_iterate: unknown keys {unknown}; it takes {', '.join(_LAST_ITERATE_KEYS)}.")
+    if "learning_rate" not in last_iterate:
+        raise LastIterateUnavailable("last_iterate calibration needs a learning_rate.")
+    reduction = check_choice("last_iterate['loss_reduction']",
+                             last_iterate.get("loss_reduction", "mean"), LOSS_REDUCTIONS)
+    decay = last_iterate.get("weight_decay", 0.0)
+    decays = tuple(decay) if isinstance(decay, (list, tuple)) else (decay,)
+    return dict(batches_per_epoch=per_epoch, learning_rate=float(last_iterate["learning_rate"]),
+                weight_decays=decays, loss_reduction=reduction,
+                normalizer=privacy_math.gradient_normalizer(loss_reduction=reduction,
+                                                            expected_batch_size=batch_size),
+                max_grad_norm=1.0, plain_sgd=True)

@@ -2,7 +2,8 @@
 
 Poisson steps are ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` composed over the ledger;
 cyclic and shuffled steps claim no amplification by sampling: each example is used once per epoch,
-so every epoch started composes one ``GaussianDpEvent`` with the smallest sigma seen in that epoch.
+so every epoch started (of every phase) composes one ``GaussianDpEvent`` with the smallest sigma
+seen in that epoch.
 All DP math is dp_accounting's (PLD accountant by default, RDP accountant on request).
 
 Adjacency. Zero-out (one example replaced by a null example with zero gradient) changes the clipped
@@ -80,13 +81,16 @@ def epoch_sigmas(steps: Iterable[SampledStep]) -> list[float]:
     """Smallest sigma of every epoch started by a cyclic/shuffled step (one Gaussian per epoch).
 
     Each example is used at most once per epoch, so an epoch is one Gaussian mechanism on it; when
-    sigma changes mid-epoch the smallest one is the conservative choice.
+    sigma changes mid-epoch the smallest one is the conservative choice. An epoch is a (phase,
+    epoch) pair: a second data loader (a new phase) counts its epochs from 0 again, and its epoch 0
+    uses every example once more.
     """
-    smallest: dict[int, float] = {}
+    smallest: dict[tuple[int, int], float] = {}
     for step in steps:
         if step.sampling in ("cyclic", "shuffle"):
-            smallest[step.epoch] = min(step.noise_multiplier, smallest.get(step.epoch, math.inf))
-    return [smallest[e] for e in sorted(smallest)]
+            key = (step.phase, step.epoch)
+            smallest[key] = min(step.noise_multiplier, smallest.get(key, math.inf))
+    return [smallest[key] for key in sorted(smallest)]
 
 
 def _merged_gaussian_sigma(sigmas: Sequence[float]) -> float:

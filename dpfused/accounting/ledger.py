@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,6 +49,7 @@ class PrivacyAccountant:
             check_choice("neighboring", neighboring, NEIGHBORINGS)
         self._configured = neighboring
         self._entries: list[LedgerEntry] = []
+        self._phase = 0
         self._cache: dict[tuple, float] = {}
 
     # -- ledger ----------------------------------------------------------------------------------
@@ -75,8 +78,24 @@ class PrivacyAccountant:
 
     @property
     def epochs_started(self) -> int:
-        """Distinct epochs in which at least one step was recorded."""
-        return len({e.sampled.epoch for e in self._entries})
+        """Distinct (phase, epoch) pairs in which at least one step was recorded."""
+        return len({(e.sampled.phase, e.sampled.epoch) for e in self._entries})
+
+    @property
+    def phase(self) -> int:
+        """The phase the next recorded step belongs to (see :meth:`begin_phase`)."""
+        return self._phase
+
+    def begin_phase(self) -> None:
+        """Steps recorded from now on belong to a new sampling run (a new private data loader).
+
+        A new loader counts its epochs from 0 again, and its epochs use every example again: they
+        must not merge with the earlier epochs of the same number (docs/design.md §7.2). The
+        engine calls this when ``make_private`` is called on an engine whose ledger is not empty.
+        Nothing changes while the current phase has no step.
+        """
+        if any(e.sampled.phase == self._phase for e in self._entries):
+            self._phase += 1
 
     def record(self, sampled: SampledStep, iterate: IterateFacts | None = None) -> None:
         """Append one logical step to the ledger.
@@ -94,6 +113,8 @@ class PrivacyAccountant:
         if not isinstance(iterate, IterateFacts):
             raise TypeError(f"record expects IterateFacts; got {type(iterate).__name__}.")
         check_neighboring(self._configured, sampled.sampling)
+        if sampled.phase != self._phase:  # the accountant, not the caller, says which run it is
+            sampled = dataclasses.replace(sampled, phase=self._phase)
         return LedgerEntry(sampled, iterate)
 
     def dp_event(self) -> dp_accounting.DpEvent:
@@ -187,7 +208,8 @@ class PrivacyAccountant:
 
         Raises:
             LastIterateUnavailable: sampling not cyclic, optimizer not plain SGD, learning rate
-                unknown, L missing or <= 0, or a learning rate above 2/L with ``convex``.
+                unknown, a step without its loss reduction, B_norm or C (an older ledger), several
+                phases, L missing or <= 0, or a learning rate above 2/L_k with ``convex``.
             ValueError: delta not in (0, 1).
         """
         delta = check_delta(delta)
@@ -198,10 +220,11 @@ class PrivacyAccountant:
     def state_dict(self) -> dict[str, Any]:
         """The ledger, as plain Python data."""
         return {
-            "version": 2,
+            "version": 3,
             "mechanism": self._mechanism,
             "neighboring": self._configured,
             "entries": [e.to_dict() for e in self._entries],
+            "phase": self._phase,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -217,8 +240,33 @@ class PrivacyAccountant:
                     f"but this accountant uses {_described(ours)}; build the accountant with "
                     f"{name}={state[name]!r}."
                 )
-        self._entries = [LedgerEntry.from_dict(e) for e in state["entries"]]
+        entries = [LedgerEntry.from_dict(e) for e in state["entries"]]
+        if "phase" not in state:  # saved before phases were recorded (version <= 2)
+            entries = _with_inferred_phases(entries)
+        self._entries = entries
+        # Never below a recorded phase: later steps must not merge into an earlier run's epochs.
+        latest = max((e.sampled.phase for e in entries), default=0)
+        self._phase = max(int(state.get("phase", latest)), latest)
         self._cache.clear()
+
+
+def _with_inferred_phases(entries: list[LedgerEntry]) -> list[LedgerEntry]:
+    """Phases of a ledger saved before they were recorded.
+
+    Within one data loader the steps' (epoch, position in epoch) strictly increase (a resumed run
+    continues where it stopped); a step that does not come after the one before it was drawn by a
+    new loader, which counts its epochs from 0 again. Such a ledger merged those epochs with the
+    earlier ones of the same number (the bug phases fix); splitting them again here is the
+    conservative reading.
+    """
+    out, phase, previous = [], 0, None
+    for entry in entries:
+        key = (entry.sampled.epoch, entry.iterate.position_in_epoch)
+        if previous is not None and key <= previous:
+            phase += 1
+        previous = key
+        out.append(LedgerEntry(dataclasses.replace(entry.sampled, phase=phase), entry.iterate))
+    return out
 
 
 def _described(setting) -> str:

@@ -3,9 +3,15 @@
 - :class:`SampledStep`: the step as a dp_accounting ``DpEvent`` produced from the sampler's
   ``LogicalBatch`` (``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` for Poisson,
   ``GaussianDpEvent(sigma)`` for cyclic/shuffle, whose steps of one epoch compose as one Gaussian),
-  with the epoch it belongs to. This is all the composed epsilon needs.
+  with the phase and epoch it belongs to. This is all the composed epsilon needs.
 - :class:`IterateFacts`: what the last-iterate bound needs besides: the step's place in the fixed
-  order, learning rate, weight decay, and whether the optimizer was plain SGD.
+  order, learning rate, every parameter group's weight decay, the loss reduction and the normalizer
+  B_norm the noised sum was divided by, the clipping norm C of the step, and whether the optimizer
+  was plain SGD.
+
+Phases. A phase is one sampling run: the steps drawn by one private data loader. A second
+``make_private`` on an engine whose ledger is not empty starts a new phase, whose loader counts its
+epochs from 0 again; the epochs of different phases are different epochs (docs/design.md §7.2).
 
 Adjacency names are defined here, once: ``add_remove`` (Poisson sampling), ``zero_out`` (cyclic and
 shuffled batches: the example is replaced by a null example with zero gradient and every other
@@ -15,6 +21,7 @@ example keeps its slot, Kairouz et al. 2021) and ``replace_one`` (sensitivity 2C
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,6 +31,7 @@ import dp_accounting
 from dpfused.step import SAMPLINGS, LogicalBatch
 
 __all__ = [
+    "LOSS_REDUCTIONS",
     "MECHANISMS",
     "NEIGHBORINGS",
     "IterateFacts",
@@ -37,6 +45,7 @@ __all__ = [
 
 MECHANISMS = ("pld", "rdp")
 NEIGHBORINGS = ("add_remove", "zero_out", "replace_one")
+LOSS_REDUCTIONS = ("mean", "sum")
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -91,6 +100,28 @@ def check_delta(delta: float) -> float:
     return float(delta)
 
 
+def warn_if_delta_not_small(delta: float, num_samples: int | None, *, stacklevel: int = 3) -> None:
+    """A UserWarning when delta >= 1/N: such a delta allows releasing an example in the clear.
+
+    The mechanism that publishes one random example of N whole is (0, 1/N)-DP, so a guarantee with
+    delta >= 1/N rules out nothing an attacker cares about; the usual advice is delta << 1/N (e.g.
+    1e-5 for N = 60000). The epsilon computed for such a delta is right; only the claim is empty.
+    """
+    if num_samples is None or num_samples < 1 or delta < 1.0 / num_samples:
+        return
+    warnings.warn(
+        f"delta={delta:g} is >= 1/N = 1/{num_samples} (N = {num_samples} examples in the dataset): "
+        "an (epsilon, delta) guarantee with delta >= 1/N allows releasing an example in the clear "
+        "(publishing one random example of N is (0, 1/N)-DP), so it protects nothing; use "
+        f"delta << 1/N (e.g. delta <= {_suggested_delta(num_samples):g})",
+        UserWarning, stacklevel=stacklevel)
+
+
+def _suggested_delta(num_samples: int) -> float:
+    """A power of ten at least ten times below 1/N."""
+    return 10.0 ** math.floor(math.log10(0.1 / num_samples))
+
+
 @dataclass(frozen=True, kw_only=True)
 class SampledStep:
     """One logical step as a dp_accounting event.
@@ -99,10 +130,13 @@ class SampledStep:
         event: ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` (Poisson) or
             ``GaussianDpEvent(sigma)`` (cyclic/shuffle); sigma is sigma_eff with adaptive clipping.
         sampling: "poisson", "cyclic" or "shuffle".
-        epoch: the epoch (0-based): cyclic/shuffled steps of one epoch compose as one Gaussian.
+        epoch: the epoch (0-based) within its phase: cyclic/shuffled steps of one (phase, epoch)
+            compose as one Gaussian.
         batch_size: b for cyclic/shuffle (None for Poisson).
         examples: examples in the logical batch (reported, never used in the bound).
         adaptive_clipping: the step also released noisy unclipped counts (folded into sigma).
+        phase: the sampling run (0-based) the step belongs to; the accountant stamps it (see the
+            module docstring).
     """
 
     event: dp_accounting.DpEvent
@@ -111,6 +145,7 @@ class SampledStep:
     batch_size: int | None = None
     examples: int = 0
     adaptive_clipping: bool = False
+    phase: int = 0
 
     def __post_init__(self) -> None:
         check_choice("sampling", self.sampling, SAMPLINGS)
@@ -131,6 +166,8 @@ class SampledStep:
                 f"SampledStep: sampling={self.sampling!r} needs batch_size >= 1; got {self.batch_size!r}")
         if self.epoch < 0:
             raise ValueError(f"SampledStep: epoch must be >= 0; got {self.epoch!r}")
+        if self.phase < 0:
+            raise ValueError(f"SampledStep: phase must be >= 0; got {self.phase!r}")
 
     @classmethod
     def of(cls, batch: LogicalBatch, noise_multiplier: float, *,
@@ -160,7 +197,8 @@ class SampledStep:
         event = (dp_accounting.PoissonSampledDpEvent(float(state["sample_rate"]), gaussian)
                  if state["sampling"] == "poisson" else gaussian)
         fields = ("sampling", "epoch", "batch_size", "examples", "adaptive_clipping")
-        return cls(event=event, **{k: state[k] for k in fields})
+        # A ledger saved before phases were recorded has none: the accountant infers them.
+        return cls(event=event, phase=int(state.get("phase", 0)), **{k: state[k] for k in fields})
 
 
 def _gaussian_of(event: dp_accounting.DpEvent):
@@ -171,21 +209,36 @@ def _gaussian_of(event: dp_accounting.DpEvent):
 
 @dataclass(frozen=True, kw_only=True)
 class IterateFacts:
-    """What the last-iterate bound needs to know of a step besides its event.
+    """What the last-iterate bound needs to know of a step besides its event (docs/design.md §7.4).
+
+    The step applies x <- (1 - eta lambda_g) x_g - (eta / B_norm) (S + noise) to every parameter
+    group g, S being the sum of the batch's clipped gradients (norm <= C each) and the noise
+    N(0, sigma^2 C^2 I).
 
     Attributes:
         position_in_epoch: logical batch index within the epoch (0-based).
         batches_per_epoch: logical batches per epoch.
-        learning_rate: the step's learning rate, when known (one for all parameter groups).
-        weight_decay: SGD ``weight_decay`` (lambda) of the step.
-        plain_sgd: True iff the optimizer is ``torch.optim.SGD`` with momentum 0, no Nesterov and
-            one learning rate.
+        learning_rate: eta, when known (one for all parameter groups).
+        weight_decays: SGD ``weight_decay`` (lambda_g) of every parameter group.
+        loss_reduction: "mean" or "sum", how the loss reduced over the batch (None: unknown).
+        normalizer: B_norm the noised sum was divided by (b for a mean loss under cyclic
+            sampling, 1 for a summed one); None when unknown.
+        max_grad_norm: C of the step, sqrt(sum_g C_g^2) of the thresholds the sums were clipped
+            with; None when unknown.
+        plain_sgd: True iff the optimizer is ``torch.optim.SGD`` with momentum 0, no Nesterov,
+            ``maximize=False`` and one learning rate.
+
+    A ledger saved before dpfused recorded ``loss_reduction``, ``normalizer`` and ``max_grad_norm``
+    (or facts built without them) has None there: the last-iterate bound refuses such steps.
     """
 
     position_in_epoch: int = 0
     batches_per_epoch: int = 1
     learning_rate: float | None = None
-    weight_decay: float = 0.0
+    weight_decays: tuple[float, ...] = (0.0,)
+    loss_reduction: str | None = None
+    normalizer: float | None = None
+    max_grad_norm: float | None = None
     plain_sgd: bool = False
 
     def __post_init__(self) -> None:
@@ -196,8 +249,40 @@ class IterateFacts:
             )
         if self.learning_rate is not None and not (self.learning_rate >= 0):
             raise ValueError(f"IterateFacts: learning_rate must be >= 0 or None; got {self.learning_rate!r}")
-        if not (self.weight_decay >= 0) or not math.isfinite(self.weight_decay):
-            raise ValueError(f"IterateFacts: weight_decay must be >= 0; got {self.weight_decay!r}")
+        decays = _decays_tuple(self.weight_decays)
+        object.__setattr__(self, "weight_decays", decays)
+        if self.loss_reduction is not None:
+            check_choice("IterateFacts: loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        for name in ("normalizer", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"IterateFacts: {name} must be a finite number > 0 or None; got {value!r}")
+
+    @property
+    def weight_decay_range(self) -> tuple[float, float]:
+        """(smallest, largest) lambda_g: the contraction of phi_k needs both (docs/design.md §7.4)."""
+        return min(self.weight_decays), max(self.weight_decays)
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> IterateFacts:
+        """Facts saved by ``asdict``; an older ledger's single ``weight_decay`` (then the largest of
+        the groups', which the bound cannot use) is kept as the only value, and the fields it
+        lacks stay None, so the bound refuses those steps."""
+        state = dict(state)
+        if "weight_decay" in state:
+            state["weight_decays"] = (state.pop("weight_decay"),)
+        return cls(**state)
+
+
+def _decays_tuple(weight_decays) -> tuple[float, ...]:
+    if isinstance(weight_decays, (int, float)) or not isinstance(weight_decays, Sequence):
+        raise TypeError(f"IterateFacts: weight_decays must be a sequence (one lambda per parameter "
+                        f"group); got {weight_decays!r}")
+    decays = tuple(float(w) for w in weight_decays)
+    if not decays or not all(math.isfinite(w) and w >= 0 for w in decays):
+        raise ValueError(f"IterateFacts: weight_decays must hold at least one finite lambda >= 0; "
+                         f"got {weight_decays!r}")
+    return decays
 
 
 @dataclass(frozen=True)
@@ -212,4 +297,4 @@ class LedgerEntry:
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> LedgerEntry:
-        return cls(SampledStep.from_dict(state["sampled"]), IterateFacts(**state["iterate"]))
+        return cls(SampledStep.from_dict(state["sampled"]), IterateFacts.from_dict(state["iterate"]))

@@ -37,8 +37,9 @@ __all__ = [
     "CyclicBatchSampler",
     "PoissonBatchSampler",
     "ShuffleBatchSampler",
-    "poisson_rate_of_batch_size",
     "batches_per_epoch",
+    "inclusion_threshold",
+    "poisson_rate_of_batch_size",
 ]
 
 
@@ -80,10 +81,30 @@ def _own_generator(generator: torch.Generator | None, secure_mode: bool):
     return own
 
 
-def _uniform(generator, n: int) -> torch.Tensor:
+_UNIFORM_BITS = 53  # float64 uniforms are k / 2^53, k uniform on 0 .. 2^53 - 1 (both generators)
+
+
+def inclusion_threshold(sample_rate: float) -> float:
+    """The threshold t with P(U < t) = t <= q exactly, for U = k / 2^53 (docs/design.md §6).
+
+    Both generators draw float64 uniforms k / 2^53 (torch's CPU ``rand`` keeps 53 bits of a 64-bit
+    draw; ChaCha20's ``rand`` the top 53 bits of a keystream word), so P(U < t) = ceil(t 2^53) / 2^53.
+    With t = floor(q 2^53) / 2^53 (exact in float64: scaling by a power of two and floor are exact)
+    the real rate is t, never above the q the accountant composes, and below it by less than
+    2^-53. A rate below q is safe: Poisson sampling at t is sampling at q followed by sampling at
+    t/q, which only amplifies. (Float32 uniforms, k / 2^24, gave ceil(q 2^24) / 2^24 instead:
+    3.7 times q at q = 1.6e-8.)
+    """
+    return math.floor(sample_rate * 2.0**_UNIFORM_BITS) / 2.0**_UNIFORM_BITS
+
+
+def _poisson_mask(generator, n: int, sample_rate: float) -> torch.Tensor:
+    """n independent coins, each True with probability ``inclusion_threshold(sample_rate)``."""
     if isinstance(generator, ChaCha20Generator):
-        return generator.rand(n, dtype=torch.float64)
-    return torch.rand(n, generator=generator)
+        uniforms = generator.rand(n, dtype=torch.float64)
+    else:
+        uniforms = torch.rand(n, dtype=torch.float64, generator=generator)
+    return uniforms < inclusion_threshold(sample_rate)
 
 
 def _permutation(generator, n: int) -> torch.Tensor:
@@ -235,7 +256,7 @@ class PoissonBatchSampler(_DPBatchSampler):
 
     def _epoch_batches(self, generator: torch.Generator) -> Iterator[list[int]]:
         for _ in range(self.batches_per_epoch):
-            mask = _uniform(generator, self.num_samples) < self.sample_rate
+            mask = _poisson_mask(generator, self.num_samples, self.sample_rate)
             yield mask.nonzero().flatten().tolist()
 
     def _config(self) -> dict[str, Any]:
