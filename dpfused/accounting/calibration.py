@@ -71,8 +71,9 @@ def _calibrate_composed(
 
     The PLD accountant is slow far from the answer (large epsilons), so it starts from the RDP
     answer, which is close (RDP's conversion is looser, so usually a little above). RDP has no
-    analysis of truncated Poisson steps: ``screen_of(sigma)`` then gives the untruncated runs
-    whose RDP answer is the starting point (only a start: the bisection brackets from it).
+    analysis of truncated Poisson steps: ``screen_of(sigma)`` then gives the same steps
+    untruncated, whose PLD answer is a lower bound of the truncated one (truncation only adds
+    privacy loss, so the search brackets upward from there).
     """
 
     def epsilon_with(mech, runs):
@@ -83,14 +84,19 @@ def _calibrate_composed(
                                     truncated=truncated[0] if truncated else None)
         return epsilon_of
 
+    if screen_of is not None and mechanism == "rdp":
+        raise ValueError(
+            "truncated Poisson sampling (max_batch_size) is accounted by the PLD accountant "
+            "only (dp_accounting's RDP accountant has no analysis of it); use accountant='pld'")
     sigma_rdp = _bisect_sigma(epsilon_with("rdp", screen_of or runs_of), target)
     if mechanism == "rdp":
-        if screen_of is not None:
-            raise ValueError(
-                "truncated Poisson sampling (max_batch_size) is accounted by the PLD accountant "
-                "only (dp_accounting's RDP accountant has no analysis of it); use accountant='pld'")
         return sigma_rdp
-    return _bisect_sigma(epsilon_with("pld", runs_of), target, start=sigma_rdp, factor=1.05)
+    if screen_of is None:
+        return _bisect_sigma(epsilon_with("pld", runs_of), target, start=sigma_rdp, factor=1.05)
+    # Each truncated PLD costs seconds: start from the untruncated PLD answer, a lower bound.
+    sigma_plain = _bisect_sigma(epsilon_with("pld", screen_of), target, start=sigma_rdp,
+                                factor=1.05)
+    return _bisect_sigma(epsilon_with("pld", runs_of), target, start=sigma_plain, factor=1.1)
 
 
 def calibrate_noise_multiplier(
