@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 
 from dpfused.accounting import PrivacyBudgetExhausted
 from dpfused.adaptive import AdaptiveClipping
+from dpfused.bandmf import BandMF
 from dpfused.engine import PrivacyEngine
 from dpfused.losses import per_example_lm_loss
 
@@ -86,6 +87,9 @@ class PrivacyArguments:
         seed: seeds the batch sampler (``seed``) and the noise (``seed + 1``). None (default):
             64 bits from the operating system, so that nobody who knows the Trainer's public seed
             can reproduce the batches or subtract the noise. Fix it only for experiments.
+        noise, max_batch_size, clipping_function, stability: as ``make_private`` takes them
+            (a ``dpfused.BandMF`` with sampling="cyclic_poisson"; truncated Poisson; "automatic"
+            clipping with its gamma; docs/design.md §4-§6).
     """
 
     noise_multiplier: float | None = None
@@ -98,6 +102,10 @@ class PrivacyArguments:
     adaptive_clipping: AdaptiveClipping | None = None
     max_epsilon: float | None = None
     seed: int | None = None
+    noise: BandMF | None = None
+    max_batch_size: int | None = None
+    clipping_function: str = "standard"
+    stability: float = 0.01
 
     def __post_init__(self):
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -220,7 +228,9 @@ class DPTrainingMixin:
             sampling=privacy.sampling, adaptive_clipping=privacy.adaptive_clipping,
             max_physical_batch_size=self.args.per_device_train_batch_size,
             sampling_generator=torch.Generator().manual_seed(sampling_seed),
-            noise_generator=self._noise_generator,
+            noise_generator=self._noise_generator, noise=privacy.noise,
+            max_batch_size=privacy.max_batch_size, clipping_function=privacy.clipping_function,
+            stability=privacy.stability,
         )
         if privacy.max_epsilon is not None:
             common.update(max_epsilon=privacy.max_epsilon, delta=privacy.delta)

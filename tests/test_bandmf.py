@@ -67,18 +67,20 @@ def test_optimized_strategy_beats_sqrt_and_dp_sgd(bands, steps, momentum):
 
 
 def _zero_gradient_run(noise, *, steps, sigma=1.3, clip=0.7, width=120, sampling="cyclic_poisson",
-                       seed=0):
+                       seed=0, secure_mode=False):
     """Released gradients of a model whose gradients are 0: the noise alone, step by step."""
     torch.manual_seed(seed)
     model = models.zero_gradient_model(width)
     data = TensorDataset(torch.zeros(40, width, dtype=torch.float64))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    engine = dpfused.PrivacyEngine()
+    engine = dpfused.PrivacyEngine(secure_mode=secure_mode)
+    seeded = {} if secure_mode else dict(
+        noise_generator=torch.Generator().manual_seed(seed + 1),
+        sampling_generator=torch.Generator().manual_seed(seed + 2))
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=DataLoader(data, batch_size=4),
         noise_multiplier=sigma, max_grad_norm=clip, loss_reduction="sum", sampling=sampling,
-        noise=noise, noise_generator=torch.Generator().manual_seed(seed + 1),
-        sampling_generator=torch.Generator().manual_seed(seed + 2))
+        noise=noise, **seeded)
     released = []
     while len(released) < steps:
         for (x,) in loader:
@@ -92,10 +94,13 @@ def _zero_gradient_run(noise, *, steps, sigma=1.3, clip=0.7, width=120, sampling
     return torch.stack(released), optimizer  # (T, d)
 
 
-def test_noise_covariance_is_sigma_c_squared_minv_minv_transposed():
-    """Per coordinate, the T released noises have covariance sigma^2 C^2 (M^-1)(M^-1)^T."""
+@pytest.mark.parametrize("secure_mode", [False, True])
+def test_noise_covariance_is_sigma_c_squared_minv_minv_transposed(secure_mode):
+    """Per coordinate, the T released noises have covariance sigma^2 C^2 (M^-1)(M^-1)^T; also
+    from secure mode's ChaCha20 Gaussians (the history is the same secret state there)."""
     sigma, clip, steps, noise = 1.3, 0.7, 9, BandMF(bands=4)
-    released, _ = _zero_gradient_run(noise, steps=steps, sigma=sigma, clip=clip)
+    released, _ = _zero_gradient_run(noise, steps=steps, sigma=sigma, clip=clip,
+                                     secure_mode=secure_mode)
     d = released.shape[1]
     empirical = released @ released.T / d
     inverse = torch.linalg.inv(strategy_matrix(noise.coefficients, steps))
@@ -134,6 +139,18 @@ def test_one_band_training_is_bit_for_bit_and_accounted_the_same():
         results.append((torch.cat([p.detach().flatten() for p in model.parameters()]),
                         engine.get_epsilon(1e-5)))
     assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+
+
+def test_physical_batches_add_the_correlated_noise_once_per_logical_step():
+    results = []
+    for physical in (None, 1):
+        engine, model, optimizer, loader = _private_mlp(noise=BandMF(bands=3),
+                                                        max_physical_batch_size=physical)
+        _train(model, optimizer, loader, epochs=1)
+        results.append((torch.cat([p.detach().flatten() for p in model.parameters()]),
+                        engine.accountant.steps))
+    assert results[0][1] == results[1][1] == 12
+    assert torch.allclose(results[0][0], results[1][0], rtol=0, atol=1e-12)
 
 
 def test_history_holds_bands_minus_one_buffers_per_parameter():
