@@ -32,7 +32,7 @@ from dpfused.arguments import check_max_grad_norm, check_noise_multiplier, check
 from dpfused.secure_random import ChaCha20Generator
 from dpfused.step import SAMPLINGS
 
-__all__ = ["PrivacyEngine", "get_noise_multiplier"]
+__all__ = ["PrivacyEngine"]
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
