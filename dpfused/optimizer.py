@@ -29,7 +29,8 @@ class DPOptimizer(torch.optim.Optimizer):
         instrumentation: the module's instrumentation (groups, thresholds, the book-keeper).
         noise_multiplier: sigma.
         accountant: records one event per logical step, or None.
-        generator: torch.Generator for the noise (None: torch's default generator).
+        generator: torch.Generator for the noise (None: torch's default generator), or a dict
+            {device: torch.Generator} for parameters on several devices (make_private's own).
         max_epsilon, delta: budget; a step that would exceed it raises PrivacyBudgetExhausted.
         distributed: data parallel: clipped sums are all-reduced over torch.distributed's default
             group, and only rank 0 adds noise.
@@ -243,7 +244,7 @@ class DPOptimizer(torch.optim.Optimizer):
         grads = [
             privacy_math.noised_gradient(
                 clipped.sums.get(id(p)), shape=p.shape, std=std, normalizer=normalizer,
-                device=p.device, generator=self.generator, dtype=p.dtype,
+                device=p.device, generator=self._generator_on(p.device), dtype=p.dtype,
             )
             for p in params
         ]
@@ -289,7 +290,13 @@ class DPOptimizer(torch.optim.Optimizer):
     def _noised_counts(self, clipped: ClippedStep, device):
         counts = self._unclipped_counts(clipped, device)
         std = privacy_math.noise_std_on_rank(self.adaptive_clipping.count_noise_std, rank=self.rank)
-        return privacy_math.noised_counts(counts, std=std, generator=self.generator)
+        return privacy_math.noised_counts(counts, std=std, generator=self._generator_on(device))
+
+    def _generator_on(self, device):
+        """The noise generator for ``device``: ``generator``, or its entry for that device."""
+        if isinstance(self.generator, dict):
+            return self.generator[torch.device(device)]
+        return self.generator
 
     def _adapt_thresholds(self, noisy_counts, clipped: ClippedStep):
         """Post-processing of the noisy counts: the next step's thresholds."""

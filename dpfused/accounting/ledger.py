@@ -217,7 +217,11 @@ class PrivacyAccountant:
                     f"but this accountant uses {_described(ours)}; build the accountant with "
                     f"{name}={state[name]!r}."
                 )
-        self._entries = [LedgerEntry.from_dict(e) for e in state["entries"]]
+        entries = state.get("entries")
+        if not isinstance(entries, (list, tuple)):
+            raise ValueError("load_state_dict: the saved ledger's entries must be a list (from "
+                             f"state_dict()); got {type(entries).__name__}")
+        self._entries = [LedgerEntry.from_dict(e) for e in entries]
         self._cache.clear()
 
 
