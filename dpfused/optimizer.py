@@ -64,6 +64,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.distributed = distributed
         self.adaptive_clipping = adaptive_clipping
         self.reduction = reduction
+        # Noise multipliers of other Gaussian queries released with every step on its batch (e.g.
+        # DPTrainer's noised training loss): accounted with the gradient as one Gaussian.
+        self.joint_noise_multipliers: tuple[float, ...] = ()
         # Group-wise adaptive thresholds are rescaled to keep this total (the sensitivity).
         self._total_threshold = privacy_math.sensitivity([g.threshold for g in self._groups])
         self.rank = torch.distributed.get_rank() if distributed else 0
@@ -153,11 +156,15 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @property
     def accounted_noise_multiplier(self) -> float:
-        """The sigma the accountant records: sigma, or sigma_eff when counts are released too."""
-        if self.adaptive_clipping is None:
-            return self.noise_multiplier
-        return privacy_math.effective_noise_multiplier(
-            self.noise_multiplier, self.adaptive_clipping.count_noise_std, len(self._groups))
+        """The sigma the accountant records: sigma, or sigma_eff when counts (adaptive clipping)
+        or other queries (``joint_noise_multipliers``) are released with the step too."""
+        sigma = self.noise_multiplier
+        if self.adaptive_clipping is not None:
+            sigma = privacy_math.effective_noise_multiplier(
+                sigma, self.adaptive_clipping.count_noise_std, len(self._groups))
+        if not self.joint_noise_multipliers:
+            return sigma
+        return privacy_math.joint_noise_multiplier(sigma, *self.joint_noise_multipliers)
 
     @property
     def _groups(self):
