@@ -102,6 +102,8 @@ def noise_state(generator, *, layout: str, rank: int, world_size: int) -> dict[s
     ``{"kind": "secure"}`` for a ChaCha20 generator, whose key is never saved."""
     if _is_secure(generator):
         return {"kind": "secure", "layout": layout}
+    if generator is None:  # a DPOptimizer built by hand on torch's global RNG: not ours to save
+        return {"kind": "global", "layout": layout}
     generators = _torch_generators(generator)
     return {"kind": "torch", "layout": layout, "rank": rank, "world_size": world_size,
             "generators": [{"device": g.device.type, "state": g.get_state()}
@@ -132,6 +134,9 @@ def _unrestorable(generator, saved, *, layout, rank, world_size) -> str | None:
                 "unchanged, only the bit-for-bit equality with an uninterrupted run is lost")
     if saved is None:
         return "the checkpoint holds no noise stream (written before dpfused saved it)"
+    if generator is None or saved.get("kind") != "torch":
+        return ("the noise came from torch's global generator, which only the application can "
+                "save and restore")
     if saved.get("layout") != layout:
         return (f"the checkpoint's noise stream was laid out {saved.get('layout')!r} over the "
                 f"processes, this run's is {layout!r}")
@@ -151,7 +156,7 @@ def _unrestorable(generator, saved, *, layout, rank, world_size) -> str | None:
 def reseed_from_os(generator, *, layout: str) -> None:
     """A fresh seed from the operating system for every torch generator in ``generator`` (the
     same seed on every rank when the stream is replicated)."""
-    for own in _torch_generators(generator):
+    for own in _torch_generators(generator) if generator is not None else ():
         seed = [secrets.randbits(63)]
         if layout == "replicated":
             torch.distributed.broadcast_object_list(seed, src=0)

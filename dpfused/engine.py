@@ -402,10 +402,14 @@ class PrivacyEngine:
         reason = checkpoints.restore_noise(self.optimizer.generator, saved,
                                            layout=self._noise_layout, rank=rank,
                                            world_size=world_size)
-        if reason is not None:
-            warnings.warn(f"the noise stream was not restored ({reason}): the resumed run "
-                          "draws fresh noise from a generator seeded by the operating system, so "
-                          "it never repeats noise already released", UserWarning, stacklevel=3)
+        if reason is None:
+            return
+        fresh = ("the resumed run draws fresh noise from a generator seeded by the operating "
+                 "system, so it never repeats noise already released"
+                 if self.optimizer.generator is not None else
+                 "re-seeding torch's global generator with a seed it had before replays noise")
+        warnings.warn(f"the noise stream was not restored ({reason}): {fresh}", UserWarning,
+                      stacklevel=3)
 
     def save_checkpoint(self, *, path, module: nn.Module, optimizer=None,
                         checkpoint_dict: dict | None = None, noise_scheduler=None,
