@@ -206,8 +206,11 @@ def check_ledger(*, entries, ledger_start: int, steps_taken: int, loader_state: 
     if len(ours) != steps_taken:
         refuse(f"the optimizer took {steps_taken} steps but the ledger records {len(ours)} "
                f"(of {len(entries)} entries, {ledger_start} from earlier make_private calls)")
-    sampler, drawn = loader_state["sampler"], int(loader_state["step"])
-    position = int(sampler["epoch"]) * batches_per_epoch + int(sampler["position"])
+    try:
+        sampler, drawn = loader_state["sampler"], int(loader_state["step"])
+        position = int(sampler["epoch"]) * batches_per_epoch + int(sampler["position"])
+    except (KeyError, TypeError, ValueError) as error:
+        refuse(f"its data loader state is malformed ({type(error).__name__}: {error})")
     if position != drawn:
         refuse(f"the sampler stands at epoch {sampler['epoch']}, batch {sampler['position']} "
                f"({batches_per_epoch} per epoch) but the loader counts {drawn} batches drawn")

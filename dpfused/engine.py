@@ -369,9 +369,9 @@ class PrivacyEngine:
 
     def _check_state(self, state) -> None:
         """What load_state_dict refuses, before it changes anything."""
-        if not isinstance(state, Mapping) or "accountant" not in state:
+        if not isinstance(state, Mapping) or not isinstance(state.get("accountant"), Mapping):
             raise ValueError("load_state_dict expects the dict PrivacyEngine.state_dict() returned "
-                             f"(with an 'accountant' entry); got {type(state).__name__}")
+                             f"(with an 'accountant' dict); got {type(state).__name__}")
         if state.get("secure_mode", self.secure_mode) != self.secure_mode:
             raise ValueError(
                 f"load_state_dict: the saved run used secure_mode={state['secure_mode']}, this "

@@ -453,7 +453,7 @@ def test_secure_mode_trains_with_chacha20(tmp_path):
     assert trainer.privacy_engine.secure_mode and trainer.state.global_step == 1
 
 
-def _ddp_trainer_worker(rank, port, folder):
+def _ddp_trainer_worker(rank, port, folder, privacy=None):
     # What `torchrun` / `accelerate launch --num_processes 2` set up; TrainingArguments then
     # initializes torch.distributed (gloo on the CPU).
     import torch.distributed as dist
@@ -461,12 +461,14 @@ def _ddp_trainer_worker(rank, port, folder):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE="2")
     try:
-        trainer = dp_trainer(gpt2(), folder)
+        trainer = dp_trainer(gpt2(), folder, privacy=privacy)
         assert trainer.args.world_size == 2
         trainer.train()
         assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
         torch.save({"params": trainer_params(trainer), "epsilon": trainer.get_epsilon(),
-                    "steps": trainer.state.global_step}, os.path.join(folder, f"rank{rank}.pt"))
+                    "steps": trainer.state.global_step,
+                    "losses": [e.get("loss") for e in trainer.state.log_history
+                               if is_step_log(e)]}, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -498,6 +500,29 @@ def test_two_processes_train_with_ddp_like_one_process_on_the_whole_logical_batc
         for name, value in expected.items():
             torch.testing.assert_close(ours["params"][name], value, rtol=1e-9, atol=1e-12,
                                        msg=name)
+
+
+@pytest.mark.slow
+def test_the_noised_loss_under_ddp_is_one_release_for_both_ranks(tmp_path):
+    """The clipped losses are summed over the ranks (exactly, int64) and noised once: every rank
+    logs the same value, and epsilon is the one process's with the same privacy arguments."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    privacy = PrivacyArguments(noise_multiplier=1.0, max_grad_norm=0.1, seed=7, accountant="rdp",
+                               log_loss="noised", loss_bound=8.0, loss_noise_multiplier=5.0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_trainer_worker, args=(port, str(tmp_path), privacy), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert len(ranks[0]["losses"]) == 3 and all(math.isfinite(v) for v in ranks[0]["losses"])
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    single = dp_trainer(gpt2(), tmp_path / "single", privacy=privacy,
+                        gradient_accumulation_steps=2 * ACCUMULATION)
+    single.train()
+    assert ranks[0]["epsilon"] == ranks[1]["epsilon"] == single.get_epsilon()
 
 
 def _ddp_resume_worker(rank, port, folder):
