@@ -624,7 +624,8 @@ class DPTrainer(DPTrainingMixin, Trainer):
         ValueError: a setting that would change the privacy guarantee silently (each message names
             the fix): nn.DataParallel (n_gpu > 1 in one process), DeepSpeed, FSDP, fp16 (GradScaler), label_smoothing_factor, compute_loss_func, a custom train
             sampler or train_sampling_strategy other than "random", auto_find_batch_size,
-            model_init.
+            model_init, push_to_hub with hub_strategy "checkpoint" or "all_checkpoints" (it would
+            upload the secret resume state), log_loss="noised" with an overridden compute_loss.
         TypeError: a subclass that overrides compute_loss without the per-example contract.
     """
 
