@@ -29,7 +29,8 @@ class DPOptimizer(torch.optim.Optimizer):
         instrumentation: the module's instrumentation (groups, thresholds, the book-keeper).
         noise_multiplier: sigma.
         accountant: records one event per logical step, or None.
-        generator: torch.Generator for the noise (None: torch's default generator).
+        generator: torch.Generator for the noise (None: torch's default generator), or a dict
+            {device: torch.Generator} for parameters on several devices (make_private's own).
         max_epsilon, delta: budget; a step that would exceed it raises PrivacyBudgetExhausted.
         distributed: data parallel: clipped sums are all-reduced over torch.distributed's default
             group, and only rank 0 adds noise.
@@ -63,6 +64,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.distributed = distributed
         self.adaptive_clipping = adaptive_clipping
         self.reduction = reduction
+        # Noise multipliers of other Gaussian queries released with every step on its batch (e.g.
+        # DPTrainer's noised training loss): accounted with the gradient as one Gaussian.
+        self.joint_noise_multipliers: tuple[float, ...] = ()
         # Group-wise adaptive thresholds are rescaled to keep this total (the sensitivity).
         self._total_threshold = privacy_math.sensitivity([g.threshold for g in self._groups])
         self.rank = torch.distributed.get_rank() if distributed else 0
@@ -152,11 +156,15 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @property
     def accounted_noise_multiplier(self) -> float:
-        """The sigma the accountant records: sigma, or sigma_eff when counts are released too."""
-        if self.adaptive_clipping is None:
-            return self.noise_multiplier
-        return privacy_math.effective_noise_multiplier(
-            self.noise_multiplier, self.adaptive_clipping.count_noise_std, len(self._groups))
+        """The sigma the accountant records: sigma, or sigma_eff when counts (adaptive clipping)
+        or other queries (``joint_noise_multipliers``) are released with the step too."""
+        sigma = self.noise_multiplier
+        if self.adaptive_clipping is not None:
+            sigma = privacy_math.effective_noise_multiplier(
+                sigma, self.adaptive_clipping.count_noise_std, len(self._groups))
+        if not self.joint_noise_multipliers:
+            return sigma
+        return privacy_math.joint_noise_multiplier(sigma, *self.joint_noise_multipliers)
 
     @property
     def _groups(self):
@@ -244,7 +252,7 @@ class DPOptimizer(torch.optim.Optimizer):
         grads = [
             privacy_math.noised_gradient(
                 clipped.sums.get(id(p)), shape=p.shape, std=std, normalizer=normalizer,
-                device=p.device, generator=self.generator, dtype=p.dtype,
+                device=p.device, generator=self._generator_on(p.device), dtype=p.dtype,
             )
             for p in params
         ]
@@ -290,7 +298,13 @@ class DPOptimizer(torch.optim.Optimizer):
     def _noised_counts(self, clipped: ClippedStep, device):
         counts = self._unclipped_counts(clipped, device)
         std = privacy_math.noise_std_on_rank(self.adaptive_clipping.count_noise_std, rank=self.rank)
-        return privacy_math.noised_counts(counts, std=std, generator=self.generator)
+        return privacy_math.noised_counts(counts, std=std, generator=self._generator_on(device))
+
+    def _generator_on(self, device):
+        """The noise generator for ``device``: ``generator``, or its entry for that device."""
+        if isinstance(self.generator, dict):
+            return self.generator[torch.device(device)]
+        return self.generator
 
     def _adapt_thresholds(self, noisy_counts, clipped: ClippedStep):
         """Post-processing of the noisy counts: the next step's thresholds."""
