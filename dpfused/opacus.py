@@ -158,7 +158,8 @@ def FSDP2Wrapper(model: nn.Module, **kwargs) -> nn.Module:  # noqa: N802 (Opacus
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp_policy = kwargs.pop("mp_policy", None) or MixedPrecisionPolicy()
-    high_precision = tuple(kwargs.pop("opacus_high_precision_layers", None) or ())
+    high_precision = kwargs.pop("opacus_high_precision_layers", None) or ()
+    high_precision = (high_precision,) if isinstance(high_precision, type) else tuple(high_precision)
     if kwargs:
         raise TypeError(f"FSDP2Wrapper got unexpected keyword argument(s) {sorted(kwargs)}; it "
                         "takes Opacus' mp_policy and opacus_high_precision_layers")

@@ -319,6 +319,18 @@ def test_fsdp2_wrapper_shards_layer_by_layer_as_opacus_then_trains(one_process_g
         FSDP2Wrapper(nn.Linear(2, 2), reshard=True)
 
 
+def test_fsdp2_wrapper_takes_opacus_mixed_precision_keywords(one_process_group):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from dpfused.opacus import FSDP2Wrapper
+
+    model = FSDP2Wrapper(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)),
+                         mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16),
+                         opacus_high_precision_layers=[nn.LayerNorm])
+    dtypes = [m._get_fsdp_state()._fsdp_param_group.mp_policy.param_dtype for m in model]
+    assert dtypes == [torch.bfloat16, torch.get_default_dtype()]  # as Opacus' wrapper
+
+
 # ---- item 5: poisson_sampling=False keeps the loader's semantics ------------------------------
 def test_unshuffled_loader_becomes_cyclic_in_its_order_and_batch_size():
     data = _dataset(20)
