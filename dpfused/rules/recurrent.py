@@ -149,6 +149,8 @@ class _PrivateOps:
 
 
 _TORCH_RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+# What nn's forward calls that changes values (the check_* methods only validate).
+_COMPUTING_METHODS = ("forward", "permute_hidden")
 
 
 @register(DPRNNBase, *_TORCH_RECURRENT)
@@ -179,10 +181,13 @@ def torch_recurrent_problem(module: nn.Module, path: str) -> str | None:
             f"module '{path}' ({kind}) has proj_size={module.proj_size}: dpfused clips nn.LSTM "
             "as it is, but not its projection weight_hr; use proj_size=0 (and an nn.Linear on "
             "the outputs if needed) or freeze the layer")
-    if type(module).forward is not base.forward:
+    overridden = [name for name in _COMPUTING_METHODS
+                  if getattr(type(module), name, None) is not getattr(base, name, None)]
+    if overridden:
         return (
-            f"module '{path}' ({kind}) subclasses nn.{base.__name__} and overrides forward: "
-            f"dpfused clips nn.{base.__name__}'s own forward, which would replace yours; "
+            f"module '{path}' ({kind}) subclasses nn.{base.__name__} and overrides "
+            f"{', '.join(overridden)}: dpfused clips nn.{base.__name__}'s own forward, which "
+            "would replace yours; "
             f"build the model from nn.{base.__name__} or dpfused.layers.DP{base.__name__}, or "
             "freeze the layer")
     return None
