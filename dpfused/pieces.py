@@ -191,7 +191,9 @@ class FactorPiece:
         matrix = kernels.clipped_weight_grad(self.left, self.right, weights)
         if self.rows is None:
             return matrix.reshape(param.shape).to(dtype)
-        full = torch.zeros(param.shape[0], param[0].numel(), dtype=dtype, device=param.device)
+        # The shape only: under FSDP2 the unsharded parameter's storage may be freed by now.
+        full = torch.zeros(param.shape[0], param.shape[1:].numel(), dtype=dtype,
+                           device=param.device)
         full[self.rows] = matrix.reshape(self.rows.stop - self.rows.start, -1).to(dtype)
         return full.reshape(param.shape)
 
@@ -476,7 +478,7 @@ def _place_rows(per_example: torch.Tensor, param: torch.Tensor, rows: slice | No
     batch = per_example.shape[0]
     if rows is None:
         return per_example.reshape(batch, *param.shape)
-    full = per_example.new_zeros(batch, param.shape[0], param[0].numel())
+    full = per_example.new_zeros(batch, param.shape[0], param.shape[1:].numel())
     full[:, rows] = per_example.reshape(batch, rows.stop - rows.start, -1)
     return full.reshape(batch, *param.shape)
 
