@@ -67,6 +67,11 @@ class DPOptimizer(torch.optim.Optimizer):
         # Noise multipliers of other Gaussian queries released with every step on its batch (e.g.
         # DPTrainer's noised training loss): accounted with the gradient as one Gaussian.
         self.joint_noise_multipliers: tuple[float, ...] = ()
+        # dpfused.amp.GradScaler(dynamic=True): each step also releases the noised number of
+        # examples dropped for a non-finite (overflowed) gradient.
+        self._overflow_count_std: float | None = None
+        self.noised_overflow_count = 0.0
+        self.last_expected_batch_size = float(expected_batch_size or 0)
         # Group-wise adaptive thresholds are rescaled to keep this total (the sensitivity).
         self._total_threshold = privacy_math.sensitivity([g.threshold for g in self._groups])
         self.rank = torch.distributed.get_rank() if distributed else 0
@@ -202,6 +207,8 @@ class DPOptimizer(torch.optim.Optimizer):
         facts = self._iterate_facts(clipped)  # raises on a bad param group before anything runs
         self._check_budget(sampled)  # before anything is written: a refused step changes nothing
         noisy_counts = self._write_noised_gradients(clipped)
+        if self._overflow_count_std is not None:
+            self._release_overflow_count(clipped)
         self._book.next_step()
         if noisy_counts is not None:
             self._adapt_thresholds(noisy_counts, clipped)
@@ -211,6 +218,20 @@ class DPOptimizer(torch.optim.Optimizer):
         self.examples_dropped += clipped.dropped
         self.original_optimizer.step()
         return loss
+
+    def release_overflow_counts(self, noise_std: float) -> None:
+        """From now on every step also releases its count of dropped (overflowed) examples plus
+        N(0, noise_std^2): a count of sensitivity 1, accounted with the gradient as one Gaussian."""
+        self._overflow_count_std = float(noise_std)
+        self.joint_noise_multipliers = (*self.joint_noise_multipliers, float(noise_std))
+
+    def _release_overflow_count(self, clipped: ClippedStep) -> None:
+        device = self._groups[0].params[0].device
+        count = torch.tensor([float(clipped.dropped)], dtype=torch.float64, device=device)
+        noised = privacy_math.noised_counts(count, std=self._overflow_count_std,
+                                            generator=self._generator_on(device))
+        self.noised_overflow_count = float(noised[0])
+        self.last_expected_batch_size = float(clipped.batch.expected_size)
 
     def _check_step_input(self, closure):
         """Before anything runs: a refused step draws no noise and changes nothing. (sigma is
@@ -225,9 +246,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.found_inf = self.grad_scale = None
         raise ValueError(
             "torch.amp.GradScaler is not supported: it multiplies the loss, so the per-example "
-            "norms are clipped in scaled units and the step would be wrong. Train in bfloat16 "
-            "autocast (torch.autocast(device_type, dtype=torch.bfloat16)), which needs no scaler, "
-            "or in float32; no step was taken"
+            "norms are clipped in scaled units, and its skipped steps reveal overflows. Use "
+            "dpfused.amp.GradScaler(optimizer, init_scale=...) for float16 autocast (same calls: "
+            "scale, step, update), or bfloat16 autocast, which needs no scaler; no step was taken"
         )
 
     def _sampled_step(self, clipped: ClippedStep) -> SampledStep:
