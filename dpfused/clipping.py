@@ -107,6 +107,7 @@ class Bookkeeper:
         # not from dpfused). FSDP2 writes the reduced sums into .grad and watches its own
         # unsharded parameters instead.
         self.leak_checked_params = self._params
+        self.amp_scale = 1.0  # fp16 loss scale s (dpfused.amp.GradScaler); 1 without a scaler
         # FSDP2: layers see the unsharded parameter; this maps it to the sharded one make_private
         # grouped (dpfused/distributed.py). None: parameters are used as they were instrumented.
         self.resolve_param = None
@@ -220,7 +221,16 @@ class Bookkeeper:
         raise ValueError(message)
 
     def _loss_scale(self):
-        return float(self._pass_batch) if self.loss_reduction == "mean" else 1.0
+        """From the raw gradients the rules see to the true per-example ones: times B for a mean
+        loss, divided by the loss scale s of fp16 training (``dpfused.amp``)."""
+        reduction = float(self._pass_batch) if self.loss_reduction == "mean" else 1.0
+        return reduction / self.amp_scale
+
+    def set_amp_scale(self, scale: float) -> None:
+        """The loss of the next backward pass is multiplied by ``scale`` (``dpfused.amp``)."""
+        if self._task is not None:
+            raise RuntimeError("the loss scale changed during a backward pass")
+        self.amp_scale = float(scale)
 
     def _complete(self, g, uses=None, bound=None, dropped=None):
         """Clip group g's pieces into the pass's sums; ``dropped`` (nonfinite="drop"): the

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from dpfused import accounting, distributed, hf_accelerate, privacy_math, validate
+from dpfused import accounting, checkpoints, distributed, hf_accelerate, privacy_math, validate
 from dpfused import sampling as dp_sampling
 from dpfused.adaptive import AdaptiveClipping
 from dpfused.arguments import check_mechanism
@@ -34,9 +34,10 @@ from dpfused.arguments import check_max_grad_norm, check_noise_multiplier, check
 from dpfused.secure_random import ChaCha20Generator
 from dpfused.step import SAMPLINGS
 
-__all__ = ["PrivacyEngine", "get_noise_multiplier"]
+__all__ = ["PrivacyEngine"]
 
 LOSS_REDUCTIONS = ("mean", "sum")
+_STATE_FORMAT = 2  # 2: plain data, the noise stream and ledger_start saved (docs/design.md §7.6)
 
 
 class PrivacyEngine:
@@ -64,6 +65,8 @@ class PrivacyEngine:
         self.optimizer: DPOptimizer | None = None
         self.data_loader = None
         self.module: nn.Module | None = None
+        self._ledger_start = 0  # ledger entries recorded before the last make_private
+        self._noise_layout = "one"  # checkpoints.NOISE_LAYOUTS
 
     # ---- make_private ---------------------------------------------------------------------------
     def make_private(
@@ -201,17 +204,22 @@ class PrivacyEngine:
                           nonfinite=nonfinite_gradients, clipping_function=clipping_function,
                           stability=stability)
         loader.add_listener(inst.book.begin)  # the one way a logical batch reaches the book
-        reduction = None
+        reduction, self._noise_layout = None, "one"
+        if noise_generator is None:  # never torch's global RNG: a resume could replay it (§7.6)
+            noise_generator = _os_seeded_noise_generator(inst.params, several=wrapper is module
+                                                         and not sharded)
         if wrapper is not module:  # DDP: its all-reduce carries the clipped sums (§9)
             reduction = distributed.DDPReduction(wrapper, inst.book)
             loader.add_listener(reduction.begin)
             noise_generator = distributed.replicated_generator(
                 noise_generator, next(iter(inst.params)).device)
+            self._noise_layout = "replicated"
         elif sharded:  # FSDP2: each rank noises the shard it owns (§9)
             reduction = distributed.FSDP2Reduction(module, inst.book)
             loader.add_listener(reduction.begin)
             noise_generator = distributed.per_rank_generator(
                 noise_generator, next(iter(inst.params)).to_local().device)
+            self._noise_layout = "per_rank"
         dp_optimizer = DPOptimizer(
             optimizer, instrumentation=inst, noise_multiplier=noise_multiplier,
             accountant=self.accountant, generator=noise_generator, max_epsilon=max_epsilon,
@@ -224,6 +232,7 @@ class PrivacyEngine:
         # and they are new epochs (docs/design.md §7.2).
         self.accountant.begin_phase()
         self.module, self.optimizer, self.data_loader = wrapper, dp_optimizer, loader
+        self._ledger_start = self.accountant.steps  # entries of earlier make_private calls
         return wrapper, dp_optimizer, loader
 
     def _generators(self, noise_generator, sampling_generator):
@@ -371,68 +380,148 @@ class PrivacyEngine:
         """N of the private data loader (the latest make_private's), None before make_private."""
         return None if self.data_loader is None else self.data_loader.num_samples
 
+    # ---- checkpoints (docs/design.md §7.6) --------------------------------------------------------
     def state_dict(self) -> dict:
-        """Accountant ledger and sampler position: resume gives the same batches and epsilon."""
-        state = {"accountant": self.accountant.state_dict()}
+        """Everything a resume needs, as plain data (tensors, numbers, strings, lists, dicts).
+
+        The accountant's ledger, the sampler's position and generator state, the steps taken, sigma,
+        the clipping thresholds and the noise generator's state (never a secure-mode key), so that
+        a resumed run draws the batches and noise the uninterrupted run would have drawn, and none
+        it already released. SECRET as the data: the sampler and noise states let whoever holds
+        them replay training on a candidate data set. Never publish it with the model.
+        """
+        state = {"format": _STATE_FORMAT, "secure_mode": self.secure_mode,
+                 "accountant": self.accountant.state_dict()}
         if self.data_loader is not None:
             state["data_loader"] = self.data_loader.state_dict()
         if self.optimizer is not None:
+            rank, world_size = _data_parallel_world()
             state["steps_taken"] = self.optimizer.steps_taken
+            state["ledger_start"] = self._ledger_start
             state["noise_multiplier"] = self.optimizer.noise_multiplier  # schedulers change it
             # Adaptive thresholds move: resume from where they were.
             state["thresholds"] = [g.threshold for g in self.optimizer.instrumentation.groups]
+            state["noise"] = checkpoints.noise_state(self.optimizer.generator,
+                                                     layout=self._noise_layout, rank=rank,
+                                                     world_size=world_size)
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.accountant.load_state_dict(state["accountant"])
+        """Restore ``state_dict()``'s state, after ``make_private`` with the saved run's settings.
+
+        Checked before anything changes: the ledger must agree with the steps taken and the
+        sampler's position (``dpfused.checkpoints.check_ledger``), the secure mode and the number
+        of clipping groups with this run's. The noise stream continues where it was; where it
+        cannot (secure mode, another rank's stream, an older checkpoint), the generator gets a
+        fresh seed from the operating system and a UserWarning says so.
+
+        Raises:
+            ValueError: a state that disagrees with itself or with this run, naming what; nothing
+                was changed.
+        """
+        self._check_state(state)
+        checked = accounting.PrivacyAccountant(mechanism=self.accountant_name,
+                                               neighboring=self.neighboring)
+        checked.load_state_dict(state["accountant"])  # raises before self.accountant changes
         if "data_loader" in state:
-            if self.data_loader is None:
-                raise ValueError("call make_private before load_state_dict: the saved state has a "
-                                 "data loader position to restore")
             self.data_loader.load_state_dict(state["data_loader"])
-        if self.optimizer is not None and "steps_taken" in state:
+        self.accountant.load_state_dict(state["accountant"])
+        if self.optimizer is None:
+            return
+        self._ledger_start = int(state.get("ledger_start", 0))
+        if "steps_taken" in state:
             self.optimizer.steps_taken = state["steps_taken"]
-        if self.optimizer is not None and "noise_multiplier" in state:
+        if "noise_multiplier" in state:
             _warn_if_restored_sigma_differs(state["noise_multiplier"],
                                             self.optimizer.noise_multiplier)
             self.optimizer.noise_multiplier = state["noise_multiplier"]
-        if self.optimizer is not None and "thresholds" in state:
-            groups = self.optimizer.instrumentation.groups
-            if len(state["thresholds"]) != len(groups):
-                raise ValueError(
-                    f"load_state_dict: the saved state has {len(state['thresholds'])} clipping "
-                    f"thresholds but this model has {len(groups)} clipping groups; make_private "
-                    "with the same model and clipping= as the saved run"
-                )
+        if "thresholds" in state:
             self.optimizer.instrumentation.book.set_thresholds(state["thresholds"])
+        self._restore_noise(state.get("noise"))
+
+    def _check_state(self, state) -> None:
+        """What load_state_dict refuses, before it changes anything."""
+        if not isinstance(state, Mapping) or not isinstance(state.get("accountant"), Mapping):
+            raise ValueError("load_state_dict expects the dict PrivacyEngine.state_dict() returned "
+                             f"(with an 'accountant' dict); got {type(state).__name__}")
+        if state.get("secure_mode", self.secure_mode) != self.secure_mode:
+            raise ValueError(
+                f"load_state_dict: the saved run used secure_mode={state['secure_mode']}, this "
+                f"engine secure_mode={self.secure_mode}; resume with the saved run's secure_mode")
+        if "data_loader" in state and self.data_loader is None:
+            raise ValueError("call make_private before load_state_dict: the saved state has a "
+                             "data loader position to restore")
+        if self.optimizer is None or "steps_taken" not in state:
+            return
+        groups = self.optimizer.instrumentation.groups
+        if "thresholds" in state and len(state["thresholds"]) != len(groups):
+            raise ValueError(
+                f"load_state_dict: the saved state has {len(state['thresholds'])} clipping "
+                f"thresholds but this model has {len(groups)} clipping groups; make_private "
+                "with the same model and clipping= as the saved run")
+        if "data_loader" not in state:
+            raise ValueError("load_state_dict: the saved state has steps but no data loader "
+                             "position; save it with PrivacyEngine.state_dict()")
+        loader = self.data_loader
+        checkpoints.check_ledger(
+            entries=state["accountant"].get("entries"), ledger_start=int(state.get("ledger_start", 0)),
+            steps_taken=int(state["steps_taken"]), loader_state=state["data_loader"],
+            sampling=loader.sampling, batches_per_epoch=loader.batches_per_epoch,
+            sample_rate=loader.sample_rate, batch_size=loader.batch_size)
+
+    def _restore_noise(self, saved) -> None:
+        rank, world_size = _data_parallel_world()
+        reason = checkpoints.restore_noise(self.optimizer.generator, saved,
+                                           layout=self._noise_layout, rank=rank,
+                                           world_size=world_size)
+        if reason is None:
+            return
+        fresh = ("the resumed run draws fresh noise from a generator seeded by the operating "
+                 "system, so it never repeats noise already released"
+                 if self.optimizer.generator is not None else
+                 "re-seeding torch's global generator with a seed it had before replays noise")
+        warnings.warn(f"the noise stream was not restored ({reason}): {fresh}", UserWarning,
+                      stacklevel=3)
 
     def save_checkpoint(self, *, path, module: nn.Module, optimizer=None,
                         checkpoint_dict: dict | None = None, noise_scheduler=None,
                         grad_clip_scheduler=None) -> None:
         """Opacus' save_checkpoint: module, optimizer, schedulers and this engine's state in one file.
 
-        The engine's state is ``state_dict()``: the accountant's ledger, the sampler position, the
-        clipping thresholds and sigma, so ``load_checkpoint`` resumes with the same batches and
-        epsilon. Schedulers (``dpfused.schedulers``) are saved under Opacus' keys.
+        The engine's state is ``state_dict()`` (ledger, sampler position, noise stream, thresholds,
+        sigma), so ``load_checkpoint`` resumes with the same batches, noise and epsilon: the file
+        is SECRET as the data (docs/design.md §7.6). Schedulers (``dpfused.schedulers``) are saved
+        under Opacus' keys, as their parameters. Everything is plain data, which
+        ``load_checkpoint`` reads without running code.
+
+        Raises:
+            TypeError: ``checkpoint_dict`` (or a scheduler's state) holds something other than
+                plain data; nothing was written.
         """
         checkpoint = dict(checkpoint_dict or {})
+        checkpoints.check_plain(checkpoint, "checkpoint_dict")
         checkpoint["module_state_dict"] = module.state_dict()
         checkpoint["privacy_engine_state_dict"] = self.state_dict()
         if optimizer is not None:
             checkpoint["optimizer_state_dict"] = optimizer.state_dict()
         checkpoint.update(_scheduler_states(noise_scheduler, grad_clip_scheduler))
+        checkpoints.check_plain(checkpoint, "the checkpoint")
         torch.save(checkpoint, path)
 
     def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, noise_scheduler=None,
                         grad_clip_scheduler=None) -> dict:
         """Restore what ``save_checkpoint`` wrote, after ``make_private``; returns the whole dict.
 
+        Read with ``torch.load(weights_only=True)``: a file that names code to run is refused.
+
         Raises:
-            ValueError: a scheduler is passed but the checkpoint holds no state for it.
+            ValueError: a file that is not plain data; a ledger that disagrees with the saved run
+                (``load_state_dict``); a scheduler is passed but the checkpoint holds no state
+                for it.
         """
-        checkpoint = torch.load(path, weights_only=False)  # scheduler states may hold callables
-        module.load_state_dict(checkpoint["module_state_dict"])
+        checkpoint = checkpoints.load_plain(path, what="load_checkpoint")
         self.load_state_dict(checkpoint["privacy_engine_state_dict"])
+        module.load_state_dict(checkpoint["module_state_dict"])
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         _load_scheduler_states(checkpoint, noise_scheduler, grad_clip_scheduler)
@@ -556,6 +645,21 @@ def _broadcast_parameters(module: nn.Module, *, buffers_only: bool = False) -> N
     with torch.no_grad():
         for tensor in [*params, *module.buffers()]:
             torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _os_seeded_noise_generator(params, *, several: bool):
+    """make_private's noise generator when none is given: seeded from the operating system, never
+    torch's global RNG (a resume after ``torch.manual_seed`` would replay it). A model spread over
+    several devices of one process gets one per device (``several``); the optimizer picks it."""
+    devices = sorted({_local_device(p) for p in params}, key=str)
+    if several and len(devices) > 1:
+        return {device: checkpoints.os_seeded_generator(device) for device in devices}
+    return checkpoints.os_seeded_generator(devices[0])
+
+
+def _local_device(param) -> torch.device:
+    to_local = getattr(param, "to_local", None)  # FSDP2's DTensor: the shard's device
+    return to_local().device if callable(to_local) else param.device
 
 
 def _warn_if_restored_sigma_differs(restored: float, configured: float) -> None:

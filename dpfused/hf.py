@@ -18,9 +18,17 @@ How the Trainer's loop maps onto DP-SGD (docs/design.md §5, §6):
 - The training loss is a mean over examples of per-example losses (``per_example_loss``): for causal
   LMs each example's mean over its own tokens (``labels`` -100 ignored), never HF's mean over all
   tokens of the batch, whose divisor depends on the other examples (docs/design.md §3).
-- Checkpoints (``save_model``, ``checkpoint-N``) carry ``dpfused_privacy.pt``: the accountant's
-  ledger, the sampler position, the clipping thresholds and the noise generator; resuming from one
-  gives the same batches and the same epsilon.
+- Checkpoints (``checkpoint-N``) carry ``dpfused_privacy.pt``: the accountant's ledger, the
+  sampler position, the clipping thresholds and the noise generator's state, as plain data (read
+  back with ``weights_only=True``); resuming from one gives the same batches, noise and epsilon.
+  They are SECRET as the training data: whoever holds the sampler and noise states can replay
+  training on a candidate data set and compare with the released model. The model folder that
+  ``save_model`` writes (and ``push_to_hub`` uploads) holds only ``dpfused_privacy.json``, the
+  privacy report (epsilon, delta, accountant, sampling, steps, what was logged).
+- The training loss is private data: by default (``PrivacyArguments.log_loss="off"``) no training
+  loss is logged (no "loss" in the logs, ``log_history``, ``trainer_state.json`` or any reporting
+  integration; ``train()``'s ``training_loss`` is NaN). ``"noised"`` logs a noised, accounted mean
+  of the clipped per-example losses; ``"unprotected"`` logs the raw loss, outside the guarantee.
 - ``TrainingArguments.max_grad_norm`` (HF's clipping of the summed gradient) is not applied: the
   per-example bound is ``PrivacyArguments.max_grad_norm``, and the noised gradient is left as it is.
 
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -46,11 +55,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from dpfused import checkpoints, privacy_math
 from dpfused.accounting import PrivacyBudgetExhausted
 from dpfused.adaptive import AdaptiveClipping
+from dpfused.arguments import check_number
 from dpfused.bandmf import BandMF
 from dpfused.engine import PrivacyEngine
 from dpfused.losses import per_example_lm_loss
+from dpfused.secure_random import ChaCha20Generator
 
 try:
     from transformers import Trainer
@@ -63,9 +75,10 @@ except ImportError as error:  # pragma: no cover - the dev extra installs transf
 
 __all__ = ["DPTrainer", "DPTrainingMixin", "PrivacyArguments", "PRIVACY_STATE_NAME"]
 
-PRIVACY_STATE_NAME = "dpfused_privacy.pt"
-PRIVACY_SUMMARY_NAME = "dpfused_privacy.json"
+PRIVACY_STATE_NAME = "dpfused_privacy.pt"  # checkpoint-N only: SECRET as the data
+PRIVACY_SUMMARY_NAME = "dpfused_privacy.json"  # the privacy report, also in the model folder
 IGNORE_INDEX = -100
+LOG_LOSS_CHOICES = ("off", "noised", "unprotected")
 
 
 @dataclass
@@ -87,6 +100,19 @@ class PrivacyArguments:
         seed: seeds the batch sampler (``seed``) and the noise (``seed + 1``). None (default):
             64 bits from the operating system, so that nobody who knows the Trainer's public seed
             can reproduce the batches or subtract the noise. Fix it only for experiments.
+        secure_mode: draw batches and noise from ChaCha20 keyed by the operating system
+            (``dpfused.PrivacyEngine(secure_mode=True)``); no ``seed``. A resumed secure run draws
+            fresh noise (the key is never saved).
+        log_loss: what the logs show of the training loss. "off" (default): nothing. "noised":
+            each step releases the mean of the per-example losses clipped to [0, ``loss_bound``]
+            plus Gaussian noise of std ``loss_noise_multiplier * loss_bound``, over the expected
+            batch size; accounted with the gradient as one Gaussian (the gradient's sigma is
+            raised to keep ``target_epsilon``). "unprotected": the raw mean loss, which is NOT
+            covered by the guarantee (a UserWarning and the privacy report say so).
+        loss_bound: B, the clipping bound of each example's loss (log_loss="noised").
+        loss_noise_multiplier: sigma_L of the logged loss (log_loss="noised"); e.g. 10 adds
+            std 10 B / (expected batch size) to each step's mean and costs 1/100 of a Gaussian
+            step of sigma 1.
         noise, max_batch_size, clipping_function, stability: as ``make_private`` takes them
             (a ``dpfused.BandMF`` with sampling="cyclic_poisson"; truncated Poisson; "automatic"
             clipping with its gamma; docs/design.md §4-§6).
@@ -102,6 +128,10 @@ class PrivacyArguments:
     adaptive_clipping: AdaptiveClipping | None = None
     max_epsilon: float | None = None
     seed: int | None = None
+    secure_mode: bool = False
+    log_loss: str = "off"
+    loss_bound: float | None = None
+    loss_noise_multiplier: float | None = None
     noise: BandMF | None = None
     max_batch_size: int | None = None
     clipping_function: str = "standard"
@@ -117,6 +147,28 @@ class PrivacyArguments:
             raise ValueError(f"PrivacyArguments: delta must be in (0, 1), got {self.delta!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise TypeError(f"PrivacyArguments: seed must be an int or None, got {type(self.seed).__name__}")
+        if not isinstance(self.secure_mode, bool):
+            raise TypeError(f"PrivacyArguments: secure_mode must be True or False, got {self.secure_mode!r}")
+        if self.secure_mode and self.seed is not None:
+            raise ValueError("PrivacyArguments: secure_mode=True draws batches and noise from keys "
+                             "of the operating system; remove seed (a seed makes them predictable)")
+        self._check_log_loss()
+
+    def _check_log_loss(self):
+        if self.log_loss not in LOG_LOSS_CHOICES:
+            raise ValueError(f"PrivacyArguments: log_loss={self.log_loss!r} is not supported; use "
+                             f"one of {', '.join(map(repr, LOG_LOSS_CHOICES))}")
+        given = [name for name in ("loss_bound", "loss_noise_multiplier")
+                 if getattr(self, name) is not None]
+        if self.log_loss != "noised":
+            if given:
+                raise ValueError(f"PrivacyArguments: {', '.join(given)} apply to "
+                                 f"log_loss='noised' only; got log_loss={self.log_loss!r}")
+            return
+        for name in ("loss_bound", "loss_noise_multiplier"):
+            check_number(f"PrivacyArguments.{name}", getattr(self, name),
+                         "a finite number > 0 (log_loss='noised' needs it)",
+                         lambda v: math.isfinite(v) and v > 0)
 
 
 class _LogicalBatch:
@@ -192,10 +244,12 @@ class DPTrainingMixin:
                 f"TrainingArguments.max_grad_norm={self.args.max_grad_norm} is not applied by "
                 f"DPTrainer; the per-example clipping bound is PrivacyArguments.max_grad_norm="
                 f"{privacy.max_grad_norm}", stacklevel=2)
+        _check_log_loss_choice(type(self), privacy)
         self.privacy_engine: PrivacyEngine | None = None
         self._dp_optimizer = None
         self._dp_loader = None
-        self._noise_generator = None
+        self._loss_generator = None  # log_loss="noised": the logged loss's noise (never saved)
+        self._loss_units = None  # log_loss="noised": this logical batch's clipped losses
         self.budget_exhausted = False
         self._last_training_loss = None
 
@@ -218,19 +272,16 @@ class DPTrainingMixin:
         self.model.train()
         self.create_optimizer()
         module = self._data_parallel_module()
-        sampling_seed, noise_seed = _seeds(privacy.seed)
-        self._noise_generator = torch.Generator(device=self.args.device).manual_seed(noise_seed)
-        self.privacy_engine = PrivacyEngine(accountant=privacy.accountant)
+        self.privacy_engine = PrivacyEngine(accountant=privacy.accountant,
+                                            secure_mode=privacy.secure_mode)
         common = dict(
             module=module, optimizer=self.optimizer, data_loader=self._base_train_loader(),
             max_grad_norm=privacy.max_grad_norm, clipping=privacy.clipping,
             loss_reduction="mean",  # compute_loss is a mean over the physical batch
             sampling=privacy.sampling, adaptive_clipping=privacy.adaptive_clipping,
             max_physical_batch_size=self.args.per_device_train_batch_size,
-            sampling_generator=torch.Generator().manual_seed(sampling_seed),
-            noise_generator=self._noise_generator, noise=privacy.noise,
-            max_batch_size=privacy.max_batch_size, clipping_function=privacy.clipping_function,
-            stability=privacy.stability,
+            **self._generators(), noise=privacy.noise, max_batch_size=privacy.max_batch_size,
+            clipping_function=privacy.clipping_function, stability=privacy.stability,
         )
         if privacy.max_epsilon is not None:
             common.update(max_epsilon=privacy.max_epsilon, delta=privacy.delta)
@@ -241,7 +292,31 @@ class DPTrainingMixin:
         else:
             _, optimizer, loader = self.privacy_engine.make_private(
                 noise_multiplier=privacy.noise_multiplier, **common)
+        if privacy.log_loss == "noised":
+            self._release_loss_with_each_step(optimizer)
         self.optimizer, self._dp_optimizer, self._dp_loader = optimizer, optimizer, loader
+
+    def _generators(self) -> dict:
+        """The sampler's and the noise's generators: seeded (``seed``, ``seed + 1``, or 63 bits of
+        the operating system each), or none in secure mode (the engine keys ChaCha20 itself)."""
+        if self.privacy.secure_mode:
+            return {}
+        sampling_seed, noise_seed = _seeds(self.privacy.seed)
+        return {"sampling_generator": torch.Generator().manual_seed(sampling_seed),
+                "noise_generator": torch.Generator(device=self.args.device).manual_seed(noise_seed)}
+
+    def _release_loss_with_each_step(self, optimizer) -> None:
+        """log_loss="noised": each step also releases the noised loss, accounted with the gradient
+        as one Gaussian; with target_epsilon the gradient's sigma is raised so the pair still
+        spends it. The loss noise comes from a generator of its own, never seeded by ``seed``."""
+        privacy = self.privacy
+        if privacy.target_epsilon is not None:
+            column = 1.0 if privacy.noise is None else privacy.noise.max_column_norm  # BandMF
+            optimizer.noise_multiplier = column * privacy_math.noise_multiplier_after(
+                optimizer.noise_multiplier / column, privacy.loss_noise_multiplier)
+        optimizer.joint_noise_multipliers = (privacy.loss_noise_multiplier,)
+        self._loss_generator = (ChaCha20Generator() if privacy.secure_mode
+                                else checkpoints.os_seeded_generator(self.args.device))
 
     def _data_parallel_module(self) -> torch.nn.Module:
         """Several processes: the model in dpfused's own DistributedDataParallel (DDP's bucketed
@@ -295,12 +370,15 @@ class DPTrainingMixin:
     # ---- the step ------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Forward and backward on each physical batch of one logical batch; the Trainer then
-        calls optimizer.step() once, which adds the noise. Returns the mean per-example loss."""
+        calls optimizer.step() once, which adds the noise. Returns what ``log_loss`` releases
+        of the loss: 0 ("off", never logged), the noised mean ("noised") or the mean
+        per-example loss ("unprotected")."""
         if not isinstance(inputs, _LogicalBatch):
             raise TypeError("DPTrainer.training_step takes the logical batches of its own "
                             f"train dataloader, got {type(inputs).__name__}")
         model.train()
         self._dp_optimizer.zero_grad(set_to_none=True)  # a fresh logical batch
+        self._loss_units = torch.zeros((), dtype=torch.int64, device=self.args.device)
         total = torch.zeros((), dtype=torch.float64, device=self.args.device)
         count = 0
         for i, batch in enumerate(inputs.physical):
@@ -316,8 +394,25 @@ class DPTrainingMixin:
             total += loss.detach().double() * size
             count += size
         loss = (total / count).float() if count else torch.tensor(math.nan, device=self.args.device)
-        self._last_training_loss = loss
-        return loss
+        self._last_training_loss = self._released_loss(loss)
+        return self._last_training_loss
+
+    def _released_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """What this step's loss may show (``PrivacyArguments.log_loss``)."""
+        if self.privacy.log_loss == "unprotected":
+            return loss
+        if self.privacy.log_loss == "off":
+            return torch.zeros((), device=self.args.device)
+        units = self._loss_units
+        if self.args.world_size > 1:
+            torch.distributed.all_reduce(units)  # exact: int64
+        released = privacy_math.noised_loss_mean(
+            units, bound=self.privacy.loss_bound,
+            noise_multiplier=self.privacy.loss_noise_multiplier,
+            expected_batch_size=self._dp_loader.expected_batch_size, generator=self._loss_generator)
+        if self.args.world_size > 1:
+            torch.distributed.broadcast(released, src=0)  # one draw: rank 0's
+        return released.float()
 
     @staticmethod
     def _synchronized(model, *, last: bool):
@@ -335,6 +430,9 @@ class DPTrainingMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         losses, outputs = self.per_example_loss(model, inputs)
+        if self._loss_units is not None and self.privacy.log_loss == "noised":
+            self._loss_units += privacy_math.clipped_loss_units(
+                losses, bound=self.privacy.loss_bound).to(self._loss_units.device)
         loss = losses.mean()
         return (loss, outputs) if return_outputs else loss
 
@@ -411,6 +509,8 @@ class DPTrainingMixin:
         self._save_checkpoint(model, trial)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.privacy.log_loss == "off":  # never in log_history, trainer_state.json, reporters
+            logs = {k: v for k, v in logs.items() if k not in ("loss", "train_loss")}
         if self.privacy_engine is not None:
             logs["epsilon"] = self.get_epsilon()
         super().log(logs, start_time)
@@ -422,31 +522,63 @@ class DPTrainingMixin:
         return self.privacy_engine.get_epsilon(self.privacy.delta)
 
     def privacy_report(self):
-        """The engine's report (composed and, where it applies, last-iterate epsilon)."""
+        """The engine's report (composed and, where it applies, last-iterate epsilon), with what
+        the logs showed of the training loss among its assumptions."""
         if self.privacy_engine is None:
             raise ValueError("privacy_report: nothing was trained yet")
-        return self.privacy_engine.privacy_report(self.privacy.delta)
+        report = self.privacy_engine.privacy_report(self.privacy.delta)
+        report = dataclasses.replace(report,
+                                     assumptions=(*report.assumptions, self._logged_loss_line()))
+        if self.privacy.log_loss != "off" and report.last_iterate_epsilon is not None:
+            report = dataclasses.replace(
+                report, last_iterate_epsilon=None, last_iterate_worst_position=None,
+                last_iterate_reason="a training loss was logged at every step: more than the "
+                                    "final model was released")
+        return report
+
+    def _logged_loss_line(self) -> str:
+        privacy = self.privacy
+        if privacy.log_loss == "noised":
+            return (f"training loss logged with noise: each step released the mean of the "
+                    f"per-example losses clipped to [0, {privacy.loss_bound:g}] plus Gaussian noise "
+                    f"(sigma_L = {privacy.loss_noise_multiplier:g}), accounted with the gradient "
+                    "as one Gaussian; the noise multiplier shown is the joint sigma")
+        if privacy.log_loss == "unprotected":
+            return ("training loss logged WITHOUT noise (log_loss='unprotected'): the logged loss "
+                    "is NOT covered by this guarantee; it is a function of the data")
+        return "no training loss was logged (log_loss='off')"
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
+        if self.privacy.log_loss == "off":  # TrainOutput carries the run's mean loss: none
+            metrics = {k: v for k, v in output.metrics.items() if k != "train_loss"}
+            output = output._replace(training_loss=math.nan, metrics=metrics)
         if self.privacy_engine is not None and self.is_world_process_zero():
             print(self.privacy_report())
         return output
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """The model folder (also ``save_model``'s, which ``push_to_hub`` uploads): the weights
+        and the privacy report as JSON; never the sampler's or the noise's state."""
         super()._save(output_dir, state_dict=state_dict)
         if self.privacy_engine is None or not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        torch.save(self._privacy_state(), os.path.join(output_dir, PRIVACY_STATE_NAME))
         with open(os.path.join(output_dir, PRIVACY_SUMMARY_NAME), "w", encoding="utf-8") as f:
             json.dump(self._privacy_summary(), f, indent=2)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """checkpoint-N only: the resume state, SECRET as the data (see the module docstring)."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.privacy_engine is not None and self.args.should_save:
+            state = self._privacy_state()
+            checkpoints.check_plain(state, PRIVACY_STATE_NAME)
+            torch.save(state, os.path.join(output_dir, PRIVACY_STATE_NAME))
+
     def _privacy_state(self) -> dict:
         return {
-            "engine": self.privacy_engine.state_dict(),
-            "noise_generator": self._noise_generator.get_state(),
+            "engine": self.privacy_engine.state_dict(),  # ledger, sampler, the optimizer's noise
             "noise_multiplier": self._dp_optimizer.noise_multiplier,
             "sampling": self.privacy.sampling,
             "clipping": self.privacy.clipping,
@@ -454,12 +586,16 @@ class DPTrainingMixin:
         }
 
     def _privacy_summary(self) -> dict:
+        """The privacy report as plain JSON: public facts of the run, nothing to replay it by."""
         return {"epsilon": self.get_epsilon(), "delta": self.privacy.delta,
                 "steps": self._dp_optimizer.steps_taken,
                 "noise_multiplier": self._dp_optimizer.noise_multiplier,
+                "accounted_noise_multiplier": self._dp_optimizer.accounted_noise_multiplier,
                 "max_grad_norm": self.privacy.max_grad_norm, "sampling": self.privacy.sampling,
                 "clipping": self.privacy.clipping, "accountant": self.privacy.accountant,
-                "expected_logical_batch_size": self.logical_batch_size}
+                "expected_logical_batch_size": self.logical_batch_size,
+                "secure_mode": self.privacy.secure_mode,
+                "training_loss_logged": self._logged_loss_line()}
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is None or self.privacy_engine is None:
@@ -470,15 +606,20 @@ class DPTrainingMixin:
                 f"resume_from_checkpoint={checkpoint!r} has no {PRIVACY_STATE_NAME}: resuming would "
                 "restart the privacy accountant and the sampler, understating epsilon. Resume from "
                 "a checkpoint that DPTrainer wrote")
-        state = torch.load(path, weights_only=False)
+        state = checkpoints.load_plain(path, what="resume_from_checkpoint")
         for key, mine in (("sampling", self.privacy.sampling), ("clipping", self.privacy.clipping),
                           ("logical_batch_size", self.logical_batch_size)):
             if state[key] != mine:
                 raise ValueError(f"resume_from_checkpoint: the checkpoint was trained with "
                                  f"{key}={state[key]!r}, this trainer has {mine!r}; they must match")
+        steps = state["engine"].get("steps_taken")
+        if steps != self.state.global_step:
+            raise ValueError(
+                f"resume_from_checkpoint: {PRIVACY_STATE_NAME} records {steps} private steps but "
+                f"trainer_state.json global_step={self.state.global_step}; one private step is "
+                "one optimizer step, so the checkpoint's files do not belong together")
+        self.privacy_engine.load_state_dict(state["engine"])  # checks its ledger first
         super()._load_optimizer_and_scheduler(checkpoint)
-        self.privacy_engine.load_state_dict(state["engine"])
-        self._noise_generator.set_state(state["noise_generator"])
         self._dp_optimizer.noise_multiplier = state["noise_multiplier"]
 
 
@@ -493,7 +634,8 @@ class DPTrainer(DPTrainingMixin, Trainer):
         ValueError: a setting that would change the privacy guarantee silently (each message names
             the fix): nn.DataParallel (n_gpu > 1 in one process), DeepSpeed, FSDP, fp16 (GradScaler), label_smoothing_factor, compute_loss_func, a custom train
             sampler or train_sampling_strategy other than "random", auto_find_batch_size,
-            model_init.
+            model_init, push_to_hub with hub_strategy "checkpoint" or "all_checkpoints" (it would
+            upload the secret resume state), log_loss="noised" with an overridden compute_loss.
         TypeError: a subclass that overrides compute_loss without the per-example contract.
     """
 
@@ -517,6 +659,20 @@ def _refuse_unsupported_class(cls) -> None:
                 f"{cls.__name__} overrides {name}: a custom train sampler is refused, because the "
                 "privacy accounting assumes dpfused's sampling. Choose it with "
                 "PrivacyArguments.sampling ('poisson', 'cyclic' or 'shuffle') and remove the override")
+
+
+def _check_log_loss_choice(cls, privacy) -> None:
+    if privacy.log_loss == "noised" and _user_override(cls, "compute_loss"):
+        raise ValueError(
+            f"log_loss='noised' clips each example's loss, which {cls.__name__}.compute_loss "
+            "does not hand over (it returns the batch mean); override per_example_loss instead, "
+            "or use log_loss='off'")
+    if privacy.log_loss == "unprotected":
+        warnings.warn(
+            "PrivacyArguments(log_loss='unprotected'): the training loss is logged without noise "
+            "(log_history, trainer_state.json, every reporting integration). It is a function of "
+            "the training data that the privacy guarantee does NOT cover; use 'noised' to log an "
+            "accounted loss, or 'off'", UserWarning, stacklevel=3)
 
 
 def _user_override(cls, name: str) -> bool:
@@ -556,6 +712,14 @@ def _refuse_unsupported_args(args) -> None:
          "which would restart the private sampler; set per_device_train_batch_size (the physical "
          "batch size) yourself"),
     ]
+    hub_strategy = getattr(args, "hub_strategy", None)
+    hub_strategy = getattr(hub_strategy, "value", hub_strategy)  # HubStrategy or its string
+    if getattr(args, "push_to_hub", False) and hub_strategy in ("checkpoint", "all_checkpoints"):
+        refusals.append((True,
+            f"push_to_hub with hub_strategy={hub_strategy!r} would upload checkpoint "
+            f"folders, whose {PRIVACY_STATE_NAME} holds the sampler's and the noise's state (with "
+            "them, training can be replayed on a candidate data set: they are as secret as the "
+            "data); use hub_strategy='every_save' or 'end', which upload the model folder only"))
     for refused, message in refusals:
         if refused:
             raise ValueError(message)

@@ -5,7 +5,8 @@
                            privacy=PrivacyArguments(noise_multiplier=1.0))
 
 Everything in ``dpfused.hf`` holds (logical batches, one noised step each, per-example loss,
-epsilon in the logs, privacy state in checkpoints). The training loss is each example's mean
+epsilon in the logs, no training loss logged unless ``PrivacyArguments.log_loss`` says so, the
+secret resume state in ``checkpoint-N`` only). The training loss is each example's mean
 next-token loss over its own completion tokens (TRL's ``labels``, -100 on prompt and padding), not
 TRL's token mean over the batch; TRL's entropy and token-accuracy metrics are logged in evaluation
 only. The same ``DPTrainingMixin`` in front of another Trainer subclass makes that one private:

@@ -14,6 +14,14 @@ The model is instrumented in place (dpfused has no wrapper module): with ``wrap_
 Opacus' GradSampleModule) is the model too; with ``wrap_model=False`` the first value is a
 ``GradSampleHooks`` whose ``cleanup()`` undoes the instrumentation, and the model is used as is.
 
+FSDP2 as in Opacus: ``FSDP2Wrapper(model)`` shards the model with torch's ``fully_shard`` (each
+layer dpfused has a rule for, then the root), and ``grad_sample_mode="ghost_fsdp"`` (or "fsdp")
+runs on dpfused's own FSDP2 path (docs/design.md §9). A loader with a ``DistributedSampler`` and
+``batch_size=b`` per process stands, as in Opacus, for logical batches of ``b * num_replicas``:
+dpfused draws each one once and gives every process its slice. A private loader returned by an
+earlier ``make_private`` (a notebook cell run again) is unwrapped to the dataset and settings of
+the loader it was made from, never wrapped a second time.
+
 ``poisson_sampling=False`` keeps the user's loader semantics: a loader with ``shuffle=False`` is
 one fixed order, which dpfused samples and accounts as ``sampling="cyclic"`` (the user's order and
 batch size); ``shuffle=True`` is ``sampling="shuffle"``; the loader's ``drop_last`` is kept (with
@@ -27,15 +35,20 @@ from __future__ import annotations
 import math
 import warnings
 
+import torch
 import torch.nn as nn
-from torch.utils.data import RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from dpfused import accounting, engine, validate
+from dpfused import accounting, distributed, engine, validate
 from dpfused.adaptive import AdaptiveClipping
+from dpfused.batch_memory import BatchMemoryManager
 from dpfused.instrument import detach, plan
+from dpfused.rules import rule_for
 from dpfused.sampling import DPDataLoader
+from dpfused.sampling.loader import _worker_options_of
 
-__all__ = ["GradSampleHooks", "PrivacyEngine", "get_noise_multiplier"]
+__all__ = ["BatchMemoryManager", "FSDP2Wrapper", "GradSampleHooks", "PrivacyEngine",
+           "get_noise_multiplier"]
 
 
 class PrivacyEngine(engine.PrivacyEngine):
@@ -70,12 +83,12 @@ class PrivacyEngine(engine.PrivacyEngine):
         """Opacus' make_private: ``(module, optimizer, data_loader)``, or
         ``(module, optimizer, criterion, data_loader)`` for ``grad_sample_mode="ghost"``; with
         ``wrap_model=False`` the first value is a ``GradSampleHooks`` (see the module docstring)."""
-        _refuse_sharded_module(module)
-        _refuse_private_loader(data_loader)
+        data_loader, sample_rate = _loader_to_wrap(data_loader)
         native, opacus = _native_arguments(
             {**kwargs, "module": module, "optimizer": optimizer, "data_loader": data_loader},
             max_grad_norm=max_grad_norm, sampling=sampling, clipping=clipping,
             thresholds=thresholds, adaptive_clipping=adaptive_clipping)
+        _keep_sample_rate(native, sample_rate)
         module, optimizer, loader = super().make_private(**native)
         return opacus.returned(module, optimizer, loader)
 
@@ -86,14 +99,14 @@ class PrivacyEngine(engine.PrivacyEngine):
         """Opacus' make_private_with_epsilon, with the return values of ``make_private``."""
         if "noise_multiplier" in kwargs:
             raise ValueError("make_private_with_epsilon sets noise_multiplier itself; remove it")
-        _refuse_sharded_module(module)
-        _refuse_private_loader(data_loader)
+        data_loader, sample_rate = _loader_to_wrap(data_loader)
         native, opacus = _native_arguments(
             {**kwargs, "module": module, "optimizer": optimizer, "data_loader": data_loader,
              "noise_multiplier": 0.0},
             max_grad_norm=max_grad_norm, sampling=sampling, clipping=clipping,
             thresholds=thresholds, adaptive_clipping=adaptive_clipping)
         del native["noise_multiplier"]
+        _keep_sample_rate(native, sample_rate)
         module, optimizer, loader = super().make_private_with_epsilon(
             target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs, steps=steps,
             last_iterate=last_iterate, **native)
@@ -119,24 +132,131 @@ class GradSampleHooks:
     remove_hooks = cleanup
 
 
-def _refuse_sharded_module(module):
-    """FSDP2 (``fully_shard``, which Opacus' ``FSDP2Wrapper`` calls) is not supported yet."""
-    from torch.distributed.fsdp import FSDPModule
+def FSDP2Wrapper(model: nn.Module, **kwargs) -> nn.Module:  # noqa: N802 (Opacus' name)
+    """Opacus' ``FSDP2Wrapper``: shard ``model`` with torch's ``fully_shard``, layer by layer,
+    then the root, the way dpfused's FSDP2 path takes it (docs/design.md §9).
 
-    if isinstance(module, FSDPModule):
-        raise ValueError(
-            f"module ({type(module).__name__}) is sharded with fully_shard (FSDP2; Opacus' "
-            "FSDP2Wrapper and grad_sample_mode='ghost_fsdp'), which dpfused does not support yet: "
-            "its parameters are DTensor shards, so per-example norms would cover one shard. Pass "
-            "the unsharded model; for data parallel training initialize torch.distributed and "
-            "dpfused all-reduces the clipped sums itself")
+    As Opacus' wrapper, every submodule that owns parameters and that dpfused has a layer rule
+    for (or whose parameters are all frozen) becomes its own FSDP unit, and the root holds the
+    rest. Two exceptions keep each parameter with the module that uses it: the children of a
+    rule that uses them directly (``nn.MultiheadAttention``'s ``out_proj``) stay in their
+    parent's unit, and a parameter shared by several modules (tied embedding and LM head) stays
+    in the root's.
+
+    Args:
+        model: the model, unsharded; ``torch.distributed`` initialized.
+        **kwargs: Opacus' ``mp_policy`` (a ``MixedPrecisionPolicy``; None: the default) and
+            ``opacus_high_precision_layers`` (layer classes whose parameters stay in the default
+            dtype).
+
+    Returns:
+        The model (``fully_shard`` changes it in place), an FSDP2 module.
+
+    Raises:
+        TypeError: an unknown keyword.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp_policy = kwargs.pop("mp_policy", None) or MixedPrecisionPolicy()
+    high_precision = kwargs.pop("opacus_high_precision_layers", None) or ()
+    high_precision = (high_precision,) if isinstance(high_precision, type) else tuple(high_precision)
+    if kwargs:
+        raise TypeError(f"FSDP2Wrapper got unexpected keyword argument(s) {sorted(kwargs)}; it "
+                        "takes Opacus' mp_policy and opacus_high_precision_layers")
+    for unit in _shard_units(model):
+        policy = mp_policy
+        if high_precision and isinstance(unit, high_precision):
+            policy = MixedPrecisionPolicy(param_dtype=torch.get_default_dtype())
+        fully_shard(unit, mp_policy=policy)
+    return fully_shard(model, mp_policy=mp_policy)
 
 
-def _refuse_private_loader(data_loader):
+def _shard_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules ``FSDP2Wrapper`` shards before the root (see there), every unit after the
+    units inside it (``fully_shard`` takes the parameters no inner unit has taken)."""
+    owners: dict[int, int] = {}  # id(param) -> how many modules register it
+    for sub in model.modules():
+        for p in sub.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    units, inside_claiming = [], set()
+    for sub in model.modules():  # parents before children
+        if sub is model or id(sub) in inside_claiming:
+            continue
+        rule = rule_for(sub)
+        if rule is not None and rule.claims_children:
+            inside_claiming.update(id(m) for m in sub.modules() if m is not sub)
+        own = list(sub.parameters(recurse=False))
+        if not own or any(owners[id(p)] > 1 for p in own):
+            continue
+        if rule is not None or not any(p.requires_grad for p in own):
+            units.append(sub)
+    return units[::-1]
+
+
+def _loader_to_wrap(data_loader):
+    """(the torch DataLoader to make private, the Poisson rate to keep or None).
+
+    A private loader passed back in is unwrapped to its original loader's dataset and settings;
+    a loader over a ``DistributedSampler`` becomes the loader of the whole logical batch. Each
+    says so in a warning; any other loader is returned as it is.
+    """
     if isinstance(data_loader, DPDataLoader):
-        raise TypeError(
-            "data_loader is already a private DPDataLoader (returned by make_private); pass the "
-            "original torch DataLoader: make_private draws its own batches from it")
+        return _unwrapped_private_loader(data_loader)
+    if (isinstance(getattr(data_loader, "sampler", None), DistributedSampler)
+            and data_loader.batch_size is not None):
+        return _loader_over_all_processes(data_loader), None
+    return data_loader, None
+
+
+def _unwrapped_private_loader(private: DPDataLoader):
+    """The loader ``private`` was made from, rebuilt: its dataset, batch size (q N under Poisson
+    sampling, whose q is kept exactly), order (shuffle=False for cyclic), drop_last, collate_fn
+    and worker options. ``private`` itself is left as it is: it is not wrapped again, and its
+    listeners (the earlier engine's book-keeper) never see the new loader's batches."""
+    if private.sampling == "poisson":
+        sample_rate = private.sample_rate
+        batch_size = max(1, round(sample_rate * private.num_samples))
+    else:
+        sample_rate, batch_size = None, private.batch_size
+    original = DataLoader(private.dataset, batch_size=batch_size,
+                          shuffle=private.sampling != "cyclic", drop_last=bool(private.drop_last),
+                          collate_fn=private.collate_fn.collate_fn,
+                          **_worker_options_of(private.data_loader))
+    kept = f", sample rate {sample_rate:.6g}" if sample_rate is not None else ""
+    warnings.warn(
+        "data_loader is a private DPDataLoader returned by an earlier make_private (a notebook "
+        "cell run again?): dpfused makes the new private loader from its dataset and the "
+        f"settings of the loader it was made from (batch_size={batch_size}{kept}, "
+        f"shuffle={private.sampling != 'cyclic'}, drop_last={bool(private.drop_last)}, its "
+        "collate_fn and worker options), not by wrapping it again. The earlier private loader "
+        "keeps its own state; pass the original DataLoader to silence this warning",
+        UserWarning, stacklevel=4)
+    return original, sample_rate
+
+
+def _loader_over_all_processes(loader: DataLoader) -> DataLoader:
+    """Opacus' reading of a ``DistributedSampler`` loader: each of its ``num_replicas``
+    processes takes ``batch_size`` examples per step, so a logical batch holds
+    ``batch_size * num_replicas`` (Opacus' sample rate 1/len(loader) says the same). dpfused
+    draws that batch once and gives every process its slice."""
+    sampler = loader.sampler
+    batch_size = loader.batch_size * sampler.num_replicas
+    warnings.warn(
+        f"data_loader samples with a DistributedSampler over {sampler.num_replicas} processes, "
+        f"batch_size={loader.batch_size} each: as in Opacus, a logical batch holds "
+        f"{batch_size} examples. dpfused draws it from the whole dataset (which every process "
+        "must pass) and gives each process its slice, so the DistributedSampler is not used",
+        UserWarning, stacklevel=4)
+    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=sampler.shuffle,
+                      drop_last=loader.drop_last, collate_fn=loader.collate_fn,
+                      **_worker_options_of(loader))
+
+
+def _keep_sample_rate(native, sample_rate):
+    """An unwrapped Poisson loader keeps its exact q, unless the call gives one."""
+    if sample_rate is not None and native["sampling"] == "poisson" \
+            and native.get("sample_rate") is None:
+        native["sample_rate"] = sample_rate
 
 
 def _native_arguments(kwargs, *, max_grad_norm, sampling, clipping, thresholds, adaptive_clipping):
@@ -157,6 +277,7 @@ def _native_arguments(kwargs, *, max_grad_norm, sampling, clipping, thresholds, 
         max_grad_norm, thresholds, opacus.clipping, module=native["module"],
         optimizer=native["optimizer"])
     opacus.check_criterion(native.get("loss_reduction", "mean"))
+    opacus.check_sharding(native["module"])
     if opacus.drop_last is not None:
         native.setdefault("drop_last", opacus.drop_last)
     native.update(max_grad_norm=max_grad_norm, thresholds=thresholds, clipping=opacus.clipping,
@@ -175,8 +296,11 @@ class _OpacusArgs:
             "rand_on_empty", *ADAPTIVE_KEYS)
     # They only choose Opacus' implementation of per-sample gradients.
     GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
+    # Opacus' FSDP2 modes: dpfused's own FSDP2 path (docs/design.md §9).
+    FSDP_MODES = ("ghost_fsdp", "fsdp")
 
     def __init__(self):
+        self.grad_sample_mode = "hooks"
         self.sampling = None
         self.drop_last = None  # the user's loader's, with poisson_sampling=False
         self.criterion = None
@@ -194,8 +318,8 @@ class _OpacusArgs:
         args.sampling, args.drop_last = cls.sampling_of({**kwargs, "sampling": sampling},
                                                         data_loader)
         kwargs.pop("poisson_sampling", None)
-        args.return_criterion = cls._grad_sample_mode(kwargs.pop("grad_sample_mode", "hooks"),
-                                                      clipping)
+        args.grad_sample_mode = kwargs.pop("grad_sample_mode", "hooks")
+        args.return_criterion = cls._grad_sample_mode(args.grad_sample_mode, clipping)
         if kwargs.pop("secure_mode", False):
             raise ValueError("secure_mode is a PrivacyEngine argument: "
                              "PrivacyEngine(secure_mode=True), then make_private without it")
@@ -213,30 +337,39 @@ class _OpacusArgs:
     @classmethod
     def _grad_sample_mode(cls, mode, clipping) -> bool:
         """Check Opacus' grad_sample_mode; True when Opacus would return a criterion."""
-        if mode in ("ghost_fsdp", "ghost_tp"):
+        if mode == "ghost_tp":
             raise ValueError(
-                f"grad_sample_mode={mode!r} (Opacus' FSDP/tensor-parallel ghost clipping) is not "
-                "supported by dpfused yet. Train the unsharded model with grad_sample_mode='ghost' "
-                "(or 'hooks'; dpfused computes ghost norms inside backward either way), or "
-                "data parallel: dpfused all-reduces the clipped sums itself when "
-                "torch.distributed is initialized")
+                "grad_sample_mode='ghost_tp' (Opacus' tensor-parallel ghost clipping) is not "
+                "supported by dpfused: its sharded parameters would hold a slice of each layer. "
+                "Shard with FSDP2 instead (FSDP2Wrapper, grad_sample_mode='ghost_fsdp'), or train "
+                "data parallel")
         if mode == "no_op":
             raise ValueError(
                 "grad_sample_mode='no_op' is Opacus' mode for code that computes per-sample "
                 "gradients itself (e.g. with torch.func) and sets p.grad_sample; dpfused computes "
                 "and clips the per-example norms inside backward, so that code goes: call "
                 "loss.backward() on the ordinary loss and use grad_sample_mode='hooks'")
-        if mode not in cls.GRAD_SAMPLE_MODES:
+        if mode not in cls.GRAD_SAMPLE_MODES + cls.FSDP_MODES:
             raise ValueError(
                 f"grad_sample_mode={mode!r}: dpfused computes per-example norms inside backward "
-                "for every clipping mode; Opacus' 'hooks', 'ghost', 'functorch' and 'ew' are "
-                "accepted (they only choose Opacus' implementation); use clipping= to choose "
-                "the clipping groups"
+                "for every clipping mode; Opacus' 'hooks', 'ghost', 'functorch', 'ew' (they only "
+                "choose Opacus' implementation) and 'ghost_fsdp' / 'fsdp' (a model sharded by "
+                "FSDP2Wrapper) are accepted; use clipping= to choose the clipping groups"
             )
-        if mode == "ghost" and clipping != "flat":
-            raise ValueError("grad_sample_mode='ghost' is flat clipping in Opacus; it "
+        if mode.startswith("ghost") and clipping != "flat":
+            raise ValueError(f"grad_sample_mode={mode!r} is flat clipping in Opacus; it "
                              f"contradicts clipping={clipping!r}")
-        return mode == "ghost"
+        return mode.startswith("ghost")  # Opacus returns a criterion for its ghost modes
+
+    def check_sharding(self, module) -> None:
+        """Opacus' FSDP modes need a model that ``FSDP2Wrapper`` (fully_shard) sharded."""
+        if self.grad_sample_mode in self.FSDP_MODES and not distributed.is_fsdp2(module):
+            raise ValueError(
+                f"grad_sample_mode={self.grad_sample_mode!r} needs a model sharded with FSDP2: "
+                f"got an unsharded {type(module).__name__}. Shard it first (model = "
+                "FSDP2Wrapper(model), from dpfused.opacus, after "
+                "torch.distributed.init_process_group), or use grad_sample_mode='ghost' / "
+                "'hooks' for an unsharded model")
 
     def returned(self, module, optimizer, loader):
         """make_private's return values, as Opacus gives them for these arguments."""

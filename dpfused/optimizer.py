@@ -31,7 +31,8 @@ class DPOptimizer(torch.optim.Optimizer):
         instrumentation: the module's instrumentation (groups, thresholds, the book-keeper).
         noise_multiplier: sigma.
         accountant: records one event per logical step, or None.
-        generator: torch.Generator for the noise (None: torch's default generator).
+        generator: torch.Generator for the noise (None: torch's default generator), or a dict
+            {device: torch.Generator} for parameters on several devices (make_private's own).
         max_epsilon, delta: budget; a step that would exceed it raises PrivacyBudgetExhausted.
         distributed: data parallel: clipped sums are all-reduced over torch.distributed's default
             group, and only rank 0 adds noise.
@@ -72,6 +73,14 @@ class DPOptimizer(torch.optim.Optimizer):
         self.noise = noise
         # BandMF's secret streaming state: the last bands - 1 unit noises of every parameter.
         self.noise_history = NoiseHistory(noise.coefficients) if noise is not None else None
+        # Noise multipliers of other Gaussian queries released with every step on its batch (e.g.
+        # DPTrainer's noised training loss): accounted with the gradient as one Gaussian.
+        self.joint_noise_multipliers: tuple[float, ...] = ()
+        # dpfused.amp.GradScaler(dynamic=True): each step also releases the noised number of
+        # examples dropped for a non-finite (overflowed) gradient.
+        self._overflow_count_std: float | None = None
+        self.noised_overflow_count = 0.0
+        self.last_expected_batch_size = float(expected_batch_size or 0)
         # Group-wise adaptive thresholds are rescaled to keep this total (the sensitivity).
         self._total_threshold = privacy_math.sensitivity([g.threshold for g in self._groups])
         self.rank = torch.distributed.get_rank() if distributed else 0
@@ -161,15 +170,21 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @property
     def accounted_noise_multiplier(self) -> float:
-        """The sigma the accountant records: sigma, or sigma_eff when counts are released too;
-        with BandMF divided by the strategy's largest column norm (1 for dpfused's strategies)."""
+        """The sigma the accountant records: sigma, or sigma_eff when counts (adaptive clipping)
+        or other queries (``joint_noise_multipliers``) are released with the step too. With
+        BandMF the gradient's sigma is first divided by the strategy's largest column norm (1 for
+        dpfused's strategies): per participation the gradient moves M x by at most C times a
+        column's norm, the other queries their own rows of the step only, so the block strategy
+        keeps the disjoint supports the amplified analysis needs (docs/design.md §5.1)."""
         sigma = self.noise_multiplier
+        if self.noise is not None:
+            sigma = sigma / privacy_math.max_column_norm(self.noise_history.coefficients)
         if self.adaptive_clipping is not None:
             sigma = privacy_math.effective_noise_multiplier(
                 sigma, self.adaptive_clipping.count_noise_std, len(self._groups))
-        if self.noise is not None:
-            sigma = sigma / privacy_math.max_column_norm(self.noise_history.coefficients)
-        return sigma
+        if not self.joint_noise_multipliers:
+            return sigma
+        return privacy_math.joint_noise_multiplier(sigma, *self.joint_noise_multipliers)
 
     @property
     def _groups(self):
@@ -211,6 +226,8 @@ class DPOptimizer(torch.optim.Optimizer):
         noisy_counts = self._write_noised_gradients(clipped)
         if self.noise_history is not None:
             self.noise_history.commit(clipped.batch.step)
+        if self._overflow_count_std is not None:
+            self._release_overflow_count(clipped)
         self._book.next_step()
         if noisy_counts is not None:
             self._adapt_thresholds(noisy_counts, clipped)
@@ -220,6 +237,20 @@ class DPOptimizer(torch.optim.Optimizer):
         self.examples_dropped += clipped.dropped
         self.original_optimizer.step()
         return loss
+
+    def release_overflow_counts(self, noise_std: float) -> None:
+        """From now on every step also releases its count of dropped (overflowed) examples plus
+        N(0, noise_std^2): a count of sensitivity 1, accounted with the gradient as one Gaussian."""
+        self._overflow_count_std = float(noise_std)
+        self.joint_noise_multipliers = (*self.joint_noise_multipliers, float(noise_std))
+
+    def _release_overflow_count(self, clipped: ClippedStep) -> None:
+        device = self._groups[0].params[0].device
+        count = torch.tensor([float(clipped.dropped)], dtype=torch.float64, device=device)
+        noised = privacy_math.noised_counts(count, std=self._overflow_count_std,
+                                            generator=self._generator_on(device))
+        self.noised_overflow_count = float(noised[0])
+        self.last_expected_batch_size = float(clipped.batch.expected_size)
 
     def _check_step_input(self, closure):
         """Before anything runs: a refused step draws no noise and changes nothing. (sigma is
@@ -234,9 +265,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.found_inf = self.grad_scale = None
         raise ValueError(
             "torch.amp.GradScaler is not supported: it multiplies the loss, so the per-example "
-            "norms are clipped in scaled units and the step would be wrong. Train in bfloat16 "
-            "autocast (torch.autocast(device_type, dtype=torch.bfloat16)), which needs no scaler, "
-            "or in float32; no step was taken"
+            "norms are clipped in scaled units, and its skipped steps reveal overflows. Use "
+            "dpfused.amp.GradScaler(optimizer, init_scale=...) for float16 autocast (same calls: "
+            "scale, step, update), or bfloat16 autocast, which needs no scaler; no step was taken"
         )
 
     def _sampled_step(self, clipped: ClippedStep) -> SampledStep:
@@ -267,7 +298,7 @@ class DPOptimizer(torch.optim.Optimizer):
         grads = [
             privacy_math.noised_gradient(
                 clipped.sums.get(id(p)), shape=p.shape, std=std, normalizer=normalizer,
-                device=p.device, generator=self.generator, dtype=p.dtype,
+                device=p.device, generator=self._generator_on(p.device), dtype=p.dtype,
                 correlate=self._correlate(i),
             )
             for i, p in enumerate(params)
@@ -314,7 +345,13 @@ class DPOptimizer(torch.optim.Optimizer):
     def _noised_counts(self, clipped: ClippedStep, device):
         counts = self._unclipped_counts(clipped, device)
         std = privacy_math.noise_std_on_rank(self.adaptive_clipping.count_noise_std, rank=self.rank)
-        return privacy_math.noised_counts(counts, std=std, generator=self.generator)
+        return privacy_math.noised_counts(counts, std=std, generator=self._generator_on(device))
+
+    def _generator_on(self, device):
+        """The noise generator for ``device``: ``generator``, or its entry for that device."""
+        if isinstance(self.generator, dict):
+            return self.generator[torch.device(device)]
+        return self.generator
 
     def _adapt_thresholds(self, noisy_counts, clipped: ClippedStep):
         """Post-processing of the noisy counts: the next step's thresholds."""

@@ -52,7 +52,7 @@ __all__ = ["FactorPiece", "OnehotPiece", "DensePiece", "Piece", "NORM_PATHS", "d
 NORM_PATHS = ("ghost", "direct", "direct (materialized)", "embedding", "dense")
 
 # A factor piece is materialized by ``compact`` only when its entries cannot overflow float32:
-# every entry of G_i is at most its magnitude sum_t ||left_t|| ||right_t||.
+# every entry (and partial sum) of G_i is at most T max|left| max|right|.
 _MATERIALIZE_LIMIT = 1e30
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients held at once by the chunked operations
 
@@ -78,6 +78,14 @@ class FactorPiece:
     norm_path: str = field(default="", init=False)
     # The factor pieces ``merge_factor_uses`` joined into this one (their norm_path follows it).
     sources: tuple = field(default=(), repr=False)
+    _norms: kernels.FactorNorms | None = field(default=None, init=False, repr=False)
+
+    @property
+    def norms(self) -> kernels.FactorNorms:
+        """The row norms of left and right (float64), computed once."""
+        if self._norms is None:
+            self._norms = kernels.factor_norms(self.left, self.right)
+        return self._norms
 
     @property
     def batch_size(self) -> int:
@@ -107,12 +115,16 @@ class FactorPiece:
             return self
         _, seq, rows = self.left.shape
         cols = self.right.shape[2]
-        if rows * cols >= seq * (rows + cols):
-            return self
-        if not bool((self.magnitude() < _MATERIALIZE_LIMIT).all()):
+        if rows * cols >= seq * (rows + cols) or not self._fits_float32():
             return self
         self.norm_path = "direct"
         return DensePiece(self.param, self.materialize(), materialized=True)
+
+    def _fits_float32(self) -> bool:
+        """Every entry (and partial sum) of every G_i is below the limit: T max|left| max|right|."""
+        seq = self.left.shape[1]
+        largest = float(self.left.abs().amax()) * float(self.right.abs().amax())
+        return seq * largest < _MATERIALIZE_LIMIT
 
     def norm_estimate(self) -> Estimate:
         """Per-example squared Frobenius norms by the ghost or the direct kernel, with error."""
@@ -123,8 +135,8 @@ class FactorPiece:
         for source in self.sources:
             source.norm_path = self.norm_path
         if self.norm_path == "ghost":
-            return kernels.ghost_norm_sq_bounded(self.left, self.right)
-        return kernels.direct_norm_sq_bounded(self.left, self.right)
+            return kernels.ghost_norm_sq_bounded(self.left, self.right, norms=self.norms)
+        return kernels.direct_norm_sq_bounded(self.left, self.right, norms=self.norms)
 
     def norm_sq(self) -> torch.Tensor:
         return _value(self.norm_estimate(), self)
@@ -133,13 +145,13 @@ class FactorPiece:
         """K_i (1 + gamma_T): bounds ||G_i|| and the released ||G~_i|| (module docstring)."""
         if self.batch_size == 0:
             return _empty_bound(self)
-        return kernels.magnitude(self.left, self.right) * (1 + self._release_gamma())
+        return self.norms.magnitude * (1 + self._release_gamma())
 
     def release_error(self) -> torch.Tensor:
         """||G~_i - G_i|| <= gamma_T K_i: G~_i reduced over its own T rows (clipped_weight_grad)."""
         if self.batch_size == 0:
             return _empty_bound(self)
-        return kernels.magnitude(self.left, self.right) * self._release_gamma()
+        return self.norms.magnitude * self._release_gamma()
 
     def _release_gamma(self) -> float:
         """The T-term reduction's gamma, plus float64 rounding of K itself (its T products of
@@ -159,7 +171,8 @@ class FactorPiece:
             zeros = torch.zeros(self.batch_size, dtype=torch.float64, device=self.left.device)
             return Estimate(zeros, zeros)
         if _plain_factor(self) and _plain_factor(other):
-            return kernels.ghost_inner_bounded(self.left, self.right, other.left, other.right)
+            return kernels.ghost_inner_bounded(self.left, self.right, other.left, other.right,
+                                               norms1=self.norms, norms2=other.norms)
         return _materialized_inner(self, other)
 
     def inner(self, other: Piece) -> torch.Tensor:
@@ -178,7 +191,9 @@ class FactorPiece:
         matrix = kernels.clipped_weight_grad(self.left, self.right, weights)
         if self.rows is None:
             return matrix.reshape(param.shape).to(dtype)
-        full = torch.zeros(param.shape[0], param[0].numel(), dtype=dtype, device=param.device)
+        # The shape only: under FSDP2 the unsharded parameter's storage may be freed by now.
+        full = torch.zeros(param.shape[0], param.shape[1:].numel(), dtype=dtype,
+                           device=param.device)
         full[self.rows] = matrix.reshape(self.rows.stop - self.rows.start, -1).to(dtype)
         return full.reshape(param.shape)
 
@@ -463,7 +478,7 @@ def _place_rows(per_example: torch.Tensor, param: torch.Tensor, rows: slice | No
     batch = per_example.shape[0]
     if rows is None:
         return per_example.reshape(batch, *param.shape)
-    full = per_example.new_zeros(batch, param.shape[0], param[0].numel())
+    full = per_example.new_zeros(batch, param.shape[0], param.shape[1:].numel())
     full[:, rows] = per_example.reshape(batch, rows.stop - rows.start, -1)
     return full.reshape(batch, *param.shape)
 

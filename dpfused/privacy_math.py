@@ -54,6 +54,11 @@ __all__ = [
     "noised_counts",
     "unclipped_fractions",
     "adapted_thresholds",
+    "LOSS_GRID",
+    "joint_noise_multiplier",
+    "noise_multiplier_after",
+    "clipped_loss_units",
+    "noised_loss_mean",
 ]
 
 # Added to the norm before dividing, as in Opacus and docs/design.md §4: keeps c <= 1 without a branch and
@@ -470,3 +475,61 @@ def adapted_thresholds(thresholds: Sequence[float], fractions: Sequence[float], 
     lo = min_threshold if min_threshold is not None else 0.0
     hi = max_threshold if max_threshold is not None else math.inf
     return [min(max(c, lo), hi) for c in moved]
+
+
+# ---- a training loss released with each step (DPTrainer's log_loss="noised", docs/design.md §7.6) --
+#
+# Each example's loss is clipped to [0, B] and counted on a grid of B / LOSS_GRID, so the batch's sum
+# is an exact integer (int64, also through an all-reduce) and one example moves it by at most
+# LOSS_GRID units, i.e. B: the L2 sensitivity under add/remove (and zero-out, the null example adding
+# 0), with no rounding slack. The noised mean (B/LOSS_GRID * units + N(0, sigma_L^2 B^2)) / B_norm
+# is a Gaussian query on the step's batch; with the gradient it is one Gaussian mechanism of
+# joint_noise_multiplier(sigma, sigma_L) (exact for Gaussians on one batch: their privacy losses add
+# as 1/sigma^2).
+
+LOSS_GRID = 2 ** 20
+
+
+def joint_noise_multiplier(*noise_multipliers: float) -> float:
+    """One Gaussian for several Gaussian queries on the same batch, each with noise std sigma_j
+    times its own L2 sensitivity: 1/sigma^2 = sum_j 1/sigma_j^2 (0 when any sigma_j is 0)."""
+    if any(sigma == 0 for sigma in noise_multipliers):
+        return 0.0
+    return sum(sigma ** -2 for sigma in noise_multipliers) ** -0.5
+
+
+def noise_multiplier_after(joint: float, other: float) -> float:
+    """The sigma that, released with a query of noise multiplier ``other``, is ``joint`` in all:
+    1/sigma^2 = 1/joint^2 - 1/other^2 (the inverse of ``joint_noise_multiplier``).
+
+    Raises:
+        ValueError: ``other`` <= ``joint``: that query alone spends more than ``joint`` allows.
+    """
+    if not other > joint:
+        raise ValueError(
+            f"a query with noise multiplier {other:.4g} released with every step leaves no privacy "
+            f"for the gradient at the calibrated noise multiplier {joint:.4g}; its noise "
+            "multiplier must exceed the gradient's")
+    return (joint ** -2 - other ** -2) ** -0.5
+
+
+def clipped_loss_units(losses: torch.Tensor, *, bound: float) -> torch.Tensor:
+    """sum_i round(clamp(l_i, 0, B) / B * LOSS_GRID) as an exact int64 0-d tensor: each example
+    adds an integer in [0, LOSS_GRID] decided by its own loss alone (NaN and +inf count as B,
+    -inf as 0)."""
+    values = torch.nan_to_num(losses.detach().to(torch.float64), nan=bound, posinf=bound,
+                              neginf=0.0)
+    units = torch.round(values.clamp(0.0, bound) / bound * LOSS_GRID)  # (B,) in [0, LOSS_GRID]
+    return units.to(torch.int64).sum()
+
+
+def noised_loss_mean(units: torch.Tensor, *, bound: float, noise_multiplier: float,
+                     expected_batch_size: float, generator) -> torch.Tensor:
+    """(B/LOSS_GRID * units + N(0, sigma_L^2 B^2)) / B_norm in float64: the released mean loss of a
+    step (``units`` summed over every rank; draw it on one rank)."""
+    total = units.to(torch.float64) * (bound / LOSS_GRID)
+    return noised_gradient(
+        total, shape=torch.Size(()), std=noise_std(noise_multiplier, [bound]),
+        normalizer=gradient_normalizer(loss_reduction="mean",
+                                       expected_batch_size=expected_batch_size),
+        device=units.device, generator=generator, dtype=torch.float64)

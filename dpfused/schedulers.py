@@ -5,7 +5,8 @@ A scheduler sets ``optimizer.noise_multiplier`` (noise schedulers) or ``optimize
 Both are read afresh by every ``DPOptimizer.step``: the accountant records each step's sigma, and
 ``max_grad_norm`` rescales every group threshold so the sensitivity is the new value
 (docs/design.md §4). ``PrivacyEngine.save_checkpoint(noise_scheduler=, grad_clip_scheduler=)``
-saves their state.
+saves their state as plain data (their parameters; a Lambda scheduler's function is not saved:
+build the scheduler with it again before loading).
 """
 
 from __future__ import annotations
@@ -42,11 +43,18 @@ class _Scheduler:
         setattr(self.optimizer, self.attribute, self._value())
 
     def state_dict(self) -> dict:
-        """Everything but the optimizer (as Opacus and torch's LR schedulers)."""
-        return {key: value for key, value in self.__dict__.items() if key != "optimizer"}
+        """Everything but the optimizer (Opacus' keys), as plain data: a function (the Lambda
+        schedulers' ``noise_lambda`` / ``scheduler_function``) is saved as None, as torch's
+        LambdaLR does, since loading a function from a file means running code from it."""
+        return {key: None if callable(value) else value
+                for key, value in self.__dict__.items() if key != "optimizer"}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.__dict__.update(state_dict)
+        """Restore ``state_dict()``; a saved None keeps this scheduler's own function."""
+        for key, value in state_dict.items():
+            if value is None and callable(getattr(self, key, None)):
+                continue
+            setattr(self, key, value)
 
 
 class _Exponential(_Scheduler):

@@ -13,6 +13,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.hooks import RemovableHandle
 
 from dpfused.layers.recurrent import dp_equivalent
+from dpfused.rules.recurrent import torch_recurrent_problem
 
 __all__ = ["ModuleValidator", "UnsupportedModuleError", "check_module", "check_optimizer",
            "fix", "guard_forwards", "module_problems"]
@@ -85,7 +86,8 @@ def guard_forwards(module: nn.Module) -> list[RemovableHandle]:
 
 def _refuse_if_mixing(path: str):
     def refuse(sub, _args):
-        problem = _problem(path, sub, as_trained=False, grad_enabled=torch.is_grad_enabled())
+        problem = _problem(path, sub, as_trained=False, grad_enabled=torch.is_grad_enabled(),
+                           at_forward=True)
         if problem is not None:
             raise UnsupportedModuleError([f"dpfused refused a forward of the private model: "
                                           f"{problem}"])
@@ -93,9 +95,11 @@ def _refuse_if_mixing(path: str):
     return refuse
 
 
-def _problem(name: str, sub: nn.Module, *, as_trained: bool, grad_enabled: bool) -> str | None:
+def _problem(name: str, sub: nn.Module, *, as_trained: bool, grad_enabled: bool,
+             at_forward: bool = False) -> str | None:
     """What ``sub`` breaks, or None. ``as_trained`` judges a BatchNorm as if in training mode;
-    otherwise it is judged as it would run now, with or without grad."""
+    otherwise it is judged as it would run now, with or without grad. ``at_forward``: judged
+    at a forward of the private model (``guard_forwards``), not at make_private."""
     if isinstance(sub, _BatchNorm):
         return _batchnorm_problem(name, sub, as_trained=as_trained, grad_enabled=grad_enabled)
     if (isinstance(sub, _InstanceNorm) and sub.track_running_stats
@@ -107,7 +111,7 @@ def _problem(name: str, sub: nn.Module, *, as_trained: bool, grad_enabled: bool)
         )
     if (isinstance(sub, _RECURRENT) and grad_enabled
             and any(p.requires_grad for p in sub.parameters())):
-        return _recurrent_problem(name, sub)
+        return _recurrent_problem(name, sub, at_forward=at_forward)
     return None
 
 
@@ -137,26 +141,28 @@ def _batchnorm_problem(name, bn, *, as_trained, grad_enabled):
     return None
 
 
-def _recurrent_problem(name: str, module: nn.Module) -> str:
+def _recurrent_problem(name: str, module: nn.Module, *, at_forward: bool) -> str | None:
     kind = type(module).__name__
-    if _swappable_recurrent(module):
+    if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
+        # dpfused's recurrent rule runs torch's own modules (dpfused/rules/recurrent.py).
+        problem = torch_recurrent_problem(module, name)
+        if problem is not None or not at_forward or _runs_dpfused_rule(module):
+            return problem
         return (
-            f"module '{name}' ({kind}) runs a fused recurrence that hides the gradients of its "
-            f"time steps, so dpfused cannot clip it per example; use dpfused.layers.DP{kind} "
-            "(same arguments, outputs and state_dict keys): ModuleValidator.fix(model) swaps it in "
-            "and copies the weights"
-        )
-    if isinstance(module, nn.LSTM) and module.proj_size:
-        return (
-            f"module '{name}' (LSTM) has proj_size={module.proj_size}, which dpfused's DPLSTM "
-            "does not support; use proj_size=0 (and an nn.Linear on the outputs if needed) with "
-            "dpfused.layers.DPLSTM, or freeze the layer"
+            f"module '{name}' ({kind}) has trainable parameters but was frozen at make_private, "
+            "so it runs torch's fused recurrence and its gradients would not be clipped; freeze "
+            "it again, or unfreeze it before make_private (dpfused clips it as it is)"
         )
     return (
         f"module '{name}' ({kind}) is a recurrent layer with no per-example gradient rule in "
         "dpfused; build the model from dpfused.layers.DPLSTM / DPGRU / DPRNN (whole sequences, "
         "same arguments as nn.LSTM / nn.GRU / nn.RNN) or freeze the layer"
     )
+
+
+def _runs_dpfused_rule(module: nn.Module) -> bool:
+    """make_private put its rule's forward on this instance (``instrument._Patch``)."""
+    return hasattr(module.__dict__.get("forward"), "_dpfused_original")
 
 
 def _swappable_recurrent(module: nn.Module) -> bool:

@@ -34,6 +34,7 @@ import random
 import time
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,8 @@ class Config:
     # run
     device: str = "cpu"
     seed: int = 0
+    log_loss: str = "off"  # "off": the bar shows epsilon but no training loss (a function of the
+    #                        private data); "unprotected": also the raw loss, NOT covered by DP
     eps_every: int = 1  # refresh epsilon on the progress bar every this many steps (PLD: the first
     #                     call builds the one-step PLD, ~1 s; later ones ~0.2-1 s). Between refreshes
     #                     the bar says which step its epsilon belongs to ("1.23@25"), never a stale
@@ -113,6 +116,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parser.add_argument(flag, type=kind, default=field.default, metavar=kind.__name__.upper())
     parser.add_argument("--no-dp", dest="dp", action="store_false", help="train without privacy")
     return Config(**vars(parser.parse_args(argv)))
+
+
+LOG_LOSS_CHOICES = ("off", "unprotected")
+
+
+def shows_training_loss(cfg: Config) -> bool:
+    """The bar shows the training loss only without DP or with --log-loss unprotected: the loss
+    of the private batches is a function of the data that the DP guarantee does not cover."""
+    if cfg.log_loss not in LOG_LOSS_CHOICES:
+        raise ValueError(f"--log-loss {cfg.log_loss!r}: use one of {', '.join(LOG_LOSS_CHOICES)}")
+    if cfg.dp and cfg.log_loss == "unprotected":
+        warnings.warn("--log-loss unprotected: the progress bar shows the raw training loss, "
+                      "which the privacy guarantee does NOT cover", UserWarning, stacklevel=2)
+    return not cfg.dp or cfg.log_loss == "unprotected"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,11 +245,12 @@ class Recipe:
         self.step = 0  # logical (optimizer) steps taken
         self.eps = 0.0 if cfg.dp else math.inf  # epsilon spent, as last computed
         self.eps_step = 0  # the step `eps` was computed at
+        self.show_loss = shows_training_loss(cfg)  # checks cfg.log_loss
 
     def setup(self) -> None:
         cfg = self.cfg
         random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)  # also seeds dpfused's sampler and noise
+        torch.manual_seed(cfg.seed)  # also seeds dpfused's sampler (its noise: the OS)
         self.tokenizer = load_tokenizer()
         train_articles, eval_articles = split_articles(load_corpus(), cfg.eval_fraction, cfg.seed)
         self.train_set = tokenize(train_articles, self.tokenizer, cfg.block_size)
@@ -326,12 +344,12 @@ class Recipe:
             # The first step too: the bar used to show the initial 0.00 until step eps_every.
             if self.step == 1 or self.step % cfg.eps_every == 0 or self.step >= total:
                 self.update_epsilon()
-            bar.set_postfix(loss=f"{loss_ema:.3f}", eps=self.eps_label())
+            bar.set_postfix(self.postfix(loss_ema))
             bar.update()
             if self.step >= total:
                 break
         self.update_epsilon()
-        bar.set_postfix(loss=f"{loss_ema:.3f}", eps=self.eps_label())
+        bar.set_postfix(self.postfix(loss_ema))
         bar.close()
 
     def update_epsilon(self) -> float:
@@ -339,6 +357,11 @@ class Recipe:
             self.eps = self.engine.get_epsilon(delta=self.cfg.delta)
         self.eps_step = self.step
         return self.eps
+
+    def postfix(self, loss_ema: float) -> dict[str, str]:
+        """The bar's fields: epsilon, and the training loss where cfg allows it."""
+        shown = {"loss": f"{loss_ema:.3f}"} if self.show_loss else {}
+        return {**shown, "eps": self.eps_label()}
 
     def eps_label(self) -> str:
         """Epsilon for the bar: after the current step, or marked with the step it belongs to."""
@@ -369,9 +392,10 @@ class Recipe:
     def save_checkpoint(self, out: Path) -> None:
         """out/model: a HF model directory (--model takes it); out/training_state.pt: the rest.
 
-        The training state is whole: model, optimizer, the engine's accountant ledger and sampler
-        position, RNG states and the config. Keep it as private as the data: the sampler state
-        tells which examples made each batch.
+        The training state is whole, as plain data: model, optimizer, the engine's accountant
+        ledger, sampler position and noise stream, RNG states and the config. Keep it as private
+        as the data: the sampler state tells which examples made each batch, and with the noise
+        stream a run can be replayed on a candidate data set. Publish out/model, never this file.
         """
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out / "model")

@@ -114,6 +114,8 @@ class Config:
     fsdp: bool = False  # shard with FSDP2: fully_shard each decoder layer, then the root
     ddp: bool = False  # wrap the model in DistributedDataParallel
     seed: int = 0
+    log_loss: str = "off"  # "off": the bar shows epsilon but no training loss (a function of the
+    #                        private data); "unprotected": also the raw loss, NOT covered by DP
     eps_every: int = 1  # refresh epsilon on the progress bar every this many steps: get_epsilon costs
     #                    ~0.2-0.5 s a call (cached one-step PLDs), small next to a step here. Between
     #                    refreshes the bar marks the step its epsilon belongs to ("1.23@20")
@@ -139,6 +141,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         parser.add_argument(flag, type=kind, default=field.default, metavar=kind.__name__.upper())
     return Config(**vars(parser.parse_args(argv)))
+
+
+LOG_LOSS_CHOICES = ("off", "unprotected")
+
+
+def shows_training_loss(cfg: Config) -> bool:
+    """The bar shows the training loss only without DP or with --log-loss unprotected: the loss
+    of the private batches is a function of the data that the DP guarantee does not cover."""
+    if cfg.log_loss not in LOG_LOSS_CHOICES:
+        raise ValueError(f"--log-loss {cfg.log_loss!r}: use one of {', '.join(LOG_LOSS_CHOICES)}")
+    if cfg.dp and cfg.log_loss == "unprotected":
+        warnings.warn("--log-loss unprotected: the progress bar shows the raw training loss, "
+                      "which the privacy guarantee does NOT cover", UserWarning, stacklevel=2)
+    return not cfg.dp or cfg.log_loss == "unprotected"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,6 +386,7 @@ class Recipe:
         self.step = 0
         self.eps = 0.0 if cfg.dp else math.inf  # epsilon spent, as last computed
         self.eps_step = 0  # the step `eps` was computed at
+        self.show_loss = shows_training_loss(cfg)  # checks cfg.log_loss
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -440,6 +457,11 @@ class Recipe:
         self.eps, self.eps_step = self.epsilon(), self.step
         return self.eps
 
+    def postfix(self, loss_ema: float) -> dict[str, str]:
+        """The bar's fields: epsilon, and the training loss where cfg allows it."""
+        shown = {"loss": f"{loss_ema:.3f}"} if self.show_loss else {}
+        return {**shown, "eps": self.eps_label()}
+
     def eps_label(self) -> str:
         """Epsilon for the bar: after the current step, or marked with the step it belongs to."""
         if self.eps_step == self.step:
@@ -481,7 +503,7 @@ class Recipe:
                 # The first step too: the bar used to show the initial 0.00 until step eps_every.
                 if self.step == 1 or self.step % cfg.eps_every == 0 or self.step >= total:
                     self.update_epsilon()
-                bar.set_postfix(loss=f"{loss_ema:.3f}", eps=self.eps_label())
+                bar.set_postfix(self.postfix(loss_ema))
                 bar.update()
                 if self.step >= total:
                     break
@@ -493,9 +515,11 @@ class Recipe:
         return perplexity(self.model, self.eval_set, self.cfg.eval_batch_size, self.cfg.device)
 
     def save_checkpoint(self, out: Path) -> None:
-        """training_state.pt: the trained weights, optimizer, accountant ledger and sampler position,
-        RNG and config; `load_checkpoint` rebuilds the model from it. With LoRA also `adapter/`, a
-        standard peft adapter directory (PeftModel.from_pretrained(base, out / "adapter")).
+        """training_state.pt: the trained weights, optimizer, accountant ledger, sampler position
+        and noise stream, RNG and config, as plain data; `load_checkpoint` rebuilds the model from
+        it. It is SECRET as the training data (the sampler and noise states let whoever holds them
+        replay training on a candidate data set): publish `adapter/` (with LoRA, a standard peft
+        adapter directory: PeftModel.from_pretrained(base, out / "adapter")), never this file.
 
         --fsdp/--ddp (every rank calls this): rank 0 writes those files with the full weights
         gathered from the shards; the optimizer state, accountant ledger, sampler position and
@@ -559,7 +583,8 @@ def perplexity(model: nn.Module, data: TensorDataset, batch_size: int, device: s
 
 def load_checkpoint(out: str | Path) -> tuple[nn.Module, dict]:
     """The trained model (in eval mode) and the saved training state, from `save_checkpoint`'s files."""
-    state = torch.load(Path(out) / "training_state.pt", weights_only=False)
+    # weights_only: plain data only, so a tampered file cannot run code when it is loaded.
+    state = torch.load(Path(out) / "training_state.pt", weights_only=True)
     cfg = Config(**state["config"])
     if state["gguf_file"]:
         base, _ = load_gguf(Path(state["gguf_file"]))

@@ -16,7 +16,8 @@ adapter. The unit of privacy is one training example, one block of `block_size` 
 covers adding or removing a block, not a whole article.
 
 Prints held-out perplexity before and after, the privacy report and three generated samples; writes
-`training.png` (training loss and epsilon against steps), the adapter and the privacy state to --out.
+`training.png` (epsilon against steps, and the training loss when --log-loss asks for it), the
+adapter and the privacy report (dpfused_privacy.json) to --out.
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ class Config:
     max_grad_norm: float = 1.0
     clipping: str = "per_layer"
     accountant: str = "pld"
+    # What the logs (and training.png) show of the training loss, a function of the private data:
+    # "off" (default) nothing; "noised" a noised, accounted mean of per-example losses clipped to
+    # [0, loss_bound] (it costs privacy: the report shows the joint sigma); "unprotected" the raw
+    # loss, NOT covered by the guarantee. See dpfused.hf.PrivacyArguments.
+    log_loss: str = "off"
+    loss_bound: float | None = None  # e.g. 8.0 (log_loss="noised")
+    loss_noise_multiplier: float | None = None  # e.g. 10.0 (log_loss="noised")
     # optimisation (counted in logical steps)
     # Tuned on 2 CPU cores (benchmarks/RESULTS.md): with few steps, large logical batches beat small
     # ones (the noise on the mean gradient is sigma * C / B): B=16 made the DP loss rise, B=64 over
@@ -288,23 +296,29 @@ def make_trainer(cfg: Config, model, train_set: Blocks, out: str):
     privacy = PrivacyArguments(
         noise_multiplier=None if cfg.epsilon is not None else cfg.noise_multiplier,
         target_epsilon=cfg.epsilon, delta=cfg.delta, max_grad_norm=cfg.max_grad_norm,
-        clipping=cfg.clipping, accountant=cfg.accountant)
+        clipping=cfg.clipping, accountant=cfg.accountant, log_loss=cfg.log_loss,
+        loss_bound=cfg.loss_bound, loss_noise_multiplier=cfg.loss_noise_multiplier)
     return DPTrainer(model=model, args=args, train_dataset=train_set, privacy=privacy)
 
 
 def save_plot(history: list[dict], path: Path) -> None:
-    """Training loss and epsilon against logical steps, from the Trainer's log_history."""
+    """Epsilon, and the training loss where it was logged (--no-dp, or --log-loss noised /
+    unprotected), against logical steps, from the Trainer's log_history."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    logged = [h for h in history if "loss" in h and "step" in h]
+    logged = [h for h in history if "learning_rate" in h and "step" in h]  # one per step
     steps = [h["step"] for h in logged]
     fig, loss_axis = plt.subplots(figsize=(7, 4))
-    loss_axis.plot(steps, [h["loss"] for h in logged], color="tab:blue", marker=".")
     loss_axis.set_xlabel("logical step")
-    loss_axis.set_ylabel("training loss (mean per-example)", color="tab:blue")
+    if any("loss" in h for h in logged):
+        loss_axis.plot(steps, [h.get("loss", math.nan) for h in logged], color="tab:blue",
+                       marker=".")
+        loss_axis.set_ylabel("training loss (mean per-example)", color="tab:blue")
+    else:
+        loss_axis.set_ylabel("training loss: not logged (--log-loss off)", color="tab:blue")
     if any("epsilon" in h for h in logged):
         eps_axis = loss_axis.twinx()
         eps_axis.plot(steps, [h.get("epsilon", math.nan) for h in logged], color="tab:red")
@@ -346,9 +360,9 @@ def main(argv: list[str] | None = None) -> dict:
     for text in samples(model, tokenizer, cfg.generate_tokens):
         print(f"sample: {text!r}")
     if cfg.out:
-        trainer.save_model(cfg.out)  # the adapter, and with DP the privacy state
+        trainer.save_model(cfg.out)  # the adapter, and with DP the privacy report (JSON)
         save_plot(trainer.state.log_history, Path(cfg.out) / "training.png")
-        saved = "adapter, privacy state" if cfg.dp else "adapter"
+        saved = "adapter, privacy report" if cfg.dp else "adapter"
         print(f"{saved} and training.png: {cfg.out}")
     wall = time.perf_counter() - start
     print(f"wall time: {wall:.0f} s")

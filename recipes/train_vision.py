@@ -34,6 +34,7 @@ import struct
 import time
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,8 @@ class Config:
     # run
     device: str = "cpu"
     seed: int = 0
+    log_loss: str = "off"  # "off": the bar shows epsilon but no training loss (a function of the
+    #                        private data); "unprotected": also the raw loss, NOT covered by DP
     eps_every: int = 50  # refresh epsilon on the progress bar every this many steps: get_epsilon costs
     #                     ~0.15 s a call, ~6 digits steps (100 steps: 3 s; refreshed every step: 17 s).
     #                     An older epsilon is marked with its step ("1.23@50"), never shown as current
@@ -133,6 +136,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
         metavar = "{" + ",".join(choices) + "}" if choices else kind.__name__.upper()
         parser.add_argument(flag, type=kind, default=field.default, choices=choices, metavar=metavar)
     return Config(**vars(parser.parse_args(argv)))
+
+
+LOG_LOSS_CHOICES = ("off", "unprotected")
+
+
+def shows_training_loss(cfg: Config) -> bool:
+    """The bar shows the training loss only without DP or with --log-loss unprotected: the loss
+    of the private batches is a function of the data that the DP guarantee does not cover."""
+    if cfg.log_loss not in LOG_LOSS_CHOICES:
+        raise ValueError(f"--log-loss {cfg.log_loss!r}: use one of {', '.join(LOG_LOSS_CHOICES)}")
+    if cfg.dp and cfg.log_loss == "unprotected":
+        warnings.warn("--log-loss unprotected: the progress bar shows the raw training loss, "
+                      "which the privacy guarantee does NOT cover", UserWarning, stacklevel=2)
+    return not cfg.dp or cfg.log_loss == "unprotected"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,6 +283,7 @@ class Recipe:
         self.step = 0
         self.eps = 0.0 if cfg.dp else math.inf  # epsilon spent, as last computed
         self.eps_step = 0  # the step `eps` was computed at
+        self.show_loss = shows_training_loss(cfg)  # checks cfg.log_loss
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -323,6 +341,11 @@ class Recipe:
         self.eps, self.eps_step = self.epsilon(), self.step
         return self.eps
 
+    def postfix(self, loss_ema: float) -> dict[str, str]:
+        """The bar's fields: epsilon, and the training loss where cfg allows it."""
+        shown = {"loss": f"{loss_ema:.3f}"} if self.show_loss else {}
+        return {**shown, "eps": self.eps_label()}
+
     def eps_label(self) -> str:
         """Epsilon for the bar: after the current step, or marked with the step it belongs to."""
         if self.eps_step == self.step:
@@ -359,7 +382,7 @@ class Recipe:
                 # The first step too: the bar used to show the initial 0.00 until step eps_every.
                 if self.step == 1 or self.step % cfg.eps_every == 0 or self.step >= total:
                     self.update_epsilon()
-                bar.set_postfix(loss=f"{loss_ema:.3f}", eps=self.eps_label())
+                bar.set_postfix(self.postfix(loss_ema))
                 bar.update()
                 if self.step >= total:
                     break
@@ -369,8 +392,10 @@ class Recipe:
         return accuracy(self.model, self.test_set, self.cfg.eval_batch_size, self.cfg.device)
 
     def save_checkpoint(self, out: Path) -> None:
-        """training_state.pt: model, optimizer, accountant ledger and sampler position, RNG, config;
-        `load_checkpoint` rebuilds the model from it."""
+        """training_state.pt: model, optimizer, accountant ledger, sampler position and noise
+        stream, RNG, config, as plain data; `load_checkpoint` rebuilds the model from it. SECRET
+        as the data (the sampler and noise states let whoever holds them replay training):
+        publish the weights alone, never this file."""
         out.mkdir(parents=True, exist_ok=True)
         state = {
             "config": dataclasses.asdict(self.cfg),
@@ -399,7 +424,8 @@ def accuracy(model: nn.Module, data: TensorDataset, batch_size: int, device: str
 
 def load_checkpoint(out: str | Path) -> tuple[nn.Module, dict]:
     """The trained model (in eval mode) and the saved training state, from `save_checkpoint`'s file."""
-    state = torch.load(Path(out) / "training_state.pt", weights_only=False)
+    # weights_only: plain data only, so a tampered file cannot run code when it is loaded.
+    state = torch.load(Path(out) / "training_state.pt", weights_only=True)
     cfg = dataclasses.replace(Config(**state["config"]), device="cpu")
     model = build_model(cfg, **state["model_args"])
     model.load_state_dict(state["model"])

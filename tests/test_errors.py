@@ -69,9 +69,9 @@ def test_optimizer_parameter_outside_module_is_refused():
 
 
 def test_recurrent_layer_is_refused_with_the_fix():
-    with pytest.raises(ValueError, match=r"module 'rnn' \(LSTM\).*dpfused\.layers\.DPLSTM"
-                                         r".*ModuleValidator\.fix"):
-        _make(nn.ModuleDict({"rnn": nn.LSTM(4, 4)}))
+    # nn.LSTM / nn.GRU / nn.RNN themselves are clipped as they are (issue 21 item 9).
+    with pytest.raises(ValueError, match=r"module 'rnn' \(LSTM\) has proj_size=2"):
+        _make(nn.ModuleDict({"rnn": nn.LSTM(4, 4, proj_size=2)}))
     with pytest.raises(ValueError, match=r"module 'cell' \(GRUCell\).*no per-example gradient "
                                          r"rule.*dpfused\.layers\.DPLSTM"):
         _make(nn.ModuleDict({"cell": nn.GRUCell(4, 4)}))
@@ -123,7 +123,7 @@ def test_embedding_max_norm_is_refused():
 
 
 def test_nothing_is_changed_when_make_private_fails():
-    model = nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4))
+    model = nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4, proj_size=2))
     with pytest.raises(ValueError):
         _make(model)
     assert "forward" not in model[0].__dict__

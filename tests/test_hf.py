@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -125,6 +126,11 @@ def hand_written_loop(model, dataset, *, steps, seed=7, noise_multiplier=1.0, ma
     return model, epsilons, physical_batches
 
 
+def is_step_log(entry):
+    """A training step's log entry (the training loss is not logged by default: issue 19.7)."""
+    return "learning_rate" in entry
+
+
 def trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -153,7 +159,7 @@ def test_steps_equal_the_hand_written_make_private_loop(tmp_path, make_model, cl
     trainer.train()
     assert trainer.state.global_step == 3
     assert_same_parameters(trainer.model, reference)
-    logged = [entry["epsilon"] for entry in trainer.state.log_history if "loss" in entry]
+    logged = [entry["epsilon"] for entry in trainer.state.log_history if is_step_log(entry)]
     assert logged == pytest.approx(epsilons, rel=1e-12)
     assert trainer.state.log_history[-1]["epsilon"] == trainer.privacy_engine.get_epsilon(1e-5)
 
@@ -224,14 +230,17 @@ def test_evaluate_and_predict_run_without_dp(tmp_path):
 
 def test_bf16_trains_through_autocast(tmp_path):
     model = llama_lora().float()
-    trainer = dp_trainer(model, tmp_path, bf16=True, max_steps=2)
+    with pytest.warns(UserWarning, match="log_loss='unprotected'"):  # to see the raw loss
+        privacy = PrivacyArguments(noise_multiplier=1.0, max_grad_norm=0.1, seed=7,
+                                   accountant="rdp", log_loss="unprotected")
+        trainer = dp_trainer(model, tmp_path, privacy=privacy, bf16=True, max_steps=2)
     dtypes = []
     projection = model.get_base_model().model.layers[0].mlp.down_proj
     projection.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     trainer.train()
     assert torch.bfloat16 in dtypes  # the forward ran under bf16 autocast
-    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history
-               if "loss" in e)
+    losses = [e["loss"] for e in trainer.state.log_history if is_step_log(e)]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert all(p.dtype == torch.float32 for p in trainable(model).values())
 
 
@@ -260,8 +269,8 @@ def test_resume_gives_the_same_batches_noise_and_epsilon(tmp_path):
     assert resumed.state.global_step == 4
     assert_same_parameters(resumed.model, full.model)
     assert resumed.get_epsilon() == full.get_epsilon()
-    logged = [e["epsilon"] for e in resumed.state.log_history if "loss" in e]
-    assert logged == [e["epsilon"] for e in full.state.log_history if "loss" in e]
+    logged = [e["epsilon"] for e in resumed.state.log_history if is_step_log(e)]
+    assert logged == [e["epsilon"] for e in full.state.log_history if is_step_log(e)]
 
 
 def test_resume_from_a_checkpoint_without_privacy_state_is_refused(tmp_path):
@@ -288,7 +297,163 @@ def test_budget_stops_before_the_exceeding_step_with_a_checkpoint(tmp_path):
     assert (tmp_path / "checkpoint-2" / PRIVACY_STATE_NAME).is_file()
 
 
-def _ddp_trainer_worker(rank, port, folder):
+class _Payload:
+    """What an attacker puts in a checkpoint: unpickling it touches a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_the_saved_model_folder_holds_the_report_and_no_generator_state(tmp_path):
+    """Issue 19.4: save_model's folder (what push_to_hub uploads) must not carry the sampler's and
+    the noise's state: with them, replaying training on D gives the released model bit for bit."""
+    trainer = dp_trainer(llama_lora(), tmp_path / "run", max_steps=2, save_strategy="steps",
+                         save_steps=2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "model"))
+    files = {p.name for p in (tmp_path / "model").iterdir()}
+    assert PRIVACY_STATE_NAME not in files and "dpfused_privacy.json" in files
+    for name in files - {"dpfused_privacy.json"}:
+        assert "generator" not in (tmp_path / "model" / name).read_bytes().decode("latin-1")
+    report = json.loads((tmp_path / "model" / "dpfused_privacy.json").read_text())
+    assert report["steps"] == 2 and report["epsilon"] == trainer.get_epsilon()
+    assert report["training_loss_logged"].startswith("no training loss")
+    assert not any("generator" in key or "sampler" in key or "seed" in key for key in report)
+    # The checkpoint folder holds the resume state: secret, plain data.
+    state = torch.load(tmp_path / "run" / "checkpoint-2" / PRIVACY_STATE_NAME, weights_only=True)
+    assert state["engine"]["noise"]["kind"] == "torch"
+
+
+def test_a_tampered_privacy_state_does_not_run_code_on_resume(tmp_path):
+    """Issue 25.3: DPTrainer's resume reads dpfused_privacy.pt with weights_only=True."""
+    model = gpt2()
+    dp_trainer(copy.deepcopy(model), tmp_path / "full", max_steps=2, save_strategy="steps",
+               save_steps=2).train()
+    path = tmp_path / "full" / "checkpoint-2" / PRIVACY_STATE_NAME
+    state = torch.load(path, weights_only=True)
+    marker = tmp_path / "code-ran"
+    state["engine"]["hook"] = _Payload(marker)
+    torch.save(state, path)
+    resumed = dp_trainer(model, tmp_path / "resumed", max_steps=4)
+    with pytest.raises(ValueError, match="refused to load.*more than plain data"):
+        resumed.train(resume_from_checkpoint=str(path.parent))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("cut", ["ledger", "ledger-and-steps"])
+def test_a_cut_ledger_in_the_privacy_state_is_refused(tmp_path, cut):
+    """Issue 25.4: a ledger cut to 2 of 4 steps would report a smaller epsilon."""
+    model = gpt2()
+    dp_trainer(copy.deepcopy(model), tmp_path / "full", max_steps=4, save_strategy="steps",
+               save_steps=4).train()
+    path = tmp_path / "full" / "checkpoint-4" / PRIVACY_STATE_NAME
+    state = torch.load(path, weights_only=True)
+    accountant = state["engine"]["accountant"]
+    accountant["entries"] = accountant["entries"][:2]
+    if cut == "ledger-and-steps":
+        state["engine"]["steps_taken"] = 2
+    torch.save(state, path)
+    resumed = dp_trainer(model, tmp_path / "resumed", max_steps=6)
+    message = ("took 4 steps but the ledger records 2" if cut == "ledger"
+               else "records 2 private steps but trainer_state.json global_step=4")
+    with pytest.raises(ValueError, match=message):
+        resumed.train(resume_from_checkpoint=str(path.parent))
+
+
+# ---- the logged training loss (issue 19.7) ----------------------------------------------------
+
+
+def test_no_training_loss_is_logged_by_default(tmp_path):
+    trainer = dp_trainer(gpt2(), tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    output = trainer.train()
+    assert all("loss" not in e and "train_loss" not in e for e in trainer.state.log_history)
+    assert len([e for e in trainer.state.log_history if is_step_log(e)]) == 2
+    saved = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
+    assert all("loss" not in e for e in saved["log_history"])
+    assert math.isnan(output.training_loss) and "train_loss" not in output.metrics
+    assert "no training loss was logged" in str(trainer.privacy_report())
+
+
+def test_the_noised_loss_is_clipped_noised_and_accounted(tmp_path):
+    sigma, sigma_loss, bound = 1.0, 4.0, 10.0
+    privacy = PrivacyArguments(noise_multiplier=sigma, max_grad_norm=0.1, seed=7, accountant="rdp",
+                               log_loss="noised", loss_bound=bound, loss_noise_multiplier=sigma_loss)
+    trainer = dp_trainer(gpt2(), tmp_path, privacy=privacy, max_steps=3)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if is_step_log(e)]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    joint = (sigma ** -2 + sigma_loss ** -2) ** -0.5
+    entries = trainer.privacy_engine.accountant.entries
+    assert [e.sampled.noise_multiplier for e in entries] == pytest.approx([joint] * 3, rel=1e-12)
+    plain = dp_trainer(gpt2(), tmp_path / "plain", max_steps=3)
+    plain.train()
+    assert trainer.get_epsilon() > plain.get_epsilon()  # the logged loss is paid for
+    report = str(trainer.privacy_report())
+    assert "training loss logged with noise" in report and "sigma_L = 4" in report
+
+
+def test_the_noised_loss_mean_is_unbiased_with_exact_clipped_sums():
+    from dpfused import privacy_math
+
+    losses = torch.tensor([0.5, 3.0, 25.0, float("nan"), -1.0, float("inf")], dtype=torch.float64)
+    units = privacy_math.clipped_loss_units(losses, bound=10.0)
+    assert units.dtype == torch.int64
+    assert units.item() * 10.0 / privacy_math.LOSS_GRID == pytest.approx(0.5 + 3 + 10 + 10 + 0 + 10)
+    one = privacy_math.clipped_loss_units(torch.tensor([1e30]), bound=10.0)
+    assert one.item() == privacy_math.LOSS_GRID  # one example adds at most the bound
+    draws = torch.stack([privacy_math.noised_loss_mean(
+        units, bound=10.0, noise_multiplier=2.0, expected_batch_size=4.0,
+        generator=torch.Generator().manual_seed(i)) for i in range(4000)])
+    assert draws.mean().item() == pytest.approx(33.5 / 4, abs=4 * 5 / math.sqrt(4000))
+    assert draws.std().item() == pytest.approx(2.0 * 10.0 / 4, rel=0.05)
+
+
+def test_target_epsilon_with_the_noised_loss_still_spends_the_target(tmp_path):
+    privacy = PrivacyArguments(target_epsilon=4.0, max_grad_norm=0.1, seed=0, accountant="rdp",
+                               log_loss="noised", loss_bound=5.0, loss_noise_multiplier=20.0)
+    trainer = dp_trainer(gpt2(), tmp_path, privacy=privacy, max_steps=4)
+    trainer.train()
+    assert 3.8 <= trainer.get_epsilon() <= 4.0
+
+
+def test_the_unprotected_loss_warns_and_the_report_says_so(tmp_path):
+    with pytest.warns(UserWarning, match="NOT cover"):
+        trainer = dp_trainer(gpt2(), tmp_path, max_steps=1, privacy=PrivacyArguments(
+            noise_multiplier=1.0, seed=0, accountant="rdp", log_loss="unprotected"))
+    trainer.train()
+    assert [e for e in trainer.state.log_history if "loss" in e]
+    assert "WITHOUT noise" in str(trainer.privacy_report())
+    trainer.save_model(str(tmp_path / "model"))
+    report = json.loads((tmp_path / "model" / "dpfused_privacy.json").read_text())
+    assert "NOT covered" in report["training_loss_logged"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(log_loss="loud"), "log_loss='loud' is not supported"),
+    (dict(log_loss="noised"), "loss_bound must be a finite number > 0"),
+    (dict(log_loss="noised", loss_bound=1.0), "loss_noise_multiplier must be a finite number"),
+    (dict(loss_bound=1.0), "loss_bound apply to log_loss='noised' only"),
+    (dict(secure_mode=True, seed=3), "secure_mode=True.*remove seed"),
+])
+def test_logging_and_secure_mode_arguments_are_checked(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        PrivacyArguments(noise_multiplier=1.0, **kwargs)
+
+
+def test_secure_mode_trains_with_chacha20(tmp_path):
+    trainer = dp_trainer(gpt2(), tmp_path, max_steps=1, privacy=PrivacyArguments(
+        noise_multiplier=1.0, accountant="rdp", secure_mode=True))
+    trainer.train()
+    assert isinstance(trainer.privacy_engine.optimizer.generator, dpfused.ChaCha20Generator)
+    assert trainer.privacy_engine.secure_mode and trainer.state.global_step == 1
+
+
+def _ddp_trainer_worker(rank, port, folder, privacy=None):
     # What `torchrun` / `accelerate launch --num_processes 2` set up; TrainingArguments then
     # initializes torch.distributed (gloo on the CPU).
     import torch.distributed as dist
@@ -296,12 +461,14 @@ def _ddp_trainer_worker(rank, port, folder):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE="2")
     try:
-        trainer = dp_trainer(gpt2(), folder)
+        trainer = dp_trainer(gpt2(), folder, privacy=privacy)
         assert trainer.args.world_size == 2
         trainer.train()
         assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
         torch.save({"params": trainer_params(trainer), "epsilon": trainer.get_epsilon(),
-                    "steps": trainer.state.global_step}, os.path.join(folder, f"rank{rank}.pt"))
+                    "steps": trainer.state.global_step,
+                    "losses": [e.get("loss") for e in trainer.state.log_history
+                               if is_step_log(e)]}, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -335,6 +502,67 @@ def test_two_processes_train_with_ddp_like_one_process_on_the_whole_logical_batc
                                        msg=name)
 
 
+@pytest.mark.slow
+def test_the_noised_loss_under_ddp_is_one_release_for_both_ranks(tmp_path):
+    """The clipped losses are summed over the ranks (exactly, int64) and noised once: every rank
+    logs the same value, and epsilon is the one process's with the same privacy arguments."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    privacy = PrivacyArguments(noise_multiplier=1.0, max_grad_norm=0.1, seed=7, accountant="rdp",
+                               log_loss="noised", loss_bound=8.0, loss_noise_multiplier=5.0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_trainer_worker, args=(port, str(tmp_path), privacy), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert len(ranks[0]["losses"]) == 3 and all(math.isfinite(v) for v in ranks[0]["losses"])
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    single = dp_trainer(gpt2(), tmp_path / "single", privacy=privacy,
+                        gradient_accumulation_steps=2 * ACCUMULATION)
+    single.train()
+    assert ranks[0]["epsilon"] == ranks[1]["epsilon"] == single.get_epsilon()
+
+
+def _ddp_resume_worker(rank, port, folder):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    try:
+        model = gpt2()
+        full = dp_trainer(copy.deepcopy(model), os.path.join(folder, "full"), max_steps=4,
+                          save_strategy="steps", save_steps=2)
+        full.train()
+        resumed = dp_trainer(model, os.path.join(folder, "resumed"), max_steps=4)
+        resumed.train(resume_from_checkpoint=os.path.join(folder, "full", "checkpoint-2"))
+        torch.save({"full": trainer_params(full), "resumed": trainer_params(resumed)},
+                   os.path.join(folder, f"resume{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_ddp_resume_continues_the_noise_the_optimizer_draws_from(tmp_path):
+    """Issue 19.3 under DDP: make_private replaces the noise generator by a replica on every rank;
+    the checkpoint must hold the replica's stream, or the resumed run replays steps 1-2's noise."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_resume_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        ours = torch.load(tmp_path / f"resume{rank}.pt")
+        for name, value in ours["full"].items():
+            torch.testing.assert_close(ours["resumed"][name], value, rtol=1e-9, atol=1e-12,
+                                       msg=name)
+
+
 # ---- refusals -------------------------------------------------------------------------------------
 
 
@@ -363,6 +591,8 @@ REFUSED_ARGUMENTS = {
     "fp16": (lambda p: _with(p, fp16=True), "GradScaler.*use bf16=True"),
     "auto-batch-size": (lambda p: training_args(p, auto_find_batch_size=True),
                         "auto_find_batch_size=True is refused.*per_device_train_batch_size"),
+    "hub-checkpoints": (lambda p: _with(p, push_to_hub=True, hub_strategy="checkpoint"),
+                        "hub_strategy='checkpoint' would upload checkpoint folders.*'every_save'"),
 }
 
 
@@ -461,7 +691,7 @@ def test_trl_sft_trains_a_lora_adapter_privately(tmp_path):
     trainer = DPSFTTrainer(**parts, privacy=PrivacyArguments(noise_multiplier=1.0, seed=0))
     trainer.train()
     assert trainer.state.global_step == 3
-    logged = [e for e in trainer.state.log_history if "loss" in e]
+    logged = [e for e in trainer.state.log_history if is_step_log(e)]
     assert len(logged) == 3 and all(e["epsilon"] > 0 for e in logged)
     assert logged[-1]["epsilon"] == trainer.get_epsilon()
     assert trainer.privacy_engine.optimizer.steps_taken == 3

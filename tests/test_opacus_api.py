@@ -245,24 +245,90 @@ def test_per_layer_list_of_the_wrong_length_names_both_counts():
         _private(clipping="per_layer", max_grad_norm=[1.0, 1.0, 1.0])
 
 
-# ---- item 4: FSDP through Opacus' names -------------------------------------------------------
-def test_ghost_fsdp_is_refused_naming_the_fix():
-    with pytest.raises(ValueError, match="ghost_fsdp.*not supported.*grad_sample_mode='ghost'"):
+# ---- item 4: FSDP through Opacus' names (issue 21 item 6; two processes: test_opacus_fsdp2.py) --
+def test_fsdp_modes_need_a_sharded_model_and_ghost_tp_is_refused():
+    with pytest.raises(ValueError, match="ghost_fsdp.*needs a model sharded with FSDP2.*"
+                                         "FSDP2Wrapper\\(model\\).*'ghost'"):
         _private(grad_sample_mode="ghost_fsdp")
+    with pytest.raises(ValueError, match="ghost_fsdp.*flat clipping in Opacus.*per_layer"):
+        _private(grad_sample_mode="ghost_fsdp", clipping="per_layer")
+    with pytest.raises(ValueError, match="ghost_tp.*not supported.*FSDP2Wrapper"):
+        _private(grad_sample_mode="ghost_tp")
 
 
-def test_fully_sharded_module_is_refused_naming_the_fix(tmp_path):
+@pytest.fixture
+def one_process_group(tmp_path):
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
                             world_size=1)
     try:
-        model = fully_shard(_model())  # what opacus.utils.fsdp_utils.FSDP2Wrapper does
-        with pytest.raises(ValueError, match="fully_shard.*FSDP2Wrapper.*unsharded"):
-            _private(model=model, grad_sample_mode="ghost")
+        yield
     finally:
         dist.destroy_process_group()
+
+
+class _Blocks(nn.Module):
+    """A block list, a tied head and an attention layer: what FSDP2Wrapper must keep together."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 6)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6))
+                                     for _ in range(2)])
+        self.attention = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = nn.Linear(6, 7, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.frozen = nn.Linear(6, 6).requires_grad_(False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        x = self.attention(x, x, x, need_weights=False)[0] + self.frozen(x)
+        return self.head(x).mean(1)
+
+
+def test_fsdp2_wrapper_shards_layer_by_layer_as_opacus_then_trains(one_process_group):
+    """Opacus' fsdp_example on one process: FSDP2Wrapper, then make_private with ghost_fsdp."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from dpfused.opacus import FSDP2Wrapper, PrivacyEngine
+
+    torch.manual_seed(0)
+    model = FSDP2Wrapper(_Blocks())
+    units = sorted(n or "<root>" for n, m in model.named_modules() if isinstance(m, FSDPModule))
+    # Each layer with a rule, and the frozen one; not MHA's out_proj (MHA uses its weight
+    # directly) nor the tied embedding and head (their weight stays with the root).
+    assert units == ["<root>", "attention", "blocks.0.0", "blocks.0.1", "blocks.1.0",
+                     "blocks.1.1", "frozen"]
+    data = TensorDataset(torch.randint(0, 7, (16, 3)), torch.randint(0, 7, (16,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, criterion, loader = PrivacyEngine().make_private(
+        module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0,
+        grad_sample_mode="ghost_fsdp", poisson_sampling=True)
+    assert isinstance(criterion, nn.CrossEntropyLoss)
+    assert type(optimizer.reduction).__name__ == "FSDP2Reduction"  # dpfused's FSDP2 path
+    for ids, target in loader:
+        optimizer.zero_grad()
+        criterion(model(ids), target).backward()
+        optimizer.step()
+    assert optimizer.steps_taken == len(loader)
+    with pytest.raises(TypeError, match="FSDP2Wrapper got unexpected.*'reshard'"):
+        FSDP2Wrapper(nn.Linear(2, 2), reshard=True)
+
+
+def test_fsdp2_wrapper_takes_opacus_mixed_precision_keywords(one_process_group):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from dpfused.opacus import FSDP2Wrapper
+
+    model = FSDP2Wrapper(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)),
+                         mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16),
+                         opacus_high_precision_layers=[nn.LayerNorm])
+    dtypes = [m._get_fsdp_state()._fsdp_param_group.mp_policy.param_dtype for m in model]
+    assert dtypes == [torch.bfloat16, torch.get_default_dtype()]  # as Opacus' wrapper
 
 
 # ---- item 5: poisson_sampling=False keeps the loader's semantics ------------------------------
@@ -284,14 +350,112 @@ def test_shuffled_loader_becomes_shuffle_and_keeps_drop_last():
 
 
 # ---- item 6: messages that name the fix -------------------------------------------------------
-def test_private_loader_passed_back_names_the_original_loader():
-    engine, model, optimizer, loader = _private()
+# ---- issue 21 item 7: a private loader passed back in (a notebook cell run again) --------------
+def _notebook_cells(data_loader, **settings):
+    """The model, optimizer and privacy cells of Opacus' text-classification tutorial."""
+    from dpfused.opacus import PrivacyEngine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-8)
+    privacy_engine = PrivacyEngine()
+    model, optimizer, train_dataloader = privacy_engine.make_private_with_epsilon(
+        module=model, optimizer=optimizer, data_loader=data_loader, target_delta=1e-5,
+        target_epsilon=3.0, epochs=2, max_grad_norm=0.1, **settings)
+    return model, optimizer, train_dataloader
+
+
+def _collate(examples):
+    x, y = zip(*examples)
+    return torch.stack(x), torch.stack(y)
+
+
+@pytest.mark.parametrize("settings", [{}, {"poisson_sampling": False}])
+def test_private_loader_passed_back_is_unwrapped_to_the_original_loader(settings):
+    data = _dataset(40)
+    train_dataloader = DataLoader(data, batch_size=8, collate_fn=_collate)  # the data cell
+    model, optimizer, train_dataloader = _notebook_cells(train_dataloader, **settings)
+    first, first_sigma = train_dataloader, optimizer.noise_multiplier
+    seen_by_first = []
+    first.add_listener(seen_by_first.append)
+    # The model and optimizer cells run again; the data cell does not.
+    with pytest.warns(UserWarning, match="private DPDataLoader returned by an earlier "
+                                         "make_private.*batch_size=8.*not by wrapping it again"):
+        model, optimizer, train_dataloader = _notebook_cells(train_dataloader, **settings)
+    assert train_dataloader is not first
+    assert train_dataloader.dataset is data and train_dataloader.data_loader.dataset is data
+    assert train_dataloader.collate_fn.collate_fn is _collate  # the user's, wrapped once
+    for name in ("sampling", "sample_rate", "batch_size", "drop_last", "num_samples"):
+        assert getattr(train_dataloader, name) == getattr(first, name), name
+    assert optimizer.noise_multiplier == first_sigma  # calibrated on the same settings
+    for _ in range(2):
+        _one_step(model, optimizer, train_dataloader)
+    assert seen_by_first == []  # the earlier loader (and its engine) saw none of these batches
+
+
+def test_unwrapped_poisson_loader_keeps_its_exact_sample_rate():
+    loader = DataLoader(_dataset(40), batch_size=8)
+    _, _, _, private = _private(loader=loader, sample_rate=0.123)
+    with pytest.warns(UserWarning, match="batch_size=5, sample rate 0.123"):
+        _, _, _, again = _private(loader=private)
+    assert again.sample_rate == 0.123
+
+
+def test_native_engine_still_refuses_a_private_loader():
+    """dpfused.PrivacyEngine keeps its one typed meaning of data_loader; dpfused.opacus unwraps."""
+    _, model, _, loader = _private()
     dpfused.detach(model)
     with pytest.raises(TypeError, match="already a private DPDataLoader.*original torch DataLoader"):
-        dpfused.opacus.PrivacyEngine().make_private_with_epsilon(
+        dpfused.PrivacyEngine().make_private(
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=loader, target_epsilon=3.0, target_delta=1e-5, epochs=1,
-            max_grad_norm=1.0)
+            data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+# ---- issue 21 item 9: Opacus' LSTM tutorial with torch's own nn.LSTM ---------------------------
+class CharNNClassifier(nn.Module):
+    """Opacus' name-classifier tutorial model, with torch's nn.LSTM instead of opacus' DPLSTM."""
+
+    def __init__(self, vocab=12, embedding=6, hidden=5, classes=3):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embedding)
+        self.lstm = nn.LSTM(embedding, hidden, num_layers=2, batch_first=True, dropout=0.2)
+        self.out_layer = nn.Linear(hidden, classes)
+
+    def forward(self, x, hidden=None):
+        x = self.embedding(x)
+        x, _ = self.lstm(x, hidden)
+        return self.out_layer(x[:, -1, :])
+
+
+def test_opacus_lstm_tutorial_trains_torch_lstm_as_it_is():
+    from dpfused.opacus import PrivacyEngine
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randint(0, 12, (32, 7), generator=g),
+                         torch.randint(0, 3, (32,), generator=g))
+    model = CharNNClassifier()
+    keys = list(model.state_dict())
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    privacy_engine = PrivacyEngine()
+    model, optimizer, train_loader = privacy_engine.make_private(
+        module=model, optimizer=optimizer, data_loader=DataLoader(data, batch_size=8),
+        noise_multiplier=1.1, max_grad_norm=1.0)
+    assert type(model.lstm) is nn.LSTM and list(model.state_dict()) == keys
+    before = model.lstm.weight_hh_l1.detach().clone()
+    model.train()
+    for x, y in train_loader:
+        optimizer.zero_grad()
+        criterion(model(x), y).backward()
+        optimizer.step()
+    assert not torch.equal(model.lstm.weight_hh_l1, before)
+    assert 0 < privacy_engine.get_epsilon(1e-5) < float("inf")
+    plain = CharNNClassifier()  # what the user reloads later: torch's model, same keys
+    plain.load_state_dict(model.state_dict())
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(data.tensors[0]), plain(data.tensors[0]))
 
 
 @pytest.mark.parametrize("with_epsilon", [False, True])

@@ -81,7 +81,7 @@ def test_gpt2_recipe_dp_end_to_end(gpt2_recipe, tmp_path, capsys):
 
     model = GPT2LMHeadModel.from_pretrained(out / "model", local_files_only=True)
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied
-    state = torch.load(out / "training_state.pt", weights_only=False)
+    state = torch.load(out / "training_state.pt", weights_only=True)  # plain data only
     assert state["step"] == 3 and state["config"]["dp"] is True
     assert state["epsilon"] == result["epsilon"]
     assert {"accountant", "data_loader"} <= set(state["engine"])
@@ -143,3 +143,15 @@ def test_gpt2_bar_shows_epsilon_from_the_first_step(gpt2_recipe, capsys):
     assert recipe.eps_label() == "1.50"
     recipe.step = 5
     assert recipe.eps_label() == "1.50@4"
+
+
+def test_gpt2_bar_shows_no_training_loss_unless_asked(gpt2_recipe, capsys):
+    """Issue 19.7: the loss of the private batches is a function of the data that the guarantee
+    does not cover; the bar shows it only with --log-loss unprotected (and a warning)."""
+    gpt2_recipe.main(TINY + ["--steps", "2", "--out", ""])
+    assert "loss=" not in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="NOT cover"):
+        gpt2_recipe.main(TINY + ["--steps", "2", "--log-loss", "unprotected", "--out", ""])
+    assert "loss=" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--log-loss 'noised': use one of off, unprotected"):
+        gpt2_recipe.Recipe(gpt2_recipe.parse_args(["--log-loss", "noised"]))

@@ -272,7 +272,11 @@ class PrivacyAccountant:
                     f"but this accountant uses {_described(ours)}; build the accountant with "
                     f"{name}={state[name]!r}."
                 )
-        entries = [LedgerEntry.from_dict(e) for e in state["entries"]]
+        entries = state.get("entries")
+        if not isinstance(entries, (list, tuple)):
+            raise ValueError("load_state_dict: the saved ledger's entries must be a list (from "
+                             f"state_dict()); got {type(entries).__name__}")
+        entries = [LedgerEntry.from_dict(e) for e in entries]
         if "phase" not in state:  # saved before phases were recorded (version <= 2)
             entries = _with_inferred_phases(entries)
         self._entries = entries

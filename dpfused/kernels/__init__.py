@@ -7,7 +7,8 @@ factor comes in a `_bounded` form returning an `Estimate`: the value and a rigor
 floating-point error (docs/design.md §3, "Floating point").
 """
 
-from ._checks import Estimate, exact_fp32_matmul, gamma, row_norms, unit_roundoff
+from ._checks import (Estimate, FactorNorms, exact_fp32_matmul, factor_norms, gamma, row_norms,
+                      unit_roundoff)
 from .chacha20 import chacha20_blocks
 from .clipped_grad import clipped_weight_grad, split_scale
 from .direct_norm import direct_norm_sq, direct_norm_sq_bounded
@@ -22,6 +23,7 @@ from .norm_layers import norm_layer_backward
 __all__ = [
     "EmbeddingGroups",
     "Estimate",
+    "FactorNorms",
     "chacha20_blocks",
     "choose_norm_path",
     "clipped_weight_grad",
@@ -32,6 +34,7 @@ __all__ = [
     "embedding_groups",
     "embedding_norm_sq",
     "exact_fp32_matmul",
+    "factor_norms",
     "gamma",
     "ghost_inner",
     "ghost_inner_bounded",

@@ -21,11 +21,11 @@ the caller falls back to K_i.
 
 import torch
 
-from ._checks import (Estimate, accum_dtype, check_dim, check_same_device, check_tensor,
-                      common_dtype, dot_precision, exact_fp32_matmul, gamma, next_pow2)
+from ._checks import (Estimate, FactorNorms, accum_dtype, check_dim, check_same_device,
+                      check_tensor, common_dtype, dot_precision, exact_fp32_matmul, factor_norms,
+                      gamma, next_pow2)
 from ._compat import INTERPRETING_AT_IMPORT, tl, triton
 from .dispatch import resolve_impl
-from .ghost_norm import magnitude
 
 # ---------------------------------------------------------------------------------------------
 # Autotune configs: (BLOCK_M, BLOCK_N, BLOCK_T, num_warps, num_stages), keyed on m, n and the
@@ -150,10 +150,10 @@ def _launch(left, right, *, config: dict | None = None) -> torch.Tensor:
     return partial.double().sum(1)
 
 
-def _bounded(value, left, right, *, dtype, squares: float) -> Estimate:
+def _bounded(value, left, norms: FactorNorms, *, dtype, squares: float) -> Estimate:
     """The module docstring's bound: G̃ off by γ_T K in Frobenius norm, its squares summed with a
     relative error ``squares``."""
-    drift = gamma(left.shape[1], dtype) * magnitude(left, right)
+    drift = gamma(left.shape[1], dtype) * norms.magnitude
     error = 2 * drift * value.clamp_min(0).sqrt() + drift * drift + squares * value.abs()
     return Estimate(value, error)
 
@@ -164,7 +164,7 @@ def _bounded(value, left, right, *, dtype, squares: float) -> Estimate:
 _TORCH_CHUNK_ELEMENTS = 1 << 26  # at most ~64M entries of G held at once
 
 
-def direct_norm_sq_torch(left, right) -> Estimate:
+def direct_norm_sq_torch(left, right, norms: FactorNorms | None = None) -> Estimate:
     """‖Σ_t left_t ⊗ right_t‖²_F per example, by building G_i with einsum (in the accumulation
     dtype) and summing its squares in float64; with the module docstring's error bound."""
     acc = accum_dtype(left, right)
@@ -177,20 +177,22 @@ def direct_norm_sq_torch(left, right) -> Estimate:
             sl = slice(start, start + chunk)
             grads = torch.einsum("btm,btn->bmn", left[sl].to(acc), right[sl].to(acc))  # (b, m, n)
             out[sl] = grads.double().pow(2).sum(dim=(1, 2))
-    return _bounded(out, left, right, dtype=acc, squares=gamma(M * N + 1, torch.float64))
+    norms = norms if norms is not None else factor_norms(left, right)
+    return _bounded(out, left, norms, dtype=acc, squares=gamma(M * N + 1, torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-def direct_norm_sq_bounded(left: torch.Tensor, right: torch.Tensor, *,
-                           impl: str = "auto") -> Estimate:
+def direct_norm_sq_bounded(left: torch.Tensor, right: torch.Tensor, *, impl: str = "auto",
+                           norms: FactorNorms | None = None) -> Estimate:
     """Per-example ‖Σ_t left_t ⊗ right_t‖²_F, building G_i tile by tile on chip, with an error bound.
 
     Args:
         left: (B, T, m), e.g. the output gradient of an nn.Linear.
         right: (B, T, n), e.g. its input activations.
         impl: "auto" (Triton on CUDA, else torch), "triton" or "torch".
+        norms: ``factor_norms(left, right)`` when the caller has them already.
 
     Returns:
         ``Estimate(value, error)``, both (B,) float64: |value − ‖G_i‖²| <= error for any input
@@ -205,8 +207,9 @@ def direct_norm_sq_bounded(left: torch.Tensor, right: torch.Tensor, *,
     check_dim("right.shape[0]", right.shape[0], "left.shape[0]", left.shape[0])
     check_dim("right.shape[1]", right.shape[1], "left.shape[1]", left.shape[1])
     if resolve_impl(impl, left, right) == "torch":
-        return direct_norm_sq_torch(left, right)
-    return _bounded(_launch(left, right), left, right, dtype=torch.float32,
+        return direct_norm_sq_torch(left, right, norms)
+    norms = norms if norms is not None else factor_norms(left, right)
+    return _bounded(_launch(left, right), left, norms, dtype=torch.float32,
                     squares=gamma(_MAX_SQUARE_SUM, torch.float32))
 
 

@@ -39,9 +39,9 @@ per Gram entry, next to the 2(m+n) of the Grams themselves.
 
 import torch
 
-from ._checks import (Estimate, accum_dtype, check_dim, check_same_device, check_tensor,
-                      common_dtype, dot_precision, exact_fp32_matmul, gamma, next_pow2,
-                      row_norms)
+from ._checks import (Estimate, FactorNorms, accum_dtype, check_dim, check_same_device,
+                      check_tensor, common_dtype, dot_precision, exact_fp32_matmul, factor_norms,
+                      gamma, next_pow2)
 from ._compat import INTERPRETING_AT_IMPORT, tl, triton
 from .dispatch import resolve_impl
 
@@ -191,7 +191,8 @@ _ghost_kernel_tuned = triton.autotune(configs=_autotune_configs(),
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
-def _launch(l1, r1, l2, r2, *, symmetric: bool, config: dict | None = None):
+def _launch(l1, r1, l2, r2, norms1: FactorNorms, norms2: FactorNorms, *, symmetric: bool,
+            config: dict | None = None):
     """Run the kernel; returns the float64 sums (value, E_L, E_R, A), each (B,).
 
     `config` (e.g. {"BLOCK_T": 16, "BLOCK_K": 16}) bypasses autotuning; tests use it.
@@ -204,9 +205,7 @@ def _launch(l1, r1, l2, r2, *, symmetric: bool, config: dict | None = None):
     dtype = common_dtype(l1, r1, l2, r2)
     l1, r1, l2, r2 = (t.to(dtype) for t in (l1, r1, l2, r2))
     # Row norms in fp32 (an overflow to inf makes the error inf: the caller then falls back).
-    nl1, nr1 = row_norms(l1).float().contiguous(), row_norms(r1).float().contiguous()
-    nl2, nr2 = (nl1, nr1) if symmetric else (row_norms(l2).float().contiguous(),
-                                            row_norms(r2).float().contiguous())
+    nl1, nr1, nl2, nr2 = (n.float().contiguous() for n in (*norms1, *norms2))
 
     min_block = config["BLOCK_T"] if config else _MIN_BLOCK_T
     n_partials = max(1, triton.cdiv(T1, min_block))
@@ -231,32 +230,34 @@ def _launch(l1, r1, l2, r2, *, symmetric: bool, config: dict | None = None):
     return partial.double().sum(dim=2).unbind(0)
 
 
-def _triton_estimate(l1, r1, l2, r2, *, symmetric: bool, config: dict | None = None) -> Estimate:
-    value, e_left, e_right, absolute = _launch(l1, r1, l2, r2, symmetric=symmetric,
-                                               config=config)
+def _triton_estimate(l1, r1, l2, r2, *, symmetric: bool, norms1: FactorNorms | None = None,
+                     norms2: FactorNorms | None = None, config: dict | None = None) -> Estimate:
+    norms1 = norms1 if norms1 is not None else factor_norms(l1, r1)
+    norms2 = norms1 if symmetric else (norms2 if norms2 is not None else factor_norms(l2, r2))
+    value, e_left, e_right, absolute = _launch(l1, r1, l2, r2, norms1, norms2,
+                                               symmetric=symmetric, config=config)
     # Every product passes through: a row sum of a tile (<= BLOCK_T terms), the walk over s-blocks
     # (<= T2/BLOCK_T + 1), the tile sum (BLOCK_T), the partials (<= T1/BLOCK_T + 1), the weight and
     # the product itself: counted generously, in fp32.
     summed = 2 * _MAX_BLOCK_T + l1.shape[1] + l2.shape[1] + 4
-    return _estimate(value, e_left, e_right, absolute, l1, r1, l2, r2,
+    return _estimate(value, e_left, e_right, absolute, l1, r1, norms1, norms2,
                      gram_dtype=torch.float32, summation=gamma(summed, torch.float32))
 
 
-def _estimate(value, e_left, e_right, absolute, l1, r1, l2, r2, *, gram_dtype: torch.dtype,
-              summation: float) -> Estimate:
+def _estimate(value, e_left, e_right, absolute, l1, r1, norms1, norms2, *,
+              gram_dtype: torch.dtype, summation: float) -> Estimate:
     """The bound of the module docstring from the four float64 sums; ``gram_dtype`` is the Gram
     matrices' accumulation dtype, ``summation`` the γ of the sums over (t, s)."""
     g_m, g_n = gamma(l1.shape[2], gram_dtype), gamma(r1.shape[2], gram_dtype)
-    k1, k2 = magnitude(l1, r1), magnitude(l2, r2)
     error = ((1 + summation) * (g_m * e_left + g_n * e_right + summation * absolute)
-             + g_m * g_n * k1 * k2)
+             + g_m * g_n * norms1.magnitude * norms2.magnitude)
     return Estimate(value, error)
 
 
 def magnitude(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """K_i = Σ_t ‖left_{i,t}‖·‖right_{i,t}‖ in float64, (B,): an upper bound of ‖G_i‖ (triangle
     inequality), finite for every finite fp32/bf16/fp16 input."""
-    return (row_norms(left) * row_norms(right)).sum(dim=1)
+    return factor_norms(left, right).magnitude
 
 
 def _check_operands(left_name, left, right_name, right):
@@ -270,7 +271,8 @@ def _check_operands(left_name, left, right_name, right):
 # ---------------------------------------------------------------------------------------------
 # Torch reference twins (materialize the B×T×T Gram matrices; the product and its sums in float64)
 # ---------------------------------------------------------------------------------------------
-def ghost_inner_torch(left1, right1, left2, right2) -> Estimate:
+def ghost_inner_torch(left1, right1, left2, right2, norms1: FactorNorms | None = None,
+                      norms2: FactorNorms | None = None) -> Estimate:
     """Σ_{t,s} (left1_t·left2_s)(right1_t·right2_s) per example, via explicit Gram matrices in the
     accumulation dtype, products and sums in float64, with the error bound of the module docstring."""
     acc = accum_dtype(left1, right1, left2, right2)
@@ -282,29 +284,33 @@ def ghost_inner_torch(left1, right1, left2, right2) -> Estimate:
     def outer(a, b):  # (B, T1), (B, T2) -> (B, T1, T2)
         return a[:, :, None] * b[:, None, :]
 
-    e_left = (outer(row_norms(left1), row_norms(left2)) * gram_r.abs()).sum(dim=(1, 2))
-    e_right = (outer(row_norms(right1), row_norms(right2)) * gram_l.abs()).sum(dim=(1, 2))
+    norms1 = norms1 if norms1 is not None else factor_norms(left1, right1)
+    norms2 = norms2 if norms2 is not None else factor_norms(left2, right2)
+    e_left = (outer(norms1.left, norms2.left) * gram_r.abs()).sum(dim=(1, 2))
+    e_right = (outer(norms1.right, norms2.right) * gram_l.abs()).sum(dim=(1, 2))
     summation = gamma(left1.shape[1] * left2.shape[1] + 2, torch.float64)
     return _estimate(product.sum(dim=(1, 2)), e_left, e_right, product.abs().sum(dim=(1, 2)),
-                     left1, right1, left2, right2, gram_dtype=acc, summation=summation)
+                     left1, right1, norms1, norms2, gram_dtype=acc, summation=summation)
 
 
-def ghost_norm_sq_torch(left, right) -> Estimate:
+def ghost_norm_sq_torch(left, right, norms: FactorNorms | None = None) -> Estimate:
     """Σ_{t,s} (left_t·left_s)(right_t·right_s) per example, with its error bound."""
-    return ghost_inner_torch(left, right, left, right)
+    norms = norms if norms is not None else factor_norms(left, right)
+    return ghost_inner_torch(left, right, left, right, norms, norms)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-def ghost_norm_sq_bounded(left: torch.Tensor, right: torch.Tensor, *,
-                          impl: str = "auto") -> Estimate:
+def ghost_norm_sq_bounded(left: torch.Tensor, right: torch.Tensor, *, impl: str = "auto",
+                          norms: FactorNorms | None = None) -> Estimate:
     """Per-example ‖Σ_t left_t ⊗ right_t‖²_F by the ghost form, and a bound on its error.
 
     Args:
         left: (B, T, m), e.g. the output gradient of an nn.Linear.
         right: (B, T, n), e.g. the input activations of that nn.Linear.
         impl: "auto" (Triton on CUDA, else torch), "triton" or "torch".
+        norms: ``factor_norms(left, right)`` when the caller has them already.
 
     Returns:
         ``Estimate(value, error)``, both (B,) float64: |value − ‖G_i‖²| <= error for any input
@@ -315,8 +321,8 @@ def ghost_norm_sq_bounded(left: torch.Tensor, right: torch.Tensor, *,
     """
     _check_operands("left", left, "right", right)
     if resolve_impl(impl, left, right) == "torch":
-        return ghost_norm_sq_torch(left, right)
-    return _triton_estimate(left, right, left, right, symmetric=True)
+        return ghost_norm_sq_torch(left, right, norms)
+    return _triton_estimate(left, right, left, right, symmetric=True, norms1=norms)
 
 
 def ghost_norm_sq(left: torch.Tensor, right: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
@@ -325,7 +331,9 @@ def ghost_norm_sq(left: torch.Tensor, right: torch.Tensor, *, impl: str = "auto"
 
 
 def ghost_inner_bounded(left1: torch.Tensor, right1: torch.Tensor, left2: torch.Tensor,
-                        right2: torch.Tensor, *, impl: str = "auto") -> Estimate:
+                        right2: torch.Tensor, *, impl: str = "auto",
+                        norms1: FactorNorms | None = None,
+                        norms2: FactorNorms | None = None) -> Estimate:
     """Per-example ⟨G^(1), G^(2)⟩_F of two linear-type uses of one weight (tied weights), with a
     bound on its error.
 
@@ -334,6 +342,7 @@ def ghost_inner_bounded(left1: torch.Tensor, right1: torch.Tensor, left2: torch.
     Args:
         left1: (B, T1, m); right1: (B, T1, n); left2: (B, T2, m); right2: (B, T2, n).
         impl: "auto", "triton" or "torch".
+        norms1, norms2: the two pairs' ``factor_norms``, when the caller has them already.
 
     Returns:
         ``Estimate(value, error)``, both (B,) float64.
@@ -348,8 +357,9 @@ def ghost_inner_bounded(left1: torch.Tensor, right1: torch.Tensor, left2: torch.
     check_dim("left2.shape[2]", left2.shape[2], "left1.shape[2]", left1.shape[2])
     check_dim("right2.shape[2]", right2.shape[2], "right1.shape[2]", right1.shape[2])
     if resolve_impl(impl, left1, right1, left2, right2) == "torch":
-        return ghost_inner_torch(left1, right1, left2, right2)
-    return _triton_estimate(left1, right1, left2, right2, symmetric=False)
+        return ghost_inner_torch(left1, right1, left2, right2, norms1, norms2)
+    return _triton_estimate(left1, right1, left2, right2, symmetric=False, norms1=norms1,
+                            norms2=norms2)
 
 
 def ghost_inner(left1: torch.Tensor, right1: torch.Tensor, left2: torch.Tensor,

@@ -11,6 +11,8 @@ each step in turn. How they run is up to an ``ops`` object: ``PLAIN`` here (ordi
 outside training and when the module is not private), or dpfused's recurrent rule
 (``dpfused.rules.recurrent``), which hands over one factor piece per projection with the time steps
 stacked, so example i's gradient of ``W_hh`` is ``sum_t g_{i,t} h_{i,t-1}^T`` (docs/design.md §3).
+The forward itself, ``run_layers``, reads only ``nn.RNNBase``'s attributes and parameter names: the
+same rule runs torch's own ``nn.LSTM``/``nn.GRU``/``nn.RNN`` through it, unchanged.
 
 Internally every sequence is batch-major ``(B, T, features)`` in the caller's batch order; a
 ``PackedSequence`` is padded, run with a mask (a finished sequence keeps its state), and packed
@@ -29,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-__all__ = ["DPRNNBase", "DPLSTM", "DPGRU", "DPRNN", "dp_equivalent", "PLAIN"]
+__all__ = ["DPRNNBase", "DPLSTM", "DPGRU", "DPRNN", "dp_equivalent", "PLAIN", "run_layers"]
 
 State = tuple  # (h,) for GRU and RNN, (h, c) for LSTM; each (B, H)
 
@@ -154,6 +156,70 @@ def _lengths_of(batch_sizes: torch.Tensor) -> torch.Tensor:
     return (batch_sizes.unsqueeze(0) > steps.unsqueeze(1)).sum(dim=1)
 
 
+# ---- the forward, for any module with nn.RNNBase's attributes and parameter names ------------------
+def run_layers(module: nn.Module, input, hx=None, *, ops=PLAIN):
+    """``module``'s forward, every layer and direction unrolled step by step, the projections run
+    by ``ops``.
+
+    ``module`` is a DPLSTM/DPGRU/DPRNN or an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` without
+    ``proj_size``: anything with ``nn.RNNBase``'s attributes (``mode``, ``hidden_size``,
+    ``num_layers``, ``bias``, ``batch_first``, ``dropout``, ``bidirectional``, ``training``) and
+    parameter names (``weight_ih_l0``, ``bias_hh_l1_reverse``, ...). Same outputs as nn's.
+    """
+    name = type(module).__name__
+    seq = _Sequence.of(input, batch_first=module.batch_first, name=name)
+    state0 = _initial_state(module, hx, seq)  # each (L*D, B, H)
+    directions = _directions_of(module)
+    x, finals = seq.x, []
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            out, final = _run_direction(module, ops, x, seq.mask, layer, direction,
+                                        tuple(s[k] for s in state0))
+            outputs.append(out)
+            finals.append(final)
+        x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]  # (B, T, D*H)
+        if module.dropout and module.training and layer < module.num_layers - 1:
+            x = F.dropout(x, module.dropout, training=True)
+    state_n = tuple(torch.stack(parts) for parts in zip(*finals))  # each (L*D, B, H)
+    if not seq.batched:
+        state_n = tuple(s.squeeze(1) for s in state_n)
+    return seq.output(x), (state_n if module.mode == "LSTM" else state_n[0])
+
+
+def _directions_of(module) -> int:
+    return 2 if module.bidirectional else 1
+
+
+def _run_direction(module, ops, x, mask, layer, direction, state):
+    suffix = _suffix(layer, direction)
+    bias_ih = getattr(module, "bias_ih" + suffix) if module.bias else None
+    bias_hh = getattr(module, "bias_hh" + suffix) if module.bias else None
+    gx = ops.input_projection(x, getattr(module, "weight_ih" + suffix), bias_ih)  # (B, T, G*H)
+    cell = _CELLS[module.mode][0]
+    return ops.recurrence(cell, gx, state, mask, getattr(module, "weight_hh" + suffix), bias_hh,
+                          direction == 1)
+
+
+def _initial_state(module, hx, seq: _Sequence) -> State:
+    name, components = type(module).__name__, 2 if module.mode == "LSTM" else 1
+    batch, layers = seq.x.shape[0], module.num_layers * _directions_of(module)
+    if hx is None:
+        zeros = seq.x.new_zeros(layers, batch, module.hidden_size)
+        return (zeros,) * components
+    given = tuple(hx) if components == 2 else (hx,)
+    if components == 2 and len(given) != 2:
+        raise ValueError(f"{name}: hx must be a pair (h_0, c_0); got {len(given)} tensors")
+    expected = (layers, batch, module.hidden_size) if seq.batched else (layers, module.hidden_size)
+    for part in given:
+        if not isinstance(part, torch.Tensor) or tuple(part.shape) != expected:
+            found = tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
+            raise ValueError(f"{name}: each initial state in hx must have shape {expected} "
+                             f"(num_layers * num_directions, batch, hidden_size); got {found}")
+    return given if seq.batched else tuple(p.unsqueeze(1) for p in given)
+
+
 # ---- the modules -------------------------------------------------------------------------------
 class DPRNNBase(nn.Module):
     """What DPLSTM, DPGRU and DPRNN share; construct one of those.
@@ -227,49 +293,7 @@ class DPRNNBase(nn.Module):
 
     def run(self, input, hx=None, *, ops=PLAIN):
         """The forward with the projections run by ``ops`` (see the module docstring)."""
-        seq = _Sequence.of(input, batch_first=self.batch_first, name=type(self).__name__)
-        state0 = self._initial_state(hx, seq)  # each (L*D, B, H)
-        x, finals = seq.x, []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(self._directions):
-                k = layer * self._directions + direction
-                out, final = self._run_direction(ops, x, seq.mask, layer, direction,
-                                                 tuple(s[k] for s in state0))
-                outputs.append(out)
-                finals.append(final)
-            x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]  # (B, T, D*H)
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
-        state_n = tuple(torch.stack(parts) for parts in zip(*finals))  # each (L*D, B, H)
-        if not seq.batched:
-            state_n = tuple(s.squeeze(1) for s in state_n)
-        return seq.output(x), (state_n if self.mode == "LSTM" else state_n[0])
-
-    def _run_direction(self, ops, x, mask, layer, direction, state):
-        suffix = _suffix(layer, direction)
-        bias_ih = getattr(self, "bias_ih" + suffix) if self.bias else None
-        bias_hh = getattr(self, "bias_hh" + suffix) if self.bias else None
-        gx = ops.input_projection(x, getattr(self, "weight_ih" + suffix), bias_ih)  # (B, T, G*H)
-        return ops.recurrence(self._cell, gx, state, mask, getattr(self, "weight_hh" + suffix),
-                              bias_hh, direction == 1)
-
-    def _initial_state(self, hx, seq: _Sequence) -> State:
-        name, components = type(self).__name__, 2 if self.mode == "LSTM" else 1
-        batch, layers = seq.x.shape[0], self.num_layers * self._directions
-        if hx is None:
-            zeros = seq.x.new_zeros(layers, batch, self.hidden_size)
-            return (zeros,) * components
-        given = tuple(hx) if components == 2 else (hx,)
-        if components == 2 and len(given) != 2:
-            raise ValueError(f"{name}: hx must be a pair (h_0, c_0); got {len(given)} tensors")
-        expected = (layers, batch, self.hidden_size) if seq.batched else (layers, self.hidden_size)
-        for part in given:
-            if not isinstance(part, torch.Tensor) or tuple(part.shape) != expected:
-                found = tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
-                raise ValueError(f"{name}: each initial state in hx must have shape {expected} "
-                                 f"(num_layers * num_directions, batch, hidden_size); got {found}")
-        return given if seq.batched else tuple(p.unsqueeze(1) for p in given)
+        return run_layers(self, input, hx, ops=ops)
 
 
 class DPLSTM(DPRNNBase):

@@ -1,4 +1,16 @@
-"""dpfused's recurrent layers (DPLSTM, DPGRU, DPRNN): every step's projections, clipped per example.
+"""Recurrent layers, dpfused's (DPLSTM, DPGRU, DPRNN) and torch's own (nn.LSTM, nn.GRU, nn.RNN):
+every step's projections, clipped per example.
+
+torch's modules are not swapped: with grad their forward runs the unrolled recurrence of
+``dpfused.layers.recurrent`` (``run_layers``) over the module's own parameters, so the model, its
+``state_dict`` and its outputs stay torch's; without grad (evaluation) the fused kernel runs as
+before. Dropout between layers (``dropout > 0`` in training) is ``F.dropout`` on each layer's
+output, as nn's non-cuDNN path does: the same distribution, other draws than torch's kernel; a
+mask is drawn independently of the data and applies to one example's rows alone, so every
+per-example gradient still depends on its own example only. Refused, naming the module:
+``proj_size > 0`` (an LSTM with projections: its ``weight_hr`` is not written out here) and a
+subclass that overrides ``forward`` (the rule would compute nn's forward instead of the
+subclass's).
 
 A layer-direction uses ``W_ih`` and ``W_hh`` at every time step, so example i's gradient is a sum
 over steps: ``G_i(W_ih) = sum_t g^x_{i,t} x_{i,t}^T`` and ``G_i(W_hh) = sum_t g^h_{i,t}
@@ -23,9 +35,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from dpfused.layers.recurrent import DPRNNBase, masked_step, step_order, step_output
+from dpfused.layers.recurrent import DPRNNBase, masked_step, run_layers, step_order, step_output
 from dpfused.pieces import DensePiece, FactorPiece
 from dpfused.rules import BaseRule, register
 from dpfused.rules.linear import linear_use
@@ -135,11 +148,46 @@ class _PrivateOps:
         return output, tuple(final)
 
 
-@register(DPRNNBase)
+_TORCH_RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+# What nn's forward calls that changes values (the check_* methods only validate).
+_COMPUTING_METHODS = ("forward", "permute_hidden")
+
+
+@register(DPRNNBase, *_TORCH_RECURRENT)
 class RecurrentRule(BaseRule):
-    """DPLSTM, DPGRU, DPRNN: their own parameters, one piece per projection per forward."""
+    """DPLSTM, DPGRU, DPRNN and nn.LSTM, nn.GRU, nn.RNN: their own parameters, one piece per
+    projection per forward."""
 
     name = "recurrent"
 
+    def check(self, module, path):
+        problem = torch_recurrent_problem(module, path)
+        if problem is not None:
+            raise ValueError(problem)
+
     def forward(self, module, tap, input, hx=None):
-        return module.run(input, hx, ops=_PrivateOps(_BatchFirstTap(tap)))
+        return run_layers(module, input, hx, ops=_PrivateOps(_BatchFirstTap(tap)))
+
+
+def torch_recurrent_problem(module: nn.Module, path: str) -> str | None:
+    """Why the rule cannot run ``module`` (an nn.LSTM/GRU/RNN or a subclass) as torch would, or
+    None (also for dpfused's own layers)."""
+    base = next((cls for cls in _TORCH_RECURRENT if isinstance(module, cls)), None)
+    if base is None:
+        return None
+    kind = type(module).__name__
+    if getattr(module, "proj_size", 0):
+        return (
+            f"module '{path}' ({kind}) has proj_size={module.proj_size}: dpfused clips nn.LSTM "
+            "as it is, but not its projection weight_hr; use proj_size=0 (and an nn.Linear on "
+            "the outputs if needed) or freeze the layer")
+    overridden = [name for name in _COMPUTING_METHODS
+                  if getattr(type(module), name, None) is not getattr(base, name, None)]
+    if overridden:
+        return (
+            f"module '{path}' ({kind}) subclasses nn.{base.__name__} and overrides "
+            f"{', '.join(overridden)}: dpfused clips nn.{base.__name__}'s own forward, which "
+            "would replace yours; "
+            f"build the model from nn.{base.__name__} or dpfused.layers.DP{base.__name__}, or "
+            "freeze the layer")
+    return None
