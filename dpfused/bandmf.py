@@ -307,19 +307,22 @@ class NoiseHistory:
                    if w is not None)
 
     def state_dict(self) -> dict[str, Any]:
-        """Coefficients, the next step and the unit noises (secret: keep it with the noise state)."""
+        """Coefficients, the next step and the unit noises, as plain data (string keys: JSON in
+        distributed checkpoints). Secret: keep it with the noise generator's state."""
         return {"coefficients": list(self.coefficients), "next_step": self.next_step,
-                "past": {key: [None if w is None else w.detach().cpu().clone() for w in past]
+                "past": {str(key): [None if w is None else w.detach().cpu().clone() for w in past]
                          for key, past in self._past.items()}}
 
-    def load_state_dict(self, state: dict[str, Any], *, devices: dict[int, torch.device],
-                        shapes: dict[int, torch.Size]) -> None:
-        """Restore a history saved by ``state_dict`` onto the parameters' devices.
+    def check_state(self, state: Any, *, shapes: dict[int, torch.Size]) -> None:
+        """What ``load_state_dict`` refuses, without changing anything.
 
         Raises:
-            ValueError: saved with other coefficients (mixing two strategies' rows would give a
-                matrix whose columns may exceed norm 1), or for other parameters.
+            ValueError: not a history, saved with other coefficients (mixing two strategies' rows
+                would give a matrix whose columns may exceed norm 1), or for other parameters.
         """
+        if not isinstance(state, dict) or not {"coefficients", "next_step", "past"} <= set(state):
+            raise ValueError("load_state_dict: the saved BandMF history is malformed; resume from "
+                             "the checkpoint as it was written")
         saved = tuple(float(c) for c in state["coefficients"])
         if saved != self.coefficients:
             raise ValueError(
@@ -327,15 +330,30 @@ class NoiseHistory:
                 f"and coefficients {saved}, this run uses {len(self.coefficients)} band(s) and "
                 f"{self.coefficients}; make_private with the saved run's BandMF (mixing two "
                 "strategies' rows would break the sensitivity bound)")
-        past = {}
         for key, tensors in state["past"].items():
             key = int(key)
-            if key not in shapes or any(w is not None and w.shape != shapes[key] for w in tensors):
+            if key not in shapes or len(tensors) > self.bands - 1 or any(
+                    w is not None and tuple(w.shape) != tuple(shapes[key]) for w in tensors):
                 raise ValueError(
                     f"load_state_dict: the saved BandMF history has a tensor for parameter {key} "
                     "that this model does not have (or of another shape); make_private with the "
                     "saved run's model and parallelism")
-            past[key] = [None if w is None else w.to(devices[key]) for w in tensors]
-        self._past = past
+
+    def load_state_dict(self, state: dict[str, Any], *, devices: dict[int, torch.device],
+                        shapes: dict[int, torch.Size]) -> None:
+        """Restore a history saved by ``state_dict`` onto the parameters' devices.
+
+        Raises:
+            ValueError: what ``check_state`` refuses; nothing changes then.
+        """
+        self.check_state(state, shapes=shapes)
+        self._past = {int(key): [None if w is None else w.to(devices[int(key)]) for w in tensors]
+                      for key, tensors in state["past"].items()}
         self._staged = {}
         self.next_step = state["next_step"]
+
+    def restart(self) -> None:
+        """Forget the history: the next release starts the correlation anew. Private: the noise
+        is then M'^-1 Z with M' block diagonal (the strategy restarted), still b-banded with
+        columns of norm <= 1; only the cancellation across the restart is lost."""
+        self._past, self._staged, self.next_step = {}, {}, None

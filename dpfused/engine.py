@@ -32,7 +32,7 @@ from dpfused.instrument import detach, instrument, plan
 from dpfused.optimizer import DPOptimizer
 from dpfused.arguments import check_max_grad_norm, check_noise_multiplier, check_number
 from dpfused.secure_random import ChaCha20Generator
-from dpfused.step import SAMPLINGS
+from dpfused.step import SAMPLINGS, partition_sample_rate
 
 __all__ = ["PrivacyEngine"]
 
@@ -404,6 +404,12 @@ class PrivacyEngine:
             state["noise"] = checkpoints.noise_state(self.optimizer.generator,
                                                      layout=self._noise_layout, rank=rank,
                                                      world_size=world_size)
+            history = self.optimizer.noise_history
+            if history is not None and state["noise"]["kind"] == "torch":
+                # BandMF's last bands - 1 noises go with the stream they came from (per rank in a
+                # distributed checkpoint), and only where the stream itself is saved: a secure
+                # run's history is as secret as its key (docs/design.md §5.1, §9).
+                state["noise"]["history"] = history.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -467,13 +473,36 @@ class PrivacyEngine:
             entries=state["accountant"].get("entries"), ledger_start=int(state.get("ledger_start", 0)),
             steps_taken=int(state["steps_taken"]), loader_state=state["data_loader"],
             sampling=loader.sampling, batches_per_epoch=loader.batches_per_epoch,
-            sample_rate=loader.sample_rate, batch_size=loader.batch_size)
+            sample_rate=_event_rate(loader), batch_size=loader.batch_size)
+        self._check_noise_history(state.get("noise"))
+
+    def _check_noise_history(self, noise) -> None:
+        """A saved BandMF history must fit this run's strategy and parameters (checked before
+        anything changes); a history with no BandMF here is refused too."""
+        if not isinstance(noise, Mapping) or noise.get("history") is None:
+            return
+        history = self.optimizer.noise_history
+        if history is None:
+            raise ValueError(
+                "load_state_dict: the saved run used BandMF correlated noise (its state holds a "
+                "noise history) and this one does not; make_private with the saved run's "
+                "noise=BandMF(...)")
+        history.check_state(noise["history"], shapes=self._noise_shapes())
+
+    def _noise_shapes(self) -> dict[int, torch.Size]:
+        """Shape of the noise of every private parameter, by its place in the optimizer's order
+        (this rank's shard under FSDP2)."""
+        optimizer = self.optimizer
+        shape = (optimizer.reduction.local_shape if optimizer.reduction is not None
+                 else (lambda p: p.shape))
+        return {i: torch.Size(shape(p)) for i, p in enumerate(optimizer.instrumentation.params)}
 
     def _restore_noise(self, saved) -> None:
         rank, world_size = _data_parallel_world()
         reason = checkpoints.restore_noise(self.optimizer.generator, saved,
                                            layout=self._noise_layout, rank=rank,
                                            world_size=world_size)
+        self._restore_noise_history(saved, restored=reason is None)
         if reason is None:
             return
         fresh = ("the resumed run draws fresh noise from a generator seeded by the operating "
@@ -482,6 +511,30 @@ class PrivacyEngine:
                  "re-seeding torch's global generator with a seed it had before replays noise")
         warnings.warn(f"the noise stream was not restored ({reason}): {fresh}", UserWarning,
                       stacklevel=3)
+
+    def _restore_noise_history(self, saved, *, restored: bool) -> None:
+        """BandMF: the history goes back only with the stream it came from, and only when the
+        next release is the loader's next batch; else the correlation restarts (still private:
+        a restarted strategy is block diagonal, docs/design.md §5.1)."""
+        history = self.optimizer.noise_history
+        if history is None:
+            return
+        saved_history = saved.get("history") if isinstance(saved, Mapping) else None
+        if (restored and saved_history is not None
+                and saved_history["next_step"] in (None, self.data_loader.step)):
+            params = self.optimizer.instrumentation.params
+            history.load_state_dict(saved_history, shapes=self._noise_shapes(),
+                                    devices=dict(enumerate(_noise_device(self.optimizer, p)
+                                                           for p in params)))
+            return
+        history.restart()
+        if self.optimizer.steps_taken:
+            warnings.warn(
+                "the BandMF noise history was not restored (the noise stream was not, e.g. in "
+                "secure mode; the checkpoint holds none; or it was saved between a batch's draw "
+                "and its step): "
+                "the correlated noise restarts here; the guarantee is unchanged, the noise of the "
+                "next bands - 1 steps cancels less", UserWarning, stacklevel=4)
 
     def save_checkpoint(self, *, path, module: nn.Module, optimizer=None,
                         checkpoint_dict: dict | None = None, noise_scheduler=None,
@@ -671,6 +724,19 @@ def _warn_if_restored_sigma_differs(restored: float, configured: float) -> None:
             f"a noise scheduler), not the {configured} passed to make_private; set "
             "optimizer.noise_multiplier after loading to change it (the ledger records each "
             "step's own sigma, so epsilon is right either way)", UserWarning, stacklevel=3)
+
+
+def _event_rate(loader) -> float | None:
+    """The rate the ledger's events carry: q, or q b for cyclic Poisson (a partition's rate)."""
+    if loader.sampling == "cyclic_poisson":
+        return partition_sample_rate(loader.sample_rate, loader.partitions)
+    return loader.sample_rate
+
+
+def _noise_device(optimizer, param) -> torch.device:
+    """Where a parameter's noise (and so its BandMF history) lives: its local shard's device."""
+    local = param.to_local() if hasattr(param, "to_local") else param
+    return local.device
 
 
 def _expected_batch_size_per_process(loader, world_size: int) -> int:

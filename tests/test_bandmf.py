@@ -441,3 +441,78 @@ def test_noise_history_state_refuses_other_coefficients():
     other = NoiseHistory(BandMF(bands=4).coefficients)
     with pytest.raises(ValueError, match="coefficients"):
         other.load_state_dict(state, devices={}, shapes={})
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+
+def _params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _bandmf_run(noise=None, secure_mode=False):
+    noise = noise or BandMF(bands=3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    engine = dpfused.PrivacyEngine(secure_mode=secure_mode)
+    seeded = {} if secure_mode else dict(noise_generator=torch.Generator().manual_seed(1),
+                                         sampling_generator=torch.Generator().manual_seed(2))
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data(), batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
+        sampling="cyclic_poisson", noise=noise, **seeded)
+    return engine, model, optimizer, loader
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_resume_continues_the_correlated_noise_bit_for_bit(tmp_path, distributed):
+    """save_checkpoint / load_checkpoint (and the DCP checkpoint, one process): the history is
+    saved with the noise stream; 7 + 10 steps equal 17 uninterrupted ones."""
+    engine, model, optimizer, loader = _bandmf_run()
+    _train(model, optimizer, loader, epochs=2, steps=17)
+    uninterrupted = _params(model)
+    engine, model, optimizer, loader = _bandmf_run()
+    _train(model, optimizer, loader, steps=7)
+    state = engine.state_dict()
+    assert set(state["noise"]["history"]["past"]) == {"0", "1", "2", "3"}
+    save = engine.save_distributed_checkpoint if distributed else engine.save_checkpoint
+    load = "load_distributed_checkpoint" if distributed else "load_checkpoint"
+    path = str(tmp_path / ("dcp" if distributed else "ckpt.pt"))
+    save(path=path, module=model, optimizer=optimizer)
+    engine, model, optimizer, loader = _bandmf_run()
+    getattr(engine, load)(path=path, module=model, optimizer=optimizer)
+    assert optimizer.noise_history.next_step == 7
+    _train(model, optimizer, loader, epochs=2, steps=10)
+    assert torch.equal(_params(model), uninterrupted)
+
+
+def test_secure_mode_never_saves_the_history_and_restarts_it():
+    engine, model, optimizer, loader = _bandmf_run(secure_mode=True)
+    _train(model, optimizer, loader, steps=4)
+    assert optimizer.noise_history.nbytes > 0
+    state = engine.state_dict()
+    assert state["noise"]["kind"] == "secure" and "history" not in state["noise"]
+    engine, model, optimizer, loader = _bandmf_run(secure_mode=True)
+    with pytest.warns(UserWarning, match="BandMF noise history was not restored"):
+        engine.load_state_dict(state)
+    assert optimizer.noise_history.next_step is None and optimizer.noise_history.nbytes == 0
+    _train(model, optimizer, loader, steps=3)  # the correlation restarts; steps go on
+    assert engine.accountant.steps == 7
+
+
+def test_a_history_of_another_strategy_is_refused_before_anything_changes():
+    engine, model, optimizer, loader = _bandmf_run()
+    _train(model, optimizer, loader, steps=5)
+    state = engine.state_dict()
+    other, model, optimizer, loader = _bandmf_run(BandMF(bands=3, strategy="optimized", steps=20))
+    with pytest.raises(ValueError, match="coefficients"):
+        other.load_state_dict(state)
+    assert other.accountant.steps == 0 and loader.step == 0
+    plain = dpfused.PrivacyEngine()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 3)).double()
+    plain.make_private(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                       data_loader=DataLoader(_data(), batch_size=4), noise_multiplier=1.0,
+                       max_grad_norm=1.0, sampling="cyclic_poisson", noise=BandMF(bands=3))
+    with pytest.raises(ValueError, match="parameter"):  # another model's history
+        plain.load_state_dict(state)

@@ -68,3 +68,18 @@ def test_dp_trainer_runs_each_mechanism_like_make_private(tmp_path, name):
     assert trainer.privacy_engine.get_epsilon(1e-5) == pytest.approx(engine.get_epsilon(1e-5))
     if name == "bandmf":
         assert "BandMF" in trainer.privacy_report().noise
+
+
+def test_dp_trainer_resumes_bandmf_with_its_history(tmp_path):
+    privacy = dict(noise_multiplier=1.0, max_grad_norm=0.1, seed=7, **MECHANISMS["bandmf"])
+    model = llama_lora()
+    resumed_model = copy.deepcopy(model)
+    full = dp_trainer(model, tmp_path / "full", privacy=PrivacyArguments(**privacy), max_steps=4,
+                      save_strategy="steps", save_steps=2)
+    full.train()
+    resumed = dp_trainer(resumed_model, tmp_path / "resumed", privacy=PrivacyArguments(**privacy),
+                         max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    assert_same_parameters(resumed.model, full.model)
+    assert resumed.get_epsilon() == full.get_epsilon()
