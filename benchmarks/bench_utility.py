@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dpfused  # noqa: E402
+from dpfused import privacy_math  # noqa: E402
 from dpfused.accounting import calibrate_noise_multiplier  # noqa: E402
 from dpfused.bandmf import (  # noqa: E402
     optimized_toeplitz_coefficients,
@@ -86,8 +87,11 @@ def mechanisms(task: Task, bands: tuple[int, int]) -> list[Mechanism]:
         rows.append(Mechanism(f"BandMF b={b} ({strategy})",
                               ("--bands", str(b), "--bandmf-strategy", strategy), bands=b,
                               strategy=strategy))
-    rows.append(Mechanism(f"truncated Poisson K={limit}", ("--max-batch-size", str(limit)),
-                          max_batch_size=limit))
+    cut = privacy_math.truncation_probability(num_samples=task.num_samples,
+                                              sample_rate=task.batch_size / task.num_samples,
+                                              max_batch_size=limit)
+    rows.append(Mechanism(f"truncated Poisson K={limit} (P[cut] = {cut:.2g})",
+                          ("--max-batch-size", str(limit)), max_batch_size=limit))
     rows.append(Mechanism("automatic clipping (AUTO-S)", ("--clipping-function", "automatic")))
     return rows
 
@@ -125,7 +129,8 @@ def run_once(recipe, task: Task, mechanism: Mechanism, sigma: float | None, seed
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         result = recipe.main(argv)
     return {"seed": seed, "metric": float(result[task.metric]),
-            "epsilon": float(result["epsilon"]), "seconds": time.perf_counter() - start}
+            "epsilon": float(result["epsilon"]), "seconds": time.perf_counter() - start,
+            "truncated_batches": result.get("truncated_batches")}
 
 
 def tasks(args) -> list[Task]:
@@ -194,8 +199,12 @@ def markdown(results, strategy_rows, args) -> str:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             eps = max(r["epsilon"] for r in row["runs"])
             sigma = "-" if row["sigma"] is None else f"{row['sigma']:.3f}"
+            cuts = [r.get("truncated_batches") for r in row["runs"]]
+            name = row["mechanism"]
+            if "truncated" in name and all(c is not None for c in cuts):
+                name += f"; cut {'/'.join(map(str, cuts))} of {task['steps']} steps"
             lines.append(
-                f"| {row['mechanism']} | {sigma} "
+                f"| {name} | {sigma} "
                 f"| {'inf' if math.isinf(eps) else f'{eps:.3f}'} | {mean:.4g} ± {spread:.2g} "
                 f"| [{', '.join(f'{v:.4g}' for v in values)}] "
                 f"| {statistics.fmean(r['seconds'] for r in row['runs']):.0f} |")

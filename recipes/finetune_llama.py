@@ -628,7 +628,9 @@ def main(argv: list[str] | None = None) -> dict:
     if recipe.world > 1:
         dist.destroy_process_group()
     return {"ppl_before": ppl_before, "ppl_after": ppl_after, "epsilon": eps, "delta": cfg.delta,
-            "steps": recipe.step}
+            "steps": recipe.step,
+            # truncated Poisson: logical batches cut to --max-batch-size (not private, see §6)
+            "truncated_batches": getattr(recipe.train_loader, "truncated_batches", None)}
 
 
 if __name__ == "__main__":

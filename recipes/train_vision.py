@@ -457,7 +457,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"checkpoint: {cfg.out}")
     print(f"wall time: {time.perf_counter() - start:.0f} s")
     return {"acc_before": acc_before, "acc_after": acc_after, "epsilon": eps, "delta": cfg.delta,
-            "steps": recipe.step}
+            "steps": recipe.step,
+            # truncated Poisson: logical batches cut to --max-batch-size (not private, see §6)
+            "truncated_batches": getattr(recipe.train_loader, "truncated_batches", None)}
 
 
 if __name__ == "__main__":
