@@ -25,12 +25,16 @@ import torch.nn as nn
 from dpfused import accounting, checkpoints, distributed, hf_accelerate, privacy_math, validate
 from dpfused import sampling as dp_sampling
 from dpfused.adaptive import AdaptiveClipping
-from dpfused.arguments import check_mechanism
+from dpfused.arguments import (
+    check_max_grad_norm,
+    check_mechanism,
+    check_noise_multiplier,
+    check_number,
+)
 from dpfused.bandmf import BandMF, check_bands_fit
 from dpfused.groups import CLIPPING_MODES
 from dpfused.instrument import detach, instrument, plan
 from dpfused.optimizer import DPOptimizer
-from dpfused.arguments import check_max_grad_norm, check_noise_multiplier, check_number
 from dpfused.secure_random import ChaCha20Generator
 from dpfused.step import SAMPLINGS, partition_sample_rate
 
@@ -146,9 +150,11 @@ class PrivacyEngine:
                 loss is divided by E[min(Binomial(N, q), K)] (docs/design.md §5, §6).
             clipping_function: "standard" (min(1, C / ||g||), default) or "automatic" (AUTO-S, Bu
                 et al. 2023: every example scaled by C / (||g|| + stability); sensitivity C, the
-                accounting unchanged; refused with adaptive thresholds). With "automatic" the
-                update is lr * C * mean_i g_i / (||g_i|| + gamma): the gradient's size no longer
-                reaches the step, so tune lr (roughly lr * C of standard clipping's best).
+                accounting unchanged; refused with adaptive thresholds). The update is then
+                lr * sum_i C g_i / (||g_i|| + gamma) / B_norm: each example's direction at length
+                about C, the gradient's own scale no longer reaches the step. Examples above C are
+                scaled as standard clipping scales them, so start from the same lr; small
+                gradients grow up to C / gamma times (docs/design.md §4).
             stability: gamma of automatic clipping (default 0.01, the paper's), > 0.
 
         Returns:
@@ -524,8 +530,7 @@ class PrivacyEngine:
                 and saved_history["next_step"] in (None, self.data_loader.step)):
             params = self.optimizer.instrumentation.params
             history.load_state_dict(saved_history, shapes=self._noise_shapes(),
-                                    devices=dict(enumerate(_noise_device(self.optimizer, p)
-                                                           for p in params)))
+                                    devices=dict(enumerate(_noise_device(p) for p in params)))
             return
         history.restart()
         if self.optimizer.steps_taken:
@@ -733,7 +738,7 @@ def _event_rate(loader) -> float | None:
     return loader.sample_rate
 
 
-def _noise_device(optimizer, param) -> torch.device:
+def _noise_device(param) -> torch.device:
     """Where a parameter's noise (and so its BandMF history) lives: its local shard's device."""
     local = param.to_local() if hasattr(param, "to_local") else param
     return local.device
