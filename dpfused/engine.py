@@ -847,8 +847,8 @@ def _check_arguments(*, noise_multiplier, max_grad_norm, clipping, loss_reductio
     _check_choice("nonfinite_gradients", nonfinite_gradients, privacy_math.NONFINITE_CHOICES)
     if sample_rate is not None:
         if sampling not in ("poisson", "cyclic_poisson"):
-            raise ValueError(f"sample_rate applies to sampling='poisson' and 'cyclic_poisson' "
-                             f"only; got sampling={sampling!r}")
+            raise ValueError(f"sample_rate applies to sampling='poisson' only (and to its "
+                             f"b-min-sep variant 'cyclic_poisson'); got sampling={sampling!r}")
         check_number("sample_rate", sample_rate, "in (0, 1]", lambda v: 0 < v <= 1)
     if max_physical_batch_size is not None and (
             isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
