@@ -16,6 +16,7 @@ and the counts are one Gaussian mechanism with 1/sigma_eff^2 = 1/sigma^2 + K/(4 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -276,6 +277,7 @@ def truncation_probability(*, num_samples: int, sample_rate: float, max_batch_si
     return float(stats.binom.sf(max_batch_size, num_samples, sample_rate))
 
 
+@functools.lru_cache(maxsize=32)  # read at every step (B_norm); a pure function of public numbers
 def truncated_expected_batch_size(*, num_samples: int, sample_rate: float,
                                   max_batch_size: int) -> float:
     """E[min(Binomial(N, q), K)]: B_norm of a mean loss under truncated Poisson sampling (§5).
