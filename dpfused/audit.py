@@ -425,19 +425,22 @@ def _score_source(view: _CanaryView, noise_multiplier: float, *, units: int,
 
     Known-schedule scores are Gaussian given the slot's count: drawn fresh for every audit.
     Poisson scores cost ``steps`` draws each: drawn once into a pool per side, ten times the
-    audit's size at least, and resampled (the pool's own error then adds about a third of an
-    audit's sampling error to the estimate).
+    audit's size (fewer for very long runs, never under twice it), and resampled (a pool ten
+    times the audit adds about a third of an audit's own sampling error to the estimate).
     """
     if view.presence is None:
         return lambda included, n: _simulated_scores(view, noise_multiplier, included=included,
                                                      size=n, rng=rng)
-    size = max(_SIMULATED_SCORES, 10 * units)
+    # Ten times the audit's size, but at most ~_SIMULATED_DRAWS normal draws per side for long
+    # runs (never fewer than twice the audit's size).
+    size = max(2 * units, min(max(_SIMULATED_SCORES, 10 * units), _SIMULATED_DRAWS // view.steps))
     pools = {side: _simulated_scores(view, noise_multiplier, included=side, size=size, rng=rng)
              for side in (True, False)}
     return lambda included, n: rng.choice(pools[included], n)
 
 
 _SIMULATED_SCORES = 20_000  # Poisson pools hold at least this many scores per side
+_SIMULATED_DRAWS = 40_000_000  # normal draws per side of a Poisson pool, at most
 _SIMULATED_AUDITS = 200  # simulated audits per noise level: P[flag] to about +-0.035 at 1/2
 _SIMULATED_STEPS_PER_CHUNK = 64
 _POWER_SEARCH_FLOOR = 20.0  # the power search stops at the claimed sigma / 20
