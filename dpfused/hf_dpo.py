@@ -1,12 +1,14 @@
-"""DP preference optimisation with TRL: ``DPDPOTrainer`` is ``trl.DPOTrainer`` with DPTrainer's DP-SGD.
+"""DP preference optimisation with TRL: ``DPDPOTrainer`` is ``trl.DPOTrainer`` with DP-SGD.
 
     trainer = DPDPOTrainer(model=model, args=DPOConfig(...), train_dataset=pairs,
                            processing_class=tokenizer, peft_config=LoraConfig(...),
                            privacy=PrivacyArguments(noise_multiplier=1.0))
 
 Everything in ``dpfused.hf`` holds (logical batches, one noised step each, epsilon in the logs, no
-training loss or TRL training metric logged unless ``PrivacyArguments.log_loss`` says so, the
-secret resume state in ``checkpoint-N`` only). What changes is the privacy unit
+training loss logged unless ``PrivacyArguments.log_loss`` says so, the secret resume state in
+``checkpoint-N`` only, several processes with DistributedDataParallel). TRL's training metrics
+(rewards, log-probabilities, token counts: functions of the pairs) are not computed in training;
+``evaluate()`` runs TRL's own loss and metrics, without DP. What changes is the privacy unit
 (docs/design.md §7.7):
 
 - **One preference pair (prompt, chosen, rejected) is one example.** dpfused's sampler draws pairs
@@ -26,19 +28,20 @@ secret resume state in ``checkpoint-N`` only). What changes is the privacy unit
   ``lm_head`` module, and so dpfused's clipping of it).
 - **The reference model is public.** Its log-probabilities come from TRL's own
   ``compute_ref_log_probs`` without gradients (or from ``precompute_ref_log_probs``, computed
-  before training). It must not have been trained on the private data: the base model (``ref_model``
-  left out: TRL then uses the initial policy, or the base under a LoRA adapter), or a model trained on
-  public data. A reference fine-tuned on the private data without DP leaks it through every
-  step's loss, outside the guarantee; one trained with DP on the same data spends its own epsilon
-  too (add them).
+  before training from the same reference). It must not have been trained on the private data:
+  the public base model (``ref_model`` left out: TRL then loads the policy's base again, uses the
+  initial policy for ``precompute_ref_log_probs``, or the base with the adapters off under a new
+  LoRA adapter; an adapter passed in already trained becomes the reference as it is), or a model
+  trained on public data only. A reference fine-tuned on the private data without DP leaks it
+  through every step's loss, outside the guarantee; one trained with DP on the same data spends
+  its own epsilon too (add them).
 
 Refused, each with the fix: loss types that mix pairs (``aot`` and ``aot_unpaired`` sort the
 batch's log-ratios; ``sft`` averages the chosen tokens over the whole batch), ``padding_free``,
 ``use_liger_kernel``, ``sync_ref_model`` (the reference would follow the privately trained
 policy), an MoE router's load-balancing loss (an average over the batch's tokens),
 ``activation_offloading``, vision-language data, a custom ``data_collator`` (the pairing of rows
-is TRL's collator's), a ``ref_model`` sharing trainable parameters with the policy, and several
-processes (not tested with two forwards per backward yet).
+is TRL's collator's), and a ``ref_model`` sharing trainable parameters with the policy.
 """
 
 from __future__ import annotations
@@ -112,11 +115,6 @@ class DPDPOTrainer(DPTrainingMixin, DPOTrainer):
                 "the MoE load-balancing loss (router_aux_loss_coef) averages the router's "
                 "statistics over every token of the batch, so one pair changes every other pair's "
                 "gradient; set DPOConfig(router_aux_loss_coef=0.0)")
-        if self.args.world_size > 1:
-            raise ValueError(
-                "DPDPOTrainer runs on one process for now: its two forwards per backward (chosen "
-                "and rejected rows) are not tested under DistributedDataParallel; launch one "
-                "process")
         if self.ref_model is not None:
             _refuse_shared_reference(self.model, self.ref_model)
 
@@ -151,7 +149,8 @@ class DPDPOTrainer(DPTrainingMixin, DPOTrainer):
             policy=_sequence_logps(policy_chosen, policy_rejected, self.ld_alpha),
             reference=reference, completion_tokens=(chosen["completion_mask"].sum(dim=1),
                                                     rejected["completion_mask"].sum(dim=1)),
-            settings=LossSettings.of(self), wpo_weights=_wpo_weights(policy_chosen, policy_rejected))
+            settings=LossSettings.of(self),
+            wpo_weights=_wpo_weights(policy_chosen, policy_rejected))
         return losses, None
 
 
@@ -209,7 +208,8 @@ def _sequence_logps(chosen: _TokenLogps, rejected: _TokenLogps, ld_alpha: float 
     def weighted(side: _TokenLogps):
         position = side.mask.long().cumsum(dim=1)
         inside = (position > 0) & (position <= shared)
-        return (side.values * inside).sum(dim=1) + ld_alpha * (side.values * (position > shared)).sum(dim=1)
+        tail = position > shared
+        return (side.values * inside).sum(dim=1) + ld_alpha * (side.values * tail).sum(dim=1)
 
     return weighted(chosen), weighted(rejected)
 
