@@ -43,7 +43,7 @@ def tokenizer():
 
 
 def preference_pairs(repeat=3):
-    """12 pairs with completions of different lengths (padding inside every batch)."""
+    """4 x ``repeat`` pairs, completions of different lengths (padding inside every batch)."""
     return datasets.Dataset.from_dict({
         "prompt": ["the cat", "a dog", "the dog sat", "a cat ran"] * repeat,
         "chosen": [" sat on the mat", " ran fast", " on a log", " slow and the dog sat"] * repeat,
@@ -90,7 +90,7 @@ def privacy(**overrides):
 
 def lora_trainer(tmp_path, *, privacy_arguments=None, dataset=None, **config):
     return DPDPOTrainer(model=llama(), args=dpo_config(tmp_path, **config),
-                        train_dataset=dataset or preference_pairs(),
+                        train_dataset=preference_pairs() if dataset is None else dataset,
                         processing_class=tokenizer(), peft_config=lora_config(),
                         privacy=privacy_arguments or privacy())
 
@@ -125,7 +125,8 @@ def pair_rows(batch):
 def oracle_pair_grads(policy, pairs):
     """{name: (P, *shape)}: each pair's gradient of -log sigmoid(beta * (chosen log-ratio -
     rejected log-ratio)), from torch.func on the uninstrumented ``policy``, one pair at a time.
-    ``pairs``: (chosen rows, rejected rows, reference log-probs of both), the latter constants."""
+    ``pairs``: (chosen rows, rejected rows, reference log-probs of both), the latter constants.
+    A loop, not tests/oracle.py's vmap: HF attention masks take data-dependent branches."""
     params = {n: p.detach() for n, p in policy.named_parameters() if p.requires_grad}
     others = {n: p.detach() for n, p in policy.named_parameters() if not p.requires_grad}
     buffers = dict(policy.named_buffers())
@@ -243,7 +244,7 @@ def test_one_step_at_sigma_zero_is_the_mean_of_pair_gradients_clipped_as_one(tmp
         assert error < 1e-9, f"{name}: relative error {error:.3g}"
 
 
-def test_a_forward_of_tr_ls_2b_rows_is_refused_at_the_step(tmp_path):
+def test_a_forward_of_trls_2b_rows_is_refused_at_the_step(tmp_path):
     """The attack the pairing prevents: TRL's concatenated forward (2B rows, chosen and rejected
     of a pair in two example slots) would clip each half to C, 2C per pair. The book-keeper
     counts 2B examples for the B pairs drawn and refuses the step before any release."""
