@@ -88,6 +88,17 @@ class DPDPOTrainer(DPTrainingMixin, DPOTrainer):
     Keyword-only; the arguments are ``DPOTrainer``'s. See the module docstring for the privacy
     unit, the reference model's assumption and what is refused.
 
+    Args:
+        model: the policy (a model, a PEFT model or a model id), as for ``DPOTrainer``.
+        privacy: how training is made private (``dpfused.hf.PrivacyArguments``); one example is
+            one preference pair.
+        ref_model: the reference model; it must be public (not trained on the private data).
+            None: TRL's default (the policy's base, or the base with the adapters off).
+        args: a ``trl.DPOConfig``.
+        data_collator: None (TRL's ``DataCollatorForPreference``) or an instance of it.
+        **kwargs: the other ``DPOTrainer`` arguments (``train_dataset``, ``processing_class``,
+            ``peft_config``, ``optimizers``, ...).
+
     Raises:
         ValueError: a setting that would mix pairs or move the reference with the private policy
             (the message names the fix), and everything ``dpfused.hf.DPTrainer`` refuses.
@@ -341,7 +352,7 @@ def _f_divergence_scores(logratios: torch.Tensor, settings: LossSettings) -> tor
         if abs(alpha - 1.0) < 1e-6:
             return logratios
         t = (alpha - 1.0) * logratios
-        if t.dtype == torch.float64:  # TRL has no float64 bound; exp stays finite to 709
+        if t.dtype == torch.float64:  # TRL's table has no float64 entry: its float32 bound
             return (torch.exp(t.clamp(max=80.0)) - 1.0) / (alpha - 1.0)
         bound = 11.0 if t.dtype == torch.float16 else 80.0
         return (torch.exp(t.float().clamp(max=bound)) - 1.0).to(t.dtype) * (1.0 / (alpha - 1.0))
