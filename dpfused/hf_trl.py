@@ -15,6 +15,9 @@ only. The same ``DPTrainingMixin`` in front of another Trainer subclass makes th
 Refused: ``packing`` and ``padding_free``, which put several examples in one row (one privacy
 unit per row would then be several people's text, and the clipping bound would cover the row, not
 the example).
+
+``DPDPOTrainer`` (``trl.DPOTrainer``, one preference pair per example) lives in ``dpfused.hf_dpo``
+and is importable from here.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ try:
 except ImportError as error:  # pragma: no cover - the dev extra installs trl
     raise ImportError("dpfused.hf_trl needs TRL: pip install trl") from error
 
-__all__ = ["DPSFTTrainer", "PrivacyArguments"]
+from dpfused.hf_dpo import DPDPOTrainer  # noqa: E402  (DPO: its own module)
+
+__all__ = ["DPDPOTrainer", "DPSFTTrainer", "PrivacyArguments"]
 
 
 class DPSFTTrainer(DPTrainingMixin, SFTTrainer):
