@@ -48,6 +48,7 @@ import math
 import os
 import secrets
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -749,7 +750,8 @@ def _is_hf_dataset(dataset) -> bool:
 def _batch_size(batch) -> int:
     if isinstance(batch, torch.Tensor):
         return batch.shape[0]
-    values = batch.values() if isinstance(batch, dict) else batch
+    # Any Mapping: HF's padding collators return a BatchEncoding, a Mapping but not a dict.
+    values = batch.values() if isinstance(batch, Mapping) else batch
     for value in values:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]

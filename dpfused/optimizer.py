@@ -406,7 +406,10 @@ class DPOptimizer(torch.optim.Optimizer):
             return
         epsilon = self.accountant.epsilon_if_over_budget(sampled, self.delta, self.max_epsilon)
         if epsilon is not None:
+            first = self.accountant.first_unguaranteed_step
+            why = ("" if first is None else f"; the ledger's step {first} ran on batches the "
+                   "private data loader did not draw, so no epsilon is finite from it on")
             raise PrivacyBudgetExhausted(
                 f"this step would raise epsilon to {epsilon:.4g} > max_epsilon={self.max_epsilon} "
-                f"(delta={self.delta}); the step was not applied"
+                f"(delta={self.delta}); the step was not applied{why}"
             )
