@@ -477,7 +477,7 @@ class DPTrainingMixin:
             raise ValueError("DPTrainer needs labels in each training batch to compute per-example "
                              "losses (a causal-LM collator sets labels = input_ids)")
         outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
         kind = _head_kind(self.accelerator.unwrap_model(model), logits)
         if kind == "causal_lm":
             return per_example_lm_loss(logits, labels, ignore_index=IGNORE_INDEX,
@@ -659,7 +659,10 @@ class DPTrainer(DPTrainingMixin, Trainer):
             the fix): nn.DataParallel (n_gpu > 1 in one process), DeepSpeed, FSDP, fp16 (GradScaler), label_smoothing_factor, compute_loss_func, a custom train
             sampler or train_sampling_strategy other than "random", auto_find_batch_size,
             model_init, push_to_hub with hub_strategy "checkpoint" or "all_checkpoints" (it would
-            upload the secret resume state), log_loss="noised" with an overridden compute_loss.
+            upload the secret resume state), a report_to integration set to upload checkpoint
+            folders (the same), torch_compile, include_num_input_tokens_seen (a count of the
+            private batches), an eval_dataset that is the train_dataset, log_loss="noised" with an
+            overridden compute_loss.
         TypeError: a subclass that overrides compute_loss without the per-example contract.
     """
 
