@@ -256,6 +256,8 @@ class DPTrainingMixin:
                              "re-creates the model after it was made private; pass model=")
         if training_args is not None:
             _refuse_unsupported_args(training_args)
+        # Before the parent prepares them: TRL's SFTTrainer tokenizes each into a new object.
+        _refuse_evaluation_on_training_data(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         super().__init__(*args, **kwargs)
         _refuse_unsupported_args(self.args)  # also the defaults the Trainer filled in
         _refuse_uploading_callbacks(self.callback_handler.callbacks)

@@ -401,6 +401,13 @@ def test_trl_sft_script_runs_privately_with_the_readme_flags(tmp_path):
     assert report["steps"] == 2
 
 
+def test_trl_sft_script_with_its_training_split_as_test_split_is_refused(tmp_path):
+    """SFTTrainer tokenizes train and eval sets into new objects: checked before it does."""
+    pytest.importorskip("trl")
+    with pytest.raises(ValueError, match="eval_dataset is the train_dataset"):
+        sft_script(sft_command(tmp_path, "--dataset_test_split", "train"), sft_dataset())
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--packing", "True"], "packing=True is refused"),
     (["--padding_free", "True"], "padding_free=True is refused"),
