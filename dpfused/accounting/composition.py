@@ -59,9 +59,11 @@ _RDP_ORDERS = np.asarray(_rdp_module.DEFAULT_RDP_ORDERS, dtype=np.float64)
 
 
 def composed_dp_event(steps: Sequence[SampledStep]) -> dp_accounting.DpEvent:
-    """The whole run as one dp_accounting event: Poisson steps, then one Gaussian per epoch."""
+    """The whole run as one dp_accounting event: Poisson steps, then one Gaussian per epoch, then
+    a ``NonPrivateDpEvent`` per step on batches no private data loader drew."""
     events = [s.event for s in steps if s.sampling == "poisson"]
     events += [dp_accounting.GaussianDpEvent(sigma) for sigma in epoch_sigmas(steps)]
+    events += [s.event for s in steps if not s.guaranteed]
     return dp_accounting.ComposedDpEvent(events)
 
 
