@@ -83,7 +83,8 @@ def dpo_config(tmp_path, **overrides):
 
 
 def privacy(**overrides):
-    values = dict(noise_multiplier=0.0, max_grad_norm=1.0, seed=3, accountant="rdp", delta=1e-3)
+    values = dict(noise_multiplier=0.0, per_sample_max_grad_norm=1.0, privacy_seed=3,
+                  accountant="rdp", delta=1e-3)
     values.update(overrides)
     return PrivacyArguments(**values)
 
@@ -209,7 +210,7 @@ def test_one_step_at_sigma_zero_is_the_mean_of_pair_gradients_clipped_as_one(tmp
     every_pair = [pair for i in range(len(data)) for pair in pair_rows(collator([data[i]]))]
     every_pair = with_reference(every_pair, reference_logp)
     threshold = pair_norms(oracle_pair_grads(policy, every_pair)).median().item()
-    trainer.privacy.max_grad_norm = threshold  # read when training makes the model private
+    trainer.privacy.per_sample_max_grad_norm = threshold  # read when training makes the model private
 
     before = trainable(trainer.model)
     physical, drawn = [], []
@@ -258,7 +259,7 @@ def test_a_forward_of_trls_2b_rows_is_refused_at_the_step(tmp_path):
     trainer = ConcatenatedForward(model=llama(), args=dpo_config(tmp_path),
                                   train_dataset=preference_pairs(),
                                   processing_class=tokenizer(), peft_config=lora_config(),
-                                  privacy=privacy(max_grad_norm=0.1))
+                                  privacy=privacy(per_sample_max_grad_norm=0.1))
     with pytest.raises(RuntimeError, match="examples .*saw .*exactly one backward pass"):
         trainer.train()
 
@@ -377,7 +378,7 @@ def test_precomputed_reference_log_probs_give_the_same_step(tmp_path):
     steps = []
     for precompute in (False, True):
         trainer = lora_trainer(tmp_path / str(precompute), precompute_ref_log_probs=precompute,
-                               privacy_arguments=privacy(max_grad_norm=0.05))
+                               privacy_arguments=privacy(per_sample_max_grad_norm=0.05))
         before = trainable(trainer.model)
         trainer.train()
         steps.append({n: p - before[n] for n, p in trainable(trainer.model).items()})
@@ -409,7 +410,7 @@ def gpt2_trainer(folder, **config):
     return DPDPOTrainer(model=gpt2(), ref_model=gpt2(),
                         args=dpo_config(folder, optim="sgd", max_steps=2, **config),
                         train_dataset=preference_pairs(), processing_class=tokenizer(),
-                        privacy=privacy(noise_multiplier=1.0, max_grad_norm=0.05))
+                        privacy=privacy(noise_multiplier=1.0, per_sample_max_grad_norm=0.05))
 
 
 @pytest.mark.slow
