@@ -13,6 +13,8 @@ Models (random init from configs, nothing is downloaded):
 Methods:
     nonprivate          plain training, no clipping, no noise;
     dpfused_per_layer   dpfused, a clipping group per layer (fast path);
+    nonprivate_fp16, dpfused_per_layer_fp16: float16 autocast with a static loss scale 2^12
+                        (torch.amp.GradScaler; dpfused.amp.GradScaler);
     dpfused_flat        dpfused, one group (book-keeping);
     dpfused_per_device  dpfused, a group per device (one device here, so one group);
     opacus_hooks        Opacus 1.6 GradSampleModule (materialised per-example gradients), flat;
@@ -66,7 +68,8 @@ import dpfused
 from dpfused.distributed import unwrap
 
 METHODS = ("nonprivate", "dpfused_per_layer", "dpfused_flat", "dpfused_per_device",
-           "opacus_hooks", "opacus_ghost")
+           "opacus_hooks", "opacus_ghost", "nonprivate_fp16", "dpfused_per_layer_fp16")
+FP16_SCALE = 2.0 ** 12  # the fp16 rows' static loss scale (torch's GradScaler / dpfused.amp)
 NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
 LEARNING_RATE = 1e-4
@@ -312,6 +315,12 @@ def make_trainer(method: str, spec: ModelSpec, data: TensorDataset, batch_size: 
     if method == "nonprivate":
         step = partial(plain_step, model, optimizer, spec, device, dtype)
         return Trainer(loader, partial(rank_slice_step, step) if mode else step)
+    if method == "nonprivate_fp16":
+        scaler = torch.amp.GradScaler(device.type, init_scale=FP16_SCALE)
+        return Trainer(loader, partial(fp16_step, model, optimizer, scaler, spec, device, dtype))
+    if method == "dpfused_per_layer_fp16":
+        return dpfused_trainer("per_layer", model, optimizer, loader, spec, device, dtype,
+                               fp16=True)
     if method.startswith("dpfused_"):
         return dpfused_trainer(method.removeprefix("dpfused_"), model, optimizer, loader, spec,
                                device, dtype)
@@ -359,16 +368,32 @@ def plain_step(model, optimizer, spec, device, dtype, batch):
     optimizer.step()
 
 
-def dpfused_trainer(clipping, model, optimizer, loader, spec, device, dtype) -> Trainer:
+def fp16_step(model, optimizer, scaler, spec, device, dtype, batch):
+    """float16 autocast with a loss scaler (the model's parameters stay in ``dtype``)."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.float16):
+        loss = batch_loss(model, spec, to_device(batch, spec, device, dtype))
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def dpfused_trainer(clipping, model, optimizer, loader, spec, device, dtype, *,
+                    fp16=False) -> Trainer:
     engine = dpfused.PrivacyEngine()
     # cyclic sampling: fixed batches in dataset order, the batches the other methods see
     model, dp_optimizer, dp_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, clipping=clipping,
         loss_reduction="mean", sampling="cyclic",
+        nonfinite_gradients="drop" if fp16 else "raise",
     )
-    return Trainer(dp_loader, partial(plain_step, model, dp_optimizer, spec, device, dtype),
-                   close=partial(dpfused.detach, unwrap(model)))
+    if fp16:
+        scaler = dpfused.amp.GradScaler(dp_optimizer, init_scale=FP16_SCALE)
+        step = partial(fp16_step, model, dp_optimizer, scaler, spec, device, dtype)
+    else:
+        step = partial(plain_step, model, dp_optimizer, spec, device, dtype)
+    return Trainer(dp_loader, step, close=partial(dpfused.detach, unwrap(model)))
 
 
 def opacus_trainer(mode, model, optimizer, loader, spec, device, dtype) -> Trainer:

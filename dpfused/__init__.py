@@ -1,5 +1,6 @@
 """Differentially private training for PyTorch with per-example clipping fused into backward."""
 
+from dpfused import amp
 from dpfused.accounting import PrivacyBudgetExhausted, PrivacyReport
 from dpfused.adaptive import AdaptiveClipping
 from dpfused.bandmf import BandMF
@@ -18,6 +19,6 @@ __all__ = [
     "PrivacyEngine", "DPOptimizer", "AdaptiveClipping", "BandMF", "BatchMemoryManager", "ModuleValidator",
     "PrivacyBudgetExhausted", "PrivacyReport", "ChaCha20Generator", "ClippedStep", "LogicalBatch",
     "DPLSTM", "DPGRU", "DPRNN", "detach", "explain", "fix", "get_noise_multiplier",
-    "per_example_lm_loss",
+    "per_example_lm_loss", "amp",
 ]
 __version__ = "0.1.0"

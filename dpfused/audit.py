@@ -1,21 +1,26 @@
-"""Empirical privacy auditing: a lower bound on epsilon, measured on dpfused's real training steps.
+"""Empirical privacy auditing: a lower bound on epsilon, measured on dpfused's real training steps,
+and what the audit could have caught.
 
 The auditor plants white-box gradient canaries (Dirac canaries, Nasr et al. 2023; Steinke, Nasr &
 Jagielski 2023) and reads the released (noised) gradient along their directions:
 
-* The model is wrapped with a probe: ``nn.Linear(m, 1, bias=False)`` beside the user's model. Canary
-  j is an extra example of the dataset whose loss is the probe's output on the input
-  ``canary_norm * e_j`` and nothing else, so its per-example gradient is ``canary_norm * e_j`` on the
-  probe (>> C: clipping leaves exactly C_probe * e_j) and zero on the user's model. An *excluded*
-  canary keeps its slot in the dataset with a zero probe input: a null example with zero gradient
-  (zero-out adjacency for cyclic/shuffle, and the same released sums as removing it under Poisson,
-  since the normalizer is the expected batch size). Canaries therefore change nothing but the probe
-  coordinates, and the sampler sees the same dataset whether they are in or out.
+* The model is wrapped with a probe: ``nn.Embedding(m, 1)`` beside the user's model. Canary j is an
+  extra example of the dataset whose loss is ``canary_norm`` times the probe's row j and nothing
+  else, so its per-example gradient is ``canary_norm * e_j`` on the probe (>> C: clipping leaves
+  exactly C_probe * e_j) and zero on the user's model. An *excluded* canary keeps its slot in the
+  dataset with scale 0: a null example with zero gradient (zero-out adjacency for cyclic/shuffle,
+  and the same released sums as removing it under Poisson, since the normalizer is the expected
+  batch size). Canaries therefore change nothing but the probe coordinates, and the sampler sees
+  the same dataset whether they are in or out. A lookup costs O(1) per example, so tens of
+  thousands of canaries are cheap.
 * Training runs through ``PrivacyEngine.make_private`` and ``optimizer.step()`` unchanged; after each
   step the auditor reads ``probe.weight.grad`` (the noised gradient the wrapped optimizer was given).
-  Each canary's score is the log-likelihood ratio of its coordinate's observations under "present in
-  each step with probability p" (p = q for Poisson, 1/batches per epoch otherwise) against "absent",
-  computed with the *claimed* sigma. Any score gives a valid bound; this one makes it tight-ish.
+  Each canary's score is a log-likelihood ratio of its coordinate's observations, computed with the
+  *claimed* sigma. Poisson: "present in each step with probability q" against "absent" (the
+  schedule is the secret the amplification rests on). Cyclic and shuffle: the claim (one Gaussian
+  per epoch, zero-out) holds for a public schedule, so the score uses it: N(a, sigma^2) against
+  N(0, sigma^2) over the steps the canary's slot was in. Any score gives a valid bound; these make
+  it tight-ish.
 
 Two estimators turn scores into an epsilon lower bound at a stated confidence:
 
@@ -29,9 +34,26 @@ Two estimators turn scores into an epsilon lower bound at a stated confidence:
   below 1 - confidence (Steinke, Nasr & Jagielski 2023, arXiv:2305.08846: their main theorem, with
   its delta term). A small grid of k is tried with a Bonferroni correction.
 
+What the audit could have caught (issue 28). Every report carries:
+
+* the *ceiling*: the bound if every guess were right (one_run) or the test perfect (trials). No
+  run, however leaky, makes the audit say more. With m canaries it grows like log m until the
+  theorem's 2 m delta term takes over (about 0.03 / delta canaries), then falls;
+* the *power*: the smallest epsilon it detects, ``detectable_epsilon``: the run released with a
+  smaller noise multiplier s (same sampling, steps, amplitude; the accountant's epsilon for it, via
+  dp_accounting) is flagged with probability ``power`` (default 1/2). The probability is estimated
+  by simulating the audit itself: the released coordinates drawn as the *claimed* mechanism draws
+  them at noise s, scored as above, decided by the audit's own guessers or threshold test (200
+  simulated audits per s, the same random numbers at every s), and s found by bisection.
+  Checked against real audits (tests/test_audit_power.py, benchmarks/audit_power.py).
+
+A passing audit that would more likely than not also have passed the run with the noise divided by
+``BLIND_NOISE_DIVISOR`` (3) says so in the report and in a ``UserWarning``, naming what to change.
+
 Reading the result: an audited lower bound *below* the claimed epsilon proves nothing about
-correctness (audits are loose, and a bug can hide from a given canary). A lower bound *above* the
-claim proves, at the stated confidence, that the implementation leaks more than it claims: a bug.
+correctness (audits are loose, and a bug can hide from a given canary); the power line says how
+large a leak could have hidden. A lower bound *above* the claim proves, at the stated confidence,
+that the implementation leaks more than it claims: a bug.
 
 Statistics come from scipy (binomial and beta distributions); this module needs ``scipy``
 (``pip install dpfused[audit]``).
@@ -39,7 +61,9 @@ Statistics come from scipy (binomial and beta distributions); this module needs 
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -49,9 +73,11 @@ import torch.nn as nn
 from scipy import stats
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from dpfused.accounting import PrivacyAccountant, SampledStep
 from dpfused.engine import PrivacyEngine
 
 __all__ = [
+    "BLIND_NOISE_DIVISOR",
     "AuditReport",
     "audit_privacy",
     "clopper_pearson",
@@ -59,7 +85,9 @@ __all__ = [
     "epsilon_from_scores",
     "epsilon_one_run",
     "epsilon_from_guesses",
+    "one_run_ceiling",
     "one_run_p_value",
+    "trials_ceiling",
 ]
 
 METHODS = ("one_run", "trials")
@@ -106,14 +134,33 @@ def epsilon_from_counts(*, true_positives, positives, false_positives, negatives
     are one-sided Clopper-Pearson bounds at 1 - alpha/2 each, so the bound holds with probability
     at least ``confidence`` = 1 - alpha. Returns 0 where TPR_lo <= delta.
     """
-    level = 1.0 - (1.0 - confidence) / 2.0
+    level = _one_side_level(confidence)
     tpr_lo = clopper_pearson(true_positives, positives, confidence=level, side="lower")
     fpr_hi = clopper_pearson(false_positives, negatives, confidence=level, side="upper")
+    eps = _epsilon_of_rates(tpr_lo, fpr_hi, delta)
+    return float(eps) if eps.ndim == 0 else eps
+
+
+def _one_side_level(confidence: float) -> float:
+    """Each of the two one-sided bounds of ``epsilon_from_counts`` holds at 1 - alpha / 2."""
+    return 1.0 - (1.0 - confidence) / 2.0
+
+
+def _epsilon_of_rates(tpr_lo, fpr_hi, delta) -> np.ndarray:
     excess = np.asarray(tpr_lo) - delta
     with np.errstate(divide="ignore", invalid="ignore"):
         eps = np.where(excess > 0, np.log(np.maximum(excess, 1e-300) / fpr_hi), 0.0)
-    eps = np.maximum(eps, 0.0)
-    return float(eps) if eps.ndim == 0 else eps
+    return np.maximum(eps, 0.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _clopper_pearson_table(trials: int, confidence: float, side: str) -> np.ndarray:
+    """``clopper_pearson(k, trials)`` for every k = 0..trials (read-only): a threshold test's
+    counts are integers, so a table replaces thousands of beta quantiles per search."""
+    table = np.atleast_1d(clopper_pearson(np.arange(trials + 1), trials, confidence=confidence,
+                                          side=side))
+    table.flags.writeable = False
+    return table
 
 
 def epsilon_from_scores(*, scores_in, scores_out, delta: float, confidence: float,
@@ -165,10 +212,12 @@ def _threshold_epsilon(scores_in, scores_out, tau, test, delta, confidence):
     positive, negative = ((hits_in, scores_in.size), (hits_out, scores_out.size))
     if not in_over_out:
         positive, negative = negative, positive
-    eps = epsilon_from_counts(true_positives=positive[0], positives=positive[1],
-                              false_positives=negative[0], negatives=negative[1],
-                              delta=delta, confidence=confidence)
-    return eps.reshape(tau.shape) if isinstance(eps, np.ndarray) else eps
+    # epsilon_from_counts, with its Clopper-Pearson bounds read from tables.
+    level = _one_side_level(confidence)
+    tpr_lo = _clopper_pearson_table(positive[1], level, "lower")[positive[0]]
+    fpr_hi = _clopper_pearson_table(negative[1], level, "upper")[negative[0]]
+    eps = _epsilon_of_rates(tpr_lo, fpr_hi, delta)
+    return eps.reshape(tau.shape) if eps.ndim else float(eps)
 
 
 def _best_threshold(scores_in, scores_out, *, delta, confidence):
@@ -252,18 +301,251 @@ def epsilon_from_guesses(*, scores, included, delta: float, confidence: float,
         raise ValueError(f"scores and included must have the same length >= 2; got {m} and "
                          f"{included.size}")
     if guess_counts is None:
-        guess_counts = sorted({max(1, round(m * f)) for f in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)})
-    order = np.argsort(-scores, kind="stable")  # most confident "in" first
-    level = 1.0 - (1.0 - confidence) / (2 * len(guess_counts))
+        guess_counts = _guess_counts(m)
+    level = _guesser_level(confidence, guess_counts)
+    guessers = _guessers(guess_counts)
     best = (0.0, 0, 0)
-    for k in guess_counts:
-        for top, bottom in ((k, 0), (k - k // 2, k // 2)):
-            correct = int(included[order[:top]].sum() + (~included[order[m - bottom:]]).sum())
-            eps = epsilon_one_run(canaries=m, guesses=top + bottom, correct=correct, delta=delta,
-                                  confidence=level)
-            if eps > best[0]:
-                best = (eps, top + bottom, correct)
+    for (top, bottom), correct in zip(guessers, _correct_guesses(scores, included, guessers)):
+        eps = epsilon_one_run(canaries=m, guesses=top + bottom, correct=correct, delta=delta,
+                              confidence=level)
+        if eps > best[0]:
+            best = (eps, top + bottom, correct)
     return best
+
+
+def _guessers(guess_counts: Sequence[int]) -> list[tuple[int, int]]:
+    """(top, bottom) per guesser: "in" for the ``top`` highest scores, "out" for the ``bottom``
+    lowest; two per guess count k: (k, 0) and (k - k // 2, k // 2)."""
+    return [pair for k in guess_counts for pair in ((k, 0), (k - k // 2, k // 2))]
+
+
+def _correct_guesses(scores: np.ndarray, included: np.ndarray,
+                     guessers: Sequence[tuple[int, int]]) -> list[int]:
+    """Correct guesses of each guesser (ties broken by index, as a stable sort does)."""
+    ranked = included[np.argsort(-scores, kind="stable")]  # most confident "in" first
+    m = ranked.size
+    in_top = np.concatenate([[0], np.cumsum(ranked)])  # in_top[j]: included among the j highest
+    return [int(in_top[top] + bottom - (in_top[m] - in_top[m - bottom]))
+            for top, bottom in guessers]
+
+
+_GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # of the canaries, for the default guessers
+
+
+def _guess_counts(canaries: int) -> list[int]:
+    return sorted({max(1, round(canaries * f)) for f in _GUESS_FRACTIONS})
+
+
+def _guesser_level(confidence: float, guess_counts: Sequence[int]) -> float:
+    """Bonferroni: two guessers per guess count share 1 - confidence."""
+    return 1.0 - (1.0 - confidence) / (2 * len(guess_counts))
+
+
+# ---------------------------------------------------------------------------------------------
+# What an audit can see: its ceiling and its power
+# ---------------------------------------------------------------------------------------------
+
+
+def one_run_ceiling(*, canaries: int, delta: float, confidence: float) -> float:
+    """The highest bound the one-run audit can return with ``canaries``: every guess right.
+
+    It is the best of ``epsilon_from_guesses``' guessers when all their guesses are correct. The
+    theorem's delta term (2 m delta) makes it *fall* once m delta is no longer small: more canaries
+    than about 0.03 / delta buy no higher ceiling.
+    """
+    counts = _guess_counts(canaries)
+    level = _guesser_level(confidence, counts)
+    return max(epsilon_one_run(canaries=canaries, guesses=k, correct=k, delta=delta,
+                               confidence=level) for k in counts)
+
+
+def trials_ceiling(*, trials: int, delta: float, confidence: float) -> float:
+    """The highest bound the trials audit can return: a perfect test on the evaluation half."""
+    positives, negatives = _evaluation_sizes(trials)
+    return epsilon_from_counts(true_positives=positives, positives=positives, false_positives=0,
+                               negatives=negatives, delta=delta, confidence=confidence)
+
+
+def _evaluation_sizes(trials: int) -> tuple[int, int]:
+    """Runs with and without the canary in the half that evaluates the test (see ``_halves``)."""
+    with_canary = trials // 2
+    without = trials - with_canary
+    return with_canary - with_canary // 2, without - without // 2
+
+
+@dataclass(frozen=True)
+class _CanaryView:
+    """What one canary's probe coordinate shows over a run, for the power model.
+
+    Attributes:
+        steps: logical steps T.
+        amplitude: a = C_g / C, the clipped canary in units of C.
+        noise_multiplier: the claimed sigma (the score is computed with it).
+        presence: Poisson q (the score mixes over presence), or None: the score knows the schedule.
+        count_values, count_probs: how many of the T steps a canary's slot is in, as the claimed
+            sampling draws it (Binomial(T, q) for Poisson; the fixed order for cyclic; a fresh
+            permutation per epoch for shuffle).
+    """
+
+    steps: int
+    amplitude: float
+    noise_multiplier: float
+    presence: float | None
+    count_values: np.ndarray
+    count_probs: np.ndarray
+
+
+def _simulated_scores(view: _CanaryView, noise_multiplier: float, *, included: bool, size: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Scores of ``size`` canaries, all in or all out, of a run released with ``noise_multiplier``.
+
+    The released coordinates are simulated exactly as the claimed mechanism draws them (the
+    canary's slot sampled as the sampler would, Gaussian noise of std ``noise_multiplier`` in units
+    of C) and scored exactly as the audit scores the real run (with the claimed sigma).
+    """
+    counts = rng.choice(view.count_values, size=size, p=view.count_probs)
+    a, claimed = view.amplitude, view.noise_multiplier
+    if view.presence is None:  # the known-schedule score is a Gaussian sum over present steps
+        shift, spread = a * a / (2 * claimed**2), a * noise_multiplier / claimed**2
+        mean = counts * shift if included else -counts * shift
+        return mean + np.sqrt(counts) * spread * rng.standard_normal(size)
+    scores = np.zeros(size)
+    for start in range(0, view.steps, _SIMULATED_STEPS_PER_CHUNK):
+        steps = np.arange(start, min(start + _SIMULATED_STEPS_PER_CHUNK, view.steps))[:, None]
+        # A slot's score is symmetric in the steps: put the steps it is in first.
+        signal = a * (steps < counts[None, :]) if included else 0.0
+        noise = noise_multiplier * rng.standard_normal((steps.size, size))
+        scores += _scores(signal + noise, amplitude=a, sigma=claimed, presence=view.presence)
+    return scores
+
+
+def _score_source(view: _CanaryView, noise_multiplier: float, *, units: int,
+                  rng: np.random.Generator) -> Callable[[bool, int], np.ndarray]:
+    """``draw(included, n)``: scores for n canaries of one side of a simulated audit.
+
+    Known-schedule scores are Gaussian given the slot's count: drawn fresh for every audit.
+    Poisson scores cost ``steps`` draws each: drawn once into a pool per side, ten times the
+    audit's size (fewer for very long runs, never under twice it), and resampled (a pool ten
+    times the audit adds about a third of an audit's own sampling error to the estimate).
+    """
+    if view.presence is None:
+        return lambda included, n: _simulated_scores(view, noise_multiplier, included=included,
+                                                     size=n, rng=rng)
+    # Ten times the audit's size, but at most ~_SIMULATED_DRAWS normal draws per side for long
+    # runs (never fewer than twice the audit's size).
+    size = max(2 * units, min(max(_SIMULATED_SCORES, 10 * units), _SIMULATED_DRAWS // view.steps))
+    pools = {side: _simulated_scores(view, noise_multiplier, included=side, size=size, rng=rng)
+             for side in (True, False)}
+    return lambda included, n: rng.choice(pools[included], n)
+
+
+_SIMULATED_SCORES = 20_000  # Poisson pools hold at least this many scores per side
+_SIMULATED_DRAWS = 40_000_000  # normal draws per side of a Poisson pool, at most
+_SIMULATED_AUDITS = 200  # simulated audits per noise level: P[flag] to about +-0.035 at 1/2
+_SIMULATED_STEPS_PER_CHUNK = 64
+_POWER_SEARCH_FLOOR = 20.0  # the power search stops at the claimed sigma / 20
+_POWER_SEARCH_ITERATIONS = 10  # log(20) / 2^10: sigma to 0.3%
+
+
+def _least_correct_to_exceed(*, canaries, guesses, claim, delta, level) -> float:
+    """The fewest correct of ``guesses`` whose one-run bound exceeds ``claim`` (inf: none does).
+
+    The bound exceeds the claim exactly when the p-value at the claim is below 1 - level, and
+    that p-value falls as the correct guesses grow: bisect on them.
+    """
+    alpha = 1.0 - level
+
+    def significant(correct):
+        return one_run_p_value(canaries=canaries, guesses=guesses, correct=correct,
+                               epsilon=claim, delta=delta) < alpha
+
+    if not significant(guesses):
+        return math.inf
+    too_few, enough = -1, guesses
+    while enough - too_few > 1:
+        mid = (too_few + enough) // 2
+        too_few, enough = (too_few, mid) if significant(mid) else (mid, enough)
+    return enough
+
+
+class _OneRunVerdict:
+    """Whether the one-run audit exceeds ``claim``, from scores and the truth, without computing
+    the bound: some guesser has at least the correct guesses that make its bound exceed it."""
+
+    def __init__(self, *, canaries, claim, delta, confidence):
+        counts = _guess_counts(canaries)
+        level = _guesser_level(confidence, counts)
+        self.units = canaries
+        self.guessers = _guessers(counts)
+        self.least = [_least_correct_to_exceed(canaries=canaries, guesses=top + bottom,
+                                               claim=claim, delta=delta, level=level)
+                      for top, bottom in self.guessers]
+
+    def draw_included(self, rng) -> np.ndarray:
+        return rng.random(self.units) < 0.5
+
+    def exceeds(self, scores, included, rng) -> bool:
+        correct = _correct_guesses(scores, included, self.guessers)
+        return any(c >= least for c, least in zip(correct, self.least))
+
+
+class _TrialsVerdict:
+    """Whether the trials audit exceeds ``claim``: ``epsilon_from_scores`` itself."""
+
+    def __init__(self, *, trials, claim, delta, confidence):
+        self.units, self.claim, self.delta, self.confidence = trials, claim, delta, confidence
+
+    def draw_included(self, rng) -> np.ndarray:
+        return rng.permutation(np.arange(self.units) < self.units // 2)
+
+    def exceeds(self, scores, included, rng) -> bool:
+        return epsilon_from_scores(scores_in=scores[included], scores_out=scores[~included],
+                                   delta=self.delta, confidence=self.confidence,
+                                   seed=int(rng.integers(2**31))) > self.claim
+
+
+def _flag_probability(view: _CanaryView, noise_multiplier: float, verdict, *,
+                      seed: int) -> float:
+    """P[the audit exceeds the claim] for runs released with ``noise_multiplier``, by simulation.
+
+    Each simulated audit draws the inclusions as the audit does, gives every canary a simulated
+    score of its side (``_score_source``) and applies the audit's own decision (``verdict``), so
+    guessers, ties and the Bonferroni levels are the audit's. The same ``seed`` at every noise
+    level (common random numbers) keeps the estimate falling steadily as the noise grows.
+    """
+    rng = np.random.default_rng(seed)
+    draw = _score_source(view, noise_multiplier, units=verdict.units, rng=rng)
+    flagged = 0
+    for _ in range(_SIMULATED_AUDITS):
+        included = verdict.draw_included(rng)
+        scores = np.empty(included.size)
+        scores[included] = draw(True, int(included.sum()))
+        scores[~included] = draw(False, int((~included).sum()))
+        flagged += verdict.exceeds(scores, included, rng)
+    return flagged / _SIMULATED_AUDITS
+
+
+def _detectable_noise(view: _CanaryView, verdict, *, power: float, seed: int) -> float:
+    """The largest noise multiplier at which the audit exceeds the claim w.p. >= ``power``.
+
+    Bisection in log(sigma) between the claimed sigma and sigma / 20; every level is simulated
+    with the same seed (common random numbers), so the estimate falls steadily with sigma.
+    Returns 0.0 when even sigma / 20 is not caught that often.
+    """
+
+    def caught(noise):
+        return _flag_probability(view, noise, verdict, seed=seed) >= power
+
+    high = view.noise_multiplier
+    low = high / _POWER_SEARCH_FLOOR
+    if caught(high):
+        return high
+    if not caught(low):
+        return 0.0
+    for _ in range(_POWER_SEARCH_ITERATIONS):
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if caught(mid) else (low, mid)
+    return low
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,24 +554,33 @@ def epsilon_from_guesses(*, scores, included, delta: float, confidence: float,
 
 
 class _ProbedModel(nn.Module):
-    """The user's model and a canary probe side by side; canaries only ever touch the probe."""
+    """The user's model and a canary probe side by side; canaries only ever touch the probe.
+
+    The probe is an ``nn.Embedding(m, 1)``: example i looks up row ``canary_ids[i]`` and scales it
+    by ``canary_scales[i]``, so its gradient on the probe is ``canary_scales[i] * e_{id}`` (zero
+    for the user's examples and for excluded canaries, whose scale is 0). A lookup costs O(1) per
+    example whatever m is, so an audit can plant tens of thousands of canaries.
+    """
 
     def __init__(self, body: nn.Module, num_canaries: int):
         super().__init__()
         like = next(body.parameters(), torch.empty(0))  # the probe lives where the model does
         self.body = body
-        self.probe = nn.Linear(num_canaries, 1, bias=False, dtype=like.dtype, device=like.device)
+        self.probe = nn.Embedding(num_canaries, 1, dtype=like.dtype, device=like.device)
         nn.init.zeros_(self.probe.weight)
 
-    def forward(self, inputs, probe_inputs):
-        return self.body(inputs), self.probe(probe_inputs.to(self.probe.weight))[:, 0]
+    def forward(self, inputs, canary_ids, canary_scales):
+        weight = self.probe.weight
+        probe_out = self.probe(canary_ids.to(weight.device))[:, 0] * canary_scales.to(weight)
+        return self.body(inputs), probe_out
 
 
 class _CanaryDataset(Dataset):
-    """The user's examples, then one slot per canary: ``(example, probe input, is_canary)``.
+    """The user's examples, then one slot per canary: ``(example, canary id, scale, is_canary)``.
 
     A canary slot reuses a user example as the model's input (its loss there is masked out) and
-    carries ``canary_norm * e_j`` as probe input when included, zeros when not.
+    carries its id j with scale ``canary_norm`` when included, 0 when not; the user's examples
+    carry id 0 with scale 0.
     """
 
     def __init__(self, dataset: Dataset, included: np.ndarray, canary_norm: float):
@@ -300,13 +591,11 @@ class _CanaryDataset(Dataset):
         return self.num_real + self.included.size
 
     def __getitem__(self, index):
-        probe = torch.zeros(self.included.size)
         if index < self.num_real:
-            return self.dataset[index], probe, False
+            return self.dataset[index], 0, 0.0, False
         j = index - self.num_real
-        if self.included[j]:
-            probe[j] = self.canary_norm
-        return self.dataset[j % self.num_real], probe, True
+        scale = self.canary_norm if self.included[j] else 0.0
+        return self.dataset[j % self.num_real], j, scale, True
 
 
 @dataclass(frozen=True)
@@ -326,9 +615,18 @@ class _RunConfig:
     canary_norm: float
 
 
-def _run(config: _RunConfig, included: np.ndarray, seed: int,
-         claim: bool = True) -> tuple[np.ndarray, float | None]:
-    """One private training run with canaries: (score per canary, claimed epsilon or None).
+@dataclass(frozen=True)
+class _RunResult:
+    """One audited run: a score per canary, the claim, and what the power model needs."""
+
+    scores: np.ndarray
+    claimed_epsilon: float | None
+    view: _CanaryView
+    ledger: tuple[SampledStep, ...]
+
+
+def _run(config: _RunConfig, included: np.ndarray, seed: int, claim: bool = True) -> _RunResult:
+    """One private training run with canaries.
 
     ``claim=False`` skips the accountant's epsilon (the costly part of a tiny run) for runs whose
     configuration, hence claim, is that of a run already accounted.
@@ -353,20 +651,26 @@ def _seeded_run(config, included, seed, claim):
         noise_generator=torch.Generator(model.probe.weight.device).manual_seed(seed + 1),
         sampling_generator=torch.Generator().manual_seed(seed + 2),
     )
-    released = []
+    released, schedule = [], []
     device = model.probe.weight.device
     for batch in _logical_batches(loader, config.steps):
-        (inputs, targets), probe_inputs, is_canary = _to_device(batch, device)
+        (inputs, targets), ids, scales, is_canary = _to_device(batch, device)
         optimizer.zero_grad()
         if is_canary.numel() > 0:  # an empty Poisson batch steps without a backward (README)
-            _canary_loss(model, config.loss_fn, inputs, targets, probe_inputs, is_canary).backward()
+            _canary_loss(model, config.loss_fn, inputs, targets, ids, scales,
+                         is_canary).backward()
         optimizer.step()
-        released.append(model.probe.weight.grad[0].detach().to("cpu", torch.float64).clone())
+        released.append(model.probe.weight.grad[:, 0].detach().to("cpu", torch.float64).clone())
+        schedule.append(_slots_in_batch(ids[is_canary], included.size))
     observations = torch.stack(released).numpy() * loader.current.expected_size  # B_norm
-    scores = _scores(observations / config.max_grad_norm, amplitude=_probe_threshold(
-        optimizer, model.probe.weight) / config.max_grad_norm,
-        sigma=config.noise_multiplier, presence=_presence_probability(loader))
-    return scores, engine.get_epsilon(config.delta) if claim else None
+    amplitude = _probe_threshold(optimizer, model.probe.weight) / config.max_grad_norm
+    view = _canary_view(loader, steps=config.steps, amplitude=amplitude,
+                        noise_multiplier=config.noise_multiplier,
+                        num_real=len(config.dataset), canaries=included.size)
+    scores = _observed_scores(observations / config.max_grad_norm, np.stack(schedule), view)
+    return _RunResult(scores=scores,
+                      claimed_epsilon=engine.get_epsilon(config.delta) if claim else None,
+                      view=view, ledger=tuple(e.sampled for e in engine.accountant.entries))
 
 
 def _logical_batches(loader, steps: int) -> Iterator:
@@ -391,8 +695,14 @@ def _to_device(batch, device):
     return batch
 
 
-def _canary_loss(model, loss_fn, inputs, targets, probe_inputs, is_canary):
-    outputs, probe_out = model(inputs, probe_inputs)
+def _slots_in_batch(ids: torch.Tensor, canaries: int) -> np.ndarray:
+    present = np.zeros(canaries, dtype=bool)
+    present[ids.cpu().numpy()] = True
+    return present
+
+
+def _canary_loss(model, loss_fn, inputs, targets, ids, scales, is_canary):
+    outputs, probe_out = model(inputs, ids, scales)
     losses = loss_fn(outputs, targets)
     if not isinstance(losses, torch.Tensor) or losses.shape != is_canary.shape:
         raise ValueError(
@@ -412,10 +722,45 @@ def _probe_threshold(optimizer, probe_weight) -> float:
     raise RuntimeError("the canary probe is in no clipping group")
 
 
-def _presence_probability(loader) -> float:
+def _canary_view(loader, *, steps, amplitude, noise_multiplier, num_real, canaries) -> _CanaryView:
+    """The canary's view of a run as the CLAIMED sampling draws it (never the sampler's output:
+    a broken sampler must not make the power model describe the broken run)."""
+    per_epoch = loader.batches_per_epoch
     if loader.sampling == "poisson":
-        return float(loader.sample_rate)
-    return 1.0 / loader.batches_per_epoch
+        values = np.arange(steps + 1)
+        probs = stats.binom.pmf(values, steps, loader.sample_rate)
+        presence = float(loader.sample_rate)
+    elif loader.sampling == "cyclic":  # the identity order: slot num_real + j is in one batch
+        batch = (num_real + np.arange(canaries)) // loader.batch_size
+        counts = np.where((batch < per_epoch) & (batch < steps),
+                          (steps - 1 - batch) // per_epoch + 1, 0)
+        values, frequency = np.unique(counts, return_counts=True)
+        probs, presence = frequency / canaries, None
+    else:  # shuffle: each epoch puts a slot in a batch w.p. (batches kept) * b / N
+        in_epoch = per_epoch * loader.batch_size / loader.num_samples
+        in_partial = (steps % per_epoch) * loader.batch_size / loader.num_samples
+        full = steps // per_epoch
+        probs = np.convolve(stats.binom.pmf(np.arange(full + 1), full, in_epoch),
+                            [1.0 - in_partial, in_partial])
+        values, presence = np.arange(full + 2), None
+    return _CanaryView(steps=steps, amplitude=float(amplitude),
+                       noise_multiplier=float(noise_multiplier), presence=presence,
+                       count_values=values, count_probs=probs / probs.sum())
+
+
+def _observed_scores(observations: np.ndarray, schedule: np.ndarray,
+                     view: _CanaryView) -> np.ndarray:
+    """Each canary's score from the released coordinates, (steps, canaries) in units of C.
+
+    Poisson: the schedule is the secret the amplification rests on, so the score mixes over it.
+    Cyclic and shuffle: the claim (one Gaussian per epoch, zero-out) holds for a public schedule,
+    so the score may use it: the Gaussian log-likelihood ratio over the steps the slot was in.
+    """
+    if view.presence is not None:
+        return _scores(observations, amplitude=view.amplitude, sigma=view.noise_multiplier,
+                       presence=view.presence)
+    return _scores_on_schedule(observations, schedule, amplitude=view.amplitude,
+                               sigma=view.noise_multiplier)
 
 
 def _scores(observations: np.ndarray, *, amplitude: float, sigma: float,
@@ -431,14 +776,36 @@ def _scores(observations: np.ndarray, *, amplitude: float, sigma: float,
     return per_step.sum(axis=0)
 
 
+def _scores_on_schedule(observations: np.ndarray, schedule: np.ndarray, *, amplitude: float,
+                        sigma: float) -> np.ndarray:
+    """Log-likelihood ratio per canary, N(a, sigma^2) against N(0, sigma^2), over the steps its
+    slot was in (``schedule``: (steps, canaries) booleans)."""
+    shifted = (amplitude * observations - amplitude**2 / 2.0) / sigma**2
+    return np.where(schedule, shifted, 0.0).sum(axis=0)
+
+
+def _epsilon_with_noise(ledger: Sequence[SampledStep], noise_multiplier: float, *, delta: float,
+                        accountant: str) -> float:
+    """What the accountant claims for the audited run's steps released with another sigma."""
+    claim = PrivacyAccountant(mechanism=accountant)
+    for step in ledger:
+        released = {**step.to_dict(), "noise_multiplier": noise_multiplier}
+        claim.record(SampledStep.from_dict(released))
+    return claim.get_epsilon(delta)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------
 
+# A passing audit warns when it would more likely than not (at ``power``) also pass the same run
+# released with the noise divided by this: the size of a real bug it must not miss (issue 28).
+BLIND_NOISE_DIVISOR = 3.0
+
 
 @dataclass(frozen=True)
 class AuditReport:
-    """What an audit found.
+    """What an audit found, and what it could have found.
 
     Attributes:
         epsilon_lower_bound: epsilon the implementation provably exceeds, at ``confidence``.
@@ -449,6 +816,15 @@ class AuditReport:
         canaries: canaries planted (over all runs).
         runs: training runs made.
         steps: logical steps per run.
+        noise_multiplier: the claimed sigma.
+        ceiling: the bound the audit returns if every guess is right (one_run) or the test is
+            perfect (trials): no run, however leaky, can make it say more.
+        detectable_epsilon: the smallest epsilon the audit detects: a run of this configuration
+            released with ``detectable_noise_multiplier`` instead of sigma (what the accountant
+            claims for that) is flagged with probability about ``power``; a smaller leak passes
+            more often than not. ``math.inf``: not even sigma / 20 is flagged that often.
+        detectable_noise_multiplier: that noise multiplier (0.0 with ``math.inf``).
+        power: the detection probability ``detectable_epsilon`` is stated for.
         guesses, correct: one_run only: guesses made and how many were right (else 0).
     """
 
@@ -460,6 +836,11 @@ class AuditReport:
     canaries: int
     runs: int
     steps: int
+    noise_multiplier: float
+    ceiling: float
+    detectable_epsilon: float
+    detectable_noise_multiplier: float
+    power: float
     guesses: int = 0
     correct: int = 0
 
@@ -468,17 +849,74 @@ class AuditReport:
         """True proves a privacy bug (at ``confidence``); False proves nothing."""
         return self.epsilon_lower_bound > self.claimed_epsilon
 
+    @property
+    def blind(self) -> bool:
+        """The audit passed, but would likely (at ``power``) also have passed this run released
+        with the noise divided by ``BLIND_NOISE_DIVISOR``: its "pass" says little."""
+        return not self.exceeds_claim and (
+            self.detectable_noise_multiplier < self.noise_multiplier / BLIND_NOISE_DIVISOR)
+
     def __str__(self) -> str:
-        verdict = ("EXCEEDS the claim: the implementation leaks more than it claims (a bug)"
-                   if self.exceeds_claim else
-                   "below the claim (consistent with it; this does not prove the claim)")
         detail = (f", {self.correct}/{self.guesses} guesses right" if self.method == "one_run"
                   else "")
-        return (f"privacy audit ({self.method}, {self.canaries} canaries, {self.runs} run(s) of "
-                f"{self.steps} steps{detail}):\n"
-                f"  epsilon >= {self.epsilon_lower_bound:.4g} with {self.confidence:.0%} confidence"
-                f"\n  claimed epsilon = {self.claimed_epsilon:.4g} (delta = {self.delta:g})\n"
-                f"  {verdict}")
+        lines = [
+            f"privacy audit ({self.method}, {self.canaries} canaries, {self.runs} run(s) of "
+            f"{self.steps} steps{detail}):",
+            f"  epsilon >= {self.epsilon_lower_bound:.4g} with {self.confidence:.0%} confidence",
+            f"  claimed epsilon = {self.claimed_epsilon:.4g} (delta = {self.delta:g}, noise "
+            f"multiplier {self.noise_multiplier:.4g})",
+            f"  ceiling: {self.ceiling:.4g} (the bound if every guess were right)",
+            f"  power: {self._power_line()}",
+            f"  {self._verdict()}",
+        ]
+        if self.blind:
+            lines.append(f"  WARNING: {self.blind_warning()}")
+        return "\n".join(lines)
+
+    def _power_line(self) -> str:
+        if math.isinf(self.detectable_epsilon):
+            return (f"flags with probability >= {self.power:.0%} no run of this configuration, "
+                    f"even one with noise multiplier {self.noise_multiplier:.4g} / "
+                    f"{_POWER_SEARCH_FLOOR:g}")
+        return (f"flags a run of this configuration with true epsilon >= "
+                f"{self.detectable_epsilon:.4g} (noise multiplier <= "
+                f"{self.detectable_noise_multiplier:.4g}) with probability >= {self.power:.0%}")
+
+    def _verdict(self) -> str:
+        if self.exceeds_claim:
+            return "EXCEEDS the claim: the implementation leaks more than it claims (a bug)"
+        if math.isinf(self.detectable_epsilon):
+            unseen = "a run leaking any amount would likely have passed too"
+        else:
+            unseen = (f"a run leaking up to epsilon {self.detectable_epsilon:.4g} would have "
+                      f"passed too with probability above {1 - self.power:.0%}")
+        return (f"below the claim: consistent with it, but it could not have seen more: {unseen} "
+                f"(this does not prove the claim)")
+
+    def blind_warning(self) -> str:
+        """Why this pass says little, and what to change to see more."""
+        third = f"{self.noise_multiplier:.4g} / {BLIND_NOISE_DIVISOR:g}"
+        if self.ceiling <= self.claimed_epsilon:
+            why = (f"its ceiling {self.ceiling:.4g} is at or below the claim "
+                   f"{self.claimed_epsilon:.4g}: no run, however leaky, can fail it")
+        elif math.isinf(self.detectable_epsilon):
+            why = (f"it would likely pass this run even with noise multiplier "
+                   f"{self.noise_multiplier:.4g} / {_POWER_SEARCH_FLOOR:g}")
+        else:
+            ratio = self.detectable_epsilon / self.claimed_epsilon
+            why = (f"it flags (probability {self.power:.0%}) only runs with noise multiplier <= "
+                   f"{self.detectable_noise_multiplier:.4g} (true epsilon >= "
+                   f"{self.detectable_epsilon:.4g}, {ratio:.3g}x the claim "
+                   f"{self.claimed_epsilon:.4g}), so a bug dividing the noise by "
+                   f"{BLIND_NOISE_DIVISOR:g} (noise multiplier {third}) would likely pass")
+        more = ("more canaries (to about 0.03 / delta; beyond that the one-run theorem's delta "
+                "term lowers the ceiling)" if self.method == "one_run" else "more runs (trials)")
+        return (f"this audit is too weak for this claim: {why}. To see more: {more}; a larger "
+                f"canary gradient (clipping='flat' gives the canary all of C, per_layer only its "
+                f"group's share); every canary in every step (sampling='cyclic' with batch_size = "
+                f"len(dataset) + canaries); fewer steps per canary (a shorter audit run: the claim "
+                f"grows with the steps toward the ceiling). The README's 'Auditing privacy "
+                f"empirically' lists settings measured to catch the noise divided by 3.")
 
 
 def audit_privacy(
@@ -498,6 +936,7 @@ def audit_privacy(
     canaries: int = 1000,
     trials: int = 200,
     confidence: float = 0.95,
+    power: float = 0.5,
     accountant: str = "pld",
     canary_norm: float | None = None,
     seed: int = 0,
@@ -511,7 +950,9 @@ def audit_privacy(
 
     A lower bound BELOW the claimed epsilon proves nothing about correctness: audits are loose and
     a bug may not show on these canaries. A lower bound ABOVE the claim proves, at ``confidence``,
-    that the run is less private than claimed: a bug.
+    that the run is less private than claimed: a bug. The report also says what the audit could
+    have seen: its ceiling and the smallest epsilon it detects with probability ``power``; it
+    warns (``UserWarning``) when it passes but would likely have passed the noise divided by 3.
 
     Args:
         make_model: builds the model (a fresh one per run; seeded by the audit).
@@ -535,20 +976,26 @@ def audit_privacy(
         canaries: number of canaries for "one_run".
         trials: number of runs for "trials" (even, >= 8).
         confidence: probability with which the lower bound holds, in (0, 1).
+        power: the detection probability the report's ``detectable_epsilon`` is stated for.
         accountant: the engine's accountant, "pld" or "rdp".
         canary_norm: a canary's gradient norm before clipping; default 1000 * C.
-        seed: everything (models, sampling, noise, canary inclusion) is drawn from it.
+        seed: everything (models, sampling, noise, canary inclusion, the power model's
+            simulation) is drawn from it.
 
     Returns:
         An ``AuditReport``; ``print(report)`` says what it means.
 
     Raises:
         ValueError / TypeError: a bad argument, named, before any training.
+
+    Warns:
+        UserWarning: the audit passed but would likely also pass this run with the noise divided
+            by ``BLIND_NOISE_DIVISOR`` (``AuditReport.blind``).
     """
     _check_audit_arguments(
-        method=method, canaries=canaries, trials=trials, confidence=confidence, delta=delta,
-        steps=steps, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        batch_size=batch_size, dataset=dataset,
+        method=method, canaries=canaries, trials=trials, confidence=confidence, power=power,
+        delta=delta, steps=steps, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, batch_size=batch_size, dataset=dataset,
         callables=dict(make_model=make_model, make_optimizer=make_optimizer, loss_fn=loss_fn))
     config = _RunConfig(
         make_model=make_model, make_optimizer=make_optimizer, dataset=dataset, loss_fn=loss_fn,
@@ -558,27 +1005,50 @@ def audit_privacy(
         canary_norm=float(canary_norm) if canary_norm is not None else 1000.0 * max_grad_norm,
     )
     rng = np.random.default_rng(seed)
-    common = dict(delta=delta, confidence=confidence, method=method, steps=steps)
     if method == "one_run":
-        included = rng.random(canaries) < 0.5
-        scores, claimed = _run(config, included, seed=int(rng.integers(2**31)))
-        eps, guesses, correct = epsilon_from_guesses(scores=scores, included=included,
-                                                     delta=delta, confidence=confidence)
-        return AuditReport(epsilon_lower_bound=eps, claimed_epsilon=claimed, canaries=canaries,
-                           runs=1, guesses=guesses, correct=correct, **common)
+        found, result = _one_run_audit(config, canaries, delta, confidence, rng)
+        verdict = _OneRunVerdict(canaries=canaries, claim=result.claimed_epsilon, delta=delta,
+                                 confidence=confidence)
+        ceiling = one_run_ceiling(canaries=canaries, delta=delta, confidence=confidence)
+    else:
+        found, result = _trials_audit(config, trials, delta, confidence, rng)
+        verdict = _TrialsVerdict(trials=trials, claim=result.claimed_epsilon, delta=delta,
+                                 confidence=confidence)
+        ceiling = trials_ceiling(trials=trials, delta=delta, confidence=confidence)
+    noise = _detectable_noise(result.view, verdict, power=power,
+                              seed=int(rng.integers(2**31)))
+    detectable = (_epsilon_with_noise(result.ledger, noise, delta=delta, accountant=accountant)
+                  if noise > 0 else math.inf)
+    report = AuditReport(
+        claimed_epsilon=result.claimed_epsilon, delta=delta, confidence=confidence, method=method,
+        steps=steps, noise_multiplier=config.noise_multiplier, ceiling=ceiling,
+        detectable_epsilon=detectable, detectable_noise_multiplier=noise, power=power, **found)
+    if report.blind:
+        warnings.warn(f"dpfused.audit: {report.blind_warning()}", UserWarning, stacklevel=2)
+    return report
+
+
+def _one_run_audit(config, canaries, delta, confidence, rng):
+    included = rng.random(canaries) < 0.5
+    result = _run(config, included, seed=int(rng.integers(2**31)))
+    eps, guesses, correct = epsilon_from_guesses(scores=result.scores, included=included,
+                                                 delta=delta, confidence=confidence)
+    return dict(epsilon_lower_bound=eps, canaries=canaries, runs=1, guesses=guesses,
+                correct=correct), result
+
+
+def _trials_audit(config, trials, delta, confidence, rng):
     included = rng.permutation(np.arange(trials) < trials // 2)
     # Every run has the same configuration (dataset size, q, steps, sigma), so one claim.
     results = [_run(config, np.array([inc]), seed=int(rng.integers(2**31)), claim=i == 0)
                for i, inc in enumerate(included)]
-    scores = np.array([s[0] for s, _ in results])
-    claimed = results[0][1]
+    scores = np.array([r.scores[0] for r in results])
     eps = epsilon_from_scores(scores_in=scores[included], scores_out=scores[~included],
                               delta=delta, confidence=confidence, seed=int(rng.integers(2**31)))
-    return AuditReport(epsilon_lower_bound=eps, claimed_epsilon=claimed, canaries=trials // 2,
-                       runs=trials, **common)
+    return dict(epsilon_lower_bound=eps, canaries=trials // 2, runs=trials), results[0]
 
 
-def _check_audit_arguments(*, method, canaries, trials, confidence, delta, steps,
+def _check_audit_arguments(*, method, canaries, trials, confidence, power, delta, steps,
                            noise_multiplier, max_grad_norm, batch_size, dataset, callables):
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; use 'one_run' or 'trials'")
@@ -591,8 +1061,8 @@ def _check_audit_arguments(*, method, canaries, trials, confidence, delta, steps
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     if trials % 2:
         raise ValueError(f"trials must be even (half with the canary, half without), got {trials}")
-    for name, value in (("confidence", confidence), ("delta", delta)):
-        if not isinstance(value, (int, float)) or not 0 < value < 1:
+    for name, value in (("confidence", confidence), ("power", power), ("delta", delta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
             raise ValueError(f"{name} must be in (0, 1), got {value!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")

@@ -259,8 +259,10 @@ class NoiseHistory:
     def bands(self) -> int:
         return len(self.coefficients)
 
-    def check_step(self, step: int) -> None:
+    def check_step(self, step: int | None) -> None:
         """Before a release: it must be the loader's next logical batch (no batch skipped).
+        ``step`` None: a step on batches the loader did not draw (no guarantee at all, so
+        nothing to keep apart).
 
         The separation of an example's steps, which the accounting relies on, is counted in the
         loader's steps, while the noise is correlated over the released ones; a skipped batch
@@ -270,7 +272,8 @@ class NoiseHistory:
             ValueError: the step does not follow the last released one; nothing changes.
         """
         self._staged = {}
-        if self.bands > 1 and self.next_step is not None and step != self.next_step:
+        if (self.bands > 1 and step is not None and self.next_step is not None
+                and step != self.next_step):
             raise ValueError(
                 f"BandMF: optimizer.step() released the logical batch of loader step {step}, but "
                 f"the last one released was step {self.next_step - 1}: with correlated noise every "
@@ -291,14 +294,15 @@ class NoiseHistory:
 
         return correlate
 
-    def commit(self, step: int) -> None:
-        """The step was released: its unit noises join the history, the oldest leave it."""
+    def commit(self, step: int | None) -> None:
+        """The step was released: its unit noises join the history, the oldest leave it. After a
+        step on batches the loader did not draw (``step`` None) any next step is accepted."""
         keep = self.bands - 1
         if keep:
             for key, unit in self._staged.items():
                 self._past[key] = [unit, *self._past.get(key, [])][:keep]
         self._staged = {}
-        self.next_step = step + 1
+        self.next_step = None if step is None else step + 1
 
     @property
     def nbytes(self) -> int:

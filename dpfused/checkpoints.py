@@ -186,8 +186,12 @@ def check_ledger(*, entries, ledger_start: int, steps_taken: int, loader_state: 
     sampling, rate (Poisson) or batch size (at most b: a kept last partial batch is smaller) and
     epoch length; they sit at increasing places of the sampler's stream (epoch
     x batches per epoch + position), all before the sampler's saved position; the sampler's
-    position agrees with the loader's step count, which exceeds ``steps_taken`` by at most one (a
-    checkpoint between drawing a batch and its step, or a step the budget refused).
+    position agrees with the loader's step count, which exceeds the steps it drew by at most one (a
+    checkpoint between drawing a batch and its step, or a step the budget refused). Entries of
+    steps on batches the loader did not draw (``"unsampled"``: no guarantee, every epsilon
+    infinite) count in ``steps_taken`` and at no place of the sampler's stream; each may or may
+    not have used up a draw (passes on other data mixed into a drawn batch make it one), and
+    with epsilon infinite an extra draw can hide nothing.
 
     Raises:
         ValueError: naming what disagrees.
@@ -214,13 +218,19 @@ def check_ledger(*, entries, ledger_start: int, steps_taken: int, loader_state: 
     if position != drawn:
         refuse(f"the sampler stands at epoch {sampler['epoch']}, batch {sampler['position']} "
                f"({batches_per_epoch} per epoch) but the loader counts {drawn} batches drawn")
-    if not steps_taken <= drawn <= steps_taken + 1:
-        refuse(f"the sampler drew {drawn} logical batches and the optimizer took {steps_taken} "
-               "steps (a checkpoint may fall between one draw and its step, no more)")
+    unsampled = sum(isinstance(e, Mapping) and isinstance(e.get("sampled"), Mapping)
+                    and e["sampled"].get("sampling") == "unsampled" for e in ours)
+    sampled_steps = steps_taken - unsampled
+    if not sampled_steps <= drawn <= sampled_steps + unsampled + 1:
+        refuse(f"the sampler drew {drawn} logical batches and the optimizer took {sampled_steps} "
+               f"steps on them (and {unsampled} on batches it did not draw; a checkpoint may fall "
+               "between one draw and its step, no more)")
     previous = -1
     for index, entry in enumerate(ours, start=ledger_start):
         try:
             sampled, iterate = entry["sampled"], entry["iterate"]
+            if sampled["sampling"] == "unsampled":
+                continue  # no guarantee, no place in the sampler's stream (epsilon is infinite)
             drawn_by = (sampled["sampling"], iterate["batches_per_epoch"], sampled["sample_rate"],
                         sampled["batch_size"])
             place = int(sampled["epoch"]) * batches_per_epoch + int(iterate["position_in_epoch"])

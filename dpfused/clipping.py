@@ -66,6 +66,9 @@ class _OpenStep:
     backward_passes: int = 0
     dropped: int = 0  # examples dropped for a non-finite gradient (nonfinite="drop")
     logical_batches: int = 1  # logical batches whose backward passes were collected
+    # Backward passes ran before the private loader drew this step's batch: they were on other
+    # data, so the step is closed as one on batches the loader did not draw (``close``).
+    undrawn: bool = False
 
 
 class Bookkeeper:
@@ -416,13 +419,18 @@ class Bookkeeper:
         if (self._batch is not None and batch.step != self._batch.step
                 and self._step.backward_passes > 0):
             self._step.logical_batches += 1  # no step() since: manual gradient accumulation
+        if self._batch is None and self._step.backward_passes > 0:
+            self._step.undrawn = True  # passes on data the loader had not drawn (yet)
         self._batch = batch
 
     def close(self) -> ClippedStep | None:
         """The logical batch's clipped step, or None while more of its physical batches follow.
 
         Does not reset anything: the optimizer calls ``next_step`` once the step is released, so a
-        step refused before release (privacy budget) loses nothing.
+        step refused before release (privacy budget) loses nothing. A step whose backward passes
+        did not all run on batches the private loader drew for it (none was drawn, or some
+        passes came before the draw) is closed with ``batch=None``: the optimizer records it as
+        a step with no guarantee.
 
         Raises:
             RuntimeError: a failed or unfinished backward pass, a step without a backward pass, or
@@ -433,6 +441,8 @@ class Bookkeeper:
         if batch is not None and not batch.is_last_physical:
             self._accumulating = True
             return None
+        if self._step.undrawn:
+            batch = None  # not this logical batch's data alone: no sampling to account
         self._check_complete(batch)
         return ClippedStep(
             batch=batch, sums=self._step.sums, thresholds=tuple(g.threshold for g in self.groups),

@@ -2,7 +2,7 @@
 ``DPTrainer(..., privacy=PrivacyArguments(...))``.
 
     trainer = DPTrainer(model=model, args=TrainingArguments(...), train_dataset=train,
-                        privacy=PrivacyArguments(noise_multiplier=1.0, max_grad_norm=1.0))
+                        privacy=PrivacyArguments(noise_multiplier=1.0, per_sample_max_grad_norm=1.0))
     trainer.train()            # logs "epsilon" at every logging step, prints the privacy report
     trainer.evaluate()         # no DP: plain evaluation
 
@@ -30,7 +30,8 @@ How the Trainer's loop maps onto DP-SGD (docs/design.md §5, §6):
   integration; ``train()``'s ``training_loss`` is NaN). ``"noised"`` logs a noised, accounted mean
   of the clipped per-example losses; ``"unprotected"`` logs the raw loss, outside the guarantee.
 - ``TrainingArguments.max_grad_norm`` (HF's clipping of the summed gradient) is not applied: the
-  per-example bound is ``PrivacyArguments.max_grad_norm``, and the noised gradient is left as it is.
+  per-example bound is ``PrivacyArguments.per_sample_max_grad_norm``, and the noised gradient is
+  left as it is.
 
 Contract for subclasses: override ``per_example_loss(model, inputs)`` (one loss per example, each
 depending on its own example only). Overriding ``compute_loss`` is refused unless the class sets
@@ -48,6 +49,7 @@ import math
 import os
 import secrets
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,19 +92,24 @@ class PrivacyArguments:
         target_epsilon: calibrate sigma so that the planned run (``max_steps``, or an integer
             ``num_train_epochs``) spends this epsilon at ``delta``.
         delta: the delta of every reported epsilon; must be below 1 / (training examples).
-        max_grad_norm: C, the per-example clipping bound (sqrt(sum_g C_g^2) with group clipping).
+        per_sample_max_grad_norm: C, the per-example clipping bound (sqrt(sum_g C_g^2) with
+            group clipping). Not ``max_grad_norm``, which is ``TrainingArguments``' (HF's
+            clipping of the summed gradient, not applied by DPTrainer): the two dataclasses share
+            one ``HfArgumentParser`` (``--per_sample_max_grad_norm``, dp-transformers' name).
         clipping: "flat", "per_layer" or "per_device".
         sampling: "poisson" (default), "cyclic" or "shuffle" (docs/design.md §6).
         accountant: "pld" (default) or "rdp".
         adaptive_clipping: a ``dpfused.AdaptiveClipping`` (thresholds follow a norm quantile).
         max_epsilon: a budget: training stops cleanly before the step that would exceed it, and
             a final checkpoint is written.
-        seed: seeds the batch sampler (``seed``) and the noise (``seed + 1``). None (default):
-            64 bits from the operating system, so that nobody who knows the Trainer's public seed
-            can reproduce the batches or subtract the noise. Fix it only for experiments.
+        privacy_seed: seeds the batch sampler (``privacy_seed``) and the noise
+            (``privacy_seed + 1``). None (default): 64 bits from the operating system, so that
+            nobody who knows the Trainer's public ``seed`` can reproduce the batches or subtract
+            the noise. Fix it only for experiments. (Not ``seed``: that is ``TrainingArguments``'
+            model-initialization seed, and the two share one ``HfArgumentParser``.)
         secure_mode: draw batches and noise from ChaCha20 keyed by the operating system
-            (``dpfused.PrivacyEngine(secure_mode=True)``); no ``seed``. A resumed secure run draws
-            fresh noise (the key is never saved).
+            (``dpfused.PrivacyEngine(secure_mode=True)``); no ``privacy_seed``. A resumed secure
+            run draws fresh noise (the key is never saved).
         log_loss: what the logs show of the training loss. "off" (default): nothing. "noised":
             each step releases the mean of the per-example losses clipped to [0, ``loss_bound``]
             plus Gaussian noise of std ``loss_noise_multiplier * loss_bound``, over the expected
@@ -116,18 +123,23 @@ class PrivacyArguments:
         noise, max_batch_size, clipping_function, stability: as ``make_private`` takes them
             (a ``dpfused.BandMF`` with sampling="cyclic_poisson"; truncated Poisson; "automatic"
             clipping with its gamma; docs/design.md §4-§6).
+
+    The old keywords ``max_grad_norm=`` and ``seed=`` still construct it directly (a
+    DeprecationWarning names the new field). They are init-only (``dataclasses.InitVar``), so an
+    ``HfArgumentParser`` never sees them and ``dataclasses.replace`` keeps working; as attributes
+    they read None: read ``per_sample_max_grad_norm`` and ``privacy_seed``.
     """
 
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    per_sample_max_grad_norm: float = 1.0
     clipping: str = "flat"
     sampling: str = "poisson"
     accountant: str = "pld"
     adaptive_clipping: AdaptiveClipping | None = None
     max_epsilon: float | None = None
-    seed: int | None = None
+    privacy_seed: int | None = None
     secure_mode: bool = False
     log_loss: str = "off"
     loss_bound: float | None = None
@@ -136,8 +148,14 @@ class PrivacyArguments:
     max_batch_size: int | None = None
     clipping_function: str = "standard"
     stability: float = 0.01
+    # The deprecated spellings, init-only (no dataclass field: no HfArgumentParser clash).
+    _: dataclasses.KW_ONLY
+    max_grad_norm: dataclasses.InitVar[float | None] = None
+    seed: dataclasses.InitVar[int | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, max_grad_norm=None, seed=None):
+        self._take_deprecated("max_grad_norm", max_grad_norm, "per_sample_max_grad_norm")
+        self._take_deprecated("seed", seed, "privacy_seed")
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("PrivacyArguments: give exactly one of noise_multiplier (sigma) and "
                              "target_epsilon (sigma is then calibrated for the planned run)")
@@ -145,14 +163,30 @@ class PrivacyArguments:
             raise ValueError(f"PrivacyArguments: target_epsilon must be > 0, got {self.target_epsilon!r}")
         if not 0 < self.delta < 1:
             raise ValueError(f"PrivacyArguments: delta must be in (0, 1), got {self.delta!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise TypeError(f"PrivacyArguments: seed must be an int or None, got {type(self.seed).__name__}")
+        if self.privacy_seed is not None and not isinstance(self.privacy_seed, int):
+            raise TypeError("PrivacyArguments: privacy_seed must be an int or None, got "
+                            f"{type(self.privacy_seed).__name__}")
         if not isinstance(self.secure_mode, bool):
             raise TypeError(f"PrivacyArguments: secure_mode must be True or False, got {self.secure_mode!r}")
-        if self.secure_mode and self.seed is not None:
+        if self.secure_mode and self.privacy_seed is not None:
             raise ValueError("PrivacyArguments: secure_mode=True draws batches and noise from keys "
-                             "of the operating system; remove seed (a seed makes them predictable)")
+                             "of the operating system; remove privacy_seed (a seed makes them "
+                             "predictable)")
         self._check_log_loss()
+
+    def _take_deprecated(self, old: str, value, new: str) -> None:
+        """``old=value`` given to the constructor: set field ``new`` (both given: refused)."""
+        if value is None:
+            return
+        default = type(self).__dataclass_fields__[new].default
+        if getattr(self, new) not in (default, value):
+            raise ValueError(f"PrivacyArguments: {old}={value!r} and {new}={getattr(self, new)!r} "
+                             f"were both given; {old} is the deprecated name of {new}: give {new} "
+                             "only")
+        warnings.warn(f"PrivacyArguments({old}=...) is deprecated: use {new}= (--{new} on the "
+                      f"command line; {old} is TrainingArguments' name)", DeprecationWarning,
+                      stacklevel=4)
+        setattr(self, new, value)
 
     def _check_log_loss(self):
         if self.log_loss not in LOG_LOSS_CHOICES:
@@ -230,8 +264,12 @@ class DPTrainingMixin:
                              "re-creates the model after it was made private; pass model=")
         if training_args is not None:
             _refuse_unsupported_args(training_args)
+        # Before the parent prepares them: TRL's SFTTrainer tokenizes each into a new object.
+        _refuse_evaluation_on_training_data(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         super().__init__(*args, **kwargs)
         _refuse_unsupported_args(self.args)  # also the defaults the Trainer filled in
+        _refuse_uploading_callbacks(self.callback_handler.callbacks)
+        _refuse_evaluation_on_training_data(self.train_dataset, self.eval_dataset)
         self.privacy = privacy
         self.logical_batch_size = (self.args.per_device_train_batch_size
                                    * self.args.gradient_accumulation_steps * self.args.world_size)
@@ -242,8 +280,9 @@ class DPTrainingMixin:
         if self.args.max_grad_norm != type(self.args).__dataclass_fields__["max_grad_norm"].default:
             warnings.warn(
                 f"TrainingArguments.max_grad_norm={self.args.max_grad_norm} is not applied by "
-                f"DPTrainer; the per-example clipping bound is PrivacyArguments.max_grad_norm="
-                f"{privacy.max_grad_norm}", stacklevel=2)
+                f"DPTrainer; the per-example clipping bound is "
+                f"PrivacyArguments.per_sample_max_grad_norm={privacy.per_sample_max_grad_norm} "
+                "(--per_sample_max_grad_norm)", stacklevel=2)
         _check_log_loss_choice(type(self), privacy)
         self.privacy_engine: PrivacyEngine | None = None
         self._dp_optimizer = None
@@ -276,7 +315,7 @@ class DPTrainingMixin:
                                             secure_mode=privacy.secure_mode)
         common = dict(
             module=module, optimizer=self.optimizer, data_loader=self._base_train_loader(),
-            max_grad_norm=privacy.max_grad_norm, clipping=privacy.clipping,
+            max_grad_norm=privacy.per_sample_max_grad_norm, clipping=privacy.clipping,
             loss_reduction="mean",  # compute_loss is a mean over the physical batch
             sampling=privacy.sampling, adaptive_clipping=privacy.adaptive_clipping,
             max_physical_batch_size=self.args.per_device_train_batch_size,
@@ -301,7 +340,7 @@ class DPTrainingMixin:
         the operating system each), or none in secure mode (the engine keys ChaCha20 itself)."""
         if self.privacy.secure_mode:
             return {}
-        sampling_seed, noise_seed = _seeds(self.privacy.seed)
+        sampling_seed, noise_seed = _seeds(self.privacy.privacy_seed)
         return {"sampling_generator": torch.Generator().manual_seed(sampling_seed),
                 "noise_generator": torch.Generator(device=self.args.device).manual_seed(noise_seed)}
 
@@ -450,7 +489,7 @@ class DPTrainingMixin:
             raise ValueError("DPTrainer needs labels in each training batch to compute per-example "
                              "losses (a causal-LM collator sets labels = input_ids)")
         outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
         kind = _head_kind(self.accelerator.unwrap_model(model), logits)
         if kind == "causal_lm":
             return per_example_lm_loss(logits, labels, ignore_index=IGNORE_INDEX,
@@ -474,18 +513,12 @@ class DPTrainingMixin:
         return None  # before step() no parameter holds a gradient (dpfused keeps clipped sums)
 
     def floating_point_ops(self, inputs):
+        # HF counts 6 x parameters x the batch's tokens: over the private batches that is a
+        # function of how many examples Poisson sampling drew and of their lengths, which would
+        # go un-noised into total_flos (trainer_state.json, every report_to integration).
         if isinstance(inputs, _LogicalBatch):
-            return sum(super(DPTrainingMixin, self).floating_point_ops(b)
-                       for b in inputs.physical if _batch_size(b))
+            return 0
         return super().floating_point_ops(inputs)
-
-    def _track_num_input_tokens(self, inputs):
-        if isinstance(inputs, _LogicalBatch):
-            for batch in inputs.physical:
-                if _batch_size(batch):
-                    super()._track_num_input_tokens(batch)
-            return
-        super()._track_num_input_tokens(inputs)
 
     # ---- budget, logging, report ---------------------------------------------------------------
     def _run_epoch(self, *args, **kwargs):
@@ -509,8 +542,10 @@ class DPTrainingMixin:
         self._save_checkpoint(model, trial)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        hidden = {"total_flos"}  # not counted over private batches (floating_point_ops)
         if self.privacy.log_loss == "off":  # never in log_history, trainer_state.json, reporters
-            logs = {k: v for k, v in logs.items() if k not in ("loss", "train_loss")}
+            hidden |= {"loss", "train_loss"}
+        logs = {k: v for k, v in logs.items() if k not in hidden}
         if self.privacy_engine is not None:
             logs["epsilon"] = self.get_epsilon()
         super().log(logs, start_time)
@@ -591,7 +626,8 @@ class DPTrainingMixin:
                 "steps": self._dp_optimizer.steps_taken,
                 "noise_multiplier": self._dp_optimizer.noise_multiplier,
                 "accounted_noise_multiplier": self._dp_optimizer.accounted_noise_multiplier,
-                "max_grad_norm": self.privacy.max_grad_norm, "sampling": self.privacy.sampling,
+                "max_grad_norm": self.privacy.per_sample_max_grad_norm,
+                "sampling": self.privacy.sampling,
                 "clipping": self.privacy.clipping, "accountant": self.privacy.accountant,
                 "expected_logical_batch_size": self.logical_batch_size,
                 "secure_mode": self.privacy.secure_mode,
@@ -635,7 +671,10 @@ class DPTrainer(DPTrainingMixin, Trainer):
             the fix): nn.DataParallel (n_gpu > 1 in one process), DeepSpeed, FSDP, fp16 (GradScaler), label_smoothing_factor, compute_loss_func, a custom train
             sampler or train_sampling_strategy other than "random", auto_find_batch_size,
             model_init, push_to_hub with hub_strategy "checkpoint" or "all_checkpoints" (it would
-            upload the secret resume state), log_loss="noised" with an overridden compute_loss.
+            upload the secret resume state), a report_to integration set to upload checkpoint
+            folders (the same), torch_compile, include_num_input_tokens_seen (a count of the
+            private batches), an eval_dataset that is the train_dataset, log_loss="noised" with an
+            overridden compute_loss.
         TypeError: a subclass that overrides compute_loss without the per-example contract.
     """
 
@@ -711,6 +750,17 @@ def _refuse_unsupported_args(args) -> None:
          "auto_find_batch_size=True is refused: it rebuilds the data loader after training began, "
          "which would restart the private sampler; set per_device_train_batch_size (the physical "
          "batch size) yourself"),
+        (getattr(args, "torch_compile", False),
+         "torch_compile=True is refused by DPTrainer: a compiled model does not take the steps the "
+         "uncompiled one takes under dpfused's per-example clipping (checked: other parameters "
+         "from the same batches and noise), so the clipping bound is not known to hold; remove "
+         "torch_compile, torch_compile_backend and torch_compile_mode"),
+        (getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False),
+         f"include_num_input_tokens_seen={args.include_num_input_tokens_seen!r} is refused: the "
+         "count of tokens seen (logged at every step, sent to every report_to integration and "
+         "saved in trainer_state.json) is a function of the private batches (how many examples "
+         "Poisson sampling drew, and their lengths) that no noise covers; set it to 'no'"),
+        *_uploading_reporters(getattr(args, "report_to", None) or []),
     ]
     hub_strategy = getattr(args, "hub_strategy", None)
     hub_strategy = getattr(hub_strategy, "value", hub_strategy)  # HubStrategy or its string
@@ -732,6 +782,97 @@ def _refuse_unsupported_args(args) -> None:
             "accelerate's FSDP plugin is not supported by DPTrainer yet; launch without the FSDP "
             "config (DPTrainer then trains with DistributedDataParallel), or shard with fully_shard "
             "and call dpfused's make_private in your own loop (recipes/accelerate_llama.py)")
+
+
+# What an integration named in report_to uploads, when it uploads checkpoint folders (which hold
+# the secret resume state, like push_to_hub's hub_strategy="checkpoint"): (setting?, the fix).
+_ENV_TRUE = {"1", "ON", "YES", "TRUE"}  # transformers' ENV_VARS_TRUE_VALUES
+
+
+def _env_true(name: str, default: str = "false") -> bool:
+    return os.environ.get(name, default).upper() in _ENV_TRUE
+
+
+_UPLOADING_REPORTERS = {
+    "wandb": (lambda: os.environ.get("WANDB_LOG_MODEL", "false").lower() == "checkpoint",
+              "WANDB_LOG_MODEL=checkpoint uploads every checkpoint folder; use "
+              "WANDB_LOG_MODEL=end (the final model folder only) or false"),
+    "mlflow": (lambda: _env_true("HF_MLFLOW_LOG_ARTIFACTS"),
+               "HF_MLFLOW_LOG_ARTIFACTS uploads every checkpoint folder; unset it"),
+    "dagshub": (lambda: _env_true("HF_DAGSHUB_LOG_ARTIFACTS"),
+                "HF_DAGSHUB_LOG_ARTIFACTS uploads the output folder (checkpoints included) and the "
+                "training dataset itself; unset it"),
+    "comet_ml": (lambda: _env_true("COMET_LOG_ASSETS"),
+                 "COMET_LOG_ASSETS uploads the output folder, checkpoints included; unset it"),
+    "clearml": (lambda: _env_true("CLEARML_LOG_MODEL", "true"),
+                "CLEARML_LOG_MODEL (on by default when the callback creates the task) uploads every "
+                "checkpoint folder; set CLEARML_LOG_MODEL=false"),
+    "dvclive": (lambda: os.environ.get("HF_DVCLIVE_LOG_MODEL", "false").lower() == "all",
+                "HF_DVCLIVE_LOG_MODEL=all uploads the output folder at every save; use true (the "
+                "final model only) or false"),
+    "flyte": (lambda: True,
+              "FlyteCallback syncs every checkpoint folder by default; remove 'flyte' from "
+              "report_to and pass callbacks=[FlyteCallback(sync_checkpoints=False)]"),
+}
+
+
+def _uploading_reporters(report_to) -> list[tuple[bool, str]]:
+    """Refusals (as ``_refuse_unsupported_args`` lists them) for report_to integrations set to
+    upload checkpoint folders."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    return [(True, _uploading_message(name, _UPLOADING_REPORTERS[name][1]))
+            for name in names if name in _UPLOADING_REPORTERS and _UPLOADING_REPORTERS[name][0]()]
+
+
+def _uploading_message(name: str, fix: str) -> str:
+    return (f"report_to={name!r} is set to upload checkpoint folders, whose {PRIVACY_STATE_NAME} "
+            "holds the sampler's and the noise's state (with them, training can be replayed on a "
+            f"candidate data set: they are as secret as the data): {fix}")
+
+
+# The same, for integration callbacks passed explicitly (callbacks=[...]): by class name (no
+# integration package is imported), the instance's own setting or the environment it reads.
+_UPLOADING_CALLBACKS = {
+    "WandbCallback": ("wandb", lambda cb: getattr(cb, "_log_model", None) == "checkpoint"
+                      or _UPLOADING_REPORTERS["wandb"][0]()),
+    "MLflowCallback": ("mlflow", lambda cb: _UPLOADING_REPORTERS["mlflow"][0]()),
+    "DagsHubCallback": ("dagshub", lambda cb: _UPLOADING_REPORTERS["dagshub"][0]()),
+    "CometCallback": ("comet_ml", lambda cb: _UPLOADING_REPORTERS["comet_ml"][0]()),
+    "ClearMLCallback": ("clearml", lambda cb: _UPLOADING_REPORTERS["clearml"][0]()),
+    "DVCLiveCallback": ("dvclive", lambda cb: getattr(cb, "_log_model", None) == "all"),
+    "FlyteCallback": ("flyte", lambda cb: bool(getattr(cb, "sync_checkpoints", True))),
+    "NeptuneCallback": ("neptune", lambda cb: getattr(cb, "_log_checkpoints", None) is not None),
+}
+_CALLBACK_FIXES = {"neptune": "pass NeptuneCallback(log_checkpoints=None)"}
+
+
+def _refuse_uploading_callbacks(callbacks) -> None:
+    for callback in callbacks:
+        for klass in type(callback).__mro__:
+            entry = _UPLOADING_CALLBACKS.get(klass.__name__)
+            if entry is None:
+                continue
+            name, uploads = entry
+            if uploads(callback):
+                fix = _CALLBACK_FIXES.get(name) or _UPLOADING_REPORTERS[name][1]
+                raise ValueError(_uploading_message(name, fix))
+            break
+
+
+def _refuse_evaluation_on_training_data(train_dataset, eval_dataset) -> None:
+    """Evaluation runs without noise: its metrics, logged and reported, must not be computed on
+    the training data (a dict of eval sets is checked set by set)."""
+    if train_dataset is None or eval_dataset is None:
+        return
+    sets = eval_dataset.items() if isinstance(eval_dataset, Mapping) else [(None, eval_dataset)]
+    for name, dataset in sets:
+        if dataset is train_dataset:
+            where = "eval_dataset" if name is None else f"eval_dataset[{name!r}]"
+            raise ValueError(
+                f"{where} is the train_dataset: evaluation runs without DP, so its metrics (logged "
+                "at every eval_strategy step and sent to every report_to integration) would "
+                "release statistics of the training data that no noise covers. Evaluate on "
+                "held-out data (e.g. dataset.train_test_split)")
 
 
 def _copy_args(args, **changes):
@@ -759,7 +900,8 @@ def _is_hf_dataset(dataset) -> bool:
 def _batch_size(batch) -> int:
     if isinstance(batch, torch.Tensor):
         return batch.shape[0]
-    values = batch.values() if isinstance(batch, dict) else batch
+    # Any Mapping: HF's padding collators return a BatchEncoding, a Mapping but not a dict.
+    values = batch.values() if isinstance(batch, Mapping) else batch
     for value in values:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]

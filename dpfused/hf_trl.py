@@ -14,7 +14,11 @@ only. The same ``DPTrainingMixin`` in front of another Trainer subclass makes th
 
 Refused: ``packing`` and ``padding_free``, which put several examples in one row (one privacy
 unit per row would then be several people's text, and the clipping bound would cover the row, not
-the example).
+the example); ``loss_type`` other than "nll" (DPSFTTrainer trains each example's mean next-token
+NLL, ``per_example_loss``; another loss would be silently replaced).
+
+``DPDPOTrainer`` (``trl.DPOTrainer``, one preference pair per example) lives in ``dpfused.hf_dpo``
+and is importable from here.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ try:
 except ImportError as error:  # pragma: no cover - the dev extra installs trl
     raise ImportError("dpfused.hf_trl needs TRL: pip install trl") from error
 
-__all__ = ["DPSFTTrainer", "PrivacyArguments"]
+from dpfused.hf_dpo import DPDPOTrainer  # noqa: E402  (DPO: its own module)
+
+__all__ = ["DPDPOTrainer", "DPSFTTrainer", "PrivacyArguments"]
 
 
 class DPSFTTrainer(DPTrainingMixin, SFTTrainer):
@@ -34,7 +40,8 @@ class DPSFTTrainer(DPTrainingMixin, SFTTrainer):
 
     Raises:
         ValueError: ``packing=True`` or ``padding_free=True`` (several examples in one row break
-            the privacy unit), and everything ``dpfused.hf.DPTrainer`` refuses.
+            the privacy unit), ``loss_type`` other than "nll", and everything
+            ``dpfused.hf.DPTrainer`` refuses.
     """
 
     def __init__(self, *args, privacy: PrivacyArguments, **kwargs):
@@ -56,6 +63,13 @@ def _refuse_packing(config) -> None:
             "padding_free=True is refused by DPSFTTrainer: it concatenates the batch's examples "
             "into one row, so per-example clipping would see one example per batch. Set "
             "padding_free=False")
+    loss_type = getattr(config, "loss_type", "nll")
+    if loss_type != "nll":
+        raise ValueError(
+            f"loss_type={loss_type!r} is refused by DPSFTTrainer: it trains each example's mean "
+            "next-token NLL over its own completion tokens (per_example_loss), so TRL's "
+            f"{loss_type!r} loss would be silently replaced. Use loss_type='nll' (--loss_type "
+            "nll), or subclass DPSFTTrainer and override per_example_loss")
 
 
 _OUR_CLASSES.add(DPSFTTrainer)

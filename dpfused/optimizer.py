@@ -6,10 +6,17 @@ clipped with; with BandMF correlated with the last bands - 1 steps' noise, §5.1
 B_norm, writes p.grad, steps the wrapped optimizer and records the step's ``DpEvent`` with the
 accountant. Physical batches of one logical batch only accumulate; an empty logical batch still
 steps with noise.
+
+A step on batches the private data loader did not draw (Opacus' benchmarks time steps on
+``torch.randn`` batches) runs as Opacus runs it, normalized by ``expected_batch_size``, and is
+recorded as a step with no guarantee (``SampledStep.unsampled``): every epsilon from then on is
+infinite, the first such step warns, a budget (``max_epsilon``) refuses it, and data-parallel
+training refuses it (docs/design.md §5).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -86,6 +93,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.rank = torch.distributed.get_rank() if distributed else 0
         self.steps_taken = 0
         self.steps_skipped = 0
+        self._warned_unsampled = False  # the first step with no guarantee warns
         self._expected_batch_size = expected_batch_size
         # Examples whose NaN/inf gradient was dropped (nonfinite_gradients="drop") in the steps
         # taken. Not private: a diagnostic for the trainer, not for release.
@@ -219,13 +227,15 @@ class DPOptimizer(torch.optim.Optimizer):
             self.steps_skipped += 1
             return None
         sampled = self._sampled_step(clipped)
+        step = None if clipped.batch is None else clipped.batch.step
         if self.noise_history is not None:  # BandMF: no logical batch skipped (before anything)
-            self.noise_history.check_step(clipped.batch.step)
+            self.noise_history.check_step(step)
         facts = self._iterate_facts(clipped)  # raises on a bad param group before anything runs
         self._check_budget(sampled)  # before anything is written: a refused step changes nothing
+        self._warn_if_unguaranteed(sampled)
         noisy_counts = self._write_noised_gradients(clipped)
         if self.noise_history is not None:
-            self.noise_history.commit(clipped.batch.step)
+            self.noise_history.commit(step)
         if self._overflow_count_std is not None:
             self._release_overflow_count(clipped)
         self._book.next_step()
@@ -271,15 +281,61 @@ class DPOptimizer(torch.optim.Optimizer):
         )
 
     def _sampled_step(self, clipped: ClippedStep) -> SampledStep:
-        if clipped.batch is None:
+        """The step's ledger entry: the event of the logical batch the private loader drew, or,
+        for backward passes on other data, a step with no guarantee (refused where it cannot
+        run as Opacus runs it; module docstring)."""
+        if clipped.batch is not None:
+            return SampledStep.of(clipped.batch, self.accounted_noise_multiplier,
+                                  adaptive_clipping=self.adaptive_clipping is not None,
+                                  bands=1 if self.noise is None else self.noise.bands,
+                                  strategy=None if self.noise is None else self.noise.strategy)
+        if self.distributed or self.reduction is not None:
             raise RuntimeError(
-                "optimizer.step() found no batch drawn by the private data loader: iterate the "
-                "data loader that make_private returned (the accounting assumes its sampling)"
-            )
-        return SampledStep.of(clipped.batch, self.accounted_noise_multiplier,
-                              adaptive_clipping=self.adaptive_clipping is not None,
-                              bands=1 if self.noise is None else self.noise.bands,
-                              strategy=None if self.noise is None else self.noise.strategy)
+                "optimizer.step() found no batch drawn by the private data loader, under data "
+                "parallel training: every rank must take its slice of one logical batch the "
+                "loader drew (the ranks' clipped sums are added up per logical batch and noised "
+                "once), which batches of your own cannot provide. Iterate the data loader that "
+                "make_private returned; no step was taken")
+        self._unsampled_normalizer(clipped)  # refuses before anything runs
+        return SampledStep.unsampled(examples=clipped.examples)
+
+    def _unsampled_normalizer(self, clipped: ClippedStep) -> float:
+        """B_norm of a step on batches the loader did not draw: Opacus' ``expected_batch_size``
+        (int(q N), or b), the realized size being no more public there than anywhere."""
+        if clipped.loss_reduction == "mean" and not (self._expected_batch_size or 0) >= 1:
+            raise RuntimeError(
+                "optimizer.step() found no batch drawn by the private data loader, and this "
+                f"optimizer has no expected batch size >= 1 to normalize a mean loss by (got "
+                f"{self._expected_batch_size!r}): iterate the data loader that make_private "
+                "returned; no step was taken")
+        return privacy_math.gradient_normalizer(
+            loss_reduction=clipped.loss_reduction,
+            expected_batch_size=float(self._expected_batch_size or 1))
+
+    def _normalizer(self, clipped: ClippedStep) -> float:
+        """B_norm (docs/design.md §5): the logical batch's expected size for a mean loss."""
+        if clipped.batch is None:
+            return self._unsampled_normalizer(clipped)
+        return privacy_math.gradient_normalizer(
+            loss_reduction=clipped.loss_reduction, expected_batch_size=clipped.batch.expected_size)
+
+    def _expected_size(self, clipped: ClippedStep) -> float:
+        """The expected logical batch size (adaptive counts are fractions of it)."""
+        if clipped.batch is None:
+            return float(self._expected_batch_size)
+        return clipped.batch.expected_size
+
+    def _warn_if_unguaranteed(self, sampled: SampledStep) -> None:
+        if sampled.guaranteed or self._warned_unsampled:
+            return
+        self._warned_unsampled = True
+        warnings.warn(
+            f"optimizer.step() ran on batches the private data loader did not draw (step "
+            f"{self.steps_taken} of this optimizer): the step is taken, normalized by the "
+            f"expected batch size {self._expected_batch_size}, and recorded as a step with NO "
+            "privacy guarantee; from now on every epsilon is infinite (get_epsilon returns inf; "
+            "privacy_report says why). Iterate the data loader that make_private returned to "
+            "train privately", UserWarning, stacklevel=3)
 
     def _correlate(self, index: int):
         """BandMF: the map from a fresh draw to the correlated noise of parameter ``index``."""
@@ -291,9 +347,7 @@ class DPOptimizer(torch.optim.Optimizer):
             return self._write_reduced_noised_gradients(clipped)
         std = privacy_math.noise_std_on_rank(
             privacy_math.noise_std(self.noise_multiplier, clipped.thresholds), rank=self.rank)
-        normalizer = privacy_math.gradient_normalizer(
-            loss_reduction=clipped.loss_reduction, expected_batch_size=clipped.batch.expected_size,
-        )
+        normalizer = self._normalizer(clipped)
         params = [p for group in self._groups for p in group.params]
         grads = [
             privacy_math.noised_gradient(
@@ -315,9 +369,7 @@ class DPOptimizer(torch.optim.Optimizer):
         """The wrapper's reduction first, then the noise, the same on every rank (its generator
         is replicated): one N(0, sigma^2 C^2) per coordinate, and equal parameters on all ranks."""
         std = privacy_math.noise_std(self.noise_multiplier, clipped.thresholds)
-        normalizer = privacy_math.gradient_normalizer(
-            loss_reduction=clipped.loss_reduction, expected_batch_size=clipped.batch.expected_size,
-        )
+        normalizer = self._normalizer(clipped)
         params = [p for group in self._groups for p in group.params]
         sums = self.reduction.global_sums(clipped, params)  # this rank's shard of the sums
         grads = [
@@ -356,7 +408,7 @@ class DPOptimizer(torch.optim.Optimizer):
     def _adapt_thresholds(self, noisy_counts, clipped: ClippedStep):
         """Post-processing of the noisy counts: the next step's thresholds."""
         config = self.adaptive_clipping
-        fractions = privacy_math.unclipped_fractions(noisy_counts, clipped.batch.expected_size)
+        fractions = privacy_math.unclipped_fractions(noisy_counts, self._expected_size(clipped))
         flat = self.instrumentation.clipping == "flat"
         self._book.set_thresholds(privacy_math.adapted_thresholds(
             list(clipped.thresholds), fractions,
@@ -375,27 +427,38 @@ class DPOptimizer(torch.optim.Optimizer):
         plain_sgd = (type(self.original_optimizer) is torch.optim.SGD and len(lrs) <= 1 and all(
             g.get("momentum", 0) == 0 and not g.get("nesterov", False)
             and not g.get("maximize", False) for g in self.param_groups))
-        batch = clipped.batch
+        batch = clipped.batch  # None: a step with no guarantee, at no place of the loader's order
         return IterateFacts(
-            position_in_epoch=batch.position_in_epoch,
-            batches_per_epoch=batch.batches_per_epoch,
+            position_in_epoch=batch.position_in_epoch if batch is not None else 0,
+            batches_per_epoch=batch.batches_per_epoch if batch is not None else 1,
             learning_rate=next(iter(lrs)) if len(lrs) == 1 else None,
             # Every group's: one without weight decay does not contract (the largest factor counts).
             weight_decays=tuple(float(g.get("weight_decay", 0.0)) for g in self.param_groups),
             loss_reduction=clipped.loss_reduction,
-            normalizer=privacy_math.gradient_normalizer(
-                loss_reduction=clipped.loss_reduction, expected_batch_size=batch.expected_size),
+            normalizer=self._normalizer(clipped),
             max_grad_norm=privacy_math.sensitivity(clipped.thresholds),
             plain_sgd=plain_sgd,
             clipping_function=self._book.clipping_function,
         )
 
     def _check_budget(self, sampled: SampledStep):
-        if self.max_epsilon is None or self.accountant is None:
+        if self.max_epsilon is None:
+            return
+        if not sampled.guaranteed:  # refused even without an accountant: no budget covers it
+            raise PrivacyBudgetExhausted(
+                f"optimizer.step() found no batch drawn by the private data loader: such a step "
+                f"has no privacy guarantee (epsilon would be infinite > max_epsilon="
+                f"{self.max_epsilon}); the step was not applied. Iterate the data loader that "
+                "make_private returned, or make_private without max_epsilon to run such steps "
+                "(e.g. to time them) with epsilon reported as infinite")
+        if self.accountant is None:
             return
         epsilon = self.accountant.epsilon_if_over_budget(sampled, self.delta, self.max_epsilon)
         if epsilon is not None:
+            first = self.accountant.first_unguaranteed_step
+            why = ("" if first is None else f"; the ledger's step {first} ran on batches the "
+                   "private data loader did not draw, so no epsilon is finite from it on")
             raise PrivacyBudgetExhausted(
                 f"this step would raise epsilon to {epsilon:.4g} > max_epsilon={self.max_epsilon} "
-                f"(delta={self.delta}); the step was not applied"
+                f"(delta={self.delta}); the step was not applied{why}"
             )

@@ -295,7 +295,7 @@ def make_trainer(cfg: Config, model, train_set: Blocks, out: str):
         return Trainer(model=model, args=args, train_dataset=train_set)
     privacy = PrivacyArguments(
         noise_multiplier=None if cfg.epsilon is not None else cfg.noise_multiplier,
-        target_epsilon=cfg.epsilon, delta=cfg.delta, max_grad_norm=cfg.max_grad_norm,
+        target_epsilon=cfg.epsilon, delta=cfg.delta, per_sample_max_grad_norm=cfg.max_grad_norm,
         clipping=cfg.clipping, accountant=cfg.accountant, log_loss=cfg.log_loss,
         loss_bound=cfg.loss_bound, loss_noise_multiplier=cfg.loss_noise_multiplier)
     return DPTrainer(model=model, args=args, train_dataset=train_set, privacy=privacy)

@@ -164,3 +164,17 @@ def test_bad_scaler_arguments_are_refused():
     with pytest.raises(ValueError, match="init_scale"):
         GradScaler(optimizer, init_scale=0.0)
     assert optimizer.joint_noise_multipliers == ()  # nothing half-applied
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_groupnorm_and_container_rules_under_autocast(dtype):
+    """The torch.func and container rules re-run a forward in backward: under autocast that re-run
+    must see the same casts (GroupNorm runs in float32 there), or it failed on mixed dtypes."""
+    case = models.cnn(4)  # Conv2d -> GroupNorm -> ...
+    case32 = copy.copy(case)
+    case32.model = copy.deepcopy(case.model).float()
+    case32.inputs = tuple(t.float() if t.is_floating_point() else t for t in case.inputs)
+    expected = _oracle(case)
+    scale = 2.0 ** 8 if dtype == torch.float16 else None
+    ours = _step_grads(case32, scale=scale, autocast=dtype)
+    assert _relative_error(ours, expected) < 5e-2

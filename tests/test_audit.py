@@ -237,17 +237,23 @@ def test_trials_audit_catches_noise_scaled_down(noise_scaled_down):
 def test_report_is_frozen_and_prints_both_numbers():
     report = audit.AuditReport(epsilon_lower_bound=0.5, claimed_epsilon=2.0, delta=1e-5,
                                confidence=0.95, method="one_run", canaries=100, runs=1, steps=4,
-                               guesses=10, correct=9)
+                               noise_multiplier=1.5, ceiling=3.25, detectable_epsilon=4.75,
+                               detectable_noise_multiplier=0.75, power=0.5, guesses=10, correct=9)
     with pytest.raises(dataclasses.FrozenInstanceError):
         report.claimed_epsilon = 0.1
     text = str(report)
     assert "0.5" in text and "2" in text and "95%" in text and "does not prove" in text
+    assert "ceiling: 3.25" in text and "4.75" in text and "0.75" in text and "50%" in text
+    assert not report.blind and "WARNING" not in text  # 0.75 > 1.5 / 3: noise / 3 is seen
     assert "EXCEEDS" in str(dataclasses.replace(report, epsilon_lower_bound=3.0))
+    blind = dataclasses.replace(report, detectable_noise_multiplier=0.25)
+    assert blind.blind and "WARNING" in str(blind)
 
 
 @pytest.mark.parametrize("bad,name", [
     (dict(method="both"), "method"), (dict(canaries=1), "canaries"), (dict(trials=7), "trials"),
     (dict(confidence=1.0), "confidence"), (dict(delta=0.0), "delta"), (dict(steps=0), "steps"),
+    (dict(power=1.0), "power"), (dict(power=0), "power"),
     (dict(noise_multiplier=0.0), "noise_multiplier"), (dict(loss_fn=None), "loss_fn"),
     (dict(max_grad_norm=[0.5, 0.5]), "max_grad_norm"), (dict(batch_size=0.5), "batch_size"),
 ])

@@ -16,7 +16,7 @@ pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_train.py"
 METHODS = ("nonprivate", "dpfused_per_layer", "dpfused_flat", "dpfused_per_device",
-           "opacus_hooks", "opacus_ghost")
+           "opacus_hooks", "opacus_ghost", "nonprivate_fp16", "dpfused_per_layer_fp16")
 TINY_MODELS = ("gpt2-tiny", "llama-tiny", "resnet-tiny")  # GPT-2, Llama and vision families
 
 

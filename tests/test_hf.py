@@ -87,8 +87,8 @@ def sgd(model, lr=0.05):
 
 
 def dp_trainer(model, tmp_path, *, privacy=None, dataset=None, **overrides):
-    privacy = privacy or PrivacyArguments(noise_multiplier=1.0, max_grad_norm=0.1, seed=7,
-                                          accountant="rdp")
+    privacy = privacy or PrivacyArguments(noise_multiplier=1.0, per_sample_max_grad_norm=0.1,
+                                          privacy_seed=7, accountant="rdp")
     return DPTrainer(model=model, args=training_args(tmp_path, **overrides),
                      train_dataset=dataset or TokenBlocks(), optimizers=(sgd(model), None),
                      privacy=privacy)
@@ -173,7 +173,8 @@ def test_noise_zero_step_is_the_clipped_mean_gradient(tmp_path):
     model = gpt2()
     uninstrumented = copy.deepcopy(model)
     before = trainable(model)
-    privacy = PrivacyArguments(noise_multiplier=0.0, max_grad_norm=0.1, seed=3, accountant="rdp")
+    privacy = PrivacyArguments(noise_multiplier=0.0, per_sample_max_grad_norm=0.1, privacy_seed=3,
+                               accountant="rdp")
     trainer = dp_trainer(model, tmp_path, dataset=dataset, privacy=privacy, max_steps=1)
     batches = []
     original = trainer.training_step
@@ -212,18 +213,19 @@ def test_only_the_lora_adapter_is_trained(tmp_path):
 
 
 def test_evaluate_and_predict_run_without_dp(tmp_path):
-    dataset = TokenBlocks()
+    dataset, held_out = TokenBlocks(), TokenBlocks(seed=1)  # never evaluate on the training set
     model = gpt2()
     trainer = DPTrainer(model=model, args=training_args(tmp_path), train_dataset=dataset,
-                        eval_dataset=dataset, optimizers=(sgd(model), None),
-                        privacy=PrivacyArguments(noise_multiplier=1.0, seed=0, accountant="rdp"))
+                        eval_dataset=held_out, optimizers=(sgd(model), None),
+                        privacy=PrivacyArguments(noise_multiplier=1.0, privacy_seed=0,
+                                                 accountant="rdp"))
     trainer.train()
     steps = trainer.privacy_engine.optimizer.steps_taken
     metrics = trainer.evaluate()
     plain = transformers.Trainer(model=model, args=training_args(tmp_path / "plain"),
-                                 eval_dataset=dataset)
+                                 eval_dataset=held_out)
     assert metrics["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-12)
-    predictions = trainer.predict(dataset)
+    predictions = trainer.predict(held_out)
     assert predictions.predictions.shape[:2] == (N, SEQ)
     assert trainer.privacy_engine.optimizer.steps_taken == steps  # evaluation took no DP step
 
@@ -231,8 +233,8 @@ def test_evaluate_and_predict_run_without_dp(tmp_path):
 def test_bf16_trains_through_autocast(tmp_path):
     model = llama_lora().float()
     with pytest.warns(UserWarning, match="log_loss='unprotected'"):  # to see the raw loss
-        privacy = PrivacyArguments(noise_multiplier=1.0, max_grad_norm=0.1, seed=7,
-                                   accountant="rdp", log_loss="unprotected")
+        privacy = PrivacyArguments(noise_multiplier=1.0, per_sample_max_grad_norm=0.1,
+                                   privacy_seed=7, accountant="rdp", log_loss="unprotected")
         trainer = dp_trainer(model, tmp_path, privacy=privacy, bf16=True, max_steps=2)
     dtypes = []
     projection = model.get_base_model().model.layers[0].mlp.down_proj
@@ -245,7 +247,8 @@ def test_bf16_trains_through_autocast(tmp_path):
 
 
 def test_target_epsilon_is_spent_by_the_planned_run(tmp_path):
-    privacy = PrivacyArguments(target_epsilon=4.0, max_grad_norm=0.1, seed=0, accountant="rdp")
+    privacy = PrivacyArguments(target_epsilon=4.0, per_sample_max_grad_norm=0.1, privacy_seed=0,
+                               accountant="rdp")
     trainer = dp_trainer(gpt2(), tmp_path, privacy=privacy, max_steps=4)
     trainer.train()
     assert 3.8 <= trainer.get_epsilon() <= 4.0
@@ -287,8 +290,8 @@ def test_resume_from_a_checkpoint_without_privacy_state_is_refused(tmp_path):
 def test_budget_stops_before_the_exceeding_step_with_a_checkpoint(tmp_path):
     _, epsilons, _ = hand_written_loop(gpt2(), TokenBlocks(), steps=3)
     budget = (epsilons[1] + epsilons[2]) / 2  # room for two steps, not three
-    privacy = PrivacyArguments(noise_multiplier=1.0, max_grad_norm=0.1, seed=7, max_epsilon=budget,
-                               accountant="rdp")
+    privacy = PrivacyArguments(noise_multiplier=1.0, per_sample_max_grad_norm=0.1, privacy_seed=7,
+                               max_epsilon=budget, accountant="rdp")
     trainer = dp_trainer(gpt2(), tmp_path, privacy=privacy, max_steps=10)
     output = trainer.train()
     assert trainer.budget_exhausted and output.global_step == 2
@@ -381,8 +384,9 @@ def test_no_training_loss_is_logged_by_default(tmp_path):
 
 def test_the_noised_loss_is_clipped_noised_and_accounted(tmp_path):
     sigma, sigma_loss, bound = 1.0, 4.0, 10.0
-    privacy = PrivacyArguments(noise_multiplier=sigma, max_grad_norm=0.1, seed=7, accountant="rdp",
-                               log_loss="noised", loss_bound=bound, loss_noise_multiplier=sigma_loss)
+    privacy = PrivacyArguments(noise_multiplier=sigma, per_sample_max_grad_norm=0.1, privacy_seed=7,
+                               accountant="rdp", log_loss="noised", loss_bound=bound,
+                               loss_noise_multiplier=sigma_loss)
     trainer = dp_trainer(gpt2(), tmp_path, privacy=privacy, max_steps=3)
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if is_step_log(e)]
@@ -414,8 +418,9 @@ def test_the_noised_loss_mean_is_unbiased_with_exact_clipped_sums():
 
 
 def test_target_epsilon_with_the_noised_loss_still_spends_the_target(tmp_path):
-    privacy = PrivacyArguments(target_epsilon=4.0, max_grad_norm=0.1, seed=0, accountant="rdp",
-                               log_loss="noised", loss_bound=5.0, loss_noise_multiplier=20.0)
+    privacy = PrivacyArguments(target_epsilon=4.0, per_sample_max_grad_norm=0.1, privacy_seed=0,
+                               accountant="rdp", log_loss="noised", loss_bound=5.0,
+                               loss_noise_multiplier=20.0)
     trainer = dp_trainer(gpt2(), tmp_path, privacy=privacy, max_steps=4)
     trainer.train()
     assert 3.8 <= trainer.get_epsilon() <= 4.0
@@ -424,7 +429,7 @@ def test_target_epsilon_with_the_noised_loss_still_spends_the_target(tmp_path):
 def test_the_unprotected_loss_warns_and_the_report_says_so(tmp_path):
     with pytest.warns(UserWarning, match="NOT cover"):
         trainer = dp_trainer(gpt2(), tmp_path, max_steps=1, privacy=PrivacyArguments(
-            noise_multiplier=1.0, seed=0, accountant="rdp", log_loss="unprotected"))
+            noise_multiplier=1.0, privacy_seed=0, accountant="rdp", log_loss="unprotected"))
     trainer.train()
     assert [e for e in trainer.state.log_history if "loss" in e]
     assert "WITHOUT noise" in str(trainer.privacy_report())
@@ -438,7 +443,7 @@ def test_the_unprotected_loss_warns_and_the_report_says_so(tmp_path):
     (dict(log_loss="noised"), "loss_bound must be a finite number > 0"),
     (dict(log_loss="noised", loss_bound=1.0), "loss_noise_multiplier must be a finite number"),
     (dict(loss_bound=1.0), "loss_bound apply to log_loss='noised' only"),
-    (dict(secure_mode=True, seed=3), "secure_mode=True.*remove seed"),
+    (dict(secure_mode=True, privacy_seed=3), "secure_mode=True.*remove privacy_seed"),
 ])
 def test_logging_and_secure_mode_arguments_are_checked(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -510,8 +515,9 @@ def test_the_noised_loss_under_ddp_is_one_release_for_both_ranks(tmp_path):
 
     import torch.multiprocessing as mp
 
-    privacy = PrivacyArguments(noise_multiplier=1.0, max_grad_norm=0.1, seed=7, accountant="rdp",
-                               log_loss="noised", loss_bound=8.0, loss_noise_multiplier=5.0)
+    privacy = PrivacyArguments(noise_multiplier=1.0, per_sample_max_grad_norm=0.1, privacy_seed=7,
+                               accountant="rdp", log_loss="noised", loss_bound=8.0,
+                               loss_noise_multiplier=5.0)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -688,7 +694,7 @@ def test_trl_sft_trains_a_lora_adapter_privately(tmp_path):
     from dpfused.hf_trl import DPSFTTrainer
 
     parts = sft_parts(tmp_path)
-    trainer = DPSFTTrainer(**parts, privacy=PrivacyArguments(noise_multiplier=1.0, seed=0))
+    trainer = DPSFTTrainer(**parts, privacy=PrivacyArguments(noise_multiplier=1.0, privacy_seed=0))
     trainer.train()
     assert trainer.state.global_step == 3
     logged = [e for e in trainer.state.log_history if is_step_log(e)]

@@ -60,7 +60,7 @@ def test_dp_trainer_runs_each_mechanism_like_make_private(tmp_path, name):
     dataset = TokenBlocks()
     model = llama_lora()
     reference, engine = _loop(copy.deepcopy(model), dataset, steps=4, **MECHANISMS[name])
-    privacy = PrivacyArguments(noise_multiplier=1.0, max_grad_norm=0.1, seed=7,
+    privacy = PrivacyArguments(noise_multiplier=1.0, per_sample_max_grad_norm=0.1, privacy_seed=7,
                                **MECHANISMS[name])
     trainer = dp_trainer(model, tmp_path, dataset=dataset, privacy=privacy, max_steps=4)
     trainer.train()
@@ -71,7 +71,8 @@ def test_dp_trainer_runs_each_mechanism_like_make_private(tmp_path, name):
 
 
 def test_dp_trainer_resumes_bandmf_with_its_history(tmp_path):
-    privacy = dict(noise_multiplier=1.0, max_grad_norm=0.1, seed=7, **MECHANISMS["bandmf"])
+    privacy = dict(noise_multiplier=1.0, per_sample_max_grad_norm=0.1, privacy_seed=7,
+                   **MECHANISMS["bandmf"])
     model = llama_lora()
     resumed_model = copy.deepcopy(model)
     full = dp_trainer(model, tmp_path / "full", privacy=PrivacyArguments(**privacy), max_steps=4,

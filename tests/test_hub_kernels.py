@@ -258,7 +258,7 @@ def test_dptrainer_with_evaluation_between_steps_on_a_from_pretrained_model(tmp_
         model=model, args=training_args(tmp_path / "out", eval_strategy="steps", eval_steps=1),
         train_dataset=dataset, eval_dataset=TokenBlocks(n=4, seed=1),
         optimizers=(sgd(model), None),
-        privacy=PrivacyArguments(noise_multiplier=1.0, max_grad_norm=0.1, seed=7,
+        privacy=PrivacyArguments(noise_multiplier=1.0, per_sample_max_grad_norm=0.1, privacy_seed=7,
                                  accountant="rdp"))
     trainer.train()
     assert trainer.state.global_step == 3

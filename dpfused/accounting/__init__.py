@@ -20,6 +20,7 @@ from dpfused.accounting.ledger import PrivacyAccountant
 from dpfused.accounting.records import (
     MECHANISMS,
     NEIGHBORINGS,
+    UNSAMPLED,
     IterateFacts,
     LastIterateUnavailable,
     LedgerEntry,
@@ -34,6 +35,7 @@ from dpfused.accounting.report import PrivacyReport, privacy_report
 __all__ = [
     "MECHANISMS",
     "NEIGHBORINGS",
+    "UNSAMPLED",
     "IterateFacts",
     "LastIterateBound",
     "LastIterateUnavailable",

@@ -71,7 +71,8 @@ _RDP_ORDERS = np.asarray(_rdp_module.DEFAULT_RDP_ORDERS, dtype=np.float64)
 
 def composed_dp_event(steps: Sequence[SampledStep]) -> dp_accounting.DpEvent:
     """The whole run as one dp_accounting event: Poisson steps (one per cycle of cyclic Poisson
-    steps), truncated Poisson steps (at the run's N), then one Gaussian per epoch."""
+    steps), truncated Poisson steps (at the run's N), then one Gaussian per epoch, then a
+    ``NonPrivateDpEvent`` per step on batches no private data loader drew."""
     steps = list(steps)
     events: list[dp_accounting.DpEvent] = [
         dp_accounting.SelfComposedDpEvent(
@@ -80,6 +81,7 @@ def composed_dp_event(steps: Sequence[SampledStep]) -> dp_accounting.DpEvent:
     events += [dp_accounting.SelfComposedDpEvent(_truncated_event(key, 0), count)
                for key, count in sorted(truncated_runs(steps).items())]
     events += [dp_accounting.GaussianDpEvent(sigma) for sigma in epoch_sigmas(steps)]
+    events += [s.event for s in steps if not s.guaranteed]
     return dp_accounting.ComposedDpEvent(events)
 
 

@@ -236,6 +236,10 @@ def _check_last_iterate(
 
 def _check_run(entries: Sequence[LedgerEntry]) -> None:
     for k, (rec, it) in enumerate((e.sampled, e.iterate) for e in entries):
+        if not rec.guaranteed:
+            raise LastIterateUnavailable(
+                f"step {k} ran on batches the private data loader did not draw: it has no "
+                "privacy guarantee, so no epsilon is finite from that step on")
         if rec.sampling != "cyclic":
             why = (
                 "a fresh permutation every epoch is not a fixed order"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -69,7 +69,8 @@ class PrivacyAccountant:
         """The adjacency the ledger's epsilon is stated for (per sampling when not configured)."""
         if self._configured is not None:
             return self._configured
-        names = sorted({default_neighboring(e.sampled.sampling) for e in self._entries})
+        names = sorted({default_neighboring(e.sampled.sampling) for e in self._entries
+                        if e.sampled.guaranteed})
         if len(names) == 2:
             return "add_remove (Poisson steps) / zero_out (cyclic/shuffle steps)"
         return names[0] if names else "add_remove"
@@ -86,7 +87,14 @@ class PrivacyAccountant:
     @property
     def epochs_started(self) -> int:
         """Distinct (phase, epoch) pairs in which at least one step was recorded."""
-        return len({(e.sampled.phase, e.sampled.epoch) for e in self._entries})
+        return len({(e.sampled.phase, e.sampled.epoch) for e in self._entries
+                    if e.sampled.guaranteed})
+
+    @property
+    def first_unguaranteed_step(self) -> int | None:
+        """Index (0-based) of the first step with no guarantee (on batches no private data loader
+        drew: ``SampledStep.unsampled``); every epsilon from it on is infinite. None if none."""
+        return next((k for k, e in enumerate(self._entries) if not e.sampled.guaranteed), None)
 
     @property
     def phase(self) -> int:
@@ -119,7 +127,8 @@ class PrivacyAccountant:
         iterate = IterateFacts() if iterate is None else iterate
         if not isinstance(iterate, IterateFacts):
             raise TypeError(f"record expects IterateFacts; got {type(iterate).__name__}.")
-        check_neighboring(self._configured, sampled.sampling)
+        if sampled.guaranteed:  # a step with no guarantee is covered by no adjacency at all
+            check_neighboring(self._configured, sampled.sampling)
         if sampled.phase != self._phase:  # the accountant, not the caller, says which run it is
             sampled = dataclasses.replace(sampled, phase=self._phase)
         return LedgerEntry(sampled, iterate)
@@ -136,6 +145,8 @@ class PrivacyAccountant:
     def _epsilon_of(self, entries: Sequence[LedgerEntry], delta: float) -> float:
         delta = check_delta(delta)
         steps = [e.sampled for e in entries]
+        if not all(s.guaranteed for s in steps):
+            return math.inf  # a step on batches no private data loader drew: no guarantee
         runs, sigmas, cut = poisson_runs(steps), epoch_sigmas(steps), truncated_runs(steps)
         # Identical summaries give identical epsilons: a budget check before a step and the
         # report after it usually share one computation.
@@ -175,6 +186,8 @@ class PrivacyAccountant:
         (composing more steps never lowers epsilon), so PLD runs O(log T) times, not every step.
         """
         entries = [*self._entries, self._entry(sampled, None)]
+        if not all(e.sampled.guaranteed for e in entries):
+            return math.inf  # no guarantee exceeds any budget (the RDP screen below skips it)
         steps = [e.sampled for e in entries]
         cut = truncated_runs(steps)
         if (self._mechanism == "pld" and self._composition_neighboring() == "add_remove"

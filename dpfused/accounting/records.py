@@ -12,6 +12,12 @@
   B_norm the noised sum was divided by, the clipping norm C of the step, and whether the optimizer
   was plain SGD.
 
+Steps with no guarantee. A step on batches no private data loader drew (Opacus' benchmarks time
+steps on ``torch.randn`` batches) is recorded as ``SampledStep.unsampled``: sampling
+``"unsampled"``, dp_accounting's ``NonPrivateDpEvent``. Nothing bounds what it reveals of the data
+(the batch may be anything, e.g. a training example chosen by the caller), so every epsilon from
+that step on is infinite; the report says why and from which step.
+
 Phases. A phase is one sampling run: the steps drawn by one private data loader. A second
 ``make_private`` on an engine whose ledger is not empty starts a new phase, whose loader counts its
 epochs from 0 again; the epochs of different phases are different epochs (docs/design.md §7.2).
@@ -36,6 +42,7 @@ from dpfused.step import POISSON_SAMPLINGS, SAMPLINGS, LogicalBatch
 __all__ = [
     "LOSS_REDUCTIONS",
     "MECHANISMS",
+    "UNSAMPLED",
     "NEIGHBORINGS",
     "IterateFacts",
     "LastIterateUnavailable",
@@ -49,6 +56,8 @@ __all__ = [
 MECHANISMS = ("pld", "rdp")
 NEIGHBORINGS = ("add_remove", "zero_out", "replace_one")
 LOSS_REDUCTIONS = ("mean", "sum")
+# The sampling name of a step on batches no private data loader drew: no guarantee (see above).
+UNSAMPLED = "unsampled"
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -135,7 +144,9 @@ class SampledStep:
             Poisson), ``TruncatedSubsampledGaussianDpEvent(N, q, K, sigma)`` (Poisson truncated
             to K) or ``GaussianDpEvent(sigma)`` (cyclic/shuffle); sigma is sigma_eff with adaptive
             clipping, and divided by the strategy's largest column norm with BandMF.
-        sampling: "poisson", "cyclic", "shuffle" or "cyclic_poisson".
+            ``NonPrivateDpEvent()`` for a step with no guarantee (:meth:`unsampled`).
+        sampling: "poisson", "cyclic", "shuffle" or "cyclic_poisson"; ``UNSAMPLED``
+            ("unsampled") for a step on batches no private data loader drew.
         epoch: the epoch (0-based) within its phase: cyclic/shuffled steps of one (phase, epoch)
             compose as one Gaussian.
         batch_size: b for cyclic/shuffle (None for Poisson).
@@ -161,6 +172,9 @@ class SampledStep:
     strategy: str | None = None
 
     def __post_init__(self) -> None:
+        if self.sampling == UNSAMPLED:
+            self._check_unsampled()
+            return
         check_choice("sampling", self.sampling, SAMPLINGS)
         self._check_event()
         if self.sampling == "cyclic_poisson" and (self.cycle is None or self.cycle < 0):
@@ -205,6 +219,26 @@ class SampledStep:
         if not ok:
             raise ValueError(f"SampledStep: sampling={self.sampling!r} needs {needed}; got {event!r}")
 
+    def _check_unsampled(self) -> None:
+        if not isinstance(self.event, dp_accounting.NonPrivateDpEvent):
+            raise ValueError(f"SampledStep: sampling={UNSAMPLED!r} needs NonPrivateDpEvent(); got "
+                             f"{self.event!r}")
+        if self.epoch < 0 or self.phase < 0:
+            raise ValueError(f"SampledStep: epoch and phase must be >= 0; got {self.epoch!r}, "
+                             f"{self.phase!r}")
+
+    @property
+    def guaranteed(self) -> bool:
+        """False for a step on batches no private data loader drew (:meth:`unsampled`)."""
+        return self.sampling != UNSAMPLED
+
+    @classmethod
+    def unsampled(cls, *, examples: int = 0) -> SampledStep:
+        """A step on batches no private data loader drew: no guarantee, epsilon infinite.
+
+        ``examples``: those that went through its backward passes (reported, never used)."""
+        return cls(event=dp_accounting.NonPrivateDpEvent(), sampling=UNSAMPLED, examples=examples)
+
     @classmethod
     def of(cls, batch: LogicalBatch, noise_multiplier: float, *,
            adaptive_clipping: bool = False, bands: int = 1,
@@ -223,6 +257,10 @@ class SampledStep:
 
     @property
     def noise_multiplier(self) -> float:
+        """sigma; 0 for a step with no guarantee (as if it released its gradient unnoised, which
+        is the conservative reading for any sum over sigmas)."""
+        if not self.guaranteed:
+            return 0.0
         if self.truncated:
             return float(self.event.noise_multiplier)
         return float(_gaussian_of(self.event).noise_multiplier)
@@ -254,6 +292,10 @@ class SampledStep:
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> SampledStep:
+        if state["sampling"] == UNSAMPLED:
+            return cls(event=dp_accounting.NonPrivateDpEvent(), sampling=UNSAMPLED,
+                       epoch=int(state.get("epoch", 0)), examples=int(state.get("examples", 0)),
+                       phase=int(state.get("phase", 0)))
         sigma = float(state["noise_multiplier"])
         gaussian = dp_accounting.GaussianDpEvent(sigma)
         if state.get("max_batch_size") is not None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from dpfused.accounting.last_iterate import gaussian_rdp_epsilon, last_iterate_assumptions
 from dpfused.accounting.ledger import PrivacyAccountant
-from dpfused.accounting.records import LastIterateUnavailable, check_delta
+from dpfused.accounting.records import UNSAMPLED, LastIterateUnavailable, check_delta
 
 __all__ = ["PrivacyReport", "privacy_report"]
 
@@ -19,9 +19,11 @@ class PrivacyReport:
 
     ``sample_rate`` is the largest rate of the Poisson steps (q b for cyclic Poisson with b
     partitions), ``batch_size`` the (largest) fixed batch size of the cyclic/shuffled ones,
-    ``noise_multiplier`` the smallest sigma accounted (divided by the BandMF strategy's largest
-    column norm), ``noise`` the mechanism in words, ``partitions`` b of cyclic Poisson sampling
-    and ``max_batch_size`` K of truncated Poisson sampling.
+    ``noise_multiplier`` the smallest sigma accounted (of the steps with a guarantee; divided by
+    the BandMF strategy's largest column norm), ``noise`` the mechanism in words, ``partitions``
+    b of cyclic Poisson sampling and ``max_batch_size`` K of truncated Poisson sampling.
+    ``no_guarantee``: why every epsilon is infinite and from which step (a step on batches the
+    private data loader did not draw), or None.
     """
 
     composed_epsilon: float
@@ -38,6 +40,7 @@ class PrivacyReport:
     accountant: str
     assumptions: tuple[str, ...]
     last_iterate_worst_position: int | None = None
+    no_guarantee: str | None = None
     noise: str = "independent Gaussian noise (DP-SGD)"
     partitions: int | None = None
     max_batch_size: int | None = None
@@ -55,13 +58,16 @@ class PrivacyReport:
                         f"{fmt(self.sample_rate)} within a partition")
         elif self.sampling in ("cyclic", "shuffle"):
             sampling = f"{self.sampling}, batch size {self.batch_size}"
+        elif self.sampling == UNSAMPLED:
+            sampling = "none: no step ran on a batch the private data loader drew"
         else:
             sampling = self.sampling or "none (no steps)"
         if self.last_iterate_epsilon is not None:
             last = f"{fmt(self.last_iterate_epsilon)}  (only the final model released)"
         else:
             last = f"n/a  ({self.last_iterate_reason})"
-        rows = [
+        rows = [("PRIVACY GUARANTEE", f"NONE: {self.no_guarantee}")] if self.no_guarantee else []
+        rows += [
             ("accountant", self.accountant),
             ("neighbouring datasets", self.neighboring),
             ("mechanism", self.noise),
@@ -100,9 +106,12 @@ def privacy_report(
     """
     delta = check_delta(delta)
     _check_last_iterate_options(smoothness, convex)
-    steps = [e.sampled for e in accountant.entries]
+    no_guarantee = _no_guarantee(accountant)
+    steps = [e.sampled for e in accountant.entries if e.sampled.guaranteed]
     samplings = sorted({s.sampling for s in steps})
     assumptions = _composed_assumptions(accountant, steps, samplings)
+    if no_guarantee is not None:
+        assumptions.insert(0, f"NO PRIVACY GUARANTEE: {no_guarantee}")
     last_eps, reason, worst = _last_iterate(accountant, delta, smoothness, convex, assumptions)
     composed = accountant.get_epsilon(delta)
     if last_eps is not None and composed < last_eps:
@@ -125,7 +134,8 @@ def privacy_report(
         delta=delta,
         steps=accountant.steps,
         epochs=accountant.epochs_started,
-        sampling=samplings[0] if len(samplings) == 1 else ("mixed" if samplings else None),
+        sampling=samplings[0] if len(samplings) == 1 else (
+            "mixed" if samplings else (UNSAMPLED if no_guarantee else None)),
         sample_rate=max(rates) if rates else None,
         batch_size=max(sizes) if sizes else None,
         noise_multiplier=min(sigmas) if sigmas else None,
@@ -133,6 +143,7 @@ def privacy_report(
         accountant=accountant.mechanism,
         assumptions=tuple(assumptions),
         last_iterate_worst_position=worst,
+        no_guarantee=no_guarantee,
         noise=_noise_in_words(steps),
         partitions=bands if "cyclic_poisson" in samplings else None,
         max_batch_size=max(limits) if limits else None,
@@ -147,6 +158,18 @@ def _noise_in_words(steps) -> str:
     names = {"sqrt": "square-root", "optimized": "optimized"}
     return "; ".join(f"BandMF, {b} bands, {names.get(strategy, strategy)} Toeplitz strategy "
                      "(correlated noise)" for b, strategy in banded)
+
+
+def _no_guarantee(accountant: PrivacyAccountant) -> str | None:
+    """Why every epsilon is infinite, from which step, or None (see ``SampledStep.unsampled``)."""
+    first = accountant.first_unguaranteed_step
+    if first is None:
+        return None
+    count = sum(not e.sampled.guaranteed for e in accountant.entries)
+    return (f"from step {first} on (counting from 0) every epsilon is infinite: {count} of "
+            f"{accountant.steps} steps ran on batches the private data loader did not draw "
+            "(optimizer.step() after a backward on other data, e.g. random tensors in a "
+            "benchmark), and nothing bounds what such a step reveals of the training data")
 
 
 def _check_last_iterate_options(smoothness, convex) -> None:

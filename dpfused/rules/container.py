@@ -28,7 +28,7 @@ from torch.func import vjp, vmap
 
 from dpfused.pieces import DensePiece
 from dpfused.rules import BaseRule
-from dpfused.rules.functorch import _Call
+from dpfused.rules.functorch import _Call, widened
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
              nn.FeatureAlphaDropout)
@@ -94,8 +94,9 @@ class _DirectCall(_Call):
             return {n: p.new_zeros(0, *p.shape) for n, p in params.items()}
 
         def one_example(example_inputs, g):
-            _, pullback = vjp(lambda p: self.run(p, example_inputs, batched=False), params)
-            return pullback(g)[0]
+            wide = tuple(widened(x, params) for x in example_inputs)
+            out, pullback = vjp(lambda p: self.run(p, wide, batched=False), params)
+            return pullback(g.to(out.dtype))[0]
 
         try:
             return vmap(one_example)(tuple(inputs), grad_out)

@@ -87,8 +87,10 @@ class _Call:
 
     def per_example_vjp(self, params, inputs, grad_out):
         def one_example(example_inputs, g):
-            _, pullback = vjp(lambda p, xs: self.run(p, xs, batched=False), params, example_inputs)
-            return pullback(g)
+            wide = tuple(widened(x, params) for x in example_inputs)
+            out, pullback = vjp(lambda p, xs: self.run(p, xs, batched=False), params, wide)
+            param_grads, input_grads = pullback(g.to(out.dtype))
+            return param_grads, tuple(gx.to(x.dtype) for gx, x in zip(input_grads, example_inputs))
 
         if grad_out.shape[0] == 0:  # vmap cannot map over an empty batch
             return ({n: p.new_zeros(0, *p.shape) for n, p in params.items()},
@@ -103,6 +105,21 @@ class _Call:
                 "write a layer rule for it (dpfused.rules.register) or freeze its parameters."
             ) from err
         return param_grads, input_grads
+
+
+def widened(x: torch.Tensor, params: dict) -> torch.Tensor:
+    """``x`` in the widest floating dtype of itself and the parameters. Under autocast a module
+    can see float16 inputs next to float32 parameters; re-run outside autocast, some kernels then
+    mix dtypes in a way their backward refuses (GroupNorm: "Expected scalar types of X and dY are
+    same"). The per-example gradients are then computed in the wider dtype: the same function,
+    more precisely; the input gradient goes back in the input's dtype."""
+    if not x.is_floating_point():
+        return x
+    dtype = x.dtype
+    for p in params.values():
+        if p.is_floating_point():
+            dtype = torch.promote_types(dtype, p.dtype)
+    return x.to(dtype)
 
 
 def _per_example(arg, batch) -> bool:
