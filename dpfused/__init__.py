@@ -3,6 +3,7 @@
 from dpfused import amp
 from dpfused.accounting import PrivacyBudgetExhausted, PrivacyReport
 from dpfused.adaptive import AdaptiveClipping
+from dpfused.bandmf import BandMF
 from dpfused.batch_memory import BatchMemoryManager
 from dpfused.engine import PrivacyEngine
 from dpfused.instrument import detach, explain
@@ -15,7 +16,7 @@ from dpfused.step import ClippedStep, LogicalBatch
 from dpfused.validate import ModuleValidator, fix
 
 __all__ = [
-    "PrivacyEngine", "DPOptimizer", "AdaptiveClipping", "BatchMemoryManager", "ModuleValidator",
+    "PrivacyEngine", "DPOptimizer", "AdaptiveClipping", "BandMF", "BatchMemoryManager", "ModuleValidator",
     "PrivacyBudgetExhausted", "PrivacyReport", "ChaCha20Generator", "ClippedStep", "LogicalBatch",
     "DPLSTM", "DPGRU", "DPRNN", "detach", "explain", "fix", "get_noise_multiplier",
     "per_example_lm_loss", "amp",

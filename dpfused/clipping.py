@@ -79,10 +79,14 @@ class Bookkeeper:
     """
 
     def __init__(self, groups, *, loss_reduction, batch_first, count_unclipped=False,
-                 nonfinite="raise"):
+                 nonfinite="raise", clipping_function="standard",
+                 stability=privacy_math.DEFAULT_STABILITY):
         if nonfinite not in privacy_math.NONFINITE_CHOICES:
             raise ValueError(f"nonfinite_gradients={nonfinite!r} is not supported; use one of "
                              f"{privacy_math.NONFINITE_CHOICES}")
+        privacy_math.check_clipping_function(clipping_function, stability)
+        # min(1, C / N) or AUTO-S's C / (N + gamma): privacy_math.clip_factors.
+        self.clipping_function, self.stability = clipping_function, float(stability)
         self.groups = groups
         self.nonfinite = nonfinite  # "raise" or "drop" (module docstring)
         self.count_unclipped = count_unclipped  # adaptive thresholds need per-group counts
@@ -253,8 +257,9 @@ class Bookkeeper:
                 bound[:real], group.threshold, scale,
                 dropped=None if dropped is None else dropped[:real])
         dropped = self._with_padding(dropped, len(bound))
-        multipliers = privacy_math.example_multipliers(bound, group.threshold, scale,
-                                                       dropped=dropped)
+        multipliers = privacy_math.example_multipliers(
+            bound, group.threshold, scale, dropped=dropped,
+            clipping_function=self.clipping_function, stability=self.stability)
         for key, plist in uses.items():
             clipped = _clipped_sum(plist, multipliers)
             if key in self._pass_sums:

@@ -25,12 +25,18 @@ import torch.nn as nn
 from dpfused import accounting, checkpoints, distributed, hf_accelerate, privacy_math, validate
 from dpfused import sampling as dp_sampling
 from dpfused.adaptive import AdaptiveClipping
+from dpfused.arguments import (
+    check_max_grad_norm,
+    check_mechanism,
+    check_noise_multiplier,
+    check_number,
+)
+from dpfused.bandmf import BandMF, check_bands_fit
 from dpfused.groups import CLIPPING_MODES
 from dpfused.instrument import detach, instrument, plan
 from dpfused.optimizer import DPOptimizer
-from dpfused.arguments import check_max_grad_norm, check_noise_multiplier, check_number
 from dpfused.secure_random import ChaCha20Generator
-from dpfused.step import SAMPLINGS
+from dpfused.step import SAMPLINGS, partition_sample_rate
 
 __all__ = ["PrivacyEngine"]
 
@@ -90,6 +96,10 @@ class PrivacyEngine:
         max_epsilon: float | None = None,
         delta: float | None = None,
         nonfinite_gradients: str = "raise",
+        noise: BandMF | None = None,
+        max_batch_size: int | None = None,
+        clipping_function: str = "standard",
+        stability: float = privacy_math.DEFAULT_STABILITY,
     ) -> tuple[nn.Module, DPOptimizer, dp_sampling.DPDataLoader]:
         """Instrument ``module`` in place and wrap ``optimizer`` and ``data_loader``.
 
@@ -106,9 +116,11 @@ class PrivacyEngine:
             clipping: "flat" (one group; book-keeping), "per_layer" (a group per layer; fast path)
                 or "per_device" (a group per device).
             loss_reduction: "mean" or "sum": how the loss you backpropagate reduces over examples.
-            sampling: "poisson" (default), "cyclic" or "shuffle" (docs/design.md §6).
-            sample_rate: Poisson q, fixed independently of the data (default: the loader's
-                batch_size / len(dataset), which treats the dataset size as public).
+            sampling: "poisson" (default), "cyclic", "shuffle" or "cyclic_poisson" (b-min-sep
+                Poisson with b = ``noise.bands`` partitions, for BandMF; docs/design.md §6).
+            sample_rate: Poisson (and cyclic Poisson) q, fixed independently of the data
+                (default: the loader's batch_size / len(dataset), which treats the dataset size
+                as public).
             thresholds: per_layer/per_device group thresholds, a dict {group: C_g} or a list
                 (with ``adaptive_clipping``, the starting values).
             adaptive_clipping: an ``AdaptiveClipping``: thresholds follow a quantile of the
@@ -128,6 +140,22 @@ class PrivacyEngine:
                 clipped for adaptive clipping, and ``optimizer.examples_dropped`` counts it (a
                 RuntimeWarning says so; the count is not private). "drop" turns off the per_layer
                 fast path: every group completes at the end of backward.
+            noise: None (default: independent Gaussian noise, DP-SGD) or a ``dpfused.BandMF``:
+                noise correlated over ``bands`` steps (docs/design.md §5.1). More than one band
+                needs sampling="cyclic_poisson" (or "cyclic" with at least ``bands`` batches per
+                epoch), so that an example's steps are at least ``bands`` apart; adaptive
+                thresholds are refused with it.
+            max_batch_size: truncated Poisson sampling: a Poisson draw of more than K examples
+                is cut to a random subset of K; accounted exactly (PLD accountant only); a mean
+                loss is divided by E[min(Binomial(N, q), K)] (docs/design.md §5, §6).
+            clipping_function: "standard" (min(1, C / ||g||), default) or "automatic" (AUTO-S, Bu
+                et al. 2023: every example scaled by C / (||g|| + stability); sensitivity C, the
+                accounting unchanged; refused with adaptive thresholds). The update is then
+                lr * sum_i C g_i / (||g_i|| + gamma) / B_norm: each example's direction at length
+                about C, the gradient's own scale no longer reaches the step. Examples above C are
+                scaled as standard clipping scales them, so start from the same lr; small
+                gradients grow up to C / gamma times (docs/design.md §4).
+            stability: gamma of automatic clipping (default 0.01, the paper's), > 0.
 
         Returns:
             ``(module, optimizer, data_loader)``.
@@ -144,6 +172,9 @@ class PrivacyEngine:
                                 "drop_last": drop_last},
                          noise_generator=noise_generator, sampling_generator=sampling_generator,
                          nonfinite_gradients=nonfinite_gradients)
+        check_mechanism(noise=noise, sampling=sampling, max_batch_size=max_batch_size,
+                        clipping_function=clipping_function, stability=stability,
+                        adaptive_clipping=adaptive_clipping, accountant=self.accountant_name)
         _check_thresholds_total(thresholds, max_grad_norm)
         accounting.check_neighboring(self.neighboring, sampling)
         optimizer = hf_accelerate.unwrap_optimizer(optimizer)  # accelerate's wrapper, if any
@@ -154,6 +185,8 @@ class PrivacyEngine:
         distributed.check_sharding(module, clipping=clipping)
         sharded = distributed.is_fsdp2(module)
         _check_data_loader(data_loader)
+        _check_separation(noise, data_loader, sampling=sampling, sample_rate=sample_rate,
+                          drop_last=drop_last)
         _check_adaptive(adaptive_clipping, clipping)
         noise_generator, sampling_generator = self._generators(noise_generator, sampling_generator)
         rank, world_size = _data_parallel_world()
@@ -168,11 +201,14 @@ class PrivacyEngine:
             data_loader, sampling=sampling, sample_rate=sample_rate, shuffle_once=shuffle_once,
             max_physical_batch_size=max_physical_batch_size, drop_last=drop_last,
             generator=sampling_generator, secure_mode=self.secure_mode, rank=rank,
-            world_size=world_size, lockstep=sharded)
+            world_size=world_size, lockstep=sharded,
+            partitions=noise.bands if sampling == "cyclic_poisson" else None,
+            max_batch_size=max_batch_size)
         inst = instrument(module, clipping=clipping, max_grad_norm=max_grad_norm,
                           thresholds=thresholds, loss_reduction=loss_reduction,
                           batch_first=batch_first, count_unclipped=adaptive_clipping is not None,
-                          nonfinite=nonfinite_gradients)
+                          nonfinite=nonfinite_gradients, clipping_function=clipping_function,
+                          stability=stability)
         loader.add_listener(inst.book.begin)  # the one way a logical batch reaches the book
         reduction, self._noise_layout = None, "one"
         if noise_generator is None:  # never torch's global RNG: a resume could replay it (§7.6)
@@ -196,6 +232,7 @@ class PrivacyEngine:
             delta=delta, distributed=world_size > 1 and reduction is None,
             adaptive_clipping=adaptive_clipping, reduction=reduction,
             expected_batch_size=_expected_batch_size_per_process(loader, world_size),
+            noise=noise,
         )
         # A second make_private on this engine: the new loader counts its epochs from 0 again,
         # and they are new epochs (docs/design.md §7.2).
@@ -270,15 +307,22 @@ class PrivacyEngine:
                          noise_generator=a["noise_generator"],
                          sampling_generator=a["sampling_generator"],
                          nonfinite_gradients=a["nonfinite_gradients"])
+        check_mechanism(noise=a["noise"], sampling=a["sampling"],
+                        max_batch_size=a["max_batch_size"],
+                        clipping_function=a["clipping_function"], stability=a["stability"],
+                        adaptive_clipping=a["adaptive_clipping"], accountant=self.accountant_name)
         _check_thresholds_total(a["thresholds"], a["max_grad_norm"])
         _check_module_and_optimizer(module, hf_accelerate.unwrap_optimizer(optimizer))
         _check_data_loader(data_loader)
+        _check_separation(a["noise"], data_loader, sampling=a["sampling"],
+                          sample_rate=a["sample_rate"], drop_last=a["drop_last"])
 
     def _calibrated_sigma(self, *, module, optimizer, data_loader, target_epsilon, target_delta,
                           epochs, steps, last_iterate, kwargs) -> float:
         """The gradient's sigma for make_private_with_epsilon (see there)."""
         sampling = kwargs.get("sampling", "poisson")
         adaptive = kwargs.get("adaptive_clipping")
+        noise = kwargs.get("noise")
         if isinstance(data_loader, dp_sampling.DPDataLoader):
             raise TypeError(
                 "data_loader is already a private DPDataLoader (returned by make_private); pass the "
@@ -292,13 +336,23 @@ class PrivacyEngine:
         if last_iterate is not None:
             last_iterate = _last_iterate_plan(last_iterate, hf_accelerate.unwrap_optimizer(optimizer),
                                               kwargs.get("loss_reduction", "mean"))
+        if noise is not None:
+            check_bands_fit(noise.bands, _planned_steps(
+                data_loader, sampling=sampling, sample_rate=kwargs.get("sample_rate"),
+                drop_last=kwargs.get("drop_last", True), partitions=noise.bands, epochs=epochs,
+                steps=steps))
         sigma = accounting.calibrate_noise_multiplier(
             target_epsilon=target_epsilon, delta=target_delta, sampling=sampling,
-            sample_rate=kwargs.get("sample_rate") if sampling == "poisson" else None,
+            sample_rate=kwargs.get("sample_rate") if sampling in ("poisson", "cyclic_poisson")
+            else None,
             num_samples=len(data_loader.dataset), batch_size=batch_size, epochs=epochs,
             steps=steps, mechanism=self.accountant_name, neighboring=self.neighboring,
             last_iterate=last_iterate, drop_last=kwargs.get("drop_last", True),
+            partitions=noise.bands if sampling == "cyclic_poisson" else None,
+            max_batch_size=kwargs.get("max_batch_size"),
         )
+        if noise is not None:  # the accountant records sigma / max column norm (§7.2)
+            sigma = sigma * noise.max_column_norm
         if adaptive is None:
             return sigma
         _check_adaptive(adaptive, kwargs.get("clipping", "flat"))
@@ -356,6 +410,12 @@ class PrivacyEngine:
             state["noise"] = checkpoints.noise_state(self.optimizer.generator,
                                                      layout=self._noise_layout, rank=rank,
                                                      world_size=world_size)
+            history = self.optimizer.noise_history
+            if history is not None and state["noise"]["kind"] == "torch":
+                # BandMF's last bands - 1 noises go with the stream they came from (per rank in a
+                # distributed checkpoint), and only where the stream itself is saved: a secure
+                # run's history is as secret as its key (docs/design.md §5.1, §9).
+                state["noise"]["history"] = history.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -419,13 +479,36 @@ class PrivacyEngine:
             entries=state["accountant"].get("entries"), ledger_start=int(state.get("ledger_start", 0)),
             steps_taken=int(state["steps_taken"]), loader_state=state["data_loader"],
             sampling=loader.sampling, batches_per_epoch=loader.batches_per_epoch,
-            sample_rate=loader.sample_rate, batch_size=loader.batch_size)
+            sample_rate=_event_rate(loader), batch_size=loader.batch_size)
+        self._check_noise_history(state.get("noise"))
+
+    def _check_noise_history(self, noise) -> None:
+        """A saved BandMF history must fit this run's strategy and parameters (checked before
+        anything changes); a history with no BandMF here is refused too."""
+        if not isinstance(noise, Mapping) or noise.get("history") is None:
+            return
+        history = self.optimizer.noise_history
+        if history is None:
+            raise ValueError(
+                "load_state_dict: the saved run used BandMF correlated noise (its state holds a "
+                "noise history) and this one does not; make_private with the saved run's "
+                "noise=BandMF(...)")
+        history.check_state(noise["history"], shapes=self._noise_shapes())
+
+    def _noise_shapes(self) -> dict[int, torch.Size]:
+        """Shape of the noise of every private parameter, by its place in the optimizer's order
+        (this rank's shard under FSDP2)."""
+        optimizer = self.optimizer
+        shape = (optimizer.reduction.local_shape if optimizer.reduction is not None
+                 else (lambda p: p.shape))
+        return {i: torch.Size(shape(p)) for i, p in enumerate(optimizer.instrumentation.params)}
 
     def _restore_noise(self, saved) -> None:
         rank, world_size = _data_parallel_world()
         reason = checkpoints.restore_noise(self.optimizer.generator, saved,
                                            layout=self._noise_layout, rank=rank,
                                            world_size=world_size)
+        self._restore_noise_history(saved, restored=reason is None)
         if reason is None:
             return
         fresh = ("the resumed run draws fresh noise from a generator seeded by the operating "
@@ -434,6 +517,29 @@ class PrivacyEngine:
                  "re-seeding torch's global generator with a seed it had before replays noise")
         warnings.warn(f"the noise stream was not restored ({reason}): {fresh}", UserWarning,
                       stacklevel=3)
+
+    def _restore_noise_history(self, saved, *, restored: bool) -> None:
+        """BandMF: the history goes back only with the stream it came from, and only when the
+        next release is the loader's next batch; else the correlation restarts (still private:
+        a restarted strategy is block diagonal, docs/design.md §5.1)."""
+        history = self.optimizer.noise_history
+        if history is None:
+            return
+        saved_history = saved.get("history") if isinstance(saved, Mapping) else None
+        if (restored and saved_history is not None
+                and saved_history["next_step"] in (None, self.data_loader.step)):
+            params = self.optimizer.instrumentation.params
+            history.load_state_dict(saved_history, shapes=self._noise_shapes(),
+                                    devices=dict(enumerate(_noise_device(p) for p in params)))
+            return
+        history.restart()
+        if self.optimizer.steps_taken:
+            warnings.warn(
+                "the BandMF noise history was not restored (the noise stream was not, e.g. in "
+                "secure mode; the checkpoint holds none; or it was saved between a batch's draw "
+                "and its step): "
+                "the correlated noise restarts here; the guarantee is unchanged, the noise of the "
+                "next bands - 1 steps cancels less", UserWarning, stacklevel=4)
 
     def save_checkpoint(self, *, path, module: nn.Module, optimizer=None,
                         checkpoint_dict: dict | None = None, noise_scheduler=None,
@@ -625,9 +731,70 @@ def _warn_if_restored_sigma_differs(restored: float, configured: float) -> None:
             "step's own sigma, so epsilon is right either way)", UserWarning, stacklevel=3)
 
 
+def _event_rate(loader) -> float | None:
+    """The rate the ledger's events carry: q, or q b for cyclic Poisson (a partition's rate)."""
+    if loader.sampling == "cyclic_poisson":
+        return partition_sample_rate(loader.sample_rate, loader.partitions)
+    return loader.sample_rate
+
+
+def _noise_device(param) -> torch.device:
+    """Where a parameter's noise (and so its BandMF history) lives: its local shard's device."""
+    local = param.to_local() if hasattr(param, "to_local") else param
+    return local.device
+
+
 def _expected_batch_size_per_process(loader, world_size: int) -> int:
     """Opacus' ``optimizer.expected_batch_size``: q N (Poisson) or b, over the ranks."""
     return int(loader.expected_batch_size / world_size)
+
+
+def _planned_steps(data_loader, *, sampling, sample_rate, drop_last, partitions, epochs,
+                   steps) -> int:
+    """The steps make_private_with_epsilon plans for (``steps``, or ``epochs`` whole epochs)."""
+    if steps is not None:
+        return int(steps)
+    n = len(data_loader.dataset)
+    q = sample_rate
+    if q is None and sampling in ("poisson", "cyclic_poisson"):
+        q = dp_sampling.samplers.poisson_rate_of_batch_size(data_loader.batch_size, n)
+    per_epoch = dp_sampling.batches_per_epoch(
+        sampling=sampling, num_samples=n, sample_rate=q, batch_size=data_loader.batch_size,
+        drop_last=drop_last, partitions=partitions)
+    return int(epochs) * per_epoch
+
+
+def _check_separation(noise, data_loader, *, sampling, sample_rate, drop_last) -> None:
+    """BandMF needs an example's steps at least ``bands`` apart: check that the sampler keeps
+    them so, before anything is changed (docs/design.md §5.1, §6).
+
+    Raises:
+        ValueError: cyclic batches with fewer batches per epoch than bands, or a cyclic Poisson
+            sampler that cannot honour the partitions (q b > 1, b > N).
+    """
+    if noise is None or noise.bands == 1 or not isinstance(data_loader, torch.utils.data.DataLoader):
+        return
+    n = len(data_loader.dataset)
+    if sampling == "cyclic":
+        if data_loader.batch_size is None:
+            return  # make_private_data_loader refuses it with its own message
+        per_epoch = dp_sampling.batches_per_epoch(sampling="cyclic", num_samples=n,
+                                                  batch_size=data_loader.batch_size,
+                                                  drop_last=drop_last)
+        if per_epoch < noise.bands:
+            raise ValueError(
+                f"noise=BandMF(bands={noise.bands}) with sampling='cyclic': an epoch has "
+                f"{per_epoch} batches, so an example's steps are {per_epoch} apart, fewer than "
+                f"the {noise.bands} bands the noise correlates; use at most {per_epoch} bands, a "
+                "smaller batch size, or sampling='cyclic_poisson'")
+    elif sampling == "cyclic_poisson":
+        q = sample_rate
+        if q is None:
+            if data_loader.batch_size is None:
+                return
+            q = dp_sampling.samplers.poisson_rate_of_batch_size(data_loader.batch_size, n)
+        dp_sampling.samplers.check_partitions(num_samples=n, sample_rate=q,
+                                              partitions=noise.bands)
 
 
 def _check_adaptive(adaptive_clipping, clipping):
@@ -679,8 +846,9 @@ def _check_arguments(*, noise_multiplier, max_grad_norm, clipping, loss_reductio
     _check_choice("sampling", sampling, SAMPLINGS)
     _check_choice("nonfinite_gradients", nonfinite_gradients, privacy_math.NONFINITE_CHOICES)
     if sample_rate is not None:
-        if sampling != "poisson":
-            raise ValueError(f"sample_rate applies to sampling='poisson' only; got sampling={sampling!r}")
+        if sampling not in ("poisson", "cyclic_poisson"):
+            raise ValueError(f"sample_rate applies to sampling='poisson' only (and to its "
+                             f"b-min-sep variant 'cyclic_poisson'); got sampling={sampling!r}")
         check_number("sample_rate", sample_rate, "in (0, 1]", lambda v: 0 < v <= 1)
     if max_physical_batch_size is not None and (
             isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)

@@ -61,6 +61,7 @@ from dpfused import checkpoints, privacy_math
 from dpfused.accounting import PrivacyBudgetExhausted
 from dpfused.adaptive import AdaptiveClipping
 from dpfused.arguments import check_number
+from dpfused.bandmf import BandMF
 from dpfused.engine import PrivacyEngine
 from dpfused.losses import per_example_lm_loss
 from dpfused.secure_random import ChaCha20Generator
@@ -119,6 +120,9 @@ class PrivacyArguments:
         loss_noise_multiplier: sigma_L of the logged loss (log_loss="noised"); e.g. 10 adds
             std 10 B / (expected batch size) to each step's mean and costs 1/100 of a Gaussian
             step of sigma 1.
+        noise, max_batch_size, clipping_function, stability: as ``make_private`` takes them
+            (a ``dpfused.BandMF`` with sampling="cyclic_poisson"; truncated Poisson; "automatic"
+            clipping with its gamma; docs/design.md §4-§6).
 
     The old keywords ``max_grad_norm=`` and ``seed=`` still construct it directly (a
     DeprecationWarning names the new field). They are init-only (``dataclasses.InitVar``), so an
@@ -140,6 +144,10 @@ class PrivacyArguments:
     log_loss: str = "off"
     loss_bound: float | None = None
     loss_noise_multiplier: float | None = None
+    noise: BandMF | None = None
+    max_batch_size: int | None = None
+    clipping_function: str = "standard"
+    stability: float = 0.01
     # The deprecated spellings, init-only (no dataclass field: no HfArgumentParser clash).
     _: dataclasses.KW_ONLY
     max_grad_norm: dataclasses.InitVar[float | None] = None
@@ -311,7 +319,8 @@ class DPTrainingMixin:
             loss_reduction="mean",  # compute_loss is a mean over the physical batch
             sampling=privacy.sampling, adaptive_clipping=privacy.adaptive_clipping,
             max_physical_batch_size=self.args.per_device_train_batch_size,
-            **self._generators(),
+            **self._generators(), noise=privacy.noise, max_batch_size=privacy.max_batch_size,
+            clipping_function=privacy.clipping_function, stability=privacy.stability,
         )
         if privacy.max_epsilon is not None:
             common.update(max_epsilon=privacy.max_epsilon, delta=privacy.delta)
@@ -341,8 +350,9 @@ class DPTrainingMixin:
         spends it. The loss noise comes from a generator of its own, never seeded by ``seed``."""
         privacy = self.privacy
         if privacy.target_epsilon is not None:
-            optimizer.noise_multiplier = privacy_math.noise_multiplier_after(
-                optimizer.noise_multiplier, privacy.loss_noise_multiplier)
+            column = 1.0 if privacy.noise is None else privacy.noise.max_column_norm  # BandMF
+            optimizer.noise_multiplier = column * privacy_math.noise_multiplier_after(
+                optimizer.noise_multiplier / column, privacy.loss_noise_multiplier)
         optimizer.joint_noise_multipliers = (privacy.loss_noise_multiplier,)
         self._loss_generator = (ChaCha20Generator() if privacy.secure_mode
                                 else checkpoints.os_seeded_generator(self.args.device))

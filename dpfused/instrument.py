@@ -50,12 +50,18 @@ class Instrumentation:
 
 
 def instrument(module, *, clipping, max_grad_norm, thresholds, loss_reduction, batch_first,
-               count_unclipped=False, nonfinite="raise"):
-    """Find the layers, build the clipping groups and patch the forwards. Raises before patching."""
+               count_unclipped=False, nonfinite="raise", clipping_function="standard",
+               stability=0.01):
+    """Find the layers, build the clipping groups and patch the forwards. Raises before patching.
+
+    ``clipping_function`` and ``stability``: how norm bounds become clip factors
+    (``privacy_math.clip_factors``: "standard" or AUTO-S's "automatic").
+    """
     layers, groups = plan(module, clipping=clipping, max_grad_norm=max_grad_norm,
                           thresholds=thresholds)
     book = Bookkeeper(groups, loss_reduction=loss_reduction, batch_first=batch_first,
-                      count_unclipped=count_unclipped, nonfinite=nonfinite)
+                      count_unclipped=count_unclipped, nonfinite=nonfinite,
+                      clipping_function=clipping_function, stability=stability)
     patches = [_Patch(layer, book.tap(layer)) for layer in layers]
     hooks = [module.register_forward_pre_hook(_restore_patches(patches), prepend=True),
              *_guard_token_mean_losses(module), *guard_forwards(module)]

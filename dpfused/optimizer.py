@@ -2,9 +2,10 @@
 
 ``step`` reads one value, the book-keeper's ``ClippedStep`` of the logical batch (docs/design.md §2):
 it adds Gaussian noise once (std sigma * sqrt(sum_g C_g^2), with the thresholds the sums were
-clipped with), divides by B_norm, writes p.grad, steps the wrapped optimizer and records the step's
-``DpEvent`` with the accountant. Physical batches of one logical batch only accumulate; an empty
-logical batch still steps with noise.
+clipped with; with BandMF correlated with the last bands - 1 steps' noise, §5.1), divides by
+B_norm, writes p.grad, steps the wrapped optimizer and records the step's ``DpEvent`` with the
+accountant. Physical batches of one logical batch only accumulate; an empty logical batch still
+steps with noise.
 
 A step on batches the private data loader did not draw (Opacus' benchmarks time steps on
 ``torch.randn`` batches) runs as Opacus runs it, normalized by ``expected_batch_size``, and is
@@ -23,6 +24,7 @@ import torch
 from dpfused import distributed, privacy_math
 from dpfused.accounting import IterateFacts, PrivacyBudgetExhausted, SampledStep
 from dpfused.arguments import check_max_grad_norm, check_noise_multiplier
+from dpfused.bandmf import BandMF, NoiseHistory
 from dpfused.step import ClippedStep
 
 __all__ = ["DPOptimizer"]
@@ -51,6 +53,8 @@ class DPOptimizer(torch.optim.Optimizer):
             expected logical batch size per process (``int(q N / world_size)`` under Poisson,
             ``int(b / world_size)`` otherwise). Informational: each step is normalized by its own
             logical batch's expected size (``LogicalBatch.expected_size``), never by this.
+        noise: a ``BandMF``: correlated noise (docs/design.md §5.1); its streaming state is
+            ``noise_history`` (secret). None: independent noise (DP-SGD).
     """
 
     # torch.amp.GradScaler then hands its scale to step() (as `grad_scale`/`found_inf`) instead of
@@ -59,7 +63,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer, *, instrumentation, noise_multiplier, accountant=None,
                  generator=None, max_epsilon=None, delta=None, distributed=False,
-                 adaptive_clipping=None, reduction=None, expected_batch_size=None):
+                 adaptive_clipping=None, reduction=None, expected_batch_size=None, noise=None):
         # Deliberately no super().__init__: this object is a view that shares the wrapped
         # optimizer's param_groups and state, so schedulers and checkpoints act on the real one.
         self.original_optimizer = optimizer
@@ -71,6 +75,11 @@ class DPOptimizer(torch.optim.Optimizer):
         self.distributed = distributed
         self.adaptive_clipping = adaptive_clipping
         self.reduction = reduction
+        if noise is not None and not isinstance(noise, BandMF):
+            raise TypeError(f"noise must be a dpfused.BandMF (or None), got {type(noise).__name__}")
+        self.noise = noise
+        # BandMF's secret streaming state: the last bands - 1 unit noises of every parameter.
+        self.noise_history = NoiseHistory(noise.coefficients) if noise is not None else None
         # Noise multipliers of other Gaussian queries released with every step on its batch (e.g.
         # DPTrainer's noised training loss): accounted with the gradient as one Gaussian.
         self.joint_noise_multipliers: tuple[float, ...] = ()
@@ -170,8 +179,14 @@ class DPOptimizer(torch.optim.Optimizer):
     @property
     def accounted_noise_multiplier(self) -> float:
         """The sigma the accountant records: sigma, or sigma_eff when counts (adaptive clipping)
-        or other queries (``joint_noise_multipliers``) are released with the step too."""
+        or other queries (``joint_noise_multipliers``) are released with the step too. With
+        BandMF the gradient's sigma is first divided by the strategy's largest column norm (1 for
+        dpfused's strategies): per participation the gradient moves M x by at most C times a
+        column's norm, the other queries their own rows of the step only, so the block strategy
+        keeps the disjoint supports the amplified analysis needs (docs/design.md §5.1)."""
         sigma = self.noise_multiplier
+        if self.noise is not None:
+            sigma = sigma / privacy_math.max_column_norm(self.noise_history.coefficients)
         if self.adaptive_clipping is not None:
             sigma = privacy_math.effective_noise_multiplier(
                 sigma, self.adaptive_clipping.count_noise_std, len(self._groups))
@@ -212,10 +227,15 @@ class DPOptimizer(torch.optim.Optimizer):
             self.steps_skipped += 1
             return None
         sampled = self._sampled_step(clipped)
+        step = None if clipped.batch is None else clipped.batch.step
+        if self.noise_history is not None:  # BandMF: no logical batch skipped (before anything)
+            self.noise_history.check_step(step)
         facts = self._iterate_facts(clipped)  # raises on a bad param group before anything runs
         self._check_budget(sampled)  # before anything is written: a refused step changes nothing
         self._warn_if_unguaranteed(sampled)
         noisy_counts = self._write_noised_gradients(clipped)
+        if self.noise_history is not None:
+            self.noise_history.commit(step)
         if self._overflow_count_std is not None:
             self._release_overflow_count(clipped)
         self._book.next_step()
@@ -266,7 +286,9 @@ class DPOptimizer(torch.optim.Optimizer):
         run as Opacus runs it; module docstring)."""
         if clipped.batch is not None:
             return SampledStep.of(clipped.batch, self.accounted_noise_multiplier,
-                                  adaptive_clipping=self.adaptive_clipping is not None)
+                                  adaptive_clipping=self.adaptive_clipping is not None,
+                                  bands=1 if self.noise is None else self.noise.bands,
+                                  strategy=None if self.noise is None else self.noise.strategy)
         if self.distributed or self.reduction is not None:
             raise RuntimeError(
                 "optimizer.step() found no batch drawn by the private data loader, under data "
@@ -315,6 +337,10 @@ class DPOptimizer(torch.optim.Optimizer):
             "privacy_report says why). Iterate the data loader that make_private returned to "
             "train privately", UserWarning, stacklevel=3)
 
+    def _correlate(self, index: int):
+        """BandMF: the map from a fresh draw to the correlated noise of parameter ``index``."""
+        return None if self.noise_history is None else self.noise_history.correlator(index)
+
     def _write_noised_gradients(self, clipped: ClippedStep):
         """Write p.grad for every private parameter; returns the noisy counts (adaptive) or None."""
         if self.reduction is not None:
@@ -327,8 +353,9 @@ class DPOptimizer(torch.optim.Optimizer):
             privacy_math.noised_gradient(
                 clipped.sums.get(id(p)), shape=p.shape, std=std, normalizer=normalizer,
                 device=p.device, generator=self._generator_on(p.device), dtype=p.dtype,
+                correlate=self._correlate(i),
             )
-            for p in params
+            for i, p in enumerate(params)
         ]
         released = grads + ([self._noised_counts(clipped, params[0].device)]
                             if self.adaptive_clipping is not None else [])
@@ -349,9 +376,9 @@ class DPOptimizer(torch.optim.Optimizer):
             privacy_math.noised_gradient(
                 sums[id(p)], shape=self.reduction.local_shape(p), std=std,
                 normalizer=normalizer, device=sums[id(p)].device, generator=self.generator,
-                dtype=p.dtype,
+                dtype=p.dtype, correlate=self._correlate(i),
             )
-            for p in params
+            for i, p in enumerate(params)
         ]
         for p, grad in zip(params, grads):
             p.grad = self.reduction.as_grad(p, grad)
@@ -411,6 +438,7 @@ class DPOptimizer(torch.optim.Optimizer):
             normalizer=self._normalizer(clipped),
             max_grad_norm=privacy_math.sensitivity(clipped.thresholds),
             plain_sgd=plain_sgd,
+            clipping_function=self._book.clipping_function,
         )
 
     def _check_budget(self, sampled: SampledStep):

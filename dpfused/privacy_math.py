@@ -4,8 +4,10 @@ Every path that clips, scales or noises a gradient calls these functions; nothin
 computes a clip factor, a sensitivity, a noise standard deviation or the final normalization.
 
     per example i, group g:  c_ig = min(1, C_g / (N_ig + 1e-6)),  N_ig >= ||released G_ig||
+                             (automatic clipping, AUTO-S: c_ig = C_g / (N_ig + gamma))
     sensitivity:             C = sqrt(sum_g C_g^2)          (add/remove adjacency)
     final gradient:          (sum_i c_ig G_ig + N(0, sigma^2 C^2 I)) / B_norm
+                             (BandMF: the noise of step t is sigma C (M^-1 Z)_t, M banded Toeplitz)
 
 With adaptive thresholds (docs/design.md §4, Andrew et al. 2021) each step also releases, per group, a
 noisy count of the examples the group did not clip; it is the same sampled batch, so the gradient
@@ -14,15 +16,20 @@ and the counts are one Gaussian mechanism with 1/sigma_eff^2 = 1/sigma^2 + K/(4 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from dpfused.secure_random import ChaCha20Generator
 
 __all__ = [
     "CLIP_EPS",
+    "CLIPPING_FUNCTIONS",
+    "DEFAULT_STABILITY",
+    "check_clipping_function",
     "norm_upper_bound",
     "clip_factors",
     "example_multipliers",
@@ -35,7 +42,12 @@ __all__ = [
     "noise_std_of_rank_share",
     "noise_std_on_rank",
     "gradient_normalizer",
+    "truncated_expected_batch_size",
+    "truncation_probability",
     "noised_gradient",
+    "max_column_norm",
+    "correlated_noise",
+    "unit_noise",
     "centered_unclipped_count",
     "count_sensitivity",
     "effective_noise_multiplier",
@@ -53,6 +65,31 @@ __all__ = [
 # Added to the norm before dividing, as in Opacus and docs/design.md §4: keeps c <= 1 without a branch and
 # keeps ||c_i G_i|| <= C_g even when the norm rounds.
 CLIP_EPS = 1e-6
+
+# How a norm bound becomes a clip factor (docs/design.md §4): "standard" min(1, C / (N + 1e-6)), or
+# "automatic" C / (N + gamma) (AUTO-S, Bu et al. 2023), every example scaled, none left as it was.
+CLIPPING_FUNCTIONS = ("standard", "automatic")
+# gamma of AUTO-S: the paper's default 0.01 (in units of the per-example gradient norm).
+DEFAULT_STABILITY = 0.01
+
+
+def check_clipping_function(clipping_function, stability) -> None:
+    """``clipping_function`` is one of CLIPPING_FUNCTIONS and ``stability`` a finite gamma > 0.
+
+    Raises:
+        ValueError / TypeError: naming the argument, what was found and the choices.
+    """
+    if clipping_function not in CLIPPING_FUNCTIONS:
+        raise ValueError(
+            f"clipping_function={clipping_function!r} is not supported; use one of "
+            f"{', '.join(map(repr, CLIPPING_FUNCTIONS))} ('standard': min(1, C / ||g||); "
+            "'automatic': C / (||g|| + stability), AUTO-S of Bu et al. 2023)")
+    if isinstance(stability, bool) or not isinstance(stability, (int, float)):
+        raise TypeError(f"stability must be a finite number > 0 (gamma of automatic clipping), "
+                        f"got {stability!r} ({type(stability).__name__})")
+    if not (math.isfinite(stability) and stability > 0):
+        raise ValueError(f"stability must be a finite number > 0 (gamma of automatic clipping), "
+                         f"got {stability!r}")
 
 
 def norm_upper_bound(value: torch.Tensor, error: torch.Tensor, release: torch.Tensor,
@@ -84,13 +121,29 @@ def norm_upper_bound(value: torch.Tensor, error: torch.Tensor, release: torch.Te
     return torch.where(torch.isfinite(estimated), torch.minimum(estimated, magnitude), magnitude)
 
 
-def clip_factors(norm_bound: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Per-example clip factors ``min(1, C / (N_i + 1e-6))`` from norm upper bounds ``(B,)``."""
-    return (threshold / (_accumulation(norm_bound) + CLIP_EPS)).clamp(max=1.0)
+def clip_factors(norm_bound: torch.Tensor, threshold: float, *, clipping_function: str = "standard",
+                 stability: float = DEFAULT_STABILITY) -> torch.Tensor:
+    """Per-example clip factors from norm upper bounds ``(B,)``.
+
+    - ``"standard"``: ``min(1, C / (N_i + 1e-6))``;
+    - ``"automatic"`` (AUTO-S, Bu et al. 2023, "Automatic Clipping: Differentially Private Deep
+      Learning Made Easier and Stronger"): ``C / (N_i + gamma)``, gamma = ``stability`` > 0. Every
+      example is scaled, small gradients up to C / gamma times. Since N_i >= ||G_i||, the
+      contribution c_i ||G_i|| <= C N_i / (N_i + gamma) < C: the sensitivity is C as with the
+      standard function, so noise and accounting are unchanged. The rounding of c_i itself is the
+      same one ulp as for the standard factor (docs/design.md §3, tau).
+    """
+    norms = _accumulation(norm_bound)
+    if clipping_function == "automatic":
+        return threshold / (norms + stability)
+    if clipping_function != "standard":
+        check_clipping_function(clipping_function, stability)
+    return (threshold / (norms + CLIP_EPS)).clamp(max=1.0)
 
 
 def example_multipliers(norm_bound: torch.Tensor, threshold: float, loss_scale: float, *,
-                        dropped: torch.Tensor | None = None) -> torch.Tensor:
+                        dropped: torch.Tensor | None = None, clipping_function: str = "standard",
+                        stability: float = DEFAULT_STABILITY) -> torch.Tensor:
     """What each example's raw per-example gradient is multiplied by before summing.
 
     The layer rules see the gradient of the loss the user backpropagates; with a mean loss over B
@@ -104,11 +157,15 @@ def example_multipliers(norm_bound: torch.Tensor, threshold: float, loss_scale: 
         loss_scale: factor from the raw gradient to the true per-example gradient.
         dropped: ``(B,)`` bool, examples whose contribution is dropped (``nonfinite_examples``):
             their multiplier is exactly 0, whatever their (non-finite) norm.
+        clipping_function, stability: see ``clip_factors``; gamma is in units of the true
+            per-example gradient's norm (after ``loss_scale``).
 
     Returns:
         ``(B,)`` float32 (float64 for float64 bounds) tensor ``c_i * loss_scale``.
     """
-    multipliers = clip_factors(_true_norm(norm_bound, loss_scale), threshold) * loss_scale
+    multipliers = clip_factors(_true_norm(norm_bound, loss_scale), threshold,
+                               clipping_function=clipping_function,
+                               stability=stability) * loss_scale
     if dropped is None:
         return multipliers
     return torch.where(dropped.to(multipliers.device), torch.zeros_like(multipliers), multipliers)
@@ -210,6 +267,31 @@ def gradient_normalizer(
     return float(expected_batch_size)
 
 
+def truncation_probability(*, num_samples: int, sample_rate: float, max_batch_size: int) -> float:
+    """P(Binomial(N, q) > K): how often a truncated Poisson batch is expected to be cut to K.
+
+    Public (N, q and K are), unlike the realized count of truncated batches.
+    """
+    from scipy import stats
+
+    return float(stats.binom.sf(max_batch_size, num_samples, sample_rate))
+
+
+@functools.lru_cache(maxsize=32)  # read at every step (B_norm); a pure function of public numbers
+def truncated_expected_batch_size(*, num_samples: int, sample_rate: float,
+                                  max_batch_size: int) -> float:
+    """E[min(Binomial(N, q), K)]: B_norm of a mean loss under truncated Poisson sampling (§5).
+
+    A public constant (it depends on N, q and K only), and the expected size of the batch that is
+    actually summed: q N would shrink every step when truncation fires often. Computed as
+    sum_{k=0}^{K-1} P(X > k) with scipy's binomial survival function, in float64.
+    """
+    from scipy import stats
+
+    survival = stats.binom.sf(np.arange(int(max_batch_size)), int(num_samples), float(sample_rate))
+    return float(math.fsum(survival.tolist()))
+
+
 def noised_gradient(
     clipped_sum: torch.Tensor | None,
     *,
@@ -219,17 +301,75 @@ def noised_gradient(
     device: torch.device,
     generator: torch.Generator | None,
     dtype: torch.dtype = torch.float32,
+    correlate=None,
 ) -> torch.Tensor:
-    """(clipped sum + N(0, std^2)) / B_norm, in float32 or the wider ``dtype`` (float64 models).
+    """(clipped sum + noise) / B_norm, in float32 or the wider ``dtype`` (float64 models).
+
+    The noise is N(0, std^2) per coordinate, or with ``correlate`` (BandMF: a callable
+    ``(z, std) -> noise``, ``dpfused.bandmf.NoiseHistory.correlator``) the streaming
+    correlated noise std (M^-1 Z)_t built from that draw z = std Z_t (``correlated_noise``).
 
     ``clipped_sum`` may be None: no example touched this parameter (an empty batch, or a layer
     unused by this batch); the step still carries the noise.
     """
     dtype = torch.promote_types(dtype, torch.float32)  # bf16/fp16 parameters: noise in float32
     noise = _gaussian(shape, std=std, device=device, dtype=dtype, generator=generator)
+    if correlate is not None:
+        noise = correlate(noise, std)
     if clipped_sum is not None:
         noise.add_(clipped_sum.to(dtype))
     return noise.div_(normalizer)
+
+
+# ---- correlated noise: banded matrix factorization (docs/design.md §5.1) -------------------------
+#
+# The matrix mechanism releases M x + Z for the stacked gradients x (T x d) and a lower-triangular
+# strategy M; multiplying by M^-1 (post-processing) gives the released gradients x + M^-1 Z. With M
+# b-banded Toeplitz (coefficients m_0..m_{b-1}), (M^-1 Z)_t solves M w = Z by forward substitution:
+#
+#     w_t = (Z_t - sum_{j=1}^{b-1} m_j w_{t-j}) / m_0,
+#
+# so only the last b-1 w's are kept. An example whose steps are >= b apart changes columns of M
+# with disjoint supports: each participation moves M x by at most C times that column's norm, and
+# the accountant divides sigma by the largest column norm, sqrt(sum_j m_j^2) (docs/design.md §7.2).
+
+
+def max_column_norm(coefficients: Sequence[float]) -> float:
+    """Largest column norm of a lower-triangular banded Toeplitz matrix with these coefficients.
+
+    Column t holds m_0..m_{min(b, T-t)-1}; the first column (T >= b) holds all of them:
+    sqrt(sum_j m_j^2), an upper bound for shorter runs too. Computed in float64 with fsum.
+    """
+    return math.sqrt(math.fsum(float(c) * float(c) for c in coefficients))
+
+
+def correlated_noise(z: torch.Tensor, *, std: float, past: Sequence[torch.Tensor | None],
+                     coefficients: Sequence[float]) -> torch.Tensor:
+    """Step t's BandMF noise std * w_t from the draw z = std * Z_t and the past unit noises.
+
+    ``past`` holds w_{t-1}, w_{t-2}, ... (at most b-1, most recent first; None for a step whose
+    noise was 0), so the result is (z - std sum_j m_j w_{t-j}) / m_0 = std w_t. With one band
+    (m_0 = 1, nothing kept) it is z itself, bit for bit: DP-SGD's noise. The combination runs in
+    z's dtype (float32 at least); its rounding is a function of the noise alone, never of the data.
+    """
+    if std == 0:
+        return z  # a rank that adds no noise (docs/design.md §9): zeros
+    terms = [(float(m), w) for m, w in zip(coefficients[1:], past) if w is not None]
+    noise = z
+    if terms:
+        history = torch.zeros_like(z)
+        for m, w in terms:
+            history.add_(w.to(device=z.device, dtype=z.dtype), alpha=m)
+        noise = z - std * history
+    first = float(coefficients[0])
+    return noise if first == 1.0 else noise / first
+
+
+def unit_noise(noise: torch.Tensor, std: float) -> torch.Tensor | None:
+    """w_t = noise / std, what the history keeps (None when the step added no noise)."""
+    if std == 0:
+        return None
+    return noise / std
 
 
 # ---- adaptive thresholds (docs/design.md §4; Andrew et al. 2021, "DP learning with adaptive clipping") --

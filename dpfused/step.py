@@ -21,17 +21,32 @@ from dataclasses import dataclass, field
 import dp_accounting
 import torch
 
-__all__ = ["SAMPLINGS", "LogicalBatch", "ClippedStep"]
+from dpfused import privacy_math
+
+__all__ = ["SAMPLINGS", "POISSON_SAMPLINGS", "LogicalBatch", "ClippedStep"]
 
 # The sampling schemes, named once (docs/design.md §6).
-SAMPLINGS = ("poisson", "cyclic", "shuffle")
+SAMPLINGS = ("poisson", "cyclic", "shuffle", "cyclic_poisson")
+# Those that draw a Poisson batch (a variable size, a rate q, amplification by sampling).
+POISSON_SAMPLINGS = ("poisson", "cyclic_poisson")
+
+
+def partition_sample_rate(sample_rate: float, partitions: int) -> float:
+    """q b: the rate at which a cyclic Poisson step draws from its partition of about N / b
+    examples, so that the expected batch stays q N. The sampler and the accountant use this one
+    number."""
+    return float(sample_rate) * int(partitions)
 
 
 def expected_batch_size(*, sampling: str, sample_rate: float | None, num_samples: int,
-                        batch_size: int | None) -> float:
-    """The expected logical batch size: q * N under Poisson sampling, b under cyclic/shuffle.
+                        batch_size: int | None, max_batch_size: int | None = None) -> float:
+    """The expected logical batch size: q * N under Poisson sampling (cyclic Poisson too: q b
+    times about N / b), E[min(Binomial(N, q), K)] when truncated to K, b under cyclic/shuffle.
     Public (fixed before training), never the realized size of a Poisson batch."""
-    if sampling == "poisson":
+    if sampling == "poisson" and max_batch_size is not None:
+        return privacy_math.truncated_expected_batch_size(
+            num_samples=num_samples, sample_rate=sample_rate, max_batch_size=max_batch_size)
+    if sampling in POISSON_SAMPLINGS:
         return sample_rate * num_samples
     return float(batch_size)
 
@@ -41,8 +56,9 @@ class LogicalBatch:
     """One logical batch as the sampler drew it, seen from one of its physical batches.
 
     Attributes:
-        sampling: "poisson", "cyclic" or "shuffle".
-        sample_rate: q, for Poisson sampling (None otherwise).
+        sampling: "poisson", "cyclic", "shuffle" or "cyclic_poisson".
+        sample_rate: q, for Poisson and cyclic Poisson sampling (None otherwise); a cyclic
+            Poisson step draws from its partition at q * partitions.
         batch_size: the fixed logical batch size b, for cyclic/shuffle (None for Poisson).
         num_samples: N, the dataset size the sampler draws from (public, fixed before training).
         step: logical step index since the start (global, survives epochs and resumption).
@@ -58,6 +74,10 @@ class LogicalBatch:
             with no example of its own for one runs one example of the logical batch with weight
             exactly 0 instead, so that models that cannot forward an empty batch still work).
             Counted in ``physical_size``, not in ``local_size``.
+        partitions: cyclic Poisson sampling: b, the number of partitions (None otherwise).
+        max_batch_size: truncated Poisson sampling: K (None: no truncation).
+        truncated: the sampler cut this logical batch to K (a fact of the sampler's coins, no
+            more private than the batch size; for the trainer's eyes, not for release).
     """
 
     sampling: str
@@ -73,23 +93,46 @@ class LogicalBatch:
     physical_size: int
     is_last_physical: bool
     padding: int = 0
+    partitions: int | None = None
+    max_batch_size: int | None = None
+    truncated: bool = False
 
     @property
     def expected_size(self) -> float:
-        """q * N under Poisson sampling, b under cyclic/shuffle: B_norm of a mean loss (§5)."""
+        """q * N under Poisson sampling (E[min(Binomial(N, q), K)] truncated to K), b under
+        cyclic/shuffle: B_norm of a mean loss (§5)."""
         return expected_batch_size(sampling=self.sampling, sample_rate=self.sample_rate,
-                                   num_samples=self.num_samples, batch_size=self.batch_size)
+                                   num_samples=self.num_samples, batch_size=self.batch_size,
+                                   max_batch_size=self.max_batch_size)
+
+    @property
+    def cycle(self) -> int | None:
+        """Cyclic Poisson: the index of the cycle of b steps this step belongs to (an example
+        joins at most one step of a cycle); None for other samplings. Epochs are whole cycles."""
+        if self.sampling != "cyclic_poisson":
+            return None
+        return (self.epoch * self.batches_per_epoch + self.position_in_epoch) // self.partitions
 
     def dp_event(self, noise_multiplier: float) -> dp_accounting.DpEvent:
         """The mechanism this logical batch releases with noise multiplier sigma (§7).
 
-        Poisson: ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``. Cyclic/shuffle: each example
-        is in exactly one batch of the epoch, so the step is a ``GaussianDpEvent(sigma)`` on the
-        examples of this batch; the accountant composes the steps of one epoch as ONE Gaussian.
+        Poisson: ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``; truncated to K:
+        ``TruncatedSubsampledGaussianDpEvent(N, q, K, sigma)``. Cyclic Poisson:
+        ``PoissonSampledDpEvent(q b, GaussianDpEvent(sigma))``, the rate of its partition (the
+        accountant composes one per cycle of b steps). Cyclic/shuffle: each example is in exactly
+        one batch of the epoch, so the step is a ``GaussianDpEvent(sigma)`` on the examples of
+        this batch; the accountant composes the steps of one epoch as ONE Gaussian.
         """
         gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+        if self.sampling == "poisson" and self.max_batch_size is not None:
+            return dp_accounting.TruncatedSubsampledGaussianDpEvent(
+                dataset_size=self.num_samples, sampling_probability=self.sample_rate,
+                truncated_batch_size=self.max_batch_size, noise_multiplier=noise_multiplier)
         if self.sampling == "poisson":
             return dp_accounting.PoissonSampledDpEvent(self.sample_rate, gaussian)
+        if self.sampling == "cyclic_poisson":
+            return dp_accounting.PoissonSampledDpEvent(
+                partition_sample_rate(self.sample_rate, self.partitions), gaussian)
         return gaussian
 
 

@@ -95,6 +95,11 @@ class Config:
     max_grad_norm: float = 1.0  # C, the total clipping threshold (split over groups by per_layer)
     clipping: str = "per_layer"  # "flat" | "per_layer" | "per_device"
     accountant: str = "pld"  # "pld" | "rdp"
+    # mechanism (docs/design.md §4-§6): the defaults are DP-SGD
+    bands: int = 1  # BandMF: noise correlated over this many steps; > 1 samples b-min-sep (cyclic Poisson)
+    bandmf_strategy: str = "sqrt"  # "sqrt" | "optimized" (for the planned steps, plain SGD's workload)
+    max_batch_size: int | None = None  # truncated Poisson: at most this many blocks per logical step
+    clipping_function: str = "standard"  # "standard" min(1, C/||g||) | "automatic" C/(||g||+0.01)
     # optimisation
     batch_size: int = 32  # expected logical batch (Poisson sampling rate q = batch_size / N)
     max_physical_batch_size: int | None = None  # split logical batches to bound memory
@@ -342,6 +347,28 @@ def check_fsdp_batch(batch, world: int) -> None:
             "ranks; raise --batch-size (at the expected size 32 this practically never happens)")
 
 
+def mechanism(cfg: Config, steps: int) -> dict:
+    """make_private's sampling and mechanism arguments for the flags (the defaults: DP-SGD)."""
+    kwargs = dict(sampling="poisson", clipping_function=cfg.clipping_function)
+    if cfg.bands > 1:  # a block joins at most one step in any `bands` consecutive ones
+        kwargs["sampling"] = "cyclic_poisson"
+    if cfg.bands > 1 or cfg.bandmf_strategy != "sqrt":
+        optimized = cfg.bandmf_strategy == "optimized"
+        kwargs["noise"] = dpfused.BandMF(bands=cfg.bands, strategy=cfg.bandmf_strategy,
+                                         steps=steps if optimized else None)
+    if cfg.max_batch_size is not None:
+        kwargs["max_batch_size"] = cfg.max_batch_size
+    return kwargs
+
+
+def mechanism_in_words(cfg: Config) -> str:
+    sampling = (f"cyclic Poisson sampling ({cfg.bands} partitions), BandMF {cfg.bands} bands"
+                if cfg.bands > 1 else "Poisson sampling")
+    if cfg.max_batch_size is not None:
+        sampling += f" truncated to {cfg.max_batch_size}"
+    return sampling + (", automatic clipping" if cfg.clipping_function == "automatic" else "")
+
+
 def log(*args) -> None:
     """print on rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -394,7 +421,7 @@ class Recipe:
         log(
             f"model {name}, {n_all / 1e6:.1f}M params, {n_train / 1e6:.3f}M trainable ({trained}); "
             f"train {len(self.train_set)} / eval {len(self.eval_set)} blocks of {cfg.block_size} tokens; "
-            + (f"DP {cfg.clipping} clipping, Poisson sampling" if cfg.dp else "no DP")
+            + (f"DP {cfg.clipping} clipping, {mechanism_in_words(cfg)}" if cfg.dp else "no DP")
             + (f"; {self.world} processes, {'FSDP2' if cfg.fsdp else 'DDP'}" if self.world > 1 else "")
         )
 
@@ -408,8 +435,8 @@ class Recipe:
             max_grad_norm=cfg.max_grad_norm,
             clipping=cfg.clipping,
             loss_reduction="mean",  # matches per_example_lm_loss(..., reduction="mean") below
-            sampling="poisson",
             max_physical_batch_size=cfg.max_physical_batch_size,
+            **mechanism(cfg, self.total_steps),
         )
         if cfg.epsilon is not None:  # calibrate for the steps train() will take, so epsilon is reached
             self.model, optimizer, train_loader = self.engine.make_private_with_epsilon(
@@ -601,7 +628,9 @@ def main(argv: list[str] | None = None) -> dict:
     if recipe.world > 1:
         dist.destroy_process_group()
     return {"ppl_before": ppl_before, "ppl_after": ppl_after, "epsilon": eps, "delta": cfg.delta,
-            "steps": recipe.step}
+            "steps": recipe.step,
+            # truncated Poisson: logical batches cut to --max-batch-size (not private, see §6)
+            "truncated_batches": getattr(recipe.train_loader, "truncated_batches", None)}
 
 
 if __name__ == "__main__":

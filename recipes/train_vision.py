@@ -5,6 +5,9 @@
     python recipes/train_vision.py --dataset fashion-mnist --batch-size 256 --noise-multiplier 1 --epochs 2
     python recipes/train_vision.py --norm batch --clipping per_layer  # BatchNorm CNN through dpfused.fix
     python recipes/train_vision.py --no-dp                # the same loop without privacy (baseline)
+    python recipes/train_vision.py --bands 4              # BandMF correlated noise, b-min-sep sampling
+    python recipes/train_vision.py --max-batch-size 160   # truncated Poisson: at most 160 images a step
+    python recipes/train_vision.py --clipping-function automatic --lr 4  # AUTO-S clipping
 
 Nothing is downloaded. Digits (1797 images of 8x8) ship with scikit-learn; Fashion-MNIST (60k + 10k
 images of 28x28) with the Debian package `dataset-fashion-mnist` (apt-get install dataset-fashion-mnist),
@@ -76,6 +79,11 @@ class Config:
     max_grad_norm: float = 1.0  # C, the total clipping threshold
     clipping: str = "flat"  # "flat" (Opacus' default) | "per_layer"
     accountant: str = "pld"  # "pld" (tight; Opacus' "prv" maps to it) | "rdp" (looser, faster)
+    # mechanism (docs/design.md §4-§6): the defaults are DP-SGD
+    bands: int = 1  # BandMF: noise correlated over this many steps; > 1 samples b-min-sep (cyclic Poisson)
+    bandmf_strategy: str = "sqrt"  # "sqrt" | "optimized" (for the planned steps and --momentum)
+    max_batch_size: int | None = None  # truncated Poisson: at most this many images per logical step
+    clipping_function: str = "standard"  # "standard" min(1, C/||g||) | "automatic" C/(||g||+0.01)
     # optimisation
     batch_size: int = 128  # expected logical batch (Poisson sampling rate q = batch_size / N); larger
     # batches with more noise usually beat small ones at the same epsilon (signal grows with B, noise not)
@@ -103,6 +111,8 @@ CHOICES = {
     "activation": ("tanh", "relu"),
     "clipping": ("flat", "per_layer"),
     "accountant": ("pld", "rdp"),
+    "bandmf_strategy": ("sqrt", "optimized"),
+    "clipping_function": ("standard", "automatic"),
 }
 
 
@@ -239,6 +249,29 @@ def build_model(cfg: Config, in_channels: int, image_size: int, num_classes: int
     return dpfused.fix(model).to(cfg.device)
 
 
+def mechanism(cfg: Config, steps: int) -> dict:
+    """make_private's sampling and mechanism arguments for the flags (the defaults: DP-SGD)."""
+    kwargs = dict(sampling="poisson", clipping_function=cfg.clipping_function)
+    if cfg.bands > 1:  # an image joins at most one step in any `bands` consecutive ones
+        kwargs["sampling"] = "cyclic_poisson"
+    if cfg.bands > 1 or cfg.bandmf_strategy != "sqrt":
+        optimized = cfg.bandmf_strategy == "optimized"
+        kwargs["noise"] = dpfused.BandMF(
+            bands=cfg.bands, strategy=cfg.bandmf_strategy, steps=steps if optimized else None,
+            momentum=cfg.momentum if optimized else 0.0)
+    if cfg.max_batch_size is not None:
+        kwargs["max_batch_size"] = cfg.max_batch_size
+    return kwargs
+
+
+def mechanism_in_words(cfg: Config) -> str:
+    sampling = (f"cyclic Poisson sampling ({cfg.bands} partitions), BandMF {cfg.bands} bands"
+                if cfg.bands > 1 else "Poisson sampling")
+    if cfg.max_batch_size is not None:
+        sampling += f" truncated to {cfg.max_batch_size}"
+    return sampling + (", automatic clipping" if cfg.clipping_function == "automatic" else "")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Train / evaluate / save
 
@@ -271,7 +304,8 @@ class Recipe:
         print(
             f"{cfg.dataset}: train {len(self.train_set)} / test {len(self.test_set)} images of "
             f"{tuple(images.shape[1:])}; model {sum(p.numel() for p in self.model.parameters()) / 1e3:.1f}k "
-            f"params; " + (f"DP {cfg.clipping} clipping, Poisson sampling" if cfg.dp else "no DP")
+            f"params; " + (f"DP {cfg.clipping} clipping, {mechanism_in_words(cfg)}" if cfg.dp
+                           else "no DP")
         )
 
     def make_private(self, optimizer, train_loader):
@@ -284,8 +318,8 @@ class Recipe:
             max_grad_norm=cfg.max_grad_norm,
             clipping=cfg.clipping,
             loss_reduction="mean",  # F.cross_entropy's default reduction below
-            sampling="poisson",
             max_physical_batch_size=cfg.max_physical_batch_size,
+            **mechanism(cfg, self.total_steps),
         )
         if cfg.epsilon is not None:  # calibrate for the steps train() will take, so epsilon is reached
             self.model, optimizer, train_loader = self.engine.make_private_with_epsilon(
@@ -423,7 +457,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"checkpoint: {cfg.out}")
     print(f"wall time: {time.perf_counter() - start:.0f} s")
     return {"acc_before": acc_before, "acc_after": acc_after, "epsilon": eps, "delta": cfg.delta,
-            "steps": recipe.step}
+            "steps": recipe.step,
+            # truncated Poisson: logical batches cut to --max-batch-size (not private, see §6)
+            "truncated_batches": getattr(recipe.train_loader, "truncated_batches", None)}
 
 
 if __name__ == "__main__":

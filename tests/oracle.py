@@ -38,13 +38,20 @@ def per_example_grads(model, example_loss, inputs):
     )
 
 
-def clipped_sums(grads, groups, *, threshold_of):
-    """sum_i c_ig G_ig for groups given as lists of parameter names."""
+def clipped_sums(grads, groups, *, threshold_of, clipping_function="standard", stability=0.01):
+    """sum_i c_ig G_ig for groups given as lists of parameter names.
+
+    c_ig = min(1, C_g / (||G_ig|| + 1e-6)) ("standard"), or C_g / (||G_ig|| + stability)
+    ("automatic": AUTO-S, Bu et al. 2023).
+    """
     sums = {}
     for name_list in groups:
         flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in name_list], dim=1)
         norms = flat.norm(dim=1)
-        factors = (threshold_of(name_list) / (norms + 1e-6)).clamp(max=1.0)
+        if clipping_function == "automatic":
+            factors = threshold_of(name_list) / (norms + stability)
+        else:
+            factors = (threshold_of(name_list) / (norms + 1e-6)).clamp(max=1.0)
         for n in name_list:
             sums[n] = torch.einsum("b,b...->...", factors, grads[n])
     return sums
@@ -54,7 +61,7 @@ def snapshot(model):
     return copy.deepcopy(model)
 
 
-def expected_for(model, inst, grads):
+def expected_for(model, inst, grads, *, clipping_function="standard", stability=0.01):
     """The oracle's clipped sums for ``inst``'s groups and thresholds, keyed by parameter name.
 
     Returns:
@@ -63,7 +70,8 @@ def expected_for(model, inst, grads):
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g.params] for g in inst.groups]
     threshold = {tuple(names[id(p)] for p in g.params): g.threshold for g in inst.groups}
-    return clipped_sums(grads, groups, threshold_of=lambda ns: threshold[tuple(ns)]), names
+    return clipped_sums(grads, groups, threshold_of=lambda ns: threshold[tuple(ns)],
+                        clipping_function=clipping_function, stability=stability), names
 
 
 def assert_sums_close(expected, ours, tolerance=1e-9):

@@ -28,7 +28,7 @@ from dpfused.accounting.records import (
     warn_if_delta_not_small,
 )
 from dpfused.sampling.samplers import batches_per_epoch, poisson_rate_of_batch_size
-from dpfused.step import SAMPLINGS
+from dpfused.step import SAMPLINGS, partition_sample_rate
 
 __all__ = ["calibrate_noise_multiplier"]
 
@@ -64,25 +64,39 @@ def _bisect_sigma(
 
 
 def _calibrate_composed(
-    *, target: float, delta: float, runs_of, mechanism: str, neighboring: str
+    *, target: float, delta: float, runs_of, mechanism: str, neighboring: str, screen_of=None
 ) -> float:
-    """Bisection on the composed epsilon; ``runs_of(sigma)`` gives (poisson, epoch_noise).
+    """Bisection on the composed epsilon; ``runs_of(sigma)`` gives (poisson, epoch_noise) or
+    (poisson, epoch_noise, truncated).
 
     The PLD accountant is slow far from the answer (large epsilons), so it starts from the RDP
-    answer, which is close (RDP's conversion is looser, so usually a little above).
+    answer, which is close (RDP's conversion is looser, so usually a little above). RDP has no
+    analysis of truncated Poisson steps: ``screen_of(sigma)`` then gives the same steps
+    untruncated, whose PLD answer is a lower bound of the truncated one (truncation only adds
+    privacy loss, so the search brackets upward from there).
     """
 
-    def epsilon_with(mech):
+    def epsilon_with(mech, runs):
         def epsilon_of(sigma):
-            poisson, epoch_noise = runs_of(sigma)
+            poisson, epoch_noise, *truncated = runs(sigma)
             return composed_epsilon(poisson=poisson, epoch_noise=epoch_noise, delta=delta,
-                                    mechanism=mech, neighboring=neighboring)
+                                    mechanism=mech, neighboring=neighboring,
+                                    truncated=truncated[0] if truncated else None)
         return epsilon_of
 
-    sigma_rdp = _bisect_sigma(epsilon_with("rdp"), target)
+    if screen_of is not None and mechanism == "rdp":
+        raise ValueError(
+            "truncated Poisson sampling (max_batch_size) is accounted by the PLD accountant "
+            "only (dp_accounting's RDP accountant has no analysis of it); use accountant='pld'")
+    sigma_rdp = _bisect_sigma(epsilon_with("rdp", screen_of or runs_of), target)
     if mechanism == "rdp":
         return sigma_rdp
-    return _bisect_sigma(epsilon_with("pld"), target, start=sigma_rdp, factor=1.05)
+    if screen_of is None:
+        return _bisect_sigma(epsilon_with("pld", runs_of), target, start=sigma_rdp, factor=1.05)
+    # Each truncated PLD costs seconds: start from the untruncated PLD answer, a lower bound.
+    sigma_plain = _bisect_sigma(epsilon_with("pld", screen_of), target, start=sigma_rdp,
+                                factor=1.05)
+    return _bisect_sigma(epsilon_with("pld", runs_of), target, start=sigma_plain, factor=1.1)
 
 
 def calibrate_noise_multiplier(
@@ -99,11 +113,17 @@ def calibrate_noise_multiplier(
     neighboring: str | None = None,
     last_iterate: Mapping[str, Any] | None = None,
     drop_last: bool = True,
+    partitions: int | None = None,
+    max_batch_size: int | None = None,
 ) -> float:
     """Noise multiplier sigma whose epsilon is at most ``target_epsilon`` (bisection, rtol 1e-3).
 
     Poisson: q = ``sample_rate`` or ``batch_size / num_samples``; steps = ``steps`` or ``epochs``
-    times the sampler's steps per epoch. Cyclic/shuffle: epochs = ``epochs`` or ceil(steps / batches
+    times the sampler's steps per epoch; truncated to ``max_batch_size`` K, the steps are
+    ``TruncatedSubsampledGaussianDpEvent(N, q, K, sigma)`` (PLD only). Cyclic Poisson with
+    ``partitions`` b: ceil(steps / b) cycles, each ``PoissonSampledDpEvent(q b, ...)``. The sigma
+    returned is the one the accountant records: with BandMF, sigma / max column norm (the engine
+    multiplies it back). Cyclic/shuffle: epochs = ``epochs`` or ceil(steps / batches
     per epoch), each composing one Gaussian. With ``last_iterate`` (cyclic only) the last-iterate
     bound is calibrated instead of the composed one; its keys: ``smoothness`` (L),
     ``learning_rate`` (constant eta), ``weight_decay`` (lambda, or a list with every parameter
@@ -129,8 +149,30 @@ def calibrate_noise_multiplier(
     check_choice("mechanism", mechanism, MECHANISMS)
     neighboring = check_neighboring(neighboring, sampling)
     composition = "replace_one" if neighboring == "replace_one" else "add_remove"
+    if max_batch_size is not None and sampling != "poisson":
+        raise ValueError(f"max_batch_size (truncated Poisson) applies to sampling='poisson' only; "
+                         f"got sampling={sampling!r}.")
+    if (partitions is None) != (sampling != "cyclic_poisson"):
+        raise ValueError("partitions goes with sampling='cyclic_poisson' (the number of "
+                         f"partitions b), and only there; got sampling={sampling!r}, "
+                         f"partitions={partitions!r}.")
+    if sampling == "cyclic_poisson":
+        rate, cycles = _cyclic_poisson_schedule(sample_rate, num_samples, batch_size, epochs,
+                                                steps, last_iterate, partitions)
+        return _calibrate_composed(
+            target=target_epsilon, delta=delta, runs_of=lambda sigma: ({(rate, sigma): cycles}, []),
+            mechanism=mechanism, neighboring=composition,
+        )
     if sampling == "poisson":
         q, n = _poisson_schedule(sample_rate, num_samples, batch_size, epochs, steps, last_iterate)
+        if max_batch_size is not None:
+            size = _dataset_size_for_truncation(num_samples, max_batch_size)
+            return _calibrate_composed(
+                target=target_epsilon, delta=delta,
+                runs_of=lambda sigma: ({}, [], {(size, q, int(max_batch_size), sigma): n}),
+                screen_of=lambda sigma: ({(q, sigma): n}, []),
+                mechanism=mechanism, neighboring=composition,
+            )
         return _calibrate_composed(
             target=target_epsilon, delta=delta, runs_of=lambda sigma: ({(q, sigma): n}, []),
             mechanism=mechanism, neighboring=composition,
@@ -171,6 +213,32 @@ def _poisson_schedule(sample_rate, num_samples, batch_size, epochs, steps, last_
             raise ValueError("sampling='poisson' needs steps or epochs.")
         steps = int(epochs) * batches_per_epoch(sampling="poisson", sample_rate=sample_rate)
     return float(sample_rate), int(steps)
+
+
+def _cyclic_poisson_schedule(sample_rate, num_samples, batch_size, epochs, steps, last_iterate,
+                             partitions):
+    """(q b, cycles) of a cyclic Poisson run: ceil(steps / b) cycles."""
+    from dpfused.sampling.samplers import check_partitions
+
+    q, _ = _poisson_schedule(sample_rate, num_samples, batch_size, 1, 1, last_iterate)
+    if num_samples is None:
+        raise ValueError("sampling='cyclic_poisson' needs num_samples (the partitions split it).")
+    check_partitions(num_samples=num_samples, sample_rate=q, partitions=partitions)
+    if steps is None:
+        if epochs is None:
+            raise ValueError("sampling='cyclic_poisson' needs steps or epochs.")
+        steps = int(epochs) * batches_per_epoch(sampling="cyclic_poisson", sample_rate=q,
+                                                partitions=partitions)
+    return partition_sample_rate(q, partitions), -(-int(steps) // int(partitions))
+
+
+def _dataset_size_for_truncation(num_samples, max_batch_size) -> int:
+    if num_samples is None:
+        raise ValueError("truncated Poisson calibration needs num_samples (the analysis of "
+                         "TruncatedSubsampledGaussianDpEvent depends on the dataset size).")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}.")
+    return int(num_samples)
 
 
 def _fixed_batches_per_epoch(num_samples, batch_size, drop_last) -> int | None:

@@ -1,10 +1,20 @@
 """Composed epsilon (every iterate released): pure functions over the ledger's events (§7).
 
 Poisson steps are ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` composed over the ledger;
-cyclic and shuffled steps claim no amplification by sampling: each example is used once per epoch,
-so every epoch started (of every phase) composes one ``GaussianDpEvent`` with the smallest sigma
-seen in that epoch.
+truncated Poisson steps ``TruncatedSubsampledGaussianDpEvent(N, q, K, sigma)`` (PLD only: the RDP
+accountant has no analysis of them). Cyclic Poisson steps (b partitions, an example joins at most
+one step of each cycle of b) compose one ``PoissonSampledDpEvent(q b, GaussianDpEvent(sigma))`` per
+cycle started, with the largest rate and the smallest sigma of the cycle: ceil(T/b) events for T
+steps, the amplified BandMF analysis (Choquette-Choo et al. 2023, Thm. 4). Cyclic and shuffled steps
+claim no amplification by sampling: each example is used once per epoch, so every epoch started
+(of every phase) composes one ``GaussianDpEvent`` with the smallest sigma seen in that epoch.
 All DP math is dp_accounting's (PLD accountant by default, RDP accountant on request).
+
+Truncated Poisson and the dataset size. dp_accounting analyses the event for a dataset of
+``dataset_size`` examples that holds the differing one. Under add/remove the run's N examples may
+be the larger neighbour (an example removed: size N) or the smaller (one added: size N + 1), so
+the epsilon is the larger of the two compositions, at N and at N + 1 (the adversary's neighbour is
+fixed for the whole run).
 
 Adjacency. Zero-out (one example replaced by a null example with zero gradient) changes the clipped
 sum by at most C, exactly as adding or removing the example does, so both map to dp_accounting's
@@ -48,7 +58,8 @@ from dpfused.accounting.records import (
     check_delta,
 )
 
-__all__ = ["composed_dp_event", "composed_epsilon", "epoch_sigmas", "poisson_runs"]
+__all__ = ["composed_dp_event", "composed_epsilon", "epoch_sigmas", "poisson_runs",
+           "truncated_runs"]
 
 _NEIGHBOR_REL = {
     "add_remove": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -59,24 +70,71 @@ _RDP_ORDERS = np.asarray(_rdp_module.DEFAULT_RDP_ORDERS, dtype=np.float64)
 
 
 def composed_dp_event(steps: Sequence[SampledStep]) -> dp_accounting.DpEvent:
-    """The whole run as one dp_accounting event: Poisson steps, then one Gaussian per epoch, then
-    a ``NonPrivateDpEvent`` per step on batches no private data loader drew."""
-    events = [s.event for s in steps if s.sampling == "poisson"]
+    """The whole run as one dp_accounting event: Poisson steps (one per cycle of cyclic Poisson
+    steps), truncated Poisson steps (at the run's N), then one Gaussian per epoch, then a
+    ``NonPrivateDpEvent`` per step on batches no private data loader drew."""
+    steps = list(steps)
+    events: list[dp_accounting.DpEvent] = [
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), count)
+        for (q, sigma), count in sorted(poisson_runs(steps).items())]
+    events += [dp_accounting.SelfComposedDpEvent(_truncated_event(key, 0), count)
+               for key, count in sorted(truncated_runs(steps).items())]
     events += [dp_accounting.GaussianDpEvent(sigma) for sigma in epoch_sigmas(steps)]
     events += [s.event for s in steps if not s.guaranteed]
     return dp_accounting.ComposedDpEvent(events)
 
 
 def poisson_runs(steps: Iterable[SampledStep]) -> dict[tuple[float, float], int]:
-    """Counts of Poisson steps by (sample_rate, noise_multiplier).
+    """Counts of Poisson-sampled Gaussians by (sample_rate, noise_multiplier): every plain Poisson
+    step, and one per cycle of cyclic Poisson steps (``cycle_events``).
 
     Composition of fixed mechanisms commutes, so identical steps are self-composed in one event.
     """
+    steps = list(steps)
     runs: Counter[tuple[float, float]] = Counter()
     for step in steps:
-        if step.sampling == "poisson":
+        if step.sampling == "poisson" and not step.truncated:
             runs[(step.sample_rate, step.noise_multiplier)] += 1
+    runs.update(cycle_events(steps))
     return dict(runs)
+
+
+def cycle_events(steps: Iterable[SampledStep]) -> list[tuple[float, float]]:
+    """(rate, sigma) of every cycle of cyclic Poisson steps (of every phase) that has a step.
+
+    An example belongs to one partition and can join only that partition's step of a cycle of b
+    steps; the BandMF strategy's columns of steps b apart have disjoint supports, so each cycle is
+    one Poisson-sampled Gaussian for it (Choquette-Choo et al. 2023, Thm. 4). Where the rate or
+    sigma changes within a cycle, the largest rate and the smallest sigma cover every partition.
+    A partial cycle counts whole: ceil(T/b) events for T steps.
+    """
+    rate: dict[tuple[int, int], float] = {}
+    sigma: dict[tuple[int, int], float] = {}
+    for step in steps:
+        if step.sampling == "cyclic_poisson":
+            key = (step.phase, step.cycle)
+            rate[key] = max(step.sample_rate, rate.get(key, 0.0))
+            sigma[key] = min(step.noise_multiplier, sigma.get(key, math.inf))
+    return [(rate[key], sigma[key]) for key in sorted(rate)]
+
+
+def truncated_runs(steps: Iterable[SampledStep]) -> dict[tuple[int, float, int, float], int]:
+    """Counts of truncated Poisson steps by (N, q, K, sigma)."""
+    runs: Counter[tuple[int, float, int, float]] = Counter()
+    for step in steps:
+        if step.truncated:
+            runs[(step.dataset_size, step.sample_rate, step.max_batch_size,
+                  step.noise_multiplier)] += 1
+    return dict(runs)
+
+
+def _truncated_event(key, extra_examples: int) -> dp_accounting.TruncatedSubsampledGaussianDpEvent:
+    """The truncated event of run ``key`` = (N, q, K, sigma) for a dataset of N + extra examples."""
+    n, q, k, sigma = key
+    return dp_accounting.TruncatedSubsampledGaussianDpEvent(
+        dataset_size=n + extra_examples, sampling_probability=q, truncated_batch_size=k,
+        noise_multiplier=sigma)
 
 
 def epoch_sigmas(steps: Iterable[SampledStep]) -> list[float]:
@@ -159,34 +217,47 @@ def composed_epsilon(
     delta: float,
     mechanism: str = "pld",
     neighboring: str = "add_remove",
+    truncated: Mapping[tuple[int, float, int, float], int] | None = None,
 ) -> float:
     """Epsilon of Poisson runs plus one Gaussian per cyclic/shuffled epoch, every iterate released.
 
     Args:
-        poisson: ``{(sample_rate, noise_multiplier): steps}``.
+        poisson: ``{(sample_rate, noise_multiplier): steps}`` (cyclic Poisson: cycles).
         epoch_noise: the noise multiplier of each cyclic/shuffled epoch started.
         delta: target delta, 0 < delta < 1.
         mechanism: "pld" (dp_accounting PLDAccountant) or "rdp" (RdpAccountant).
         neighboring: "add_remove", "zero_out" (the same numbers: sensitivity C) or "replace_one".
+        truncated: ``{(N, q, K, noise_multiplier): steps}`` of truncated Poisson steps; PLD only.
 
     Returns:
         epsilon (``math.inf`` if some step had no noise).
+
+    Raises:
+        ValueError: truncated Poisson steps with ``mechanism="rdp"`` (dp_accounting's RDP
+            accountant does not support ``TruncatedSubsampledGaussianDpEvent``).
     """
     delta = check_delta(delta)
     check_choice("mechanism", mechanism, MECHANISMS)
     check_choice("neighboring", neighboring, NEIGHBORINGS)
     runs = {key: n for key, n in poisson.items() if n > 0 and key[0] > 0}
-    if any(sigma == 0 for _, sigma in runs) or any(s == 0 for s in epoch_noise):
+    cut = {key: n for key, n in (truncated or {}).items() if n > 0 and key[1] > 0}
+    if cut and mechanism == "rdp":
+        raise ValueError(
+            "truncated Poisson sampling (max_batch_size) is accounted by dp_accounting's PLD "
+            "accountant only: its RDP accountant has no analysis of "
+            "TruncatedSubsampledGaussianDpEvent; use accountant='pld'")
+    if (any(sigma == 0 for _, sigma in runs) or any(s == 0 for s in epoch_noise)
+            or any(key[3] == 0 for key in cut)):
         return math.inf
     gaussian_sigma = _merged_gaussian_sigma(epoch_noise) if epoch_noise else None
-    if not runs and gaussian_sigma is None:
+    if not runs and gaussian_sigma is None and not cut:
         return 0.0
 
     if mechanism == "rdp" and neighboring == "replace_one":
         return _rdp_replace_one_epsilon(runs, gaussian_sigma, delta)
 
     if mechanism == "pld":
-        return _pld_epsilon(runs, gaussian_sigma, delta, neighboring)
+        return _pld_epsilon(runs, gaussian_sigma, delta, neighboring, cut)
     events: list[dp_accounting.DpEvent] = []
     if runs:
         events.append(_poisson_event(runs))
@@ -198,7 +269,7 @@ def composed_epsilon(
 
 
 def _pld_epsilon(runs: Mapping[tuple[float, float], int], gaussian_sigma: float | None,
-                 delta: float, neighboring: str) -> float:
+                 delta: float, neighboring: str, truncated=None) -> float:
     """What ``dp_pld.PLDAccountant`` computes for the same events, with the one-step PLDs cached.
 
     Building a sampled Gaussian's PLD is ~1 s and does not depend on the step count, so a ledger
@@ -213,10 +284,29 @@ def _pld_epsilon(runs: Mapping[tuple[float, float], int], gaussian_sigma: float 
         pld = pld.compose(_sampled_gaussian_pld(q, sigma, neighboring).self_compose(count))
     if gaussian_sigma is not None:
         pld = pld.compose(_sampled_gaussian_pld(1.0, gaussian_sigma, neighboring))
-    return float(pld.get_epsilon_for_delta(delta))
+    if not truncated:
+        return float(pld.get_epsilon_for_delta(delta))
+    epsilons = []
+    for extra in (0, 1):  # the run's N examples, or N + 1 with an added one (module docstring)
+        total = pld
+        for key, count in sorted(truncated.items()):
+            total = total.compose(_truncated_pld(_truncated_event(key, extra), neighboring)
+                                  .self_compose(count))
+        epsilons.append(float(total.get_epsilon_for_delta(delta)))
+    return max(epsilons)
 
 
 _PLD_DISCRETIZATION = 1e-4  # PLDAccountant's default value_discretization_interval
+
+
+@functools.lru_cache(maxsize=16)
+def _truncated_pld(event: dp_accounting.TruncatedSubsampledGaussianDpEvent, neighboring: str):
+    """One truncated Poisson step's PLD, as dp_accounting's PLDAccountant builds it."""
+    return dp_pld.privacy_loss_distribution.from_truncated_subsampled_gaussian_mechanism(
+        dataset_size=event.dataset_size, sampling_probability=event.sampling_probability,
+        truncated_batch_size=event.truncated_batch_size, noise_multiplier=event.noise_multiplier,
+        value_discretization_interval=_PLD_DISCRETIZATION,
+        neighboring_relation=_NEIGHBOR_REL[neighboring])
 
 
 @functools.lru_cache(maxsize=32)

@@ -258,6 +258,18 @@ def _check_run(entries: Sequence[LedgerEntry]) -> None:
                 "optimizer (momentum, Nesterov, maximize or an adaptive method such as Adam are "
                 "not covered)."
             )
+        if rec.bands > 1:
+            raise LastIterateUnavailable(
+                f"last-iterate accounting needs independent noise at every step; step {k} used "
+                f"BandMF's correlated noise ({rec.bands} bands), which the shifted-Renyi bound "
+                "does not cover. Report the composed epsilon."
+            )
+        if it.clipping_function != "standard":
+            raise LastIterateUnavailable(
+                f"last-iterate accounting needs clipping that is 1-Lipschitz (a projection); step "
+                f"{k} used clipping_function={it.clipping_function!r} (C g / (||g|| + gamma) is "
+                "C / gamma-Lipschitz). Report the composed epsilon."
+            )
         if rec.adaptive_clipping:
             raise LastIterateUnavailable(
                 f"last-iterate accounting needs fixed clipping thresholds; step {k} adapted them "

@@ -9,7 +9,13 @@ from typing import Any
 
 import dp_accounting
 
-from dpfused.accounting.composition import composed_dp_event, composed_epsilon, epoch_sigmas, poisson_runs
+from dpfused.accounting.composition import (
+    composed_dp_event,
+    composed_epsilon,
+    epoch_sigmas,
+    poisson_runs,
+    truncated_runs,
+)
 from dpfused.accounting.last_iterate import (
     LastIterateBound,
     gaussian_rdp_epsilon,
@@ -51,6 +57,7 @@ class PrivacyAccountant:
         self._entries: list[LedgerEntry] = []
         self._phase = 0
         self._cache: dict[tuple, float] = {}
+        self._certificate = None  # truncated steps certified within a budget (_certified)
 
     # -- ledger ----------------------------------------------------------------------------------
     @property
@@ -140,16 +147,17 @@ class PrivacyAccountant:
         steps = [e.sampled for e in entries]
         if not all(s.guaranteed for s in steps):
             return math.inf  # a step on batches no private data loader drew: no guarantee
-        runs, sigmas = poisson_runs(steps), epoch_sigmas(steps)
+        runs, sigmas, cut = poisson_runs(steps), epoch_sigmas(steps), truncated_runs(steps)
         # Identical summaries give identical epsilons: a budget check before a step and the
         # report after it usually share one computation.
-        key = (tuple(sorted(runs.items())), tuple(sorted(sigmas)), delta)
+        key = (tuple(sorted(runs.items())), tuple(sorted(sigmas)), tuple(sorted(cut.items())),
+               delta)
         if key not in self._cache:
             if len(self._cache) > 64:
                 self._cache.clear()
             self._cache[key] = composed_epsilon(
                 poisson=runs, epoch_noise=sigmas, delta=delta, mechanism=self._mechanism,
-                neighboring=self._composition_neighboring(),
+                neighboring=self._composition_neighboring(), truncated=cut,
             )
         return self._cache[key]
 
@@ -173,20 +181,44 @@ class PrivacyAccountant:
         The exact (PLD) composition costs a fraction of a second per call on long runs. RDP is
         also a valid upper bound on the true epsilon and costs microseconds: when it is already
         within budget the step is safe whatever PLD says, and PLD runs only near the budget.
+        RDP does not bound truncated Poisson steps; for them a PLD epsilon computed ahead, with
+        a quarter more truncated steps than the ledger has, certifies every step up to that count
+        (composing more steps never lowers epsilon), so PLD runs O(log T) times, not every step.
         """
         entries = [*self._entries, self._entry(sampled, None)]
         if not all(e.sampled.guaranteed for e in entries):
             return math.inf  # no guarantee exceeds any budget (the RDP screen below skips it)
-        if self._mechanism == "pld" and self._composition_neighboring() == "add_remove":
-            steps = [e.sampled for e in entries]
+        steps = [e.sampled for e in entries]
+        cut = truncated_runs(steps)
+        if (self._mechanism == "pld" and self._composition_neighboring() == "add_remove"
+                and not cut):
             screen = composed_epsilon(
                 poisson=poisson_runs(steps), epoch_noise=epoch_sigmas(steps),
                 delta=delta, mechanism="rdp", neighboring="add_remove",
             )
             if screen <= max_epsilon:
                 return None
+        if cut and self._certified(steps, cut, delta, max_epsilon):
+            return None
         epsilon = self._epsilon_of(entries, delta)
         return epsilon if epsilon > max_epsilon else None
+
+    def _certified(self, steps, cut, delta, max_epsilon) -> bool:
+        """Truncated steps: within a budget certified ahead (see ``epsilon_if_over_budget``)."""
+        rest = (tuple(sorted(poisson_runs(steps).items())), tuple(sorted(epoch_sigmas(steps))),
+                delta, max_epsilon)
+        safe = self._certificate
+        if safe is not None and safe[0] == rest and set(cut) <= set(safe[1]) and all(
+                n <= safe[1][key] for key, n in cut.items()):
+            return True
+        ahead = {key: n + max(1, n // 4) for key, n in cut.items()}
+        epsilon = composed_epsilon(poisson=poisson_runs(steps), epoch_noise=epoch_sigmas(steps),
+                                   delta=delta, mechanism=self._mechanism,
+                                   neighboring=self._composition_neighboring(), truncated=ahead)
+        if epsilon > max_epsilon:
+            return False
+        self._certificate = (rest, ahead)
+        return True
 
     # -- last-iterate epsilon --------------------------------------------------------------------
     def last_iterate_bound(
@@ -265,6 +297,7 @@ class PrivacyAccountant:
         latest = max((e.sampled.phase for e in entries), default=0)
         self._phase = max(int(state.get("phase", latest)), latest)
         self._cache.clear()
+        self._certificate = None
 
 
 def _with_inferred_phases(entries: list[LedgerEntry]) -> list[LedgerEntry]:

@@ -2,8 +2,11 @@
 
 - :class:`SampledStep`: the step as a dp_accounting ``DpEvent`` produced from the sampler's
   ``LogicalBatch`` (``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` for Poisson,
-  ``GaussianDpEvent(sigma)`` for cyclic/shuffle, whose steps of one epoch compose as one Gaussian),
-  with the phase and epoch it belongs to. This is all the composed epsilon needs.
+  ``TruncatedSubsampledGaussianDpEvent(N, q, K, sigma)`` for Poisson truncated to K,
+  ``PoissonSampledDpEvent(q b, GaussianDpEvent(sigma))`` for cyclic Poisson with b partitions, whose
+  steps of one cycle of b compose as one, ``GaussianDpEvent(sigma)`` for cyclic/shuffle, whose
+  steps of one epoch compose as one Gaussian), with the phase, epoch and cycle it belongs to and
+  the noise (BandMF bands) it was released with. This is all the composed epsilon needs.
 - :class:`IterateFacts`: what the last-iterate bound needs besides: the step's place in the fixed
   order, learning rate, every parameter group's weight decay, the loss reduction and the normalizer
   B_norm the noised sum was divided by, the clipping norm C of the step, and whether the optimizer
@@ -34,7 +37,7 @@ from typing import Any
 
 import dp_accounting
 
-from dpfused.step import SAMPLINGS, LogicalBatch
+from dpfused.step import POISSON_SAMPLINGS, SAMPLINGS, LogicalBatch
 
 __all__ = [
     "LOSS_REDUCTIONS",
@@ -70,8 +73,9 @@ class LastIterateUnavailable(ValueError):
 
 
 def default_neighboring(sampling: str) -> str:
-    """The adjacency each sampling's proof covers: add/remove for Poisson, zero-out otherwise."""
-    return "add_remove" if sampling == "poisson" else "zero_out"
+    """The adjacency each sampling's proof covers: add/remove for Poisson (plain or cyclic, whose
+    partitions are drawn per example), zero-out otherwise."""
+    return "add_remove" if sampling in POISSON_SAMPLINGS else "zero_out"
 
 
 def check_neighboring(neighboring: str | None, sampling: str) -> str:
@@ -85,7 +89,7 @@ def check_neighboring(neighboring: str | None, sampling: str) -> str:
     if neighboring is None:
         return default_neighboring(sampling)
     check_choice("neighboring", neighboring, NEIGHBORINGS)
-    if neighboring == "add_remove" and sampling != "poisson":
+    if neighboring == "add_remove" and sampling not in POISSON_SAMPLINGS:
         raise ValueError(
             f"neighboring='add_remove' is not proven for sampling={sampling!r}: removing one "
             "example and cutting the remaining N-1 into batches again changes the membership of "
@@ -136,11 +140,13 @@ class SampledStep:
     """One logical step as a dp_accounting event.
 
     Attributes:
-        event: ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` (Poisson) or
-            ``GaussianDpEvent(sigma)`` (cyclic/shuffle); sigma is sigma_eff with adaptive clipping.
+        event: ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` (Poisson; q b for cyclic
+            Poisson), ``TruncatedSubsampledGaussianDpEvent(N, q, K, sigma)`` (Poisson truncated
+            to K) or ``GaussianDpEvent(sigma)`` (cyclic/shuffle); sigma is sigma_eff with adaptive
+            clipping, and divided by the strategy's largest column norm with BandMF.
             ``NonPrivateDpEvent()`` for a step with no guarantee (:meth:`unsampled`).
-        sampling: "poisson", "cyclic" or "shuffle"; ``UNSAMPLED`` ("unsampled") for a step on
-            batches no private data loader drew.
+        sampling: "poisson", "cyclic", "shuffle" or "cyclic_poisson"; ``UNSAMPLED``
+            ("unsampled") for a step on batches no private data loader drew.
         epoch: the epoch (0-based) within its phase: cyclic/shuffled steps of one (phase, epoch)
             compose as one Gaussian.
         batch_size: b for cyclic/shuffle (None for Poisson).
@@ -148,6 +154,10 @@ class SampledStep:
         adaptive_clipping: the step also released noisy unclipped counts (folded into sigma).
         phase: the sampling run (0-based) the step belongs to; the accountant stamps it (see the
             module docstring).
+        cycle: cyclic Poisson: the cycle of b steps (within the phase) the step belongs to; an
+            example joins at most one step of a cycle. None for other samplings.
+        bands: BandMF bands of the noise (1: independent noise, DP-SGD).
+        strategy: the BandMF strategy ("sqrt", "optimized") when bands > 1, else None.
     """
 
     event: dp_accounting.DpEvent
@@ -157,24 +167,32 @@ class SampledStep:
     examples: int = 0
     adaptive_clipping: bool = False
     phase: int = 0
+    cycle: int | None = None
+    bands: int = 1
+    strategy: str | None = None
 
     def __post_init__(self) -> None:
         if self.sampling == UNSAMPLED:
             self._check_unsampled()
             return
         check_choice("sampling", self.sampling, SAMPLINGS)
-        poisson = isinstance(self.event, dp_accounting.PoissonSampledDpEvent)
-        if poisson != (self.sampling == "poisson") or not isinstance(
-                _gaussian_of(self.event), dp_accounting.GaussianDpEvent):
+        self._check_event()
+        if self.sampling == "cyclic_poisson" and (self.cycle is None or self.cycle < 0):
+            raise ValueError(f"SampledStep: sampling='cyclic_poisson' needs a cycle >= 0; got "
+                             f"{self.cycle!r}")
+        if self.bands < 1 or (self.bands > 1 and self.sampling not in ("cyclic_poisson", "cyclic")):
+            # The BandMF bound needs an example's steps >= b apart: only these samplers keep them.
             raise ValueError(
-                f"SampledStep: sampling={self.sampling!r} needs "
-                + ("PoissonSampledDpEvent(q, GaussianDpEvent(sigma))" if self.sampling == "poisson"
-                   else "GaussianDpEvent(sigma)") + f"; got {self.event!r}"
-            )
+                f"SampledStep: bands={self.bands} needs sampling 'cyclic_poisson' or 'cyclic' "
+                f"(steps of an example at least b apart); got sampling={self.sampling!r}")
+        poisson = self.sampling in POISSON_SAMPLINGS
         if not self.noise_multiplier >= 0:
             raise ValueError(f"SampledStep: noise multiplier must be >= 0; got {self.noise_multiplier!r}")
         if poisson and not 0.0 <= self.sample_rate <= 1.0:
             raise ValueError(f"SampledStep: sample rate must be in [0, 1]; got {self.sample_rate!r}")
+        if self.truncated and (self.max_batch_size < 1 or self.dataset_size < 1):
+            raise ValueError(f"SampledStep: a truncated Poisson step needs K >= 1 and N >= 1; got "
+                             f"{self.event!r}")
         if not poisson and (self.batch_size is None or self.batch_size < 1):
             raise ValueError(
                 f"SampledStep: sampling={self.sampling!r} needs batch_size >= 1; got {self.batch_size!r}")
@@ -182,6 +200,24 @@ class SampledStep:
             raise ValueError(f"SampledStep: epoch must be >= 0; got {self.epoch!r}")
         if self.phase < 0:
             raise ValueError(f"SampledStep: phase must be >= 0; got {self.phase!r}")
+
+    def _check_event(self) -> None:
+        event = self.event
+        if self.sampling == "poisson":
+            ok = isinstance(event, dp_accounting.TruncatedSubsampledGaussianDpEvent) or (
+                isinstance(event, dp_accounting.PoissonSampledDpEvent)
+                and isinstance(event.event, dp_accounting.GaussianDpEvent))
+            needed = ("PoissonSampledDpEvent(q, GaussianDpEvent(sigma)) or "
+                      "TruncatedSubsampledGaussianDpEvent(N, q, K, sigma)")
+        elif self.sampling == "cyclic_poisson":
+            ok = (isinstance(event, dp_accounting.PoissonSampledDpEvent)
+                  and isinstance(event.event, dp_accounting.GaussianDpEvent))
+            needed = "PoissonSampledDpEvent(q b, GaussianDpEvent(sigma))"
+        else:
+            ok = type(event) is dp_accounting.GaussianDpEvent
+            needed = "GaussianDpEvent(sigma)"
+        if not ok:
+            raise ValueError(f"SampledStep: sampling={self.sampling!r} needs {needed}; got {event!r}")
 
     def _check_unsampled(self) -> None:
         if not isinstance(self.event, dp_accounting.NonPrivateDpEvent):
@@ -205,11 +241,19 @@ class SampledStep:
 
     @classmethod
     def of(cls, batch: LogicalBatch, noise_multiplier: float, *,
-           adaptive_clipping: bool = False) -> SampledStep:
-        """The event of the logical batch the sampler drew, released with ``noise_multiplier``."""
+           adaptive_clipping: bool = False, bands: int = 1,
+           strategy: str | None = None) -> SampledStep:
+        """The event of the logical batch the sampler drew, released with ``noise_multiplier``
+        (already divided by the BandMF strategy's largest column norm)."""
         return cls(event=batch.dp_event(noise_multiplier), sampling=batch.sampling,
                    epoch=batch.epoch, batch_size=batch.batch_size, examples=batch.logical_size,
-                   adaptive_clipping=adaptive_clipping)
+                   adaptive_clipping=adaptive_clipping, cycle=batch.cycle, bands=bands,
+                   strategy=strategy if bands > 1 else None)
+
+    @property
+    def truncated(self) -> bool:
+        """A truncated Poisson step (``TruncatedSubsampledGaussianDpEvent``)."""
+        return isinstance(self.event, dp_accounting.TruncatedSubsampledGaussianDpEvent)
 
     @property
     def noise_multiplier(self) -> float:
@@ -217,17 +261,34 @@ class SampledStep:
         is the conservative reading for any sum over sigmas)."""
         if not self.guaranteed:
             return 0.0
+        if self.truncated:
+            return float(self.event.noise_multiplier)
         return float(_gaussian_of(self.event).noise_multiplier)
 
     @property
     def sample_rate(self) -> float | None:
-        if isinstance(self.event, dp_accounting.PoissonSampledDpEvent):
+        """The rate of the event: q (Poisson, truncated or not), q b (cyclic Poisson)."""
+        if isinstance(self.event, (dp_accounting.PoissonSampledDpEvent,
+                                   dp_accounting.TruncatedSubsampledGaussianDpEvent)):
             return float(self.event.sampling_probability)
         return None
 
+    @property
+    def max_batch_size(self) -> int | None:
+        """K of a truncated Poisson step, else None."""
+        return int(self.event.truncated_batch_size) if self.truncated else None
+
+    @property
+    def dataset_size(self) -> int | None:
+        """N of a truncated Poisson step (its analysis depends on it), else None."""
+        return int(self.event.dataset_size) if self.truncated else None
+
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "event"}
-        return {**out, "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate}
+        out = {**out, "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate}
+        if self.truncated:
+            out.update(max_batch_size=self.max_batch_size, dataset_size=self.dataset_size)
+        return out
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> SampledStep:
@@ -235,12 +296,23 @@ class SampledStep:
             return cls(event=dp_accounting.NonPrivateDpEvent(), sampling=UNSAMPLED,
                        epoch=int(state.get("epoch", 0)), examples=int(state.get("examples", 0)),
                        phase=int(state.get("phase", 0)))
-        gaussian = dp_accounting.GaussianDpEvent(float(state["noise_multiplier"]))
-        event = (dp_accounting.PoissonSampledDpEvent(float(state["sample_rate"]), gaussian)
-                 if state["sampling"] == "poisson" else gaussian)
+        sigma = float(state["noise_multiplier"])
+        gaussian = dp_accounting.GaussianDpEvent(sigma)
+        if state.get("max_batch_size") is not None:
+            event = dp_accounting.TruncatedSubsampledGaussianDpEvent(
+                dataset_size=int(state["dataset_size"]),
+                sampling_probability=float(state["sample_rate"]),
+                truncated_batch_size=int(state["max_batch_size"]), noise_multiplier=sigma)
+        elif state["sampling"] in POISSON_SAMPLINGS:
+            event = dp_accounting.PoissonSampledDpEvent(float(state["sample_rate"]), gaussian)
+        else:
+            event = gaussian
         fields = ("sampling", "epoch", "batch_size", "examples", "adaptive_clipping")
-        # A ledger saved before phases were recorded has none: the accountant infers them.
-        return cls(event=event, phase=int(state.get("phase", 0)), **{k: state[k] for k in fields})
+        # A ledger saved before phases (or BandMF) were recorded has none: the accountant infers
+        # the phases; such a ledger had independent noise.
+        return cls(event=event, phase=int(state.get("phase", 0)), cycle=state.get("cycle"),
+                   bands=int(state.get("bands", 1)), strategy=state.get("strategy"),
+                   **{k: state[k] for k in fields})
 
 
 def _gaussian_of(event: dp_accounting.DpEvent):
@@ -269,6 +341,8 @@ class IterateFacts:
             with; None when unknown.
         plain_sgd: True iff the optimizer is ``torch.optim.SGD`` with momentum 0, no Nesterov,
             ``maximize=False`` and one learning rate.
+        clipping_function: "standard" (min(1, C / ||g||): a projection, 1-Lipschitz) or
+            "automatic" (C g / (||g|| + gamma): C / gamma-Lipschitz, which the bound refuses).
 
     A ledger saved before dpfused recorded ``loss_reduction``, ``normalizer`` and ``max_grad_norm``
     (or facts built without them) has None there: the last-iterate bound refuses such steps.
@@ -282,6 +356,7 @@ class IterateFacts:
     normalizer: float | None = None
     max_grad_norm: float | None = None
     plain_sgd: bool = False
+    clipping_function: str = "standard"
 
     def __post_init__(self) -> None:
         if self.batches_per_epoch < 1 or not 0 <= self.position_in_epoch < self.batches_per_epoch:

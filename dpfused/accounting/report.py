@@ -17,10 +17,13 @@ __all__ = ["PrivacyReport", "privacy_report"]
 class PrivacyReport:
     """What was spent, and under which assumptions.
 
-    ``sample_rate`` is the largest q of the Poisson steps, ``batch_size`` the (largest) fixed batch
-    size of the cyclic/shuffled ones, ``noise_multiplier`` the smallest sigma used (of the steps
-    with a guarantee). ``no_guarantee``: why every epsilon is infinite and from which step (a step
-    on batches the private data loader did not draw), or None.
+    ``sample_rate`` is the largest rate of the Poisson steps (q b for cyclic Poisson with b
+    partitions), ``batch_size`` the (largest) fixed batch size of the cyclic/shuffled ones,
+    ``noise_multiplier`` the smallest sigma accounted (of the steps with a guarantee; divided by
+    the BandMF strategy's largest column norm), ``noise`` the mechanism in words, ``partitions``
+    b of cyclic Poisson sampling and ``max_batch_size`` K of truncated Poisson sampling.
+    ``no_guarantee``: why every epsilon is infinite and from which step (a step on batches the
+    private data loader did not draw), or None.
     """
 
     composed_epsilon: float
@@ -38,6 +41,9 @@ class PrivacyReport:
     assumptions: tuple[str, ...]
     last_iterate_worst_position: int | None = None
     no_guarantee: str | None = None
+    noise: str = "independent Gaussian noise (DP-SGD)"
+    partitions: int | None = None
+    max_batch_size: int | None = None
 
     def __str__(self) -> str:
         def fmt(x: float | None) -> str:
@@ -45,6 +51,11 @@ class PrivacyReport:
 
         if self.sampling == "poisson":
             sampling = f"poisson, sample rate {fmt(self.sample_rate)}"
+            if self.max_batch_size is not None:
+                sampling += f", truncated to {self.max_batch_size} examples"
+        elif self.sampling == "cyclic_poisson":
+            sampling = (f"cyclic Poisson (b-min-sep), {self.partitions} partitions, rate "
+                        f"{fmt(self.sample_rate)} within a partition")
         elif self.sampling in ("cyclic", "shuffle"):
             sampling = f"{self.sampling}, batch size {self.batch_size}"
         elif self.sampling == UNSAMPLED:
@@ -59,6 +70,7 @@ class PrivacyReport:
         rows += [
             ("accountant", self.accountant),
             ("neighbouring datasets", self.neighboring),
+            ("mechanism", self.noise),
             ("sampling", sampling),
             ("noise multiplier", fmt(self.noise_multiplier)),
             ("steps / epochs", f"{self.steps} / {self.epochs}"),
@@ -110,9 +122,11 @@ def privacy_report(
             "composed bound also covers the final model and is reported"
         )
         last_eps = composed
-    rates = [s.sample_rate for s in steps if s.sampling == "poisson"]
-    sizes = [s.batch_size for s in steps if s.sampling != "poisson"]
+    rates = [s.sample_rate for s in steps if s.sample_rate is not None]
+    sizes = [s.batch_size for s in steps if s.batch_size is not None]
     sigmas = [s.noise_multiplier for s in steps]
+    bands = max((s.bands for s in steps), default=1)
+    limits = [s.max_batch_size for s in steps if s.truncated]
     return PrivacyReport(
         composed_epsilon=composed,
         last_iterate_epsilon=last_eps,
@@ -130,7 +144,20 @@ def privacy_report(
         assumptions=tuple(assumptions),
         last_iterate_worst_position=worst,
         no_guarantee=no_guarantee,
+        noise=_noise_in_words(steps),
+        partitions=bands if "cyclic_poisson" in samplings else None,
+        max_batch_size=max(limits) if limits else None,
     )
+
+
+def _noise_in_words(steps) -> str:
+    """The mechanism: DP-SGD's independent noise, or BandMF's correlated noise."""
+    banded = sorted({(s.bands, s.strategy) for s in steps if s.bands > 1})
+    if not banded:
+        return "independent Gaussian noise (DP-SGD)"
+    names = {"sqrt": "square-root", "optimized": "optimized"}
+    return "; ".join(f"BandMF, {b} bands, {names.get(strategy, strategy)} Toeplitz strategy "
+                     "(correlated noise)" for b, strategy in banded)
 
 
 def _no_guarantee(accountant: PrivacyAccountant) -> str | None:
@@ -186,6 +213,23 @@ def _composed_assumptions(accountant, steps, samplings) -> list[str]:
         )
     if "poisson" in samplings:
         assumptions.append("Poisson sampling: every example joins each batch independently with rate q")
+    if any(s.truncated for s in steps):
+        assumptions.append(
+            "truncated Poisson sampling: a draw of more than K examples is cut to a uniformly "
+            "random subset of K; accounted as dp_accounting's TruncatedSubsampledGaussianDpEvent, "
+            "the larger epsilon of dataset sizes N and N + 1 (the run's N is public)")
+    if "cyclic_poisson" in samplings:
+        assumptions.append(
+            "cyclic Poisson (b-min-sep) sampling: every example is put in one of b partitions at "
+            "random before training, and step t draws Poisson from partition t mod b at rate q b, "
+            "so an example joins at most one step in any b consecutive ones; each cycle of b "
+            "steps is one Poisson-sampled Gaussian (ceil(T/b) of them; amplified BandMF, "
+            "Choquette-Choo et al. 2023, Thm. 4)")
+    if any(s.bands > 1 for s in steps):
+        assumptions.append(
+            "BandMF: step t releases the clipped sum plus sigma C (M^-1 Z)_t, M a b-banded "
+            "lower-triangular Toeplitz strategy; an example's steps are at least b apart, so it "
+            "moves disjoint columns of M, and sigma is divided by M's largest column norm")
     if {"cyclic", "shuffle"} & set(samplings):
         assumptions.append(
             "cyclic/shuffled batches: each example is used once per epoch; one Gaussian per epoch, "

@@ -4,6 +4,7 @@ from dpfused.sampling.loader import DPDataLoader, make_private_data_loader
 from dpfused.sampling.samplers import (
     SAMPLINGS,
     CyclicBatchSampler,
+    CyclicPoissonBatchSampler,
     PoissonBatchSampler,
     ShuffleBatchSampler,
     batches_per_epoch,
@@ -13,6 +14,7 @@ from dpfused.step import LogicalBatch
 __all__ = [
     "SAMPLINGS",
     "CyclicBatchSampler",
+    "CyclicPoissonBatchSampler",
     "DPDataLoader",
     "LogicalBatch",
     "PoissonBatchSampler",

@@ -30,6 +30,7 @@ from dpfused.sampling.collate import EmptySafeCollate
 from dpfused.sampling.samplers import (
     SAMPLINGS,
     CyclicBatchSampler,
+    CyclicPoissonBatchSampler,
     PoissonBatchSampler,
     ShuffleBatchSampler,
     _check_positive_int,
@@ -76,6 +77,7 @@ class _PhysicalBatchSampler(Sampler[list[int]]):
         k = self.max_physical_batch_size
         for batch in self.logical:
             position = self.logical.position - 1
+            truncated = bool(getattr(self.logical, "last_truncated", False))  # of this batch
             share = batch[self.rank :: self.world_size]
             chunks = self._split(share, len(batch))
             for j, chunk in enumerate(chunks):
@@ -96,6 +98,9 @@ class _PhysicalBatchSampler(Sampler[list[int]]):
                     physical_size=len(chunk),
                     is_last_physical=j == len(chunks) - 1,
                     padding=padding,
+                    partitions=getattr(self.logical, "partitions", None),
+                    max_batch_size=getattr(self.logical, "max_batch_size", None),
+                    truncated=truncated,
                 ))
                 yield chunk
             step += 1
@@ -135,12 +140,16 @@ class DPDataLoader:
     position, so save checkpoints between logical steps.
 
     ``len()`` is the number of logical batches per epoch (with ``max_physical_batch_size`` the
-    number of physical batches varies).
+    number of physical batches varies). ``truncated_batches`` counts the logical batches consumed
+    that truncated Poisson sampling cut to ``max_batch_size`` (a function of the sampler's coins,
+    as private as the batch sizes: for the trainer's eyes, not for release; the public rate is
+    ``privacy_math.truncation_probability``).
 
     Args:
         dataset: a map-style dataset.
-        batch_sampler: a :class:`PoissonBatchSampler`, :class:`CyclicBatchSampler` or
-            :class:`ShuffleBatchSampler` over ``len(dataset)`` examples.
+        batch_sampler: a :class:`PoissonBatchSampler`, :class:`CyclicPoissonBatchSampler`,
+            :class:`CyclicBatchSampler` or :class:`ShuffleBatchSampler` over ``len(dataset)``
+            examples.
         max_physical_batch_size: split logical batches into physical ones of at most this size.
         collate_fn: as for DataLoader (default ``default_collate``); empty batches are handled.
         rank, world_size: data parallel: this process keeps ``batch[rank::world_size]``.
@@ -202,6 +211,7 @@ class DPDataLoader:
         self._step = 0  # logical steps consumed
         self._start: dict[str, Any] | None = None  # sampler state when the running epoch began
         self._consumed = 0  # logical batches of that epoch consumed
+        self.truncated_batches = 0  # logical batches consumed that truncation cut (see above)
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -219,6 +229,16 @@ class DPDataLoader:
         return getattr(self.batch_sampler, "batch_size", None)
 
     @property
+    def partitions(self) -> int | None:
+        """Cyclic Poisson: the number of partitions b, else None."""
+        return getattr(self.batch_sampler, "partitions", None)
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """Truncated Poisson: K, else None."""
+        return getattr(self.batch_sampler, "max_batch_size", None)
+
+    @property
     def num_samples(self) -> int:
         return self.batch_sampler.num_samples
 
@@ -226,7 +246,8 @@ class DPDataLoader:
     def expected_batch_size(self) -> float:
         """q N (Poisson) or b (cyclic/shuffle): the expected logical batch, over all ranks."""
         return expected_batch_size(sampling=self.sampling, sample_rate=self.sample_rate,
-                                   num_samples=self.num_samples, batch_size=self.batch_size)
+                                   num_samples=self.num_samples, batch_size=self.batch_size,
+                                   max_batch_size=self.max_batch_size)
 
     @property
     def max_physical_batch_size(self) -> int | None:
@@ -287,6 +308,7 @@ class DPDataLoader:
             if info.is_last_physical:
                 self._consumed = info.position_in_epoch + 1
                 self._step = info.step + 1
+                self.truncated_batches += info.truncated
             self.current = info
             for listener in self._listeners:
                 listener(info)
@@ -310,12 +332,14 @@ class DPDataLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Sampler state at the consumed position, plus the global logical step."""
-        return {"sampler": self._sampler_state(), "step": self._step}
+        return {"sampler": self._sampler_state(), "step": self._step,
+                "truncated_batches": self.truncated_batches}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume: the next iteration yields the batches an uninterrupted run would have."""
         self.batch_sampler.load_state_dict(state["sampler"])
         self._step = int(state["step"])
+        self.truncated_batches = int(state.get("truncated_batches", 0))
         self._start = None
         self._consumed = 0
         self.current = None
@@ -349,6 +373,8 @@ def make_private_data_loader(
     rank: int = 0,
     world_size: int = 1,
     lockstep: bool = False,
+    partitions: int | None = None,
+    max_batch_size: int | None = None,
 ) -> DPDataLoader:
     """Rebuild ``data_loader`` around a DP batch sampler.
 
@@ -358,8 +384,8 @@ def make_private_data_loader(
 
     Args:
         data_loader: the user's DataLoader over a map-style dataset.
-        sampling: "poisson", "cyclic" or "shuffle".
-        sample_rate: Poisson q; default ``batch_size / len(dataset)``.
+        sampling: "poisson", "cyclic", "shuffle" or "cyclic_poisson".
+        sample_rate: Poisson (and cyclic Poisson) q; default ``batch_size / len(dataset)``.
         batch_size: logical (cyclic/shuffle) or expected (Poisson) batch size; default the
             loader's ``batch_size``.
         shuffle_once: cyclic only: one seeded permutation before training.
@@ -372,6 +398,8 @@ def make_private_data_loader(
             logical batch; every rank must use the same sampler seed.
         lockstep: every rank yields the same number of physical batches per logical batch
             (FSDP2), possibly empty ones.
+        partitions: cyclic Poisson sampling: b, the number of partitions (required there).
+        max_batch_size: Poisson sampling: truncate each draw to at most K examples.
 
     Returns:
         The DPDataLoader.
@@ -384,8 +412,14 @@ def make_private_data_loader(
         raise ValueError(f"sampling must be one of {SAMPLINGS}; got {sampling!r}.")
     batch_size = _logical_batch_size(data_loader, batch_size, sampling)
     common = dict(num_samples=len(dataset), generator=generator, secure_mode=secure_mode)
+    _check_sampling_options(sampling, partitions, max_batch_size)
     if sampling == "poisson":
-        batch_sampler = _poisson_sampler(common, sample_rate, batch_size, steps_per_epoch)
+        batch_sampler = _poisson_sampler(common, sample_rate, batch_size, steps_per_epoch,
+                                         max_batch_size)
+    elif sampling == "cyclic_poisson":
+        batch_sampler = CyclicPoissonBatchSampler(
+            sample_rate=_poisson_rate(common, sample_rate, batch_size, sampling),
+            partitions=partitions, steps_per_epoch=steps_per_epoch, **common)
     else:
         batch_sampler = _fixed_size_sampler(common, sampling, sample_rate, batch_size,
                                             shuffle_once, drop_last, steps_per_epoch)
@@ -438,15 +472,32 @@ def _logical_batch_size(data_loader: DataLoader, batch_size: int | None, samplin
     return batch_size
 
 
-def _poisson_sampler(common, sample_rate, batch_size, steps_per_epoch) -> PoissonBatchSampler:
+def _check_sampling_options(sampling, partitions, max_batch_size) -> None:
+    if (partitions is None) != (sampling != "cyclic_poisson"):
+        raise ValueError("partitions goes with sampling='cyclic_poisson' (the number of "
+                         f"partitions b), and only there; got sampling={sampling!r}, "
+                         f"partitions={partitions!r}.")
+    if max_batch_size is not None and sampling != "poisson":
+        raise ValueError(f"max_batch_size (truncated Poisson) applies to sampling='poisson' only; "
+                         f"got sampling={sampling!r}.")
+
+
+def _poisson_rate(common, sample_rate, batch_size, sampling) -> float:
     if sample_rate is None:
         if batch_size is None:
             raise ValueError(
-                "sampling='poisson' needs sample_rate or batch_size (the loader has "
+                f"sampling={sampling!r} needs sample_rate or batch_size (the loader has "
                 "batch_size=None)."
             )
         sample_rate = poisson_rate_of_batch_size(batch_size, common["num_samples"])
-    return PoissonBatchSampler(sample_rate=sample_rate, steps_per_epoch=steps_per_epoch, **common)
+    return sample_rate
+
+
+def _poisson_sampler(common, sample_rate, batch_size, steps_per_epoch,
+                     max_batch_size) -> PoissonBatchSampler:
+    return PoissonBatchSampler(sample_rate=_poisson_rate(common, sample_rate, batch_size, "poisson"),
+                               steps_per_epoch=steps_per_epoch, max_batch_size=max_batch_size,
+                               **common)
 
 
 def _fixed_size_sampler(common, sampling, sample_rate, batch_size, shuffle_once, drop_last,

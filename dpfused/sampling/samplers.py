@@ -1,9 +1,12 @@
 """Batch samplers that sample the way the privacy analysis assumes (docs/design.md §6).
 
 ``poisson`` (every example joins each batch independently with probability q; batch sizes vary,
-batches may be empty), ``cyclic`` (one fixed order, the same every epoch) and ``shuffle`` (a fresh
-permutation every epoch). ``batches_per_epoch`` is the one rule for how many logical batches an
-epoch has; calibration asks it too.
+batches may be empty; optionally truncated to ``max_batch_size`` by a uniformly random subset),
+``cyclic_poisson`` (b-min-sep: the data split once into b fixed partitions, step t draws Poisson
+from partition t mod b at rate q b, so an example joins at most one step in any b consecutive
+steps: what BandMF's accounting needs), ``cyclic`` (one fixed order, the same every epoch) and
+``shuffle`` (a fresh permutation every epoch). ``batches_per_epoch`` is the one rule for how many
+logical batches an epoch has; calibration asks it too.
 
 Resumption. Each sampler keeps ``epoch``, ``position`` (batches handed out in the current epoch)
 and the state its generator had when the epoch began. An epoch's batches are a deterministic
@@ -30,27 +33,37 @@ import torch
 from torch.utils.data import Sampler
 
 from dpfused.secure_random import ChaCha20Generator
-from dpfused.step import SAMPLINGS
+from dpfused.step import SAMPLINGS, partition_sample_rate
 
 __all__ = [
     "SAMPLINGS",
     "CyclicBatchSampler",
+    "CyclicPoissonBatchSampler",
     "PoissonBatchSampler",
     "ShuffleBatchSampler",
     "batches_per_epoch",
     "inclusion_threshold",
+    "partition_sample_rate",
     "poisson_rate_of_batch_size",
 ]
 
 
 def batches_per_epoch(*, sampling: str, num_samples: int | None = None,
                       sample_rate: float | None = None, batch_size: int | None = None,
-                      drop_last: bool = True, steps_per_epoch: int | None = None) -> int:
+                      drop_last: bool = True, steps_per_epoch: int | None = None,
+                      partitions: int | None = None) -> int:
     """Logical batches in one epoch: round(1/q) Poisson steps (or ``steps_per_epoch``);
-    N // b cyclic/shuffle batches (ceil(N / b) when the last partial batch is kept)."""
+    b * max(1, round(1 / (q b))) cyclic Poisson steps with b partitions (whole cycles: every
+    partition gets its turn, and an epoch still covers about 1/q steps); N // b cyclic/shuffle
+    batches (ceil(N / b) when the last partial batch is kept)."""
     if sampling == "poisson":
         return steps_per_epoch if steps_per_epoch is not None else max(1, round(1.0 / sample_rate))
+    if sampling == "cyclic_poisson":
+        if steps_per_epoch is not None:
+            return steps_per_epoch
+        return partitions * max(1, round(1.0 / partition_sample_rate(sample_rate, partitions)))
     return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
+
 
 # ---------------------------------------------------------------------------------------------
 # Generators
@@ -220,10 +233,18 @@ class PoissonBatchSampler(_DPBatchSampler):
 
     Batches are lists of indices, possibly empty (an empty batch must still be a noised step).
 
+    Truncated Poisson (``max_batch_size=K``): a draw of more than K indices is cut to a uniformly
+    random subset of K of them, drawn from the sampler's own generator (a permutation of the
+    draw), so a logical batch never holds more than K examples. The accountant composes
+    dp_accounting's ``TruncatedSubsampledGaussianDpEvent`` for such steps (docs/design.md §6, §7.2).
+    ``last_truncated`` says whether the batch just yielded was cut; it depends on the sampler's
+    coins only, like the batch size, and is no more private than it.
+
     Args:
         num_samples: dataset size N.
         sample_rate: q in (0, 1].
         steps_per_epoch: steps per nominal epoch; default round(1/q).
+        max_batch_size: K >= 1, truncate every draw to at most K examples (None: no truncation).
         generator: CPU generator whose state seeds the sampler's own (copied).
         secure_mode: draw from a cryptographically secure generator (see the module docstring).
     """
@@ -236,18 +257,18 @@ class PoissonBatchSampler(_DPBatchSampler):
         num_samples: int,
         sample_rate: float,
         steps_per_epoch: int | None = None,
+        max_batch_size: int | None = None,
         generator: torch.Generator | None = None,
         secure_mode: bool = False,
     ) -> None:
-        if isinstance(sample_rate, bool) or not (
-            isinstance(sample_rate, (int, float, np.floating)) and 0.0 < sample_rate <= 1.0
-        ):
-            raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate!r}.")
-        self.sample_rate = float(sample_rate)
+        self.sample_rate = _check_sample_rate(sample_rate)
         if steps_per_epoch is not None:
             _check_positive_int("steps_per_epoch", steps_per_epoch)
+        self.max_batch_size = (None if max_batch_size is None
+                               else _check_positive_int("max_batch_size", max_batch_size))
         self.batches_per_epoch = batches_per_epoch(
             sampling="poisson", sample_rate=self.sample_rate, steps_per_epoch=steps_per_epoch)
+        self.last_truncated = False
         super().__init__(num_samples=num_samples, generator=generator, secure_mode=secure_mode)
 
     @property
@@ -256,15 +277,159 @@ class PoissonBatchSampler(_DPBatchSampler):
 
     def _epoch_batches(self, generator: torch.Generator) -> Iterator[list[int]]:
         for _ in range(self.batches_per_epoch):
-            mask = _poisson_mask(generator, self.num_samples, self.sample_rate)
-            yield mask.nonzero().flatten().tolist()
+            drawn = _poisson_mask(generator, self.num_samples, self.sample_rate).nonzero().flatten()
+            yield self._truncated(generator, drawn).tolist()
+
+    def _truncated(self, generator, drawn: torch.Tensor) -> torch.Tensor:
+        """``drawn`` cut to a uniformly random subset of K (kept in increasing order)."""
+        self.last_truncated = self.max_batch_size is not None and len(drawn) > self.max_batch_size
+        if not self.last_truncated:
+            return drawn
+        keep = _permutation(generator, len(drawn))[: self.max_batch_size]
+        return drawn[keep.sort().values]
+
+    def _config(self) -> dict[str, Any]:
+        config = {
+            **super()._config(),
+            "sample_rate": self.sample_rate,
+            "steps_per_epoch": self.batches_per_epoch,
+        }
+        if self.max_batch_size is not None:  # a state saved without truncation stays loadable
+            config["max_batch_size"] = self.max_batch_size
+        return config
+
+
+class CyclicPoissonBatchSampler(_DPBatchSampler):
+    """b-min-sep Poisson sampling (cyclic Poisson; Choquette-Choo et al. 2023, "(Amplified) Banded
+    Matrix Factorization"): an example joins at most one step in any b consecutive steps.
+
+    Before training every index is put in one of b partitions, independently and uniformly at
+    random from the seeded generator (so removing or adding an example leaves the others'
+    partitions distributed as before: add/remove holds, as for plain Poisson sampling; cutting one
+    permutation into b equal slices would tie every example's partition to the others'). Step t
+    (counted from the sampler's first step; epochs are whole cycles of b steps) draws every index
+    of partition t mod b independently with probability q b (``partition_sample_rate``), so the
+    expected batch is q N, as with plain Poisson sampling at q. Each example can join only the
+    steps of its partition, b apart. The accountant
+    composes one ``PoissonSampledDpEvent(q b, GaussianDpEvent(sigma / max column norm))`` per cycle
+    of b steps (docs/design.md §7.2).
+
+    Args:
+        num_samples: dataset size N.
+        sample_rate: q in (0, 1]; q b must be at most 1.
+        partitions: b >= 1, at most N (BandMF's bands).
+        steps_per_epoch: steps per nominal epoch, a multiple of b; default
+            b * max(1, round(1 / (q b))).
+        generator: CPU generator whose state seeds the sampler's own (copied).
+        secure_mode: draw from a cryptographically secure generator.
+
+    Raises:
+        ValueError: q b > 1, b > N or a steps_per_epoch that is not a multiple of b: such a
+            sampler cannot keep an example's steps b apart at the expected batch size.
+    """
+
+    sampling = "cyclic_poisson"
+
+    def __init__(
+        self,
+        *,
+        num_samples: int,
+        sample_rate: float,
+        partitions: int,
+        steps_per_epoch: int | None = None,
+        generator: torch.Generator | None = None,
+        secure_mode: bool = False,
+    ) -> None:
+        self.sample_rate = _check_sample_rate(sample_rate)
+        self.partitions = _check_positive_int("partitions", partitions)
+        check_partitions(num_samples=_check_positive_int("num_samples", num_samples),
+                         sample_rate=self.sample_rate, partitions=self.partitions,
+                         steps_per_epoch=steps_per_epoch)
+        self.partition_rate = partition_sample_rate(self.sample_rate, self.partitions)
+        self.batches_per_epoch = batches_per_epoch(
+            sampling="cyclic_poisson", sample_rate=self.sample_rate, partitions=self.partitions,
+            steps_per_epoch=steps_per_epoch)
+        super().__init__(num_samples=num_samples, generator=generator, secure_mode=secure_mode)
+        self.assignment = _partition_ids(self.generator, self.num_samples, self.partitions)
+        self._epoch_start_state = self.generator.get_state()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch
+
+    def partition(self, k: int) -> torch.Tensor:
+        """The indices of partition k (0 <= k < b), in increasing order."""
+        return (self.assignment == k).nonzero().flatten()
+
+    def _epoch_batches(self, generator: torch.Generator) -> Iterator[list[int]]:
+        parts = [self.partition(k) for k in range(self.partitions)]
+        for position in range(self.batches_per_epoch):
+            part = parts[position % self.partitions]  # epochs are whole cycles: t mod b
+            mask = _poisson_mask(generator, len(part), self.partition_rate)
+            yield part[mask].tolist()
 
     def _config(self) -> dict[str, Any]:
         return {
             **super()._config(),
             "sample_rate": self.sample_rate,
+            "partitions": self.partitions,
             "steps_per_epoch": self.batches_per_epoch,
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "assignment": self.assignment.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        assignment = state["assignment"]
+        if (not isinstance(assignment, torch.Tensor) or assignment.shape != (self.num_samples,)
+                or bool(((assignment < 0) | (assignment >= self.partitions)).any())):
+            raise ValueError("load_state_dict: the saved partitions do not fit num_samples and "
+                             "partitions.")
+        super().load_state_dict(state)
+        self.assignment = assignment.clone()
+
+
+def _partition_ids(generator, n: int, partitions: int) -> torch.Tensor:
+    """An independent, uniform partition in 0..b-1 for each of n indices: floor(U b), U a float64
+    uniform k / 2^53 (exact: b < 2^53; floor(U b) < b)."""
+    if isinstance(generator, ChaCha20Generator):
+        uniforms = generator.rand(n, dtype=torch.float64)
+    else:
+        uniforms = torch.rand(n, dtype=torch.float64, generator=generator)
+    return (uniforms * partitions).floor().to(torch.int64)
+
+
+def check_partitions(*, num_samples: int, sample_rate: float, partitions: int,
+                     steps_per_epoch: int | None = None) -> None:
+    """What a cyclic Poisson sampler with b partitions needs: q b <= 1, b <= N, whole cycles.
+
+    Raises:
+        ValueError: naming the values and the fix.
+    """
+    if partitions > num_samples:
+        raise ValueError(
+            f"cyclic_poisson sampling with {partitions} partitions (BandMF bands) needs at least "
+            f"as many examples; the dataset has {num_samples}. Use fewer bands")
+    rate = partition_sample_rate(sample_rate, partitions)
+    if rate > 1:
+        raise ValueError(
+            f"cyclic_poisson sampling draws each step from one of {partitions} partitions at rate "
+            f"q * b = {sample_rate:.6g} * {partitions} = {rate:.6g} > 1, so it cannot keep an "
+            "example's steps b apart at this expected batch size; use fewer bands (at most "
+            f"{math.floor(1 / sample_rate)}) or a smaller batch size")
+    if steps_per_epoch is not None and (
+            _check_positive_int("steps_per_epoch", steps_per_epoch) % partitions):
+        raise ValueError(
+            f"steps_per_epoch={steps_per_epoch} is not a multiple of the {partitions} partitions: "
+            "cyclic_poisson epochs are whole cycles (step t draws from partition t mod b)")
+
+
+def _check_sample_rate(sample_rate) -> float:
+    if isinstance(sample_rate, bool) or not (
+        isinstance(sample_rate, (int, float, np.floating)) and 0.0 < sample_rate <= 1.0
+    ):
+        raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate!r}.")
+    return float(sample_rate)
 
 
 class _FixedSizeBatchSampler(_DPBatchSampler):
