@@ -207,9 +207,11 @@ def test_power_model_predicts_the_real_audit(monkeypatch):
 # Noise: every canary in every step (cyclic, one batch per epoch), one step, 1000 canaries.
 EVERY_STEP = dict(method="one_run", canaries=1000, sampling="cyclic",
                   batch_size=NUM_REAL + 1000, steps=1, noise_multiplier=2.0, clipping="flat")
-# Sampling and noise: Poisson q = 0.2, four steps, 2000 canaries.
-POISSON = dict(method="one_run", canaries=2000, sampling="poisson",
-               batch_size=round(0.2 * (NUM_REAL + 2000)), steps=4, noise_multiplier=2.0,
+# Sampling and noise: Poisson q = 0.2, four steps, 5000 canaries (2000 caught 10 of 10 seeds when
+# measured, but sits at the edge: after the float64 Poisson draws changed the batches, seed 0 fell
+# just short; the README recommends 5000 for that margin).
+POISSON = dict(method="one_run", canaries=5000, sampling="poisson",
+               batch_size=round(0.2 * (NUM_REAL + 5000)), steps=4, noise_multiplier=2.0,
                clipping="flat")
 
 
