@@ -36,8 +36,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # finetune_llama, this recipe's sibling
+HERE = str(Path(__file__).resolve().parent)  # recipes/: finetune_llama.py and common.py
+if HERE not in sys.path:  # there for `python recipes/...`, not for an import by path
+    sys.path.insert(0, HERE)
 import finetune_llama as llama  # noqa: E402 (sets the offline environment first)
+from common import (IGNORE_INDEX, gpt2_tokenizer, load_corpus, load_gguf, perplexity,  # noqa: E402
+                    split_articles, tokenize)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -75,16 +79,15 @@ def build(cfg: llama.Config):
     """The base model with its adapter, in train mode, and the train / held-out blocks."""
     torch.manual_seed(cfg.seed)  # the same base and batches on every rank
     if cfg.gguf:
-        base, tokenizer = llama.load_gguf(llama.find_gguf())
+        base, tokenizer = load_gguf(llama.require_gguf())
     else:
-        tokenizer = llama.load_gpt2_tokenizer()
+        tokenizer = gpt2_tokenizer()
         base = LlamaForCausalLM(llama.llama_config(cfg, tokenizer))
     base.config.use_cache = False
     model = llama.add_adapter(base, cfg).train()
-    train_articles, eval_articles = llama.split_articles(llama.load_corpus(), cfg.eval_fraction,
-                                                         cfg.seed)
-    return (base.config.to_dict(), model, llama.tokenize(train_articles, tokenizer, cfg.block_size),
-            llama.tokenize(eval_articles, tokenizer, cfg.block_size))
+    train_articles, eval_articles = split_articles(load_corpus(), cfg.eval_fraction, cfg.seed)
+    return (base.config.to_dict(), model, tokenize(train_articles, tokenizer, cfg.block_size),
+            tokenize(eval_articles, tokenizer, cfg.block_size))
 
 
 def make_private(cfg: llama.Config, accelerator: Accelerator, model, train_set):
@@ -117,7 +120,7 @@ def train(cfg, accelerator, engine, model, optimizer, loader, steps) -> None:
                 llama.check_fsdp_batch(loader.current, accelerator.num_processes)
             if input_ids.shape[0] > 0:  # an empty Poisson share still takes its (noisy) step
                 logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-                loss = dpfused.per_example_lm_loss(logits, labels, ignore_index=llama.IGNORE_INDEX,
+                loss = dpfused.per_example_lm_loss(logits, labels, ignore_index=IGNORE_INDEX,
                                                    reduction="mean")
                 accelerator.backward(loss)  # per-example clipping happens inside
             taken = optimizer.steps_taken
@@ -145,7 +148,7 @@ def save(cfg, accelerator, base_config, model, engine, out: Path) -> None:
     trained = {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
     torch.save({
         "config": dataclasses.asdict(cfg), "base_config": base_config,
-        "gguf_file": str(llama.find_gguf()) if cfg.gguf else None,
+        "gguf_file": str(llama.require_gguf()) if cfg.gguf else None,
         "step": engine.optimizer.steps_taken,
         "model": {k: v for k, v in full.items() if k in trained} if cfg.gguf else full,
         "optimizer": None, "epsilon": engine.get_epsilon(delta=cfg.delta), "delta": cfg.delta,
@@ -166,10 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{len(train_set)} training blocks, DP {cfg.clipping} clipping, "
                       f"Poisson sampling, sigma {optimizer.noise_multiplier:.3f}")
     device = str(accelerator.device)
-    ppl_before = llama.perplexity(model, eval_set, cfg.eval_batch_size, device)  # collective
+    ppl_before = perplexity(model, eval_set, cfg.eval_batch_size, device)  # collective
     train(cfg, accelerator, engine, model, optimizer, loader, steps)
     dpfused.detach(unwrap(model))
-    ppl_after = llama.perplexity(model, eval_set, cfg.eval_batch_size, device)
+    ppl_after = perplexity(model, eval_set, cfg.eval_batch_size, device)
     eps = engine.get_epsilon(delta=cfg.delta)
     accelerator.print(f"held-out perplexity {ppl_before:.1f} -> {ppl_after:.1f}; privacy: "
                       f"epsilon = {eps:.2f} at delta = {cfg.delta:g} after {steps} steps")

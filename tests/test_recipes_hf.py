@@ -69,11 +69,16 @@ def test_no_dp_reference_takes_the_same_steps(without_package):
 
 def test_blocks_pad_and_mask_the_tail(smollm2):
     tokenizer = smollm2.gpt2_tokenizer()
-    blocks = smollm2.Blocks(["Hello world", "Good morning"], tokenizer, block_size=4)
-    ids, mask, labels = blocks.input_ids, blocks.attention_mask, blocks.labels
+    blocks = smollm2.Blocks.of(["Hello world", "Good morning"], tokenizer, block_size=4)
+    ids, mask, labels = blocks.tensors
     assert ids.shape[1] == 4 and torch.equal(labels == -100, mask == 0)
     assert mask.sum() == len(tokenizer("Hello world")["input_ids"]) + len(
         tokenizer("Good morning")["input_ids"]) + 2  # each article ends with the separator
+    item = blocks[1]  # what the Trainer's collator takes: a dict of the three
+    assert set(item) == {"input_ids", "attention_mask", "labels"}
+    assert torch.equal(item["labels"], labels[1])
+    part = blocks.subset(1, seed=0)
+    assert isinstance(part, smollm2.Blocks) and len(part) == 1
 
 
 def test_smoke_flags_shrink_the_defaults(smollm2):
