@@ -22,6 +22,8 @@ the ranks are added up and where the noise goes:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -30,7 +32,8 @@ from dpfused import privacy_math
 from dpfused.step import ClippedStep, LogicalBatch
 
 __all__ = ["DDPReduction", "FSDP2Reduction", "all_reduce_sum", "check_ddp", "check_same_data",
-           "check_sharding", "is_fsdp2", "per_rank_generator", "replicated_generator", "unwrap"]
+           "check_sharding", "dataset_fingerprint", "is_fsdp2", "per_rank_generator",
+           "replicated_generator", "unwrap"]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -197,24 +200,112 @@ def replicated_generator(generator, device: torch.device):
     return shared
 
 
+FINGERPRINT_ITEMS = 32  # items hashed per rank by check_same_data: a fixed, seeded sample
+
+
 def check_same_data(data_loader, **settings) -> None:
-    """Every rank must split the SAME logical batches: same dataset size and sampling settings.
+    """Every rank must split the SAME logical batches: same dataset, size and sampling settings.
+
+    The dataset's content is compared through a fingerprint (``dataset_fingerprint``): ranks that
+    hold different data of the same length (each its own shard) would pass a length check, and
+    the batches would then not be sampled from one dataset, which is what the accountant assumes.
 
     Raises:
-        ValueError (on every rank): a rank whose data loader or settings differ from rank 0's.
+        ValueError (on every rank): a rank whose data loader, dataset or settings differ from
+            rank 0's.
     """
     mine = {"len(dataset)": len(data_loader.dataset), "batch_size": data_loader.batch_size,
             **settings}
+    mine["dataset content"] = "sha256 " + dataset_fingerprint(data_loader.dataset)[:16]
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     for rank, theirs in enumerate(every):
         differ = {k: (every[0][k], v) for k, v in theirs.items() if v != every[0][k]}
+        if "len(dataset)" in differ:  # the content differs too; the length says it plainly
+            differ.pop("dataset content", None)
         if differ:
             details = ", ".join(f"{k}: {a!r} on rank 0, {b!r} on rank {rank}"
                                 for k, (a, b) in differ.items())
+            fix = (" (each rank holds other items: give every rank the WHOLE dataset, not its "
+                   "shard, and no DistributedSampler; dpfused slices each logical batch between "
+                   "the ranks itself)" if "dataset content" in differ else "")
             raise ValueError(
-                f"rank {rank}'s data loader differs from rank 0's ({details}); every rank must pass the same dataset and settings to make_private: each keeps "
-                "its slice of one shared logical batch, which is what the accountant assumes")
+                f"rank {rank}'s data loader differs from rank 0's ({details}){fix}; every rank "
+                "must pass the same dataset and settings to make_private: each keeps its slice "
+                "of one shared logical batch, which is what the accountant assumes")
+
+
+def dataset_fingerprint(dataset, *, items: int = FINGERPRINT_ITEMS) -> str:
+    """A SHA-256 of ``items`` of ``dataset``'s items (a fixed, seeded sample of indices, the
+    first and the last among them): equal on ranks that hold the same data, different (but for a
+    hash collision) where one of those items differs. Cheap: ``items`` + 2 look-ups.
+
+    Items are hashed canonically: tensors and numpy arrays by dtype, shape and bytes; strings,
+    bytes, numbers; tuples, lists and dicts (keys sorted) recursively; PIL images through numpy.
+    Another object counts by its type name only (so it never makes equal data look different).
+    Random augmentations in ``__getitem__`` draw from torch's, numpy's and Python's global
+    generators, seeded alike here (and restored after), so they agree across ranks.
+    """
+    import hashlib
+    import random
+
+    import numpy as np
+
+    n = len(dataset)
+    picked = np.random.default_rng(0x5EED).choice(n, size=min(items, n), replace=False)
+    indices = sorted({0, n - 1, *map(int, picked)}) if n else []
+    digest = hashlib.sha256(f"len={n};".encode())
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            random.seed(0)
+            np.random.seed(0)
+            for i in indices:
+                digest.update(f"item {i};".encode())
+                _hash_item(dataset[i], digest)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return digest.hexdigest()
+
+
+def _hash_item(item, digest) -> None:
+    """Feed ``item``'s content into ``digest``, tagged by kind and length (unambiguous)."""
+    import numpy as np
+
+    def tagged(kind: str, payload: bytes) -> None:
+        digest.update(f"{kind}:{len(payload)}:".encode())
+        digest.update(payload)
+
+    if isinstance(item, torch.Tensor):
+        item = item.detach().cpu()
+        item = (item if item.layout == torch.strided else item.to_dense()).contiguous()
+        tagged("tensor", f"{item.dtype}{tuple(item.shape)}".encode())
+        tagged("data", item.reshape(-1).view(torch.uint8).numpy().tobytes() if item.numel()
+               else b"")
+    elif isinstance(item, (np.ndarray, np.generic)):
+        array = np.ascontiguousarray(item)
+        tagged("ndarray", f"{array.dtype.str}{array.shape}".encode())
+        tagged("data", array.tobytes() if array.dtype != object else repr(array).encode())
+    elif isinstance(item, (str, bytes, bytearray)):
+        tagged(type(item).__name__, item.encode() if isinstance(item, str) else bytes(item))
+    elif item is None or isinstance(item, (bool, int, float, complex)):
+        tagged(type(item).__name__, repr(item).encode())
+    elif isinstance(item, Mapping):
+        tagged("dict", str(len(item)).encode())
+        for key in sorted(item, key=repr):
+            _hash_item(key, digest)
+            _hash_item(item[key], digest)
+    elif isinstance(item, (list, tuple)):
+        tagged(type(item).__name__, str(len(item)).encode())
+        for part in item:
+            _hash_item(part, digest)
+    elif type(item).__module__.startswith("PIL."):
+        tagged("image", f"{item.mode}{item.size}".encode())
+        tagged("data", np.asarray(item).tobytes())
+    else:
+        tagged("object", f"{type(item).__module__}.{type(item).__qualname__}".encode())
 
 
 # ---- FSDP2 ----------------------------------------------------------------------------------------
