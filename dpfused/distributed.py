@@ -351,6 +351,45 @@ def check_sharding(module: nn.Module, *, clipping: str) -> None:
             "each device holds (He et al., a model split across devices), but every FSDP rank "
             "holds a shard of every layer, so a device's group would be a slice of each layer; "
             "use clipping='per_layer' or 'flat'")
+    _check_reduce_precision(module)
+
+
+_MIXED_PRECISION_FIX = ("keep float32 parameters (model.float() before fully_shard) and compute "
+                        "in bfloat16 through fully_shard(..., mp_policy=MixedPrecisionPolicy("
+                        "param_dtype=torch.bfloat16, reduce_dtype=torch.float32))")
+
+
+def _check_reduce_precision(module: nn.Module) -> None:
+    """FSDP2 reduce-scatters the clipped sums and writes them into the sharded ``.grad`` in the
+    parameters' dtype, all before dpfused adds the noise: a rounding there is a rounding of the
+    sum over the batch (one example can flip it by an ulp of the SUM, far more than C). Refuse a
+    reduce dtype or a parameter dtype narrower than float32. A reduce dtype left unset (bf16
+    compute, ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``) is fine: dpfused hands FSDP
+    float32 sums, and FSDP reduces in the gradients' dtype (``FSDP2Reduction._hand_over``)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    for group in _fsdp_param_groups(module):
+        policy = group.mp_policy
+        for fsdp_param in group.fsdp_params:
+            param = fsdp_param.sharded_param
+            if not param.requires_grad:
+                continue  # frozen (LoRA's base weights): never reduced
+            # FSDP's own rule (FSDPParam.init_dtype_attrs, run at the first forward): a reduce
+            # dtype equal to the compute dtype means "none": reduce in the gradients' dtype.
+            reduce_dtype = (None if policy.reduce_dtype == policy.param_dtype
+                            else policy.reduce_dtype)
+            for what, dtype in (("parameter", param.dtype), ("reduce", reduce_dtype)):
+                if dtype is not None and dtype.is_floating_point and _narrower_than_float32(dtype):
+                    raise ValueError(
+                        f"parameter '{names.get(id(param), tuple(param.shape))}' has the "
+                        f"{what} dtype {dtype} under fully_shard: FSDP would reduce-scatter the "
+                        f"clipped sums or store them in {dtype}, rounding the sum over the batch "
+                        "before the noise "
+                        "(one example could then move it by far more than max_grad_norm); "
+                        f"{_MIXED_PRECISION_FIX}")
+
+
+def _narrower_than_float32(dtype: torch.dtype) -> bool:
+    return torch.finfo(dtype).eps > torch.finfo(torch.float32).eps
 
 
 def _fsdp_param_groups(root: nn.Module):
@@ -433,9 +472,11 @@ class FSDP2Reduction:
                 self._hand_over(param)
 
     def _hand_over(self, param) -> None:
-        """Make ``param``'s logical sum the gradient FSDP reduce-scatters next. Under a
-        MixedPrecisionPolicy whose reduce dtype differs from the (bf16) unsharded parameter, the
-        float32 sum goes where FSDP keeps gradients in the reduce dtype: never rounded to bf16."""
+        """Make ``param``'s logical sum the gradient FSDP reduce-scatters next, in the reduce
+        dtype if one is set, else in the (float32 or wider, ``_check_reduce_precision``) dtype of
+        the sharded parameter: never in a bf16 compute dtype. A dtype other than the unsharded
+        parameter's goes where FSDP keeps gradients in the reduce dtype; FSDP reduces in the
+        gradients' dtype when no reduce dtype is set, so the sum is never rounded to bf16."""
         fsdp_param = self._fsdp_param[id(param)]
         unsharded = getattr(fsdp_param, "_unsharded_param", None)
         if unsharded is None:
@@ -443,8 +484,7 @@ class FSDP2Reduction:
         if not self._handed:
             self._check_grads_cleared()
         total = self.book.logical_sum(param)
-        reduce_dtype = fsdp_param.reduce_dtype
-        dtype = reduce_dtype if reduce_dtype not in (None, unsharded.dtype) else unsharded.dtype
+        dtype = fsdp_param.reduce_dtype or fsdp_param.orig_dtype
         grad = (torch.zeros(unsharded.shape, dtype=dtype, device=unsharded.device)
                 if total is None else total.to(dtype))
         if dtype == unsharded.dtype:
