@@ -22,6 +22,7 @@ the ranks are added up and where the noise goes:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -413,19 +414,28 @@ class FSDP2Reduction:
 
     Layers see the all-gathered (unsharded) parameters and form full-shape clipped sums, exactly
     as on one process. On the last physical batch of a logical batch, each sum is handed to FSDP
-    as the unsharded parameter's gradient (the logical sum: earlier physical batches included):
+    as the unsharded parameter's gradient (the logical sum: earlier physical batches included),
+    at the start of the post-backward of its FSDP unit (``_post_backward``), which reduces it at
+    once:
 
-    - a group that completes inside backward (the ``per_layer`` fast path) hands its sums over at
-      once, so FSDP's reduce-scatter of that unit carries them, overlapped with the rest of
-      backward: no unclipped gradient, no collective of dpfused's own;
+    - a group that completes inside backward (the ``per_layer`` fast path) is handed over by its
+      unit's own post-backward, so FSDP's reduce-scatter of that unit carries it, overlapped with
+      the rest of backward: no unclipped gradient, no collective of dpfused's own;
     - every other sum (``flat``, tied weights, recomputed layers) is known only at the end of the
-      pass; it is handed over then and reduced by the same FSDP machinery (the unit's
-      post-backward, run once more), in one reduce-scatter per unit.
+      pass; it is reduced then by the same FSDP machinery (the unit's post-backward, run once
+      more), in one reduce-scatter per unit.
 
-    FSDP reduces with a plain sum (divide factor 1). Earlier physical batches are not reduced
+    Nothing un-noised is ever readable in a ``.grad``: a handed-over sum lives in the unsharded
+    gradient only inside the post-backward that consumes it, and the reduced shard is taken out
+    of the sharded ``.grad`` as FSDP writes it (a post-accumulate-grad hook) and kept here until
+    the release. A backward that fails half way (a non-finite norm, an exception of the user's)
+    therefore leaves no sum behind; its partial reductions are dropped when the next pass starts.
+
+    FSDP reduces with a plain sum (divide factor 1), in float32 or wider
+    (``_check_reduce_precision``). Earlier physical batches are not reduced
     (``set_requires_gradient_sync(False)``, FSDP's no_sync): the book keeps their sums. An
-    autograd gradient on an unsharded parameter is a parameter used outside its module: the pass
-    fails (a tensor hook).
+    autograd gradient on an unsharded parameter is a parameter used outside its module, and one
+    on a sharded parameter a parameter used outside forward: the pass fails (tensor hooks).
 
     Args:
         root: the FSDP2 root module.
@@ -439,9 +449,14 @@ class FSDP2Reduction:
         self._unit_of = {id(fp.sharded_param): group for group in _fsdp_param_groups(root)
                          for fp in group.fsdp_params}
         self._private = [p for g in book.groups for p in g.params]
+        self._private_of_unit: dict[int, list[nn.Parameter]] = {}
+        for p in self._private:
+            self._private_of_unit.setdefault(id(self._unit_of[id(p)]), []).append(p)
         self._sharded: dict[int, nn.Parameter] = {}
         self._watched: set[int] = set()  # unsharded parameters with the leak hook
+        self._ready: set[int] = set()  # private parameters whose sum is final, this pass
         self._handed: set[int] = set()  # private parameters handed to FSDP in this pass
+        self._reducing = False  # inside FSDP's post-backward: .grad is written by its reduction
         self._synced = False  # this pass is the logical batch's last: FSDP reduces it
         self._reduced = False  # the logical batch's sums were reduce-scattered
         self._global: dict[int, torch.Tensor] = {}  # id(param) -> this rank's shard of the sum
@@ -450,11 +465,16 @@ class FSDP2Reduction:
             if is_fsdp2(module):
                 module.set_gradient_divide_factor(1.0)  # a sum of clipped sums, not FSDP's mean
                 module.set_force_sum_reduction_for_comms(True)  # ReduceOp.SUM (gloo has no premul)
+        for unit in _fsdp_param_groups(root):
+            unit.post_backward = functools.partial(self._post_backward, unit, unit.post_backward)
+        for param in self._private:
+            param.register_post_accumulate_grad_hook(self._take_reduced)
         root.set_requires_gradient_sync(False)
         book.resolve_param = self.sharded_of
-        book.leak_checked_params = ()  # .grad holds FSDP's reduced shards; see _watch_unsharded
-        book.group_complete_listeners.append(self._hand_over_group)
-        book.pass_end_listeners.append(self._hand_over_rest)
+        book.leak_checked_params = ()  # .grad is FSDP's; see _watch_unsharded, _take_reduced
+        book.pass_start_listeners.append(self._start_pass)
+        book.group_complete_listeners.append(self._mark_ready)
+        book.pass_end_listeners.append(self._reduce_rest)
         root.register_forward_hook(self._watch_unsharded)
 
     # ---- a logical batch --------------------------------------------------------------------------
@@ -465,11 +485,31 @@ class FSDP2Reduction:
         if batch.is_last_physical:
             self._reduced, self._global = False, {}
 
-    def _hand_over_group(self, g: int) -> None:
-        """A group completed inside backward: its sums become FSDP's gradients now."""
+    def _start_pass(self) -> None:
+        """Book listener, a backward pass starts: forget what an earlier pass that failed half
+        way handed over or reduced (the book forgets its sums too)."""
+        self._ready, self._handed = set(), set()
         if self._synced:
-            for param in self.book.groups[g].params:
-                self._hand_over(param)
+            self._reduced, self._global = False, {}
+
+    def _mark_ready(self, g: int) -> None:
+        """Book listener, a group completed inside backward: its unit's post-backward (next)
+        hands its sums over."""
+        if self._synced:
+            self._ready.update(id(p) for p in self.book.groups[g].params)
+
+    def _post_backward(self, unit, fsdp_post_backward, *args) -> None:
+        """FSDP's post-backward of ``unit``, preceded by the hand-over of its private parameters'
+        final sums: they sit in the unsharded gradients only until FSDP consumes them here."""
+        if self._synced:
+            for param in self._private_of_unit.get(id(unit), ()):
+                if id(param) in self._ready and id(param) not in self._handed:
+                    self._hand_over(param)
+        self._reducing = True
+        try:
+            fsdp_post_backward(*args)
+        finally:
+            self._reducing = False
 
     def _hand_over(self, param) -> None:
         """Make ``param``'s logical sum the gradient FSDP reduce-scatters next, in the reduce
@@ -493,45 +533,47 @@ class FSDP2Reduction:
             fsdp_param.unsharded_accumulated_grad = grad
         self._handed.add(id(param))
 
+    def _take_reduced(self, param) -> None:
+        """Post-accumulate-grad hook of a private sharded parameter. Inside FSDP's post-backward:
+        its reduction just wrote this rank's shard of the sum into ``.grad``; keep it here until
+        the release (added up: FSDP accumulates). Elsewhere autograd wrote it: the parameter was
+        used outside forward (where it is sharded), which dpfused cannot clip."""
+        grad, param.grad = param.grad, None
+        if not self._reducing:
+            self.book.fail_autograd_gradient(1, param.shape)
+        local = grad.to_local()
+        kept = self._global.get(id(param))
+        self._global[id(param)] = local if kept is None else kept + local
+
     def _check_grads_cleared(self) -> None:
         """FSDP adds its reduce-scatter into an existing sharded ``.grad``: a gradient left from
-        the last step would be released again."""
+        the last step (or set by hand) would be released again."""
         if any(p.grad is not None and bool(p.grad.to_local().any()) for p in self._private):
             self.book.fail_autograd_gradient(
                 sum(p.grad is not None for p in self._private),
                 next(p.shape for p in self._private if p.grad is not None))
 
-    def _holds_unreduced(self, param) -> bool:
-        """FSDP has not yet reduced the gradient handed over for ``param`` in this pass."""
-        fsdp_param = self._fsdp_param[id(param)]
-        if getattr(fsdp_param, "_unsharded_param", None) is None:
-            return False
-        return (fsdp_param.unsharded_param.grad is not None
-                or fsdp_param.unsharded_accumulated_grad is not None)
-
-    def _hand_over_rest(self) -> None:
-        """End of a backward pass (book-keeper listener, after FSDP's own end-of-backward): hand
-        over the sums completed at the end of the pass and reduce-scatter them unit by unit.
-        Every rank hands over the same parameters (zeros where it has no sum), so the units'
-        reduce-scatters match across ranks."""
+    def _reduce_rest(self) -> None:
+        """End of a backward pass (book listener, after FSDP's own end-of-backward): reduce-scatter
+        the sums completed at the end of the pass, unit by unit (their unit's post-backward, run
+        again). Every rank hands over the same parameters (zeros where it has no sum), so the
+        units' reduce-scatters match across ranks."""
         if not self._synced or self.book.pass_failed:
-            self._handed = set()
             return
-        for param in [p for p in self._private if id(p) not in self._handed]:
-            self._hand_over(param)
-        # Handed over after their unit's post-backward ran (at the end of the pass, or late).
-        pending = [p for p in self._private if self._holds_unreduced(p)]
+        self._ready.update(id(p) for p in self._private)
+        pending = [p for p in self._private if id(p) not in self._handed
+                   and getattr(self._fsdp_param[id(p)], "_unsharded_param", None) is not None]
         units = list({id(self._unit_of[id(p)]): self._unit_of[id(p)] for p in pending}.values())
         _reduce_scatter_units(units)
         self.units_reduced_after_backward += len(units)
-        self._handed = set()
         self._reduced = True
-        # Out of .grad until the release: nothing un-noised is there between backward and the
-        # step (a clip_grad_norm_ or a gradient-norm log would read it).
-        for param in self._private:
+        for param in self._private:  # not taken by _take_reduced (a torch without the hook call)
             if param.grad is not None:
-                self._global[id(param)] = param.grad.to_local()
-                param.grad = None
+                self._reducing = True
+                try:
+                    self._take_reduced(param)
+                finally:
+                    self._reducing = False
 
     def _watch_unsharded(self, _module, _inputs, _output) -> None:
         """Root forward hook: watch each unsharded parameter (FSDP creates them at the first
