@@ -33,8 +33,8 @@ from dpfused import privacy_math
 from dpfused.step import ClippedStep, LogicalBatch
 
 __all__ = ["DDPReduction", "FSDP2Reduction", "all_reduce_sum", "check_ddp", "check_same_data",
-           "check_sharding", "dataset_fingerprint", "is_fsdp2", "per_rank_generator",
-           "replicated_generator", "unwrap"]
+           "check_sharding", "dataset_fingerprint", "drain_torch_threads_at_exit", "is_fsdp2",
+           "per_rank_generator", "replicated_generator", "unwrap"]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -156,6 +156,75 @@ class DDPReduction:
 
     def as_grad(self, param, grad: torch.Tensor) -> torch.Tensor:
         return grad.to(param.dtype)
+
+
+# ---- process exit --------------------------------------------------------------------------------
+# A torch bug (pytorch/pytorch#190489), not dpfused's: a c10d worker thread (gloo's
+# "pt_gloo_runloop") that drops the last reference to a finished collective frees its tensors, and
+# a tensor Python still holds (a full_tensor() result, a parameter shard) takes the GIL to
+# release its Python object. If the interpreter is already finalizing, CPython ends that thread
+# with pthread_exit, whose forced unwind crosses a noexcept destructor: std::terminate, "terminate
+# called without an active exception", SIGABRT, although every result was computed. It takes a
+# collective within a few milliseconds of the end of the process (the last full_tensor(), then
+# destroy_process_group(), then exit): 10-20% of such 2-rank gloo runs, with or without dpfused.
+# destroy_process_group() does not stop gloo's threads (the model's FSDP state and meshes keep the
+# process group alive). dpfused therefore hands the GIL over at exit, while the interpreter is
+# still whole, until torch's worker threads have gone idle.
+
+_EXIT_DRAIN_REGISTERED = False
+_DRAIN_QUIET_S, _DRAIN_LIMIT_S = 0.005, 2.0
+
+
+def drain_torch_threads_at_exit() -> None:
+    """Register (once) ``_drain_torch_threads`` to run at interpreter exit (before it finalizes).
+    make_private calls it when it runs on several processes."""
+    global _EXIT_DRAIN_REGISTERED
+    if not _EXIT_DRAIN_REGISTERED:
+        import atexit
+
+        atexit.register(_drain_torch_threads)
+        _EXIT_DRAIN_REGISTERED = True
+
+
+def _drain_torch_threads(quiet_s: float = _DRAIN_QUIET_S, limit_s: float = _DRAIN_LIMIT_S) -> None:
+    """Release the GIL until no torch worker thread ("pt_*": gloo's run loops, the TCPStore...)
+    has been runnable for ``quiet_s``, at most ``limit_s``: a worker finishing a collective's
+    clean-up takes the GIL while it is free, runs, and goes back to sleep. Without /proc (not
+    Linux), release it for ``limit_s`` / 20."""
+    import time
+
+    start = last_busy = time.monotonic()
+    while (now := time.monotonic()) - start < limit_s:
+        busy = _torch_thread_runnable()
+        if busy is None:
+            time.sleep(limit_s / 20)
+            return
+        if busy:
+            last_busy = now
+        elif now - last_busy >= quiet_s:
+            return
+        time.sleep(0.0005)  # releases the GIL
+
+
+def _torch_thread_runnable() -> bool | None:
+    """Is a torch worker thread of this process running or runnable (state R)? None if the
+    thread states cannot be read (no /proc)."""
+    import os
+
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in threads:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the thread ended
+        name, state = stat[stat.find("(") + 1:stat.rfind(")")], stat[stat.rfind(")") + 2:][:1]
+        if name.startswith("pt_") and state == "R":
+            return True
+    return False
 
 
 def all_reduce_sum(tensors):
