@@ -195,3 +195,16 @@ def test_ranks_with_different_data_of_the_same_length_are_refused(tmp_path):
     mp.spawn(_same_length_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
              join=True)
     assert all((tmp_path / f"ok{r}").exists() for r in range(2))
+
+
+def test_a_sharded_parameter_used_outside_forward_is_refused(one_rank):
+    """A loss term on the sharded parameters (computed where they are sharded, before forward)
+    puts an unclipped autograd gradient into the sharded .grad: refused, and not kept."""
+    from torch.distributed.fsdp import fully_shard
+
+    model, optimizer, loader = _make(fully_shard(_mlp()))
+    x, y = next(iter(loader))
+    penalty = sum(p.pow(2).sum().full_tensor() for p in model.parameters())  # sharded here
+    with pytest.raises(ValueError, match="did not come through dpfused"):
+        (F.cross_entropy(model(x), y) + penalty).backward()
+    assert all(p.grad is None for p in model.parameters())
