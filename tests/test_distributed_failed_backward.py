@@ -1,4 +1,4 @@
-"""FSDP2: a backward that fails half way leaves nothing un-noised readable, and nothing behind (§9).
+"""FSDP2: a backward that fails half way leaves nothing un-noised readable, nothing behind (§9).
 
 per_layer on Llama (2-rank gloo, float64, noise 0): the blocks' groups complete inside backward and
 FSDP reduce-scatters them there; the embedding, last in backward, then fails, by a non-finite
