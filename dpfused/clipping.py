@@ -106,6 +106,9 @@ class Bookkeeper:
         # Called with a group's index when it completes inside backward (the per_layer fast path):
         # FSDP2 hands that group's clipped sums to its reduce-scatter there.
         self.group_complete_listeners: list = []
+        # Called with no argument when a backward pass starts: FSDP2 forgets what a pass that
+        # failed half way (raised out of backward) handed over, as the book forgets its sums.
+        self.pass_start_listeners: list = []
         # Parameters whose .grad must stay empty in backward (a gradient there came from autograd,
         # not from dpfused). FSDP2 writes the reduced sums into .grad and watches its own
         # unsharded parameters instead.
@@ -189,6 +192,8 @@ class Bookkeeper:
         self._reset_pass()
         self._task = task
         torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
+        for listener in self.pass_start_listeners:
+            listener()
 
     def _reset_pass(self):
         self._task = None

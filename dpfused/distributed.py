@@ -22,6 +22,9 @@ the ranks are added up and where the noise goes:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -30,7 +33,8 @@ from dpfused import privacy_math
 from dpfused.step import ClippedStep, LogicalBatch
 
 __all__ = ["DDPReduction", "FSDP2Reduction", "all_reduce_sum", "check_ddp", "check_same_data",
-           "check_sharding", "is_fsdp2", "per_rank_generator", "replicated_generator", "unwrap"]
+           "check_sharding", "dataset_fingerprint", "drain_torch_threads_at_exit", "is_fsdp2",
+           "per_rank_generator", "replicated_generator", "unwrap"]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -154,6 +158,75 @@ class DDPReduction:
         return grad.to(param.dtype)
 
 
+# ---- process exit --------------------------------------------------------------------------------
+# A torch bug (pytorch/pytorch#190489), not dpfused's: a c10d worker thread (gloo's
+# "pt_gloo_runloop") that drops the last reference to a finished collective frees its tensors, and
+# a tensor Python still holds (a full_tensor() result, a parameter shard) takes the GIL to
+# release its Python object. If the interpreter is already finalizing, CPython ends that thread
+# with pthread_exit, whose forced unwind crosses a noexcept destructor: std::terminate, "terminate
+# called without an active exception", SIGABRT, although every result was computed. It takes a
+# collective within a few milliseconds of the end of the process (the last full_tensor(), then
+# destroy_process_group(), then exit): 10-20% of such 2-rank gloo runs, with or without dpfused.
+# destroy_process_group() does not stop gloo's threads (the model's FSDP state and meshes keep the
+# process group alive). dpfused therefore hands the GIL over at exit, while the interpreter is
+# still whole, until torch's worker threads have gone idle.
+
+_EXIT_DRAIN_REGISTERED = False
+_DRAIN_QUIET_S, _DRAIN_LIMIT_S = 0.005, 2.0
+
+
+def drain_torch_threads_at_exit() -> None:
+    """Register (once) ``_drain_torch_threads`` to run at interpreter exit (before it finalizes).
+    make_private calls it when it runs on several processes."""
+    global _EXIT_DRAIN_REGISTERED
+    if not _EXIT_DRAIN_REGISTERED:
+        import atexit
+
+        atexit.register(_drain_torch_threads)
+        _EXIT_DRAIN_REGISTERED = True
+
+
+def _drain_torch_threads(quiet_s: float = _DRAIN_QUIET_S, limit_s: float = _DRAIN_LIMIT_S) -> None:
+    """Release the GIL until no torch worker thread ("pt_*": gloo's run loops, the TCPStore...)
+    has been runnable for ``quiet_s``, at most ``limit_s``: a worker finishing a collective's
+    clean-up takes the GIL while it is free, runs, and goes back to sleep. Without /proc (not
+    Linux), release it for ``limit_s`` / 20."""
+    import time
+
+    start = last_busy = time.monotonic()
+    while (now := time.monotonic()) - start < limit_s:
+        busy = _torch_thread_runnable()
+        if busy is None:
+            time.sleep(limit_s / 20)
+            return
+        if busy:
+            last_busy = now
+        elif now - last_busy >= quiet_s:
+            return
+        time.sleep(0.0005)  # releases the GIL
+
+
+def _torch_thread_runnable() -> bool | None:
+    """Is a torch worker thread of this process running or runnable (state R)? None if the
+    thread states cannot be read (no /proc)."""
+    import os
+
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in threads:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the thread ended
+        name, state = stat[stat.find("(") + 1:stat.rfind(")")], stat[stat.rfind(")") + 2:][:1]
+        if name.startswith("pt_") and state == "R":
+            return True
+    return False
+
+
 def all_reduce_sum(tensors):
     """Sum each tensor over all ranks with one collective per device and dtype (flat buffers)."""
     by_device = {}
@@ -197,24 +270,112 @@ def replicated_generator(generator, device: torch.device):
     return shared
 
 
+FINGERPRINT_ITEMS = 32  # items hashed per rank by check_same_data: a fixed, seeded sample
+
+
 def check_same_data(data_loader, **settings) -> None:
-    """Every rank must split the SAME logical batches: same dataset size and sampling settings.
+    """Every rank must split the SAME logical batches: same dataset, size and sampling settings.
+
+    The dataset's content is compared through a fingerprint (``dataset_fingerprint``): ranks that
+    hold different data of the same length (each its own shard) would pass a length check, and
+    the batches would then not be sampled from one dataset, which is what the accountant assumes.
 
     Raises:
-        ValueError (on every rank): a rank whose data loader or settings differ from rank 0's.
+        ValueError (on every rank): a rank whose data loader, dataset or settings differ from
+            rank 0's.
     """
     mine = {"len(dataset)": len(data_loader.dataset), "batch_size": data_loader.batch_size,
             **settings}
+    mine["dataset content"] = "sha256 " + dataset_fingerprint(data_loader.dataset)[:16]
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     for rank, theirs in enumerate(every):
         differ = {k: (every[0][k], v) for k, v in theirs.items() if v != every[0][k]}
+        if "len(dataset)" in differ:  # the content differs too; the length says it plainly
+            differ.pop("dataset content", None)
         if differ:
             details = ", ".join(f"{k}: {a!r} on rank 0, {b!r} on rank {rank}"
                                 for k, (a, b) in differ.items())
+            fix = (" (each rank holds other items: give every rank the WHOLE dataset, not its "
+                   "shard, and no DistributedSampler; dpfused slices each logical batch between "
+                   "the ranks itself)" if "dataset content" in differ else "")
             raise ValueError(
-                f"rank {rank}'s data loader differs from rank 0's ({details}); every rank must pass the same dataset and settings to make_private: each keeps "
-                "its slice of one shared logical batch, which is what the accountant assumes")
+                f"rank {rank}'s data loader differs from rank 0's ({details}){fix}; every rank "
+                "must pass the same dataset and settings to make_private: each keeps its slice "
+                "of one shared logical batch, which is what the accountant assumes")
+
+
+def dataset_fingerprint(dataset, *, items: int = FINGERPRINT_ITEMS) -> str:
+    """A SHA-256 of ``items`` of ``dataset``'s items (a fixed, seeded sample of indices, the
+    first and the last among them): equal on ranks that hold the same data, different (but for a
+    hash collision) where one of those items differs. Cheap: ``items`` + 2 look-ups.
+
+    Items are hashed canonically: tensors and numpy arrays by dtype, shape and bytes; strings,
+    bytes, numbers; tuples, lists and dicts (keys sorted) recursively; PIL images through numpy.
+    Another object counts by its type name only (so it never makes equal data look different).
+    Random augmentations in ``__getitem__`` draw from torch's, numpy's and Python's global
+    generators, seeded alike here (and restored after), so they agree across ranks.
+    """
+    import hashlib
+    import random
+
+    import numpy as np
+
+    n = len(dataset)
+    picked = np.random.default_rng(0x5EED).choice(n, size=min(items, n), replace=False)
+    indices = sorted({0, n - 1, *map(int, picked)}) if n else []
+    digest = hashlib.sha256(f"len={n};".encode())
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            random.seed(0)
+            np.random.seed(0)
+            for i in indices:
+                digest.update(f"item {i};".encode())
+                _hash_item(dataset[i], digest)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return digest.hexdigest()
+
+
+def _hash_item(item, digest) -> None:
+    """Feed ``item``'s content into ``digest``, tagged by kind and length (unambiguous)."""
+    import numpy as np
+
+    def tagged(kind: str, payload: bytes) -> None:
+        digest.update(f"{kind}:{len(payload)}:".encode())
+        digest.update(payload)
+
+    if isinstance(item, torch.Tensor):
+        item = item.detach().cpu()
+        item = (item if item.layout == torch.strided else item.to_dense()).contiguous()
+        tagged("tensor", f"{item.dtype}{tuple(item.shape)}".encode())
+        tagged("data", item.reshape(-1).view(torch.uint8).numpy().tobytes() if item.numel()
+               else b"")
+    elif isinstance(item, (np.ndarray, np.generic)):
+        array = np.ascontiguousarray(item)
+        tagged("ndarray", f"{array.dtype.str}{array.shape}".encode())
+        tagged("data", array.tobytes() if array.dtype != object else repr(array).encode())
+    elif isinstance(item, (str, bytes, bytearray)):
+        tagged(type(item).__name__, item.encode() if isinstance(item, str) else bytes(item))
+    elif item is None or isinstance(item, (bool, int, float, complex)):
+        tagged(type(item).__name__, repr(item).encode())
+    elif isinstance(item, Mapping):
+        tagged("dict", str(len(item)).encode())
+        for key in sorted(item, key=repr):
+            _hash_item(key, digest)
+            _hash_item(item[key], digest)
+    elif isinstance(item, (list, tuple)):
+        tagged(type(item).__name__, str(len(item)).encode())
+        for part in item:
+            _hash_item(part, digest)
+    elif type(item).__module__.startswith("PIL."):
+        tagged("image", f"{item.mode}{item.size}".encode())
+        tagged("data", np.asarray(item).tobytes())
+    else:
+        tagged("object", f"{type(item).__module__}.{type(item).__qualname__}".encode())
 
 
 # ---- FSDP2 ----------------------------------------------------------------------------------------
@@ -260,6 +421,45 @@ def check_sharding(module: nn.Module, *, clipping: str) -> None:
             "each device holds (He et al., a model split across devices), but every FSDP rank "
             "holds a shard of every layer, so a device's group would be a slice of each layer; "
             "use clipping='per_layer' or 'flat'")
+    _check_reduce_precision(module)
+
+
+_MIXED_PRECISION_FIX = ("keep float32 parameters (model.float() before fully_shard) and compute "
+                        "in bfloat16 through fully_shard(..., mp_policy=MixedPrecisionPolicy("
+                        "param_dtype=torch.bfloat16, reduce_dtype=torch.float32))")
+
+
+def _check_reduce_precision(module: nn.Module) -> None:
+    """FSDP2 reduce-scatters the clipped sums and writes them into the sharded ``.grad`` in the
+    parameters' dtype, all before dpfused adds the noise: a rounding there is a rounding of the
+    sum over the batch (one example can flip it by an ulp of the SUM, far more than C). Refuse a
+    reduce dtype or a parameter dtype narrower than float32. A reduce dtype left unset (bf16
+    compute, ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``) is fine: dpfused hands FSDP
+    float32 sums, and FSDP reduces in the gradients' dtype (``FSDP2Reduction._hand_over``)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    for group in _fsdp_param_groups(module):
+        policy = group.mp_policy
+        for fsdp_param in group.fsdp_params:
+            param = fsdp_param.sharded_param
+            if not param.requires_grad:
+                continue  # frozen (LoRA's base weights): never reduced
+            # FSDP's own rule (FSDPParam.init_dtype_attrs, run at the first forward): a reduce
+            # dtype equal to the compute dtype means "none": reduce in the gradients' dtype.
+            reduce_dtype = (None if policy.reduce_dtype == policy.param_dtype
+                            else policy.reduce_dtype)
+            for what, dtype in (("parameter", param.dtype), ("reduce", reduce_dtype)):
+                if dtype is not None and dtype.is_floating_point and _narrower_than_float32(dtype):
+                    raise ValueError(
+                        f"parameter '{names.get(id(param), tuple(param.shape))}' has the "
+                        f"{what} dtype {dtype} under fully_shard: FSDP would reduce-scatter the "
+                        f"clipped sums or store them in {dtype}, rounding the sum over the batch "
+                        "before the noise "
+                        "(one example could then move it by far more than max_grad_norm); "
+                        f"{_MIXED_PRECISION_FIX}")
+
+
+def _narrower_than_float32(dtype: torch.dtype) -> bool:
+    return torch.finfo(dtype).eps > torch.finfo(torch.float32).eps
 
 
 def _fsdp_param_groups(root: nn.Module):
@@ -283,19 +483,28 @@ class FSDP2Reduction:
 
     Layers see the all-gathered (unsharded) parameters and form full-shape clipped sums, exactly
     as on one process. On the last physical batch of a logical batch, each sum is handed to FSDP
-    as the unsharded parameter's gradient (the logical sum: earlier physical batches included):
+    as the unsharded parameter's gradient (the logical sum: earlier physical batches included),
+    at the start of the post-backward of its FSDP unit (``_post_backward``), which reduces it at
+    once:
 
-    - a group that completes inside backward (the ``per_layer`` fast path) hands its sums over at
-      once, so FSDP's reduce-scatter of that unit carries them, overlapped with the rest of
-      backward: no unclipped gradient, no collective of dpfused's own;
+    - a group that completes inside backward (the ``per_layer`` fast path) is handed over by its
+      unit's own post-backward, so FSDP's reduce-scatter of that unit carries it, overlapped with
+      the rest of backward: no unclipped gradient, no collective of dpfused's own;
     - every other sum (``flat``, tied weights, recomputed layers) is known only at the end of the
-      pass; it is handed over then and reduced by the same FSDP machinery (the unit's
-      post-backward, run once more), in one reduce-scatter per unit.
+      pass; it is reduced then by the same FSDP machinery (the unit's post-backward, run once
+      more), in one reduce-scatter per unit.
 
-    FSDP reduces with a plain sum (divide factor 1). Earlier physical batches are not reduced
+    Nothing un-noised is ever readable in a ``.grad``: a handed-over sum lives in the unsharded
+    gradient only inside the post-backward that consumes it, and the reduced shard is taken out
+    of the sharded ``.grad`` as FSDP writes it (a post-accumulate-grad hook) and kept here until
+    the release. A backward that fails half way (a non-finite norm, an exception of the user's)
+    therefore leaves no sum behind; its partial reductions are dropped when the next pass starts.
+
+    FSDP reduces with a plain sum (divide factor 1), in float32 or wider
+    (``_check_reduce_precision``). Earlier physical batches are not reduced
     (``set_requires_gradient_sync(False)``, FSDP's no_sync): the book keeps their sums. An
-    autograd gradient on an unsharded parameter is a parameter used outside its module: the pass
-    fails (a tensor hook).
+    autograd gradient on an unsharded parameter is a parameter used outside its module, and one
+    on a sharded parameter a parameter used outside forward: the pass fails (tensor hooks).
 
     Args:
         root: the FSDP2 root module.
@@ -309,9 +518,14 @@ class FSDP2Reduction:
         self._unit_of = {id(fp.sharded_param): group for group in _fsdp_param_groups(root)
                          for fp in group.fsdp_params}
         self._private = [p for g in book.groups for p in g.params]
+        self._private_of_unit: dict[int, list[nn.Parameter]] = {}
+        for p in self._private:
+            self._private_of_unit.setdefault(id(self._unit_of[id(p)]), []).append(p)
         self._sharded: dict[int, nn.Parameter] = {}
         self._watched: set[int] = set()  # unsharded parameters with the leak hook
+        self._ready: set[int] = set()  # private parameters whose sum is final, this pass
         self._handed: set[int] = set()  # private parameters handed to FSDP in this pass
+        self._reducing = False  # inside FSDP's post-backward: .grad is written by its reduction
         self._synced = False  # this pass is the logical batch's last: FSDP reduces it
         self._reduced = False  # the logical batch's sums were reduce-scattered
         self._global: dict[int, torch.Tensor] = {}  # id(param) -> this rank's shard of the sum
@@ -320,11 +534,16 @@ class FSDP2Reduction:
             if is_fsdp2(module):
                 module.set_gradient_divide_factor(1.0)  # a sum of clipped sums, not FSDP's mean
                 module.set_force_sum_reduction_for_comms(True)  # ReduceOp.SUM (gloo has no premul)
+        for unit in _fsdp_param_groups(root):
+            unit.post_backward = functools.partial(self._post_backward, unit, unit.post_backward)
+        for param in self._private:
+            param.register_post_accumulate_grad_hook(self._take_reduced)
         root.set_requires_gradient_sync(False)
         book.resolve_param = self.sharded_of
-        book.leak_checked_params = ()  # .grad holds FSDP's reduced shards; see _watch_unsharded
-        book.group_complete_listeners.append(self._hand_over_group)
-        book.pass_end_listeners.append(self._hand_over_rest)
+        book.leak_checked_params = ()  # .grad is FSDP's; see _watch_unsharded, _take_reduced
+        book.pass_start_listeners.append(self._start_pass)
+        book.group_complete_listeners.append(self._mark_ready)
+        book.pass_end_listeners.append(self._reduce_rest)
         root.register_forward_hook(self._watch_unsharded)
 
     # ---- a logical batch --------------------------------------------------------------------------
@@ -335,16 +554,38 @@ class FSDP2Reduction:
         if batch.is_last_physical:
             self._reduced, self._global = False, {}
 
-    def _hand_over_group(self, g: int) -> None:
-        """A group completed inside backward: its sums become FSDP's gradients now."""
+    def _start_pass(self) -> None:
+        """Book listener, a backward pass starts: forget what an earlier pass that failed half
+        way handed over or reduced (the book forgets its sums too)."""
+        self._ready, self._handed = set(), set()
         if self._synced:
-            for param in self.book.groups[g].params:
-                self._hand_over(param)
+            self._reduced, self._global = False, {}
+
+    def _mark_ready(self, g: int) -> None:
+        """Book listener, a group completed inside backward: its unit's post-backward (next)
+        hands its sums over."""
+        if self._synced:
+            self._ready.update(id(p) for p in self.book.groups[g].params)
+
+    def _post_backward(self, unit, fsdp_post_backward, *args) -> None:
+        """FSDP's post-backward of ``unit``, preceded by the hand-over of its private parameters'
+        final sums: they sit in the unsharded gradients only until FSDP consumes them here."""
+        if self._synced:
+            for param in self._private_of_unit.get(id(unit), ()):
+                if id(param) in self._ready and id(param) not in self._handed:
+                    self._hand_over(param)
+        self._reducing = True
+        try:
+            fsdp_post_backward(*args)
+        finally:
+            self._reducing = False
 
     def _hand_over(self, param) -> None:
-        """Make ``param``'s logical sum the gradient FSDP reduce-scatters next. Under a
-        MixedPrecisionPolicy whose reduce dtype differs from the (bf16) unsharded parameter, the
-        float32 sum goes where FSDP keeps gradients in the reduce dtype: never rounded to bf16."""
+        """Make ``param``'s logical sum the gradient FSDP reduce-scatters next, in the reduce
+        dtype if one is set, else in the (float32 or wider, ``_check_reduce_precision``) dtype of
+        the sharded parameter: never in a bf16 compute dtype. A dtype other than the unsharded
+        parameter's goes where FSDP keeps gradients in the reduce dtype; FSDP reduces in the
+        gradients' dtype when no reduce dtype is set, so the sum is never rounded to bf16."""
         fsdp_param = self._fsdp_param[id(param)]
         unsharded = getattr(fsdp_param, "_unsharded_param", None)
         if unsharded is None:
@@ -352,8 +593,7 @@ class FSDP2Reduction:
         if not self._handed:
             self._check_grads_cleared()
         total = self.book.logical_sum(param)
-        reduce_dtype = fsdp_param.reduce_dtype
-        dtype = reduce_dtype if reduce_dtype not in (None, unsharded.dtype) else unsharded.dtype
+        dtype = fsdp_param.reduce_dtype or fsdp_param.orig_dtype
         grad = (torch.zeros(unsharded.shape, dtype=dtype, device=unsharded.device)
                 if total is None else total.to(dtype))
         if dtype == unsharded.dtype:
@@ -362,45 +602,47 @@ class FSDP2Reduction:
             fsdp_param.unsharded_accumulated_grad = grad
         self._handed.add(id(param))
 
+    def _take_reduced(self, param) -> None:
+        """Post-accumulate-grad hook of a private sharded parameter. Inside FSDP's post-backward:
+        its reduction just wrote this rank's shard of the sum into ``.grad``; keep it here until
+        the release (added up: FSDP accumulates). Elsewhere autograd wrote it: the parameter was
+        used outside forward (where it is sharded), which dpfused cannot clip."""
+        grad, param.grad = param.grad, None
+        if not self._reducing:
+            self.book.fail_autograd_gradient(1, param.shape)
+        local = grad.to_local()
+        kept = self._global.get(id(param))
+        self._global[id(param)] = local if kept is None else kept + local
+
     def _check_grads_cleared(self) -> None:
         """FSDP adds its reduce-scatter into an existing sharded ``.grad``: a gradient left from
-        the last step would be released again."""
+        the last step (or set by hand) would be released again."""
         if any(p.grad is not None and bool(p.grad.to_local().any()) for p in self._private):
             self.book.fail_autograd_gradient(
                 sum(p.grad is not None for p in self._private),
                 next(p.shape for p in self._private if p.grad is not None))
 
-    def _holds_unreduced(self, param) -> bool:
-        """FSDP has not yet reduced the gradient handed over for ``param`` in this pass."""
-        fsdp_param = self._fsdp_param[id(param)]
-        if getattr(fsdp_param, "_unsharded_param", None) is None:
-            return False
-        return (fsdp_param.unsharded_param.grad is not None
-                or fsdp_param.unsharded_accumulated_grad is not None)
-
-    def _hand_over_rest(self) -> None:
-        """End of a backward pass (book-keeper listener, after FSDP's own end-of-backward): hand
-        over the sums completed at the end of the pass and reduce-scatter them unit by unit.
-        Every rank hands over the same parameters (zeros where it has no sum), so the units'
-        reduce-scatters match across ranks."""
+    def _reduce_rest(self) -> None:
+        """End of a backward pass (book listener, after FSDP's own end-of-backward): reduce-scatter
+        the sums completed at the end of the pass, unit by unit (their unit's post-backward, run
+        again). Every rank hands over the same parameters (zeros where it has no sum), so the
+        units' reduce-scatters match across ranks."""
         if not self._synced or self.book.pass_failed:
-            self._handed = set()
             return
-        for param in [p for p in self._private if id(p) not in self._handed]:
-            self._hand_over(param)
-        # Handed over after their unit's post-backward ran (at the end of the pass, or late).
-        pending = [p for p in self._private if self._holds_unreduced(p)]
+        self._ready.update(id(p) for p in self._private)
+        pending = [p for p in self._private if id(p) not in self._handed
+                   and getattr(self._fsdp_param[id(p)], "_unsharded_param", None) is not None]
         units = list({id(self._unit_of[id(p)]): self._unit_of[id(p)] for p in pending}.values())
         _reduce_scatter_units(units)
         self.units_reduced_after_backward += len(units)
-        self._handed = set()
         self._reduced = True
-        # Out of .grad until the release: nothing un-noised is there between backward and the
-        # step (a clip_grad_norm_ or a gradient-norm log would read it).
-        for param in self._private:
+        for param in self._private:  # not taken by _take_reduced (a torch without the hook call)
             if param.grad is not None:
-                self._global[id(param)] = param.grad.to_local()
-                param.grad = None
+                self._reducing = True
+                try:
+                    self._take_reduced(param)
+                finally:
+                    self._reducing = False
 
     def _watch_unsharded(self, _module, _inputs, _output) -> None:
         """Root forward hook: watch each unsharded parameter (FSDP creates them at the first

@@ -191,6 +191,7 @@ class PrivacyEngine:
         noise_generator, sampling_generator = self._generators(noise_generator, sampling_generator)
         rank, world_size = _data_parallel_world()
         if world_size > 1:
+            distributed.drain_torch_threads_at_exit()  # a torch bug at exit (§9)
             distributed.check_same_data(
                 data_loader, sampling=sampling, sample_rate=sample_rate, drop_last=drop_last,
                 shuffle_once=shuffle_once, clipping=clipping, loss_reduction=loss_reduction)

@@ -133,3 +133,78 @@ def test_a_rank_whose_data_loader_differs_is_detected_on_every_rank(tmp_path):
     mp.spawn(_differing_loader_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
              join=True)
     assert all((tmp_path / f"ok{r}").exists() for r in range(2))
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """The same 16 examples on every rank, plus a random augmentation drawn from torch's, numpy's
+    and Python's global generators (seeded differently per rank): not a difference of data."""
+
+    def __init__(self, shift=0.0):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(16, 4, generator=g) + shift
+        self.y = torch.randint(0, 2, (16,), generator=g)
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        noise = 0.1 * torch.randn(4) + float(np.random.rand()) + random.random()
+        return self.x[i] + noise, self.y[i]
+
+
+def _same_length_worker(rank, init_file, folder):
+    import random
+
+    import numpy as np
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)
+        np.random.seed(rank)
+        random.seed(rank)
+        _make(_mlp(), loader=DataLoader(_Augmented(), batch_size=4))  # the same data: accepted
+        # Each rank its own shard of equal length (what a DistributedSampler-minded user does).
+        with pytest.raises(ValueError, match=r"rank 1's data loader differs .*dataset content.*"
+                                             r"give every rank the WHOLE dataset"):
+            _make(_mlp(), loader=DataLoader(_Augmented(shift=float(rank)), batch_size=4))
+        # Items of any kind are fingerprinted: here one string differs.
+        records = [{"text": f"example {i}", "ids": torch.arange(3) + i} for i in range(8)]
+        if rank == 1:
+            records[5] = {"text": "another example", "ids": torch.arange(3) + 5}
+        fingerprints = [dpfused.distributed.dataset_fingerprint(records),
+                        dpfused.distributed.dataset_fingerprint(records[:5])]
+        every = [None, None]
+        dist.all_gather_object(every, fingerprints)
+        assert every[0][0] != every[1][0]  # record 5 differs
+        assert every[0][1] == every[1][1]  # records 0-4 agree
+        # The augmentations' generators are seeded for the fingerprint, then restored.
+        states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+        dpfused.distributed.dataset_fingerprint(_Augmented())
+        assert torch.equal(states[0], torch.get_rng_state())
+        assert (states[1] == np.random.get_state()[1]).all() and states[2] == random.getstate()
+        open(os.path.join(folder, f"ok{rank}"), "w").close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_data_of_the_same_length_are_refused(tmp_path):
+    mp.spawn(_same_length_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)
+    assert all((tmp_path / f"ok{r}").exists() for r in range(2))
+
+
+def test_a_sharded_parameter_used_outside_forward_is_refused(one_rank):
+    """A loss term on the sharded parameters (computed where they are sharded, before forward)
+    puts an unclipped autograd gradient into the sharded .grad: refused, and not kept."""
+    from torch.distributed.fsdp import fully_shard
+
+    model, optimizer, loader = _make(fully_shard(_mlp()))
+    x, y = next(iter(loader))
+    penalty = sum(p.pow(2).sum().full_tensor() for p in model.parameters())  # sharded here
+    with pytest.raises(ValueError, match="did not come through dpfused"):
+        (F.cross_entropy(model(x), y) + penalty).backward()
+    assert all(p.grad is None for p in model.parameters())
