@@ -177,7 +177,7 @@ def test_power_is_monotone_in_the_noise_and_sound_at_the_claim():
     assert flags[0] == 1.0 and flags[-1] <= 0.05  # honest runs are flagged at most 1 - confidence
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_power_model_predicts_the_real_audit(monkeypatch):
     """The model's flag probability against the real audit's flag rate over 12 seeds."""
     settings = dict(batch_size=NUM_REAL + 500, steps=1, canaries=500, noise_multiplier=2.0,

@@ -73,7 +73,7 @@ def test_no_rank_aborts_at_exit_short(tmp_path):
     _spawn_repeatedly(tmp_path, runs=4)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_no_rank_aborts_at_exit_repeated(tmp_path):
     _spawn_repeatedly(tmp_path, runs=40)
 
