@@ -205,8 +205,9 @@ class PrivacyArguments:
                          lambda v: math.isfinite(v) and v > 0)
 
 
-class _LogicalBatch:
-    """The physical batches of one logical batch, in order (what ``training_step`` receives)."""
+class _PhysicalBatches:
+    """The physical batches of one logical batch, in order (what ``training_step`` receives);
+    ``len()`` counts their examples. The draw itself is described by ``step.LogicalBatch``."""
 
     def __init__(self, physical: list):
         self.physical = physical
@@ -235,7 +236,7 @@ class _LogicalBatches:
         for batch in self.loader:
             physical.append(batch)
             if self.loader.current.is_last_physical:
-                yield _LogicalBatch(physical)
+                yield _PhysicalBatches(physical)
                 physical = []
 
 
@@ -412,7 +413,7 @@ class DPTrainingMixin:
         calls optimizer.step() once, which adds the noise. Returns what ``log_loss`` releases
         of the loss: 0 ("off", never logged), the noised mean ("noised") or the mean
         per-example loss ("unprotected")."""
-        if not isinstance(inputs, _LogicalBatch):
+        if not isinstance(inputs, _PhysicalBatches):
             raise TypeError("DPTrainer.training_step takes the logical batches of its own "
                             f"train dataloader, got {type(inputs).__name__}")
         model.train()
@@ -516,7 +517,7 @@ class DPTrainingMixin:
         # HF counts 6 x parameters x the batch's tokens: over the private batches that is a
         # function of how many examples Poisson sampling drew and of their lengths, which would
         # go un-noised into total_flos (trainer_state.json, every report_to integration).
-        if isinstance(inputs, _LogicalBatch):
+        if isinstance(inputs, _PhysicalBatches):
             return 0
         return super().floating_point_ops(inputs)
 

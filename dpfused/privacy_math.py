@@ -112,7 +112,7 @@ def norm_upper_bound(value: torch.Tensor, error: torch.Tensor, release: torch.Te
 
     Args:
         value, error, release, magnitude: (B,) float64, summed over a clipping group's pieces as
-            ``dpfused.clipping`` does (release and magnitude in quadrature over parameters).
+            ``dpfused.bookkeeper`` does (release and magnitude in quadrature over parameters).
 
     Returns:
         (B,) float64 norm bounds.

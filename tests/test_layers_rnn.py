@@ -273,11 +273,11 @@ def test_gradients_through_initial_states_match_oracle(kind):
 def test_each_projection_hands_over_one_piece_with_every_step(monkeypatch):
     """One factor piece per weight per forward, its T axis the time steps: no per-step pieces, so
     no cross terms between steps in the group norms."""
-    from dpfused import clipping as clipping_module
+    from dpfused import bookkeeper
 
     delivered = []
-    original = clipping_module.Bookkeeper.deliver
-    monkeypatch.setattr(clipping_module.Bookkeeper, "deliver",
+    original = bookkeeper.Bookkeeper.deliver
+    monkeypatch.setattr(bookkeeper.Bookkeeper, "deliver",
                         lambda self, layer, pieces: (delivered.extend(pieces),
                                                      original(self, layer, pieces))[1])
     model, oracle = _models("gru", False, num_layers=2, bidirectional=True, batch_first=True)

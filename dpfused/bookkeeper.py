@@ -1,7 +1,8 @@
-"""Clipping groups and the book-keeping of one step (docs/design.md §4).
+"""The book-keeper of one step, and the taps that feed it (docs/design.md §2, §4).
 
 Layers deliver pieces (per-example gradients in compact form) from their backward. The ``Bookkeeper``
-routes each piece to the clipping group of its parameter. A group completes:
+routes each piece to the clipping group of its parameter (the groups and their thresholds are
+``dpfused.groups``'). A group completes:
 
 - inside the backward of its only layer, when that layer is its group's sole member, shares no
   parameter and was called once in this forward: the ``per_layer`` fast path, where the clipped
