@@ -548,7 +548,7 @@ class PrivacyEngine:
 
         The engine's state is ``state_dict()`` (ledger, sampler position, noise stream, thresholds,
         sigma), so ``load_checkpoint`` resumes with the same batches, noise and epsilon: the file
-        is SECRET as the data (docs/design.md §7.6). Schedulers (``dpfused.schedulers``) are saved
+        is SECRET as the data (docs/design.md §7.6). Schedulers (``dpfused.opacus.schedulers``) are saved
         under Opacus' keys, as their parameters. Everything is plain data, which
         ``load_checkpoint`` reads without running code.
 
@@ -616,8 +616,8 @@ def _scheduler_states(noise_scheduler, grad_clip_scheduler) -> dict:
                      (noise_scheduler, grad_clip_scheduler)))
     for name, scheduler in given.items():
         if scheduler is not None and not callable(getattr(scheduler, "state_dict", None)):
-            raise TypeError(f"{name} must be a scheduler with state_dict() (dpfused.schedulers), "
-                            f"got {type(scheduler).__name__}")
+            raise TypeError(f"{name} must be a scheduler with state_dict() "
+                            f"(dpfused.opacus.schedulers), got {type(scheduler).__name__}")
     return {key: given[name].state_dict() for name, key in _SCHEDULER_KEYS
             if given[name] is not None}
 

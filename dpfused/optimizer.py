@@ -131,7 +131,7 @@ class DPOptimizer(torch.optim.Optimizer):
     def __repr__(self):
         return f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier})"
 
-    # ---- settable between steps (Opacus' schedulers, dpfused.schedulers) ----------------------
+    # ---- settable between steps (Opacus' schedulers, dpfused.opacus.schedulers) ----------------------
     @property
     def expected_batch_size(self) -> int | None:
         """Opacus' expected logical batch size per process (read-only; see the class Args)."""

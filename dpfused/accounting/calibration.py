@@ -7,7 +7,7 @@ calibrated run and the run the sampler then draws agree.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import dp_accounting
@@ -30,33 +30,40 @@ from dpfused.accounting.records import (
 from dpfused.sampling.samplers import batches_per_epoch, poisson_rate_of_batch_size
 from dpfused.step import SAMPLINGS, partition_sample_rate
 
-__all__ = ["calibrate_noise_multiplier"]
+__all__ = ["calibrate_noise_multiplier", "smallest_noise_multiplier"]
 
 
-def _bisect_sigma(
-    epsilon_of, target: float, *, start: float = 1.0, factor: float = 2.0, rtol: float = 1e-3
+def smallest_noise_multiplier(
+    epsilon_of: Callable[[float], float], target_epsilon: float, *, start: float = 1.0,
+    factor: float = 2.0, rtol: float = 1e-3,
 ) -> float:
-    """Smallest sigma (to relative tolerance rtol) with epsilon_of(sigma) <= target.
+    """The smallest sigma (to relative tolerance ``rtol``) with ``epsilon_of(sigma) <= target_epsilon``:
+    dpfused's one sigma search, for every calibration (this module's and the Opacus wing's
+    ``get_noise_multiplier``). Why not dp_accounting's ``calibrate_dp_mechanism``: docs/design.md §7.5.
 
     Brackets from ``start`` by steps of ``factor``, then bisects geometrically; returns the
-    conservative end of the final bracket. ``epsilon_of`` must decrease in sigma.
+    conservative end of the final bracket, so ``epsilon_of(sigma) <= target_epsilon`` holds for the
+    sigma returned, as ``epsilon_of`` computes it. ``epsilon_of`` must decrease in sigma.
+
+    Raises:
+        ValueError: no sigma <= 1e6 reaches ``target_epsilon``.
     """
     lo, hi = None, start
-    while epsilon_of(hi) > target:
+    while epsilon_of(hi) > target_epsilon:
         lo, hi = hi, factor * hi
         if hi > 1e6:
             raise ValueError(
-                f"target_epsilon={target} is not reachable with noise_multiplier <= 1e6."
+                f"target_epsilon={target_epsilon} is not reachable with noise_multiplier <= 1e6."
             )
     if lo is None:
         lo = hi / factor
-        while epsilon_of(lo) <= target:
+        while epsilon_of(lo) <= target_epsilon:
             hi, lo = lo, lo / factor
             if lo < 1e-6:
                 return hi
     while hi - lo > rtol * hi:
         mid = math.sqrt(lo * hi)
-        if epsilon_of(mid) <= target:
+        if epsilon_of(mid) <= target_epsilon:
             hi = mid
         else:
             lo = mid
@@ -88,15 +95,17 @@ def _calibrate_composed(
         raise ValueError(
             "truncated Poisson sampling (max_batch_size) is accounted by the PLD accountant "
             "only (dp_accounting's RDP accountant has no analysis of it); use accountant='pld'")
-    sigma_rdp = _bisect_sigma(epsilon_with("rdp", screen_of or runs_of), target)
+    sigma_rdp = smallest_noise_multiplier(epsilon_with("rdp", screen_of or runs_of), target)
     if mechanism == "rdp":
         return sigma_rdp
     if screen_of is None:
-        return _bisect_sigma(epsilon_with("pld", runs_of), target, start=sigma_rdp, factor=1.05)
+        return smallest_noise_multiplier(epsilon_with("pld", runs_of), target, start=sigma_rdp,
+                                         factor=1.05)
     # Each truncated PLD costs seconds: start from the untruncated PLD answer, a lower bound.
-    sigma_plain = _bisect_sigma(epsilon_with("pld", screen_of), target, start=sigma_rdp,
-                                factor=1.05)
-    return _bisect_sigma(epsilon_with("pld", runs_of), target, start=sigma_plain, factor=1.1)
+    sigma_plain = smallest_noise_multiplier(epsilon_with("pld", screen_of), target,
+                                            start=sigma_rdp, factor=1.05)
+    return smallest_noise_multiplier(epsilon_with("pld", runs_of), target, start=sigma_plain,
+                                     factor=1.1)
 
 
 def calibrate_noise_multiplier(
@@ -276,7 +285,7 @@ def _calibrate_last_iterate(target_epsilon, delta, sampling, batch_size, per_epo
         convex=bool(last_iterate.get("convex", False)),
         neighboring="replace_one" if neighboring == "replace_one" else "zero_out",
     ).rho
-    return _bisect_sigma(
+    return smallest_noise_multiplier(
         lambda sigma: gaussian_rdp_epsilon(rho_1 / sigma**2, delta), target_epsilon
     )
 

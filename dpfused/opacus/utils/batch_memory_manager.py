@@ -1,4 +1,5 @@
-"""Opacus' ``BatchMemoryManager``: bound the memory of a step without changing the privacy.
+"""Opacus' ``BatchMemoryManager`` (``opacus.utils.batch_memory_manager``): bound the memory of a
+step without changing the privacy.
 
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=32,
                             optimizer=optimizer) as loader:
@@ -8,7 +9,8 @@
 Inside the block the DP loader yields physical batches of at most ``max_physical_batch_size``
 examples; ``optimizer.step()`` skips all but the last physical batch of each logical batch, so the
 clipped sums accumulate and the noise is added once per logical batch (docs/design.md §5). The sampling,
-the accounting and the result are those of ``make_private(max_physical_batch_size=...)``.
+the accounting and the result are those of ``make_private(max_physical_batch_size=...)``, dpfused's
+own way to say it.
 As in Opacus, ``len()`` of the loader the block yields is the expected number of physical batches
 per epoch (``len(data_loader)`` outside the block stays the number of logical batches, the steps).
 """
