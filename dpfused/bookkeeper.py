@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from dpfused import privacy_math
+from dpfused.arguments import check_choice, check_clipping_function
 from dpfused.groups import set_thresholds
 from dpfused.pieces import disjoint, joint_release_error, joint_weighted_sum, merge_factor_uses
 from dpfused.step import ClippedStep, LogicalBatch
@@ -82,10 +83,8 @@ class Bookkeeper:
     def __init__(self, groups, *, loss_reduction, batch_first, count_unclipped=False,
                  nonfinite="raise", clipping_function="standard",
                  stability=privacy_math.DEFAULT_STABILITY):
-        if nonfinite not in privacy_math.NONFINITE_CHOICES:
-            raise ValueError(f"nonfinite_gradients={nonfinite!r} is not supported; use one of "
-                             f"{privacy_math.NONFINITE_CHOICES}")
-        privacy_math.check_clipping_function(clipping_function, stability)
+        check_choice("nonfinite_gradients", nonfinite, privacy_math.NONFINITE_CHOICES)
+        check_clipping_function(clipping_function, stability)
         # min(1, C / N) or AUTO-S's C / (N + gamma): privacy_math.clip_factors.
         self.clipping_function, self.stability = clipping_function, float(stability)
         self.groups = groups

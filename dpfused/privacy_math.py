@@ -23,13 +23,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from dpfused.arguments import check_clipping_function
 from dpfused.secure_random import ChaCha20Generator
 
 __all__ = [
     "CLIP_EPS",
     "CLIPPING_FUNCTIONS",
     "DEFAULT_STABILITY",
-    "check_clipping_function",
     "norm_upper_bound",
     "clip_factors",
     "example_multipliers",
@@ -71,25 +71,6 @@ CLIP_EPS = 1e-6
 CLIPPING_FUNCTIONS = ("standard", "automatic")
 # gamma of AUTO-S: the paper's default 0.01 (in units of the per-example gradient norm).
 DEFAULT_STABILITY = 0.01
-
-
-def check_clipping_function(clipping_function, stability) -> None:
-    """``clipping_function`` is one of CLIPPING_FUNCTIONS and ``stability`` a finite gamma > 0.
-
-    Raises:
-        ValueError / TypeError: naming the argument, what was found and the choices.
-    """
-    if clipping_function not in CLIPPING_FUNCTIONS:
-        raise ValueError(
-            f"clipping_function={clipping_function!r} is not supported; use one of "
-            f"{', '.join(map(repr, CLIPPING_FUNCTIONS))} ('standard': min(1, C / ||g||); "
-            "'automatic': C / (||g|| + stability), AUTO-S of Bu et al. 2023)")
-    if isinstance(stability, bool) or not isinstance(stability, (int, float)):
-        raise TypeError(f"stability must be a finite number > 0 (gamma of automatic clipping), "
-                        f"got {stability!r} ({type(stability).__name__})")
-    if not (math.isfinite(stability) and stability > 0):
-        raise ValueError(f"stability must be a finite number > 0 (gamma of automatic clipping), "
-                         f"got {stability!r}")
 
 
 def norm_upper_bound(value: torch.Tensor, error: torch.Tensor, release: torch.Tensor,

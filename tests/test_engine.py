@@ -121,7 +121,7 @@ def test_batch_memory_manager_refuses_a_loader_of_another_optimizer():
         BatchMemoryManager(data_loader=other_loader, max_physical_batch_size=2, optimizer=optimizer)
     with pytest.raises(TypeError, match="must be the DPDataLoader"):
         BatchMemoryManager(data_loader=[1, 2], max_physical_batch_size=2, optimizer=optimizer)
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="max_physical_batch_size must be an integer >= 1"):
         BatchMemoryManager(data_loader=loader, max_physical_batch_size=0, optimizer=optimizer)
 
 

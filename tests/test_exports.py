@@ -27,7 +27,8 @@ def test_star_import_works(name):
 def test_import_dpfused_leaves_the_opacus_wing_out():
     """The top level is the native API: importing it loads no module of ``dpfused.opacus`` (a fresh
     interpreter, so no other test's import counts), and it exports none of the wing's names but
-    ``PrivacyEngine``, the one-import switch (the wing's is Opacus' personality of the native one)."""
+    ``PrivacyEngine``, the one-import switch (the wing's is Opacus' personality of the native
+    one)."""
     code = ("import sys, dpfused; "
             "print([m for m in sys.modules if m.split('.')[:2] == ['dpfused', 'opacus']])")
     root = pathlib.Path(__file__).resolve().parents[1]

@@ -30,14 +30,14 @@ size). Opacus accounts such loaders as if they were Poisson, which understates e
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from dpfused import accounting, distributed, engine
+from dpfused import accounting, distributed, engine, privacy_math
 from dpfused.adaptive import AdaptiveClipping
+from dpfused.arguments import check_choice, check_thresholds_total
 from dpfused.instrument import detach, plan
 from dpfused.opacus.accountants.accountants import GDP_REFUSAL
 from dpfused.opacus.validators import ModuleValidator
@@ -392,7 +392,7 @@ def _map_accountant(name):
         return "pld"
     if name == "gdp":
         raise ValueError(GDP_REFUSAL)
-    engine._check_choice("accountant", name, accounting.MECHANISMS)
+    check_choice("accountant", name, accounting.MECHANISMS)
     return name
 
 
@@ -412,18 +412,13 @@ def _split_max_grad_norm(max_grad_norm, thresholds, clipping, *, module, optimiz
         if thresholds is not None:
             raise ValueError("give group thresholds either as max_grad_norm=[...] or thresholds=, not both")
         values = [float(v) for v in max_grad_norm]
-        total = math.sqrt(sum(v * v for v in values))
+        total = privacy_math.sensitivity(values)
         if clipping in ("per_layer", "per_parameter"):
             per_parameter = _per_parameter_thresholds(values, module, optimizer, clipping)
             if per_parameter is not None:
                 return total, per_parameter, "per_parameter"
         return total, values, clipping
-    if isinstance(thresholds, (dict, list, tuple)):
-        values = thresholds.values() if isinstance(thresholds, dict) else thresholds
-        total = math.sqrt(sum(float(v) ** 2 for v in values))
-        if not math.isclose(total, float(max_grad_norm), rel_tol=1e-6):
-            raise ValueError(f"thresholds give sqrt(sum C_g^2) = {total:.6g} but max_grad_norm="
-                             f"{max_grad_norm}; make them agree (max_grad_norm is the sensitivity)")
+    check_thresholds_total(thresholds, max_grad_norm)
     return max_grad_norm, thresholds, clipping
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+from dpfused.arguments import check_instance, check_integer
 from dpfused.optimizer import DPOptimizer
 from dpfused.sampling import DPDataLoader
 
@@ -40,27 +41,18 @@ class BatchMemoryManager:
 
     def __init__(self, *, data_loader: DPDataLoader, max_physical_batch_size: int,
                  optimizer: DPOptimizer):
-        if not isinstance(data_loader, DPDataLoader):
-            raise TypeError(
-                f"BatchMemoryManager: data_loader must be the DPDataLoader make_private returned; "
-                f"got {type(data_loader).__name__}"
-            )
-        if not isinstance(optimizer, DPOptimizer):
-            raise TypeError(
-                f"BatchMemoryManager: optimizer must be the DPOptimizer make_private returned; "
-                f"got {type(optimizer).__name__}"
-            )
+        check_instance("BatchMemoryManager: data_loader", data_loader, DPDataLoader,
+                       "the DPDataLoader make_private returned")
+        check_instance("BatchMemoryManager: optimizer", optimizer, DPOptimizer,
+                       "the DPOptimizer make_private returned")
         if optimizer.instrumentation.book.begin not in data_loader.listeners:
             raise ValueError(
                 "BatchMemoryManager: the optimizer was made private with another data loader; it "
                 "could not tell where a logical batch ends. Pass the pair make_private returned"
             )
-        if (isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
-                or max_physical_batch_size < 1):
-            raise ValueError(f"BatchMemoryManager: max_physical_batch_size must be a positive int, "
-                             f"got {max_physical_batch_size!r}")
         self.data_loader = data_loader
-        self.max_physical_batch_size = max_physical_batch_size
+        self.max_physical_batch_size = check_integer("BatchMemoryManager: max_physical_batch_size",
+                                                     max_physical_batch_size)
         self.optimizer = optimizer
         self._saved: int | None = None
 
