@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dpfused.arguments import check_number
+
 __all__ = ["AdaptiveClipping"]
 
 
@@ -49,14 +51,13 @@ class AdaptiveClipping:
     max_threshold: float | None = None
 
     def __post_init__(self):
-        _positive_finite("count_noise_std", self.count_noise_std)
-        _positive_finite("learning_rate", self.learning_rate)
-        if not (isinstance(self.target_quantile, (int, float)) and 0 < self.target_quantile < 1):
-            raise ValueError(f"AdaptiveClipping: target_quantile must be in (0, 1), got "
-                             f"{self.target_quantile!r}")
+        _check_positive("count_noise_std", self.count_noise_std)
+        _check_positive("learning_rate", self.learning_rate)
+        check_number("AdaptiveClipping: target_quantile", self.target_quantile, "in (0, 1)",
+                     lambda v: 0 < v < 1)
         for name in ("min_threshold", "max_threshold"):
             if getattr(self, name) is not None:
-                _positive_finite(name, getattr(self, name))
+                _check_positive(name, getattr(self, name))
         if (self.min_threshold is not None and self.max_threshold is not None
                 and not self.min_threshold < self.max_threshold):
             raise ValueError(f"AdaptiveClipping: min_threshold ({self.min_threshold}) must be below "
@@ -72,7 +73,6 @@ class AdaptiveClipping:
             )
 
 
-def _positive_finite(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"AdaptiveClipping: {name} must be a finite number > 0, got {value!r}")
+def _check_positive(name: str, value) -> None:
+    check_number(f"AdaptiveClipping: {name}", value, "a finite number > 0",
+                 lambda v: math.isfinite(v) and v > 0)

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from dpfused.arguments import check_number
+from dpfused.arguments import check_flag, check_number
 from dpfused.optimizer import DPOptimizer
 
 __all__ = ["GradScaler"]
@@ -73,8 +73,7 @@ class GradScaler:
             raise TypeError("GradScaler needs the DPOptimizer that make_private returned, got "
                             f"{type(optimizer).__name__}")
         _check_positive("init_scale", init_scale)
-        if not isinstance(dynamic, bool):
-            raise TypeError(f"dynamic must be True or False, got {dynamic!r}")
+        check_flag("dynamic", dynamic)
         self.optimizer = optimizer
         self._scale = float(init_scale)
         self.dynamic = dynamic

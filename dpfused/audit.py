@@ -71,9 +71,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 from scipy import stats
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 from dpfused.accounting import PrivacyAccountant, SampledStep
+from dpfused.arguments import (
+    check_choice,
+    check_delta,
+    check_integer,
+    check_map_style_dataset,
+    check_max_grad_norm,
+    check_number,
+)
 from dpfused.engine import PrivacyEngine
 
 __all__ = [
@@ -1050,28 +1058,19 @@ def _trials_audit(config, trials, delta, confidence, rng):
 
 def _check_audit_arguments(*, method, canaries, trials, confidence, power, delta, steps,
                            noise_multiplier, max_grad_norm, batch_size, dataset, callables):
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not supported; use 'one_run' or 'trials'")
+    check_choice("method", method, METHODS)
     for name, fn in callables.items():
         if not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
     for name, value, least in (("canaries", canaries, 2), ("trials", trials, 8),
-                               ("steps", steps, 1)):  # batch_size is checked below
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+                               ("steps", steps, 1), ("batch_size", batch_size, 1)):
+        check_integer(name, value, at_least=least)
     if trials % 2:
         raise ValueError(f"trials must be even (half with the canary, half without), got {trials}")
-    for name, value in (("confidence", confidence), ("power", power), ("delta", delta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise ValueError(f"{name} must be in (0, 1), got {value!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
-            or not math.isfinite(max_grad_norm) or max_grad_norm <= 0):
-        raise ValueError(f"max_grad_norm must be one finite number > 0 (the total clipping norm "
-                         f"C), got {max_grad_norm!r}")
-    if not isinstance(noise_multiplier, (int, float)) or not noise_multiplier > 0:
-        raise ValueError(f"noise_multiplier must be > 0 to audit (sigma = 0 claims no privacy), "
-                         f"got {noise_multiplier!r}")
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or len(dataset) < 1:
-        raise ValueError("dataset must be a non-empty map-style Dataset of (input, target) pairs")
+    check_number("confidence", confidence, "in (0, 1)", lambda v: 0 < v < 1)
+    check_number("power", power, "in (0, 1)", lambda v: 0 < v < 1)
+    check_delta(delta)
+    check_max_grad_norm(max_grad_norm, hint=" (one number: the total clipping norm C)")
+    check_number("noise_multiplier", noise_multiplier, "> 0 to audit (sigma = 0 claims no privacy)",
+                 lambda v: v > 0)
+    check_map_style_dataset(dataset, name="dataset")

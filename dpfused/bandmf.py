@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 
 from dpfused import privacy_math
+from dpfused.arguments import check_choice, check_integer, check_number
 
 __all__ = [
     "BANDMF_STRATEGIES",
@@ -80,19 +80,15 @@ class BandMF:
     momentum: float = 0.0
 
     def __post_init__(self):
-        _check_int("bands", self.bands, 1)
-        if self.strategy not in BANDMF_STRATEGIES:
-            raise ValueError(f"BandMF: strategy must be one of {BANDMF_STRATEGIES}, got "
-                             f"{self.strategy!r}")
+        check_integer("BandMF: bands", self.bands)
+        check_choice("BandMF: strategy", self.strategy, BANDMF_STRATEGIES)
         if self.steps is not None:
-            _check_int("steps", self.steps, 1)
+            check_integer("BandMF: steps", self.steps)
             check_bands_fit(self.bands, self.steps)
         elif self.strategy == "optimized":
             raise ValueError("BandMF: strategy='optimized' needs steps (the number of training "
                              "steps T whose error it minimizes); pass BandMF(..., steps=T)")
-        if isinstance(self.momentum, bool) or not isinstance(self.momentum, numbers.Real) or not (
-                0 <= self.momentum < 1):
-            raise ValueError(f"BandMF: momentum must be in [0, 1), got {self.momentum!r}")
+        check_number("BandMF: momentum", self.momentum, "in [0, 1)", lambda v: 0 <= v < 1)
         if self.momentum and self.strategy != "optimized":
             raise ValueError("BandMF: momentum applies to strategy='optimized' only (the square "
                              "root factorizes the plain prefix sum); drop it")
@@ -124,11 +120,6 @@ def check_bands_fit(bands: int, steps: int) -> None:
         raise ValueError(
             f"BandMF: bands={bands} is more than the {steps} training steps; use at most "
             f"{steps} bands (the noise of a step is correlated with the previous bands - 1 steps)")
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"BandMF: {name} must be an integer >= {low}, got {value!r}")
 
 
 # ---- strategies ----------------------------------------------------------------------------------

@@ -12,36 +12,27 @@ Opacus' keyword arguments and return values live in ``dpfused.opacus`` (change t
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import math
-import numbers
-import warnings
 import os
+import warnings
 from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 
-from dpfused import accounting, checkpoints, distributed, hf_accelerate, privacy_math, validate
+from dpfused import accounting, checkpoints, distributed, hf_accelerate, privacy_math
 from dpfused import sampling as dp_sampling
 from dpfused.adaptive import AdaptiveClipping
-from dpfused.arguments import (
-    check_max_grad_norm,
-    check_mechanism,
-    check_noise_multiplier,
-    check_number,
-)
+from dpfused.arguments import (check_calibration, check_choice, check_make_private,
+                               check_module_and_optimizer)
 from dpfused.bandmf import BandMF, check_bands_fit
-from dpfused.groups import CLIPPING_MODES
 from dpfused.instrument import detach, instrument, plan
 from dpfused.optimizer import DPOptimizer
 from dpfused.secure_random import ChaCha20Generator
-from dpfused.step import SAMPLINGS, partition_sample_rate
+from dpfused.step import partition_sample_rate
 
 __all__ = ["DeferredPrivacy", "PrivacyEngine"]
 
-LOSS_REDUCTIONS = ("mean", "sum")
 _STATE_FORMAT = 2  # 2: plain data, the noise stream and ledger_start saved (docs/design.md §7.6)
 
 
@@ -60,9 +51,9 @@ class PrivacyEngine:
 
     def __init__(self, *, accountant: str = "pld", neighboring: str | None = None,
                  secure_mode: bool = False):
-        _check_choice("accountant", accountant, accounting.MECHANISMS)
+        check_choice("accountant", accountant, accounting.MECHANISMS)
         if neighboring is not None:
-            _check_choice("neighboring", neighboring, accounting.NEIGHBORINGS)
+            check_choice("neighboring", neighboring, accounting.NEIGHBORINGS)
         self.secure_mode = bool(secure_mode)
         self.accountant = accounting.PrivacyAccountant(mechanism=accountant, neighboring=neighboring)
         self.accountant_name = accountant
@@ -165,18 +156,9 @@ class PrivacyEngine:
             ValueError / TypeError: a bad argument or a module that cannot be made private, before
                 anything is changed.
         """
-        settings = _Settings(
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, clipping=clipping,
-            loss_reduction=loss_reduction, sampling=sampling, sample_rate=sample_rate,
-            thresholds=thresholds, adaptive_clipping=adaptive_clipping, batch_first=batch_first,
-            max_physical_batch_size=max_physical_batch_size, shuffle_once=shuffle_once,
-            drop_last=drop_last, noise_generator=noise_generator,
-            sampling_generator=sampling_generator, max_epsilon=max_epsilon, delta=delta,
-            nonfinite_gradients=nonfinite_gradients, noise=noise, max_batch_size=max_batch_size,
-            clipping_function=clipping_function, stability=stability)
-        deferred = self._private_data_loader(module=module, optimizer=optimizer,
-                                             data_loader=data_loader, settings=settings,
-                                             sharded=None)
+        # Every argument, by name (nothing else is bound yet), for the checks of arguments.py.
+        settings = {name: value for name, value in locals().items() if name != "self"}
+        deferred = self._private_data_loader(settings, sharded=None)
         return deferred.complete(module=module, optimizer=optimizer)
 
     def make_private_deferred(
@@ -232,11 +214,8 @@ class PrivacyEngine:
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             **kwargs)  # TypeError for an unknown keyword
         bound.apply_defaults()
-        arguments = {k: v for k, v in bound.arguments.items()
-                     if k not in ("self", "module", "optimizer", "data_loader")}
-        return self._private_data_loader(module=module, optimizer=optimizer,
-                                         data_loader=data_loader,
-                                         settings=_Settings(**arguments), sharded=sharded)
+        settings = {name: value for name, value in bound.arguments.items() if name != "self"}
+        return self._private_data_loader(settings, sharded=sharded)
 
     def make_private_deferred_with_epsilon(self, *, module, optimizer, data_loader,
                                            target_epsilon: float, target_delta: float,
@@ -254,58 +233,44 @@ class PrivacyEngine:
                                           data_loader=data_loader, sharded=sharded,
                                           noise_multiplier=sigma, **kwargs)
 
-    def _private_data_loader(self, *, module, optimizer, data_loader, settings: _Settings,
-                             sharded: bool | None) -> DeferredPrivacy:
-        """Stage one of make_private: every check, then the private data loader (``sharded``
-        None: lockstep if the module is sharded already)."""
+    def _private_data_loader(self, settings: dict, *, sharded: bool | None) -> DeferredPrivacy:
+        """Stage one of make_private: every check of ``settings`` (make_private's arguments by
+        name), then the private data loader (``sharded`` None: lockstep if the module is sharded
+        already)."""
         s = settings
-        _check_arguments(noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
-                         clipping=s.clipping, loss_reduction=s.loss_reduction,
-                         sampling=s.sampling, sample_rate=s.sample_rate,
-                         max_epsilon=s.max_epsilon, delta=s.delta,
-                         max_physical_batch_size=s.max_physical_batch_size,
-                         flags={"batch_first": s.batch_first, "shuffle_once": s.shuffle_once,
-                                "drop_last": s.drop_last},
-                         noise_generator=s.noise_generator,
-                         sampling_generator=s.sampling_generator,
-                         nonfinite_gradients=s.nonfinite_gradients)
-        check_mechanism(noise=s.noise, sampling=s.sampling, max_batch_size=s.max_batch_size,
-                        clipping_function=s.clipping_function, stability=s.stability,
-                        adaptive_clipping=s.adaptive_clipping, accountant=self.accountant_name)
-        _check_thresholds_total(s.thresholds, s.max_grad_norm)
-        accounting.check_neighboring(self.neighboring, s.sampling)
-        optimizer = hf_accelerate.unwrap_optimizer(optimizer)  # accelerate's wrapper, if any
-        _check_model(module, optimizer, clipping=s.clipping)
-        lockstep = distributed.is_fsdp2(distributed.unwrap(module)) if sharded is None else sharded
-        _check_data_loader(data_loader)
-        _check_separation(s.noise, data_loader, sampling=s.sampling, sample_rate=s.sample_rate,
-                          drop_last=s.drop_last)
-        _check_adaptive(s.adaptive_clipping, s.clipping)
-        noise_generator, sampling_generator = self._generators(s.noise_generator,
-                                                               s.sampling_generator)
+        optimizer = hf_accelerate.unwrap_optimizer(s["optimizer"])  # accelerate's wrapper, if any
+        wrapper, module = s["module"], distributed.unwrap(s["module"])
+        check_make_private({**s, "module": module, "optimizer": optimizer},
+                           accountant=self.accountant_name, neighboring=self.neighboring)
+        if wrapper is not module:
+            distributed.check_ddp(wrapper)
+        distributed.check_sharding(module, clipping=s["clipping"])
+        lockstep = distributed.is_fsdp2(module) if sharded is None else sharded
+        noise_generator, sampling_generator = self._generators(s["noise_generator"],
+                                                               s["sampling_generator"])
         rank, world_size = _data_parallel_world()
         if world_size > 1:
             distributed.drain_torch_threads_at_exit()  # a torch bug at exit (§9)
             distributed.check_same_data(
-                data_loader, sampling=s.sampling, sample_rate=s.sample_rate,
-                drop_last=s.drop_last, shuffle_once=s.shuffle_once, clipping=s.clipping,
-                loss_reduction=s.loss_reduction)
+                s["data_loader"], sampling=s["sampling"], sample_rate=s["sample_rate"],
+                drop_last=s["drop_last"], shuffle_once=s["shuffle_once"], clipping=s["clipping"],
+                loss_reduction=s["loss_reduction"])
             sampling_generator = distributed.replicated_generator(sampling_generator,
                                                                   torch.device("cpu"))
         loader = dp_sampling.make_private_data_loader(
-            data_loader, sampling=s.sampling, sample_rate=s.sample_rate,
-            shuffle_once=s.shuffle_once, max_physical_batch_size=s.max_physical_batch_size,
-            drop_last=s.drop_last, generator=sampling_generator, secure_mode=self.secure_mode,
+            s["data_loader"], sampling=s["sampling"], sample_rate=s["sample_rate"],
+            shuffle_once=s["shuffle_once"], max_physical_batch_size=s["max_physical_batch_size"],
+            drop_last=s["drop_last"], generator=sampling_generator, secure_mode=self.secure_mode,
             rank=rank, world_size=world_size, lockstep=lockstep,
-            partitions=s.noise.bands if s.sampling == "cyclic_poisson" else None,
-            max_batch_size=s.max_batch_size)
-        return DeferredPrivacy(engine=self, module=module, optimizer=optimizer, loader=loader,
-                               settings=dataclasses.replace(s, noise_generator=noise_generator),
+            partitions=s["noise"].bands if s["sampling"] == "cyclic_poisson" else None,
+            max_batch_size=s["max_batch_size"])
+        return DeferredPrivacy(engine=self, module=wrapper, optimizer=optimizer, loader=loader,
+                               settings={**s, "noise_generator": noise_generator},
                                lockstep=lockstep, world_size=world_size,
                                guarded=sharded is not None)
 
     def _instrument(self, wrapper: nn.Module, optimizer, loader,
-                    settings: _Settings) -> tuple[nn.Module, DPOptimizer, dp_sampling.DPDataLoader]:
+                    settings: dict) -> tuple[nn.Module, DPOptimizer, dp_sampling.DPDataLoader]:
         """Stage two of make_private: instrument the (wrapped or sharded) module, connect the
         loader and the reduction, wrap the optimizer (all checked in stage one or by
         ``DeferredPrivacy.complete``)."""
@@ -315,15 +280,15 @@ class PrivacyEngine:
         _, world_size = _data_parallel_world()
         if world_size > 1:
             _broadcast_parameters(module, buffers_only=sharded)
-        inst = instrument(module, clipping=s.clipping, max_grad_norm=s.max_grad_norm,
-                          thresholds=s.thresholds, loss_reduction=s.loss_reduction,
-                          batch_first=s.batch_first,
-                          count_unclipped=s.adaptive_clipping is not None,
-                          nonfinite=s.nonfinite_gradients, clipping_function=s.clipping_function,
-                          stability=s.stability)
+        inst = instrument(module, clipping=s["clipping"], max_grad_norm=s["max_grad_norm"],
+                          thresholds=s["thresholds"], loss_reduction=s["loss_reduction"],
+                          batch_first=s["batch_first"],
+                          count_unclipped=s["adaptive_clipping"] is not None,
+                          nonfinite=s["nonfinite_gradients"],
+                          clipping_function=s["clipping_function"], stability=s["stability"])
         loader.add_listener(inst.book.begin)  # the one way a logical batch reaches the book
         reduction, self._noise_layout = None, "one"
-        noise_generator = s.noise_generator
+        noise_generator = s["noise_generator"]
         if noise_generator is None:  # never torch's global RNG: a resume could replay it (§7.6)
             noise_generator = _os_seeded_noise_generator(inst.params, several=wrapper is module
                                                          and not sharded)
@@ -340,12 +305,12 @@ class PrivacyEngine:
                 noise_generator, next(iter(inst.params)).to_local().device)
             self._noise_layout = "per_rank"
         dp_optimizer = DPOptimizer(
-            optimizer, instrumentation=inst, noise_multiplier=s.noise_multiplier,
-            accountant=self.accountant, generator=noise_generator, max_epsilon=s.max_epsilon,
-            delta=s.delta, distributed=world_size > 1 and reduction is None,
-            adaptive_clipping=s.adaptive_clipping, reduction=reduction,
+            optimizer, instrumentation=inst, noise_multiplier=s["noise_multiplier"],
+            accountant=self.accountant, generator=noise_generator, max_epsilon=s["max_epsilon"],
+            delta=s["delta"], distributed=world_size > 1 and reduction is None,
+            adaptive_clipping=s["adaptive_clipping"], reduction=reduction,
             expected_batch_size=_expected_batch_size_per_process(loader, world_size),
-            noise=s.noise,
+            noise=s["noise"],
         )
         # A second make_private on this engine: the new loader counts its epochs from 0 again,
         # and they are new epochs (docs/design.md §7.2).
@@ -403,8 +368,8 @@ class PrivacyEngine:
         """make_private_with_epsilon's checks (before the slow calibration) and its sigma."""
         if "noise_multiplier" in kwargs:
             raise ValueError("make_private_with_epsilon sets noise_multiplier itself; remove it")
-        _check_calibration_arguments(target_epsilon=target_epsilon, target_delta=target_delta,
-                                     epochs=epochs, steps=steps, last_iterate=last_iterate)
+        check_calibration(target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs,
+                          steps=steps, last_iterate=last_iterate)
         self._check_before_calibration(module, optimizer, data_loader, kwargs)
         return self._calibrated_sigma(
             module=module, optimizer=optimizer, data_loader=data_loader,
@@ -418,25 +383,10 @@ class PrivacyEngine:
             self, module=module, optimizer=optimizer, data_loader=data_loader,
             noise_multiplier=0.0, **kwargs)  # TypeError for an unknown or missing keyword
         bound.apply_defaults()
-        a = bound.arguments
-        _check_arguments(noise_multiplier=0.0, max_grad_norm=a["max_grad_norm"],
-                         clipping=a["clipping"], loss_reduction=a["loss_reduction"],
-                         sampling=a["sampling"], sample_rate=a["sample_rate"],
-                         max_epsilon=a["max_epsilon"], delta=a["delta"],
-                         max_physical_batch_size=a["max_physical_batch_size"],
-                         flags={k: a[k] for k in ("batch_first", "shuffle_once", "drop_last")},
-                         noise_generator=a["noise_generator"],
-                         sampling_generator=a["sampling_generator"],
-                         nonfinite_gradients=a["nonfinite_gradients"])
-        check_mechanism(noise=a["noise"], sampling=a["sampling"],
-                        max_batch_size=a["max_batch_size"],
-                        clipping_function=a["clipping_function"], stability=a["stability"],
-                        adaptive_clipping=a["adaptive_clipping"], accountant=self.accountant_name)
-        _check_thresholds_total(a["thresholds"], a["max_grad_norm"])
-        _check_module_and_optimizer(module, hf_accelerate.unwrap_optimizer(optimizer))
-        _check_data_loader(data_loader)
-        _check_separation(a["noise"], data_loader, sampling=a["sampling"],
-                          sample_rate=a["sample_rate"], drop_last=a["drop_last"])
+        settings = {name: value for name, value in bound.arguments.items() if name != "self"}
+        check_make_private({**settings, "module": distributed.unwrap(module),
+                            "optimizer": hf_accelerate.unwrap_optimizer(optimizer)},
+                           accountant=self.accountant_name, neighboring=self.neighboring)
 
     def _calibrated_sigma(self, *, module, optimizer, data_loader, target_epsilon, target_delta,
                           epochs, steps, last_iterate, kwargs) -> float:
@@ -444,10 +394,6 @@ class PrivacyEngine:
         sampling = kwargs.get("sampling", "poisson")
         adaptive = kwargs.get("adaptive_clipping")
         noise = kwargs.get("noise")
-        if isinstance(data_loader, dp_sampling.DPDataLoader):
-            raise TypeError(
-                "data_loader is already a private DPDataLoader (returned by make_private); pass the "
-                "original torch DataLoader: make_private_with_epsilon draws its own batches")
         batch_size = data_loader.batch_size
         if batch_size is None:
             raise ValueError("data_loader must have a batch_size (the expected logical batch size)")
@@ -476,7 +422,6 @@ class PrivacyEngine:
             sigma = sigma * noise.max_column_norm
         if adaptive is None:
             return sigma
-        _check_adaptive(adaptive, kwargs.get("clipping", "flat"))
         # The count query's cost grows with the number of groups K; thresholds do not matter.
         _, groups = plan(module, clipping=kwargs.get("clipping", "flat"), max_grad_norm=1.0)
         return privacy_math.gradient_noise_multiplier(sigma, adaptive.count_noise_std, len(groups))
@@ -669,8 +614,8 @@ class PrivacyEngine:
 
         The engine's state is ``state_dict()`` (ledger, sampler position, noise stream, thresholds,
         sigma), so ``load_checkpoint`` resumes with the same batches, noise and epsilon: the file
-        is SECRET as the data (docs/design.md §7.6). Schedulers (``dpfused.schedulers``) are saved
-        under Opacus' keys, as their parameters. Everything is plain data, which
+        is SECRET as the data (docs/design.md §7.6). Schedulers (``dpfused.opacus.schedulers``)
+        are saved under Opacus' keys, as their parameters. Everything is plain data, which
         ``load_checkpoint`` reads without running code.
 
         Raises:
@@ -727,34 +672,6 @@ class PrivacyEngine:
         return detach(module)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    """make_private's keyword arguments besides module, optimizer and data_loader (checked by
-    ``PrivacyEngine._private_data_loader``), carried from stage one to stage two."""
-
-    noise_multiplier: float
-    max_grad_norm: float
-    clipping: str
-    loss_reduction: str
-    sampling: str
-    sample_rate: float | None
-    thresholds: dict[str, float] | list[float] | None
-    adaptive_clipping: AdaptiveClipping | None
-    batch_first: bool
-    max_physical_batch_size: int | None
-    shuffle_once: bool
-    drop_last: bool
-    noise_generator: torch.Generator | None
-    sampling_generator: torch.Generator | None
-    max_epsilon: float | None
-    delta: float | None
-    nonfinite_gradients: str
-    noise: BandMF | None
-    max_batch_size: int | None
-    clipping_function: str
-    stability: float
-
-
 class DeferredPrivacy:
     """The first stage of ``PrivacyEngine.make_private_deferred``: the private data loader exists
     and every argument was checked; ``complete`` makes the module and optimizer private once they
@@ -769,7 +686,7 @@ class DeferredPrivacy:
     """
 
     def __init__(self, *, engine: PrivacyEngine, module: nn.Module, optimizer, loader,
-                 settings: _Settings, lockstep: bool, world_size: int, guarded: bool) -> None:
+                 settings: dict, lockstep: bool, world_size: int, guarded: bool) -> None:
         self._engine = engine
         self._wrapper, self._module = module, distributed.unwrap(module)
         self._optimizer = optimizer  # accelerate's wrapper already taken off
@@ -813,7 +730,7 @@ class DeferredPrivacy:
                 f"private data loader were made for it; shard that {which}'s model in place "
                 "(fully_shard, accelerator.prepare) and pass the same objects to complete")
         if module is not self._wrapper or _parameter_ids(inner, inner_optimizer) != self._parameters:
-            _check_model(module, inner_optimizer, clipping=self._settings.clipping)
+            _check_model(module, inner_optimizer, clipping=self._settings["clipping"])
         self._check_layout(inner)
         result = self._engine._instrument(module, inner_optimizer, self.data_loader,
                                           self._settings)
@@ -858,7 +775,7 @@ def _check_model(module: nn.Module, optimizer, *, clipping: str) -> None:
     """What make_private checks of the module (inside a DDP wrapper, if any) and its optimizer
     (accelerate's wrapper already taken off)."""
     inner = distributed.unwrap(module)
-    _check_module_and_optimizer(inner, optimizer)
+    check_module_and_optimizer(inner, optimizer)
     if module is not inner:
         distributed.check_ddp(module)
     distributed.check_sharding(inner, clipping=clipping)
@@ -874,8 +791,8 @@ def _scheduler_states(noise_scheduler, grad_clip_scheduler) -> dict:
                      (noise_scheduler, grad_clip_scheduler)))
     for name, scheduler in given.items():
         if scheduler is not None and not callable(getattr(scheduler, "state_dict", None)):
-            raise TypeError(f"{name} must be a scheduler with state_dict() (dpfused.schedulers), "
-                            f"got {type(scheduler).__name__}")
+            raise TypeError(f"{name} must be a scheduler with state_dict() "
+                            f"(dpfused.opacus.schedulers), got {type(scheduler).__name__}")
     return {key: given[name].state_dict() for name, key in _SCHEDULER_KEYS
             if given[name] is not None}
 
@@ -942,8 +859,6 @@ def _refuse_uninitialized_launch() -> None:
     """A launcher (torchrun, accelerate launch) started several processes but torch.distributed
     is not initialized: each process would train alone on the whole data set, unnoticed. (On a
     CPU-only machine ``Accelerator()`` leaves it so; ``Accelerator(cpu=True)`` initializes gloo.)"""
-    import os
-
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:
         raise ValueError(
@@ -1020,164 +935,3 @@ def _planned_steps(data_loader, *, sampling, sample_rate, drop_last, partitions,
         sampling=sampling, num_samples=n, sample_rate=q, batch_size=data_loader.batch_size,
         drop_last=drop_last, partitions=partitions)
     return int(epochs) * per_epoch
-
-
-def _check_separation(noise, data_loader, *, sampling, sample_rate, drop_last) -> None:
-    """BandMF needs an example's steps at least ``bands`` apart: check that the sampler keeps
-    them so, before anything is changed (docs/design.md §5.1, §6).
-
-    Raises:
-        ValueError: cyclic batches with fewer batches per epoch than bands, or a cyclic Poisson
-            sampler that cannot honour the partitions (q b > 1, b > N).
-    """
-    if noise is None or noise.bands == 1 or not isinstance(data_loader, torch.utils.data.DataLoader):
-        return
-    n = len(data_loader.dataset)
-    if sampling == "cyclic":
-        if data_loader.batch_size is None:
-            return  # make_private_data_loader refuses it with its own message
-        per_epoch = dp_sampling.batches_per_epoch(sampling="cyclic", num_samples=n,
-                                                  batch_size=data_loader.batch_size,
-                                                  drop_last=drop_last)
-        if per_epoch < noise.bands:
-            raise ValueError(
-                f"noise=BandMF(bands={noise.bands}) with sampling='cyclic': an epoch has "
-                f"{per_epoch} batches, so an example's steps are {per_epoch} apart, fewer than "
-                f"the {noise.bands} bands the noise correlates; use at most {per_epoch} bands, a "
-                "smaller batch size, or sampling='cyclic_poisson'")
-    elif sampling == "cyclic_poisson":
-        q = sample_rate
-        if q is None:
-            if data_loader.batch_size is None:
-                return
-            q = dp_sampling.samplers.poisson_rate_of_batch_size(data_loader.batch_size, n)
-        dp_sampling.samplers.check_partitions(num_samples=n, sample_rate=q,
-                                              partitions=noise.bands)
-
-
-def _check_adaptive(adaptive_clipping, clipping):
-    if adaptive_clipping is None:
-        return
-    if not isinstance(adaptive_clipping, AdaptiveClipping):
-        raise TypeError("adaptive_clipping must be a dpfused.AdaptiveClipping (or None), got "
-                        f"{type(adaptive_clipping).__name__}")
-    adaptive_clipping.check_clipping(clipping)
-
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}")
-
-
-def _check_thresholds_total(thresholds, max_grad_norm):
-    """Explicit group thresholds must add up (in quadrature) to max_grad_norm, the sensitivity."""
-    if not isinstance(thresholds, (dict, list, tuple)):
-        return
-    values = list(thresholds.values() if isinstance(thresholds, dict) else thresholds)
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"thresholds must hold numbers (C_g > 0 per group), got {value!r}")
-    total = math.sqrt(sum(float(v) ** 2 for v in values))
-    if not math.isclose(total, float(max_grad_norm), rel_tol=1e-6):
-        raise ValueError(f"thresholds give sqrt(sum C_g^2) = {total:.6g} but max_grad_norm="
-                         f"{max_grad_norm}; make them agree (max_grad_norm is the sensitivity)")
-
-
-def _check_module_and_optimizer(module, optimizer):
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(optimizer, DPOptimizer):
-        raise ValueError("optimizer is already a DPOptimizer; pass the original optimizer")
-    validate.check_module(module)
-    validate.check_optimizer(optimizer, module)
-
-
-def _check_arguments(*, noise_multiplier, max_grad_norm, clipping, loss_reduction, sampling,
-                     sample_rate, max_epsilon, delta, max_physical_batch_size, flags,
-                     noise_generator, sampling_generator, nonfinite_gradients):
-    check_max_grad_norm(max_grad_norm, hint="; per-group thresholds go in thresholds=")
-    check_noise_multiplier(noise_multiplier)
-    _check_choice("clipping", clipping, CLIPPING_MODES)
-    _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
-    _check_choice("sampling", sampling, SAMPLINGS)
-    _check_choice("nonfinite_gradients", nonfinite_gradients, privacy_math.NONFINITE_CHOICES)
-    if sample_rate is not None:
-        if sampling not in ("poisson", "cyclic_poisson"):
-            raise ValueError(f"sample_rate applies to sampling='poisson' only (and to its "
-                             f"b-min-sep variant 'cyclic_poisson'); got sampling={sampling!r}")
-        check_number("sample_rate", sample_rate, "in (0, 1]", lambda v: 0 < v <= 1)
-    if max_physical_batch_size is not None and (
-            isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
-            or max_physical_batch_size < 1):
-        raise ValueError(f"max_physical_batch_size must be a positive int, got {max_physical_batch_size!r}")
-    if (max_epsilon is None) != (delta is None):
-        raise ValueError("max_epsilon and delta go together: give both or neither")
-    if max_epsilon is not None:
-        check_number("max_epsilon", max_epsilon, "> 0", lambda v: v > 0)
-        check_number("delta", delta, "in (0, 1)", lambda v: 0 < v < 1)
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
-    _check_generator("noise_generator", noise_generator)
-    _check_generator("sampling_generator", sampling_generator, cpu=True)
-
-
-def _check_calibration_arguments(*, target_epsilon, target_delta, epochs, steps, last_iterate):
-    check_number("target_epsilon", target_epsilon, "a finite number > 0",
-                  lambda v: math.isfinite(v) and v > 0)
-    check_number("target_delta", target_delta, "in (0, 1)", lambda v: 0 < v < 1)
-    for name, value in (("epochs", epochs), ("steps", steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-                                  or value < 1):
-            raise ValueError(f"{name} must be an integer >= 1 (or None), got {value!r}")
-    if epochs is None and steps is None:
-        raise ValueError("make_private_with_epsilon needs epochs or steps: the length of training "
-                         "the target epsilon is spent over")
-    if last_iterate is None:
-        return
-    if not isinstance(last_iterate, Mapping):
-        raise TypeError("last_iterate must be a dict with smoothness (and optionally weight_decay, "
-                        f"convex), got {type(last_iterate).__name__}")
-    unknown = sorted(set(last_iterate) - {"smoothness", "weight_decay", "convex"})
-    if unknown:
-        raise ValueError(f"last_iterate: unknown keys {unknown}; it takes smoothness, "
-                         "weight_decay and convex (the learning rate is read from the optimizer)")
-    if last_iterate.get("smoothness") is not None:
-        check_number("last_iterate['smoothness']", last_iterate["smoothness"],
-                      "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
-    if "weight_decay" in last_iterate:
-        check_number("last_iterate['weight_decay']", last_iterate["weight_decay"],
-                      "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
-    if not isinstance(last_iterate.get("convex", False), bool):
-        raise TypeError(f"last_iterate['convex'] must be True or False, got {last_iterate['convex']!r}")
-
-
-def _check_generator(name, generator, *, cpu=False):
-    if generator is None or isinstance(generator, ChaCha20Generator):
-        return  # ChaCha20Generator: refused or used by secure mode (PrivacyEngine._generators)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"{name} must be a torch.Generator (or None), got {type(generator).__name__}")
-    if cpu and generator.device.type != "cpu":
-        raise ValueError(f"{name} must be a CPU torch.Generator (the sampler draws on the CPU), "
-                         f"got one on {generator.device}")
-
-
-def _check_data_loader(data_loader):
-    """What the sampler and the accounting need of the loader, named as ``data_loader``."""
-    hf_accelerate.refuse_prepared_loader(data_loader)
-    if isinstance(data_loader, dp_sampling.DPDataLoader):
-        raise TypeError(
-            "data_loader is already a private DPDataLoader (returned by make_private); pass the "
-            "original torch DataLoader")
-    if not isinstance(data_loader, torch.utils.data.DataLoader):
-        raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
-    dataset = data_loader.dataset
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        raise ValueError(
-            f"data_loader's dataset is an IterableDataset ({type(dataset).__name__}), which cannot "
-            "be sampled per example, so DP sampling and its accounting are impossible; wrap the "
-            "data in a map-style Dataset (with __getitem__ and __len__)")
-    if len(dataset) == 0:
-        raise ValueError("data_loader's dataset is empty; DP sampling needs at least one example")

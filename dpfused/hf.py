@@ -60,7 +60,13 @@ from torch.utils.data import DataLoader
 from dpfused import checkpoints, privacy_math
 from dpfused.accounting import PrivacyBudgetExhausted
 from dpfused.adaptive import AdaptiveClipping
-from dpfused.arguments import check_number
+from dpfused.arguments import (
+    check_choice,
+    check_delta,
+    check_flag,
+    check_number,
+    check_target_epsilon,
+)
 from dpfused.bandmf import BandMF
 from dpfused.engine import PrivacyEngine
 from dpfused.losses import per_example_lm_loss
@@ -159,15 +165,13 @@ class PrivacyArguments:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("PrivacyArguments: give exactly one of noise_multiplier (sigma) and "
                              "target_epsilon (sigma is then calibrated for the planned run)")
-        if self.target_epsilon is not None and not self.target_epsilon > 0:
-            raise ValueError(f"PrivacyArguments: target_epsilon must be > 0, got {self.target_epsilon!r}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"PrivacyArguments: delta must be in (0, 1), got {self.delta!r}")
+        if self.target_epsilon is not None:
+            check_target_epsilon(self.target_epsilon, name="PrivacyArguments: target_epsilon")
+        check_delta(self.delta, name="PrivacyArguments: delta")
         if self.privacy_seed is not None and not isinstance(self.privacy_seed, int):
             raise TypeError("PrivacyArguments: privacy_seed must be an int or None, got "
                             f"{type(self.privacy_seed).__name__}")
-        if not isinstance(self.secure_mode, bool):
-            raise TypeError(f"PrivacyArguments: secure_mode must be True or False, got {self.secure_mode!r}")
+        check_flag("PrivacyArguments: secure_mode", self.secure_mode)
         if self.secure_mode and self.privacy_seed is not None:
             raise ValueError("PrivacyArguments: secure_mode=True draws batches and noise from keys "
                              "of the operating system; remove privacy_seed (a seed makes them "
@@ -189,9 +193,7 @@ class PrivacyArguments:
         setattr(self, new, value)
 
     def _check_log_loss(self):
-        if self.log_loss not in LOG_LOSS_CHOICES:
-            raise ValueError(f"PrivacyArguments: log_loss={self.log_loss!r} is not supported; use "
-                             f"one of {', '.join(map(repr, LOG_LOSS_CHOICES))}")
+        check_choice("PrivacyArguments: log_loss", self.log_loss, LOG_LOSS_CHOICES)
         given = [name for name in ("loss_bound", "loss_noise_multiplier")
                  if getattr(self, name) is not None]
         if self.log_loss != "noised":
@@ -205,9 +207,10 @@ class PrivacyArguments:
                          lambda v: math.isfinite(v) and v > 0)
 
 
-class _LogicalBatch:
-    """The physical batches of one logical batch, in order (what ``training_step`` receives),
-    each with the ``dpfused.LogicalBatch`` the loader handed its listeners when it drew it."""
+class _PhysicalBatches:
+    """The physical batches of one logical batch, in order (what ``training_step`` receives);
+    ``len()`` counts their examples. ``infos`` holds each one's ``step.LogicalBatch``, what the
+    loader handed its listeners when it drew it (its padding, whether it is the last)."""
 
     def __init__(self, physical: list, infos: list):
         self.physical = physical
@@ -240,7 +243,7 @@ class _LogicalBatches:
             physical.append(batch)
             infos.append(self.loader.current)
             if self.loader.current.is_last_physical:
-                yield _LogicalBatch(physical, infos)
+                yield _PhysicalBatches(physical, infos)
                 physical, infos = [], []
 
 
@@ -465,7 +468,7 @@ class DPTrainingMixin:
         calls optimizer.step() once, which adds the noise. Returns what ``log_loss`` releases
         of the loss: 0 ("off", never logged), the noised mean ("noised") or the mean
         per-example loss ("unprotected")."""
-        if not isinstance(inputs, _LogicalBatch):
+        if not isinstance(inputs, _PhysicalBatches):
             raise TypeError("DPTrainer.training_step takes the logical batches of its own "
                             f"train dataloader, got {type(inputs).__name__}")
         model.train()
@@ -478,6 +481,7 @@ class DPTrainingMixin:
             if size == 0:  # an empty Poisson batch: no forward; the step still adds noise
                 continue
             batch = self._prepare_inputs(batch)
+            self._announce(info)
             self._padding = info.padding
             with self._synchronized(model, last=i == len(inputs.physical) - 1):
                 with self.compute_loss_context_manager():
@@ -583,7 +587,7 @@ class DPTrainingMixin:
         # HF counts 6 x parameters x the batch's tokens: over the private batches that is a
         # function of how many examples Poisson sampling drew and of their lengths, which would
         # go un-noised into total_flos (trainer_state.json, every report_to integration).
-        if isinstance(inputs, _LogicalBatch):
+        if isinstance(inputs, _PhysicalBatches):
             return 0
         return super().floating_point_ops(inputs)
 

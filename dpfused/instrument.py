@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from dpfused.clipping import Bookkeeper
+from dpfused.bookkeeper import Bookkeeper
 from dpfused.groups import Layer, build_groups
 from dpfused.rules import container_rule, fallback_rule, rule_for
 from dpfused.rules.functorch import bypassing

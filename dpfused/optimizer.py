@@ -23,8 +23,8 @@ import torch
 
 from dpfused import distributed, privacy_math
 from dpfused.accounting import IterateFacts, PrivacyBudgetExhausted, SampledStep
-from dpfused.arguments import check_max_grad_norm, check_noise_multiplier
-from dpfused.bandmf import BandMF, NoiseHistory
+from dpfused.arguments import check_max_grad_norm, check_noise, check_noise_multiplier
+from dpfused.bandmf import NoiseHistory
 from dpfused.step import ClippedStep
 
 __all__ = ["DPOptimizer"]
@@ -75,8 +75,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.distributed = distributed
         self.adaptive_clipping = adaptive_clipping
         self.reduction = reduction
-        if noise is not None and not isinstance(noise, BandMF):
-            raise TypeError(f"noise must be a dpfused.BandMF (or None), got {type(noise).__name__}")
+        check_noise(noise)
         self.noise = noise
         # BandMF's secret streaming state: the last bands - 1 unit noises of every parameter.
         self.noise_history = NoiseHistory(noise.coefficients) if noise is not None else None
@@ -131,7 +130,7 @@ class DPOptimizer(torch.optim.Optimizer):
     def __repr__(self):
         return f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier})"
 
-    # ---- settable between steps (Opacus' schedulers, dpfused.schedulers) ----------------------
+    # ---- settable between steps (Opacus' schedulers, dpfused.opacus.schedulers) --------------
     @property
     def expected_batch_size(self) -> int | None:
         """Opacus' expected logical batch size per process (read-only; see the class Args)."""

@@ -23,13 +23,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from dpfused.arguments import check_clipping_function
 from dpfused.secure_random import ChaCha20Generator
 
 __all__ = [
     "CLIP_EPS",
     "CLIPPING_FUNCTIONS",
     "DEFAULT_STABILITY",
-    "check_clipping_function",
     "norm_upper_bound",
     "clip_factors",
     "example_multipliers",
@@ -73,25 +73,6 @@ CLIPPING_FUNCTIONS = ("standard", "automatic")
 DEFAULT_STABILITY = 0.01
 
 
-def check_clipping_function(clipping_function, stability) -> None:
-    """``clipping_function`` is one of CLIPPING_FUNCTIONS and ``stability`` a finite gamma > 0.
-
-    Raises:
-        ValueError / TypeError: naming the argument, what was found and the choices.
-    """
-    if clipping_function not in CLIPPING_FUNCTIONS:
-        raise ValueError(
-            f"clipping_function={clipping_function!r} is not supported; use one of "
-            f"{', '.join(map(repr, CLIPPING_FUNCTIONS))} ('standard': min(1, C / ||g||); "
-            "'automatic': C / (||g|| + stability), AUTO-S of Bu et al. 2023)")
-    if isinstance(stability, bool) or not isinstance(stability, (int, float)):
-        raise TypeError(f"stability must be a finite number > 0 (gamma of automatic clipping), "
-                        f"got {stability!r} ({type(stability).__name__})")
-    if not (math.isfinite(stability) and stability > 0):
-        raise ValueError(f"stability must be a finite number > 0 (gamma of automatic clipping), "
-                         f"got {stability!r}")
-
-
 def norm_upper_bound(value: torch.Tensor, error: torch.Tensor, release: torch.Tensor,
                      magnitude: torch.Tensor) -> torch.Tensor:
     """N_i, an upper bound of the norm of what example i's clipped sum will actually release.
@@ -112,7 +93,7 @@ def norm_upper_bound(value: torch.Tensor, error: torch.Tensor, release: torch.Te
 
     Args:
         value, error, release, magnitude: (B,) float64, summed over a clipping group's pieces as
-            ``dpfused.clipping`` does (release and magnitude in quadrature over parameters).
+            ``dpfused.bookkeeper`` does (release and magnitude in quadrature over parameters).
 
     Returns:
         (B,) float64 norm bounds.

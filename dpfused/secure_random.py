@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpfused.arguments import check_choice, check_integer, check_number
+
 from .kernels.chacha20 import BYTES_PER_BLOCK, WORDS_PER_BLOCK, chacha20_blocks, key_nonce_words
 
 try:
@@ -79,8 +81,7 @@ class ChaCha20Generator:
     """
 
     def __init__(self, *, key: bytes | None = None, impl: str = "auto") -> None:
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+        check_choice("impl", impl, IMPLS)
         if impl == "cryptography" and not HAS_CRYPTOGRAPHY:
             raise ValueError("impl='cryptography' needs the `cryptography` package "
                              "(pip install cryptography); or use impl='auto'")
@@ -107,7 +108,7 @@ class ChaCha20Generator:
         Raises:
             ValueError: a negative or non-int ``num_words``.
         """
-        num_words = _check_count("num_words", num_words)
+        num_words = check_integer("num_words", num_words, at_least=0)
         num_blocks = -(-num_words // WORDS_PER_BLOCK)
         start = self._reserve(num_blocks)
         blocks = self._blocks(start, num_blocks, torch.device(device))
@@ -149,7 +150,7 @@ class ChaCha20Generator:
         Raises:
             ValueError: a negative or non-int ``n``.
         """
-        n = _check_count("n", n)
+        n = check_integer("n", n, at_least=0)
         while True:
             keys = self.random_words(2 * n, device=device).view(torch.int64)  # (n,)
             sorted_keys, order = torch.sort(keys)
@@ -191,7 +192,8 @@ class ChaCha20Generator:
             ValueError: a bad size or std; TypeError: a non-float dtype.
         """
         shape = _check_shape(size)
-        std = _check_std(std)
+        std = check_number("std", std, "a finite number >= 0",
+                           lambda v: math.isfinite(v) and v >= 0)
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype; got {dtype}")
         numel = math.prod(shape)
@@ -231,10 +233,8 @@ class ChaCha20Generator:
         if not isinstance(state, Mapping) or set(state) != {"key", "counter"}:
             raise ValueError("state must be a mapping with exactly 'key' and 'counter' (from "
                              f"ChaCha20Generator.state_dict()); got {_describe(state)}")
-        counter = state["counter"]
-        if isinstance(counter, bool) or not isinstance(counter, int) or not (
-                0 <= counter <= _MAX_COUNTER):
-            raise ValueError(f"state['counter'] must be an int in [0, 2^64]; got {counter!r}")
+        counter = check_integer("state['counter']", state["counter"], at_least=0,
+                                at_most=_MAX_COUNTER)
         self._key = _check_key(state["key"])
         self._counter = counter
         self._key_nonce.clear()
@@ -332,25 +332,12 @@ def _check_key(key) -> bytes:
     return bytes(key)
 
 
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int; got {value!r}")
-    return int(value)
-
-
 def _check_shape(size) -> tuple[int, ...]:
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         size = (size,)
     if not isinstance(size, (Sequence, torch.Size)) or isinstance(size, (str, bytes)):
         raise ValueError(f"size must be an int or a sequence of ints; got {size!r}")
-    return tuple(_check_count("size", s) for s in size)
-
-
-def _check_std(std) -> float:
-    if isinstance(std, bool) or not isinstance(std, (int, float, np.floating)) or not (
-            math.isfinite(std) and std >= 0):
-        raise ValueError(f"std must be a finite float >= 0; got {std!r}")
-    return float(std)
+    return tuple(check_integer("size", s, at_least=0) for s in size)
 
 
 def _describe(value) -> str:

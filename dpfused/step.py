@@ -5,7 +5,7 @@
 - The data loader emits a :class:`LogicalBatch` with every physical batch it yields: the sampling
   facts of the logical batch the physical batch belongs to (they are what the accountant needs)
   and where the physical batch sits in it.
-- The book-keeper (``dpfused.clipping``) collects the backward passes of one logical batch and
+- The book-keeper (``dpfused.bookkeeper``) collects the backward passes of one logical batch and
   closes them into a :class:`ClippedStep`: per-parameter clipped sums, per-group counts, the
   thresholds they were clipped with, and the logical batch itself.
 - ``DPOptimizer.step`` reads only that value: it releases it (noise, via ``privacy_math``), steps the

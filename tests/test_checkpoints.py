@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
-from dpfused import schedulers
+from dpfused.opacus import schedulers
 from tests import models
 
 WIDTH, N, BATCH = 40, 24, 6

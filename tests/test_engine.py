@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
+from dpfused.opacus import BatchMemoryManager
 from tests import models
 from tests.oracle import clipped_sums, per_example_grads, snapshot
 
@@ -95,8 +96,8 @@ def test_batch_memory_manager_equals_max_physical_batch_size():
         _, model, optimizer, loader = _private(
             model, batch_size=12, noise=0.5, noise_generator=torch.Generator().manual_seed(4),
             max_physical_batch_size=None if use_manager else 5)
-        manager = dpfused.BatchMemoryManager(data_loader=loader, max_physical_batch_size=5,
-                                             optimizer=optimizer)
+        manager = BatchMemoryManager(data_loader=loader, max_physical_batch_size=5,
+                                     optimizer=optimizer)
         with (manager if use_manager else contextlib.nullcontext(loader)) as batches:
             sizes = []
             for x, y in batches:
@@ -117,14 +118,11 @@ def test_batch_memory_manager_refuses_a_loader_of_another_optimizer():
     _, _, optimizer, loader = _private(_mlp())
     _, _, _, other_loader = _private(_mlp())
     with pytest.raises(ValueError, match="another data loader"):
-        dpfused.BatchMemoryManager(data_loader=other_loader, max_physical_batch_size=2,
-                                   optimizer=optimizer)
+        BatchMemoryManager(data_loader=other_loader, max_physical_batch_size=2, optimizer=optimizer)
     with pytest.raises(TypeError, match="must be the DPDataLoader"):
-        dpfused.BatchMemoryManager(data_loader=[1, 2], max_physical_batch_size=2,
-                                   optimizer=optimizer)
-    with pytest.raises(ValueError, match="positive int"):
-        dpfused.BatchMemoryManager(data_loader=loader, max_physical_batch_size=0,
-                                   optimizer=optimizer)
+        BatchMemoryManager(data_loader=[1, 2], max_physical_batch_size=2, optimizer=optimizer)
+    with pytest.raises(ValueError, match="max_physical_batch_size must be an integer >= 1"):
+        BatchMemoryManager(data_loader=loader, max_physical_batch_size=0, optimizer=optimizer)
 
 
 @pytest.mark.parametrize("physical", [None, 2])

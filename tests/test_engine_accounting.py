@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
-from dpfused.schedulers import StepGradClip
+from dpfused.opacus.schedulers import StepGradClip
 
 
 def _dataset(n=60):
@@ -138,22 +138,6 @@ def test_opacus_style_checkpoint_resumes_batches_parameters_and_epsilon(adaptive
     assert engine_b.get_epsilon(1e-5) == engine.get_epsilon(1e-5)
     with pytest.raises(TypeError, match="noise_scheduler must be a scheduler"):
         engine_b.save_checkpoint(path=tmp_path / "x.pt", module=model_b, noise_scheduler=object())
-
-
-def test_get_noise_multiplier_matches_calibration_and_opacus():
-    from opacus.accountants.utils import get_noise_multiplier as opacus_get_noise_multiplier
-
-    ours = dpfused.get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.01,
-                                        epochs=2, accountant="rdp", epsilon_tolerance=0.01)
-    theirs = opacus_get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.01,
-                                         epochs=2, accountant="rdp", epsilon_tolerance=0.01)
-    assert ours == pytest.approx(theirs, rel=0.02)  # both bisect; Opacus to 0.01 in epsilon
-    accountant = dpfused.accounting.PrivacyAccountant(mechanism="rdp")
-    for _ in range(200):
-        accountant.record(dpfused.accounting.SampledStep(
-            event=dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(ours)),
-            sampling="poisson"))
-    assert 1.99 < accountant.get_epsilon(1e-5) <= 2.0
 
 
 def test_report_gives_last_iterate_for_cyclic_sgd_and_a_reason_otherwise():

@@ -439,7 +439,7 @@ def test_the_unprotected_loss_warns_and_the_report_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(log_loss="loud"), "log_loss='loud' is not supported"),
+    (dict(log_loss="loud"), "log_loss must be one of .*, got 'loud'"),
     (dict(log_loss="noised"), "loss_bound must be a finite number > 0"),
     (dict(log_loss="noised", loss_bound=1.0), "loss_noise_multiplier must be a finite number"),
     (dict(loss_bound=1.0), "loss_bound apply to log_loss='noised' only"),

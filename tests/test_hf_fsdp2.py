@@ -227,11 +227,13 @@ def test_bf16_lora_under_fsdp2_is_the_one_process_bf16_step(tmp_path):
         ours = torch.load(tmp_path / f"rank{rank}.pt")
         assert ours["param_dtype"] == torch.bfloat16  # computed in bf16 ...
         assert ours["sharded_dtypes"] == {torch.float32}  # ... on float32 master weights
-        for name, start in initial.items():
-            expected = model.get_parameter(name).detach() - start
-            update = ours["params"][name] - start
-            assert expected.norm() > 0, name
-            assert (update - expected).norm() <= 0.05 * expected.norm(), name
+        # The whole update, all adapters together: lora_A moves by less than float32 resolves
+        # in two steps (lora_B starts at 0), so no adapter is compared on its own.
+        expected = torch.cat([(model.get_parameter(n).detach() - s).flatten()
+                              for n, s in initial.items()])
+        update = torch.cat([(ours["params"][n] - s).flatten() for n, s in initial.items()])
+        assert expected.norm() > 0
+        assert (update - expected).norm() <= 0.05 * expected.norm()
 
 
 # ---- checkpoints: each rank resumes its own noise stream -------------------------------------------
@@ -275,11 +277,17 @@ def test_a_sharded_resume_continues_each_ranks_own_noise_stream(tmp_path):
 
 # ---- in this process: what is refused, and why --------------------------------------------------
 
-def _fake_trainer(plugin=None, *, deepspeed=False, cls=DPTrainer):
-    return types.SimpleNamespace(
-        is_deepspeed_enabled=deepspeed, is_fsdp_xla_enabled=False,
-        is_fsdp_enabled=plugin is not None, __class__=cls,
-        accelerator=types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin)))
+class _TrainerLike:
+    """A stand-in for a DPTrainer (its class-level ``dp_fsdp2_tested``) whose accelerator was set
+    up with ``plugin`` (None: no FSDP) or DeepSpeed."""
+
+    dp_fsdp2_tested = True
+
+    def __init__(self, plugin=None, *, deepspeed=False):
+        self.is_deepspeed_enabled, self.is_fsdp_xla_enabled = deepspeed, False
+        self.is_fsdp_enabled = plugin is not None
+        self.accelerator = types.SimpleNamespace(
+            state=types.SimpleNamespace(fsdp_plugin=plugin))
 
 
 def _plugin(**overrides):
@@ -289,18 +297,32 @@ def _plugin(**overrides):
     return types.SimpleNamespace(**values)
 
 
+def _narrow_reduce():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.bfloat16)
+
+
+def _offload():
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return CPUOffloadPolicy()
+
+
 @pytest.mark.parametrize("plugin, deepspeed, message", [
     (None, True, "DeepSpeed .*not supported by DPTrainer"),
     (_plugin(fsdp_version=1), False, "FSDP1 .*refused.*use FSDP2"),
     (_plugin(ignored_modules=["lm_head"]), False, "ignored_modules .*remove ignored_modules"),
-], ids=["deepspeed", "fsdp1", "ignored-modules"])
+    (_plugin(cpu_offload=_offload()), False, "CPU offload .*turn offloading off"),
+    (_plugin(mixed_precision_policy=_narrow_reduce()), False,
+     "reduce_dtype=torch.bfloat16.*set reduce_dtype to torch.float32"),
+], ids=["deepspeed", "fsdp1", "ignored-modules", "cpu-offload", "bf16-reduce"])
 def test_unsupported_sharding_is_refused_with_the_fix(plugin, deepspeed, message):
     from dpfused.hf import _refuse_unsupported_sharding
 
-    trainer = _fake_trainer(plugin, deepspeed=deepspeed)
-    trainer.__class__ = DPTrainer
     with pytest.raises(ValueError, match=message):
-        _refuse_unsupported_sharding(types.SimpleNamespace(**vars(trainer)))
+        _refuse_unsupported_sharding(_TrainerLike(plugin, deepspeed=deepspeed))
+    _refuse_unsupported_sharding(_TrainerLike(_plugin()))  # plain FSDP2: accepted
 
 
 def test_fsdp1_training_arguments_are_refused_before_the_trainer_is_built(tmp_path):
@@ -309,33 +331,6 @@ def test_fsdp1_training_arguments_are_refused_before_the_trainer_is_built(tmp_pa
     with pytest.raises(ValueError, match="FSDP1 .*refused"):
         DPTrainer(model=gpt2(), args=args, train_dataset=TokenBlocks(),
                   privacy=PrivacyArguments(noise_multiplier=1.0))
-
-
-def test_cpu_offload_and_a_narrow_reduce_dtype_are_refused():
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
-
-    from dpfused.hf import _refuse_unsupported_sharding
-
-    for plugin, message in [
-        (_plugin(cpu_offload=CPUOffloadPolicy()), "CPU offload .*turn offloading off"),
-        (_plugin(mixed_precision_policy=MixedPrecisionPolicy(
-            param_dtype=torch.float32, reduce_dtype=torch.bfloat16)),
-         "reduce_dtype=torch.bfloat16.*set reduce_dtype to torch.float32"),
-    ]:
-        trainer = types.SimpleNamespace(is_deepspeed_enabled=False, is_fsdp_enabled=True,
-                                        accelerator=types.SimpleNamespace(
-                                            state=types.SimpleNamespace(fsdp_plugin=plugin)))
-        with pytest.raises(ValueError, match=message):
-            _refuse_unsupported_sharding(_TrainerLike(trainer))
-
-
-class _TrainerLike:
-    """A stand-in with DPTrainer's class-level settings and the given attributes."""
-
-    dp_fsdp2_tested = True
-
-    def __init__(self, attributes):
-        vars(self).update(vars(attributes))
 
 
 def test_bf16_master_weights_without_mixed_precision_are_refused_before_sharding():
@@ -349,18 +344,13 @@ def test_bf16_master_weights_without_mixed_precision_are_refused_before_sharding
 
 
 def test_trl_trainers_are_refused_under_fsdp2_until_tested():
-    from dpfused.hf import DPTrainingMixin, _refuse_unsupported_sharding
+    from dpfused.hf import _refuse_unsupported_sharding
 
-    class Untested(DPTrainingMixin):
-        pass
+    class Untested(_TrainerLike):
+        dp_fsdp2_tested = False
 
-    trainer = types.SimpleNamespace(is_deepspeed_enabled=False, is_fsdp_enabled=True,
-                                    accelerator=types.SimpleNamespace(state=types.SimpleNamespace(
-                                        fsdp_plugin=_plugin())))
-    untested = Untested.__new__(Untested)
-    vars(untested).update(vars(trainer))
     with pytest.raises(ValueError, match="FSDP2 is not supported by Untested yet"):
-        _refuse_unsupported_sharding(untested)
+        _refuse_unsupported_sharding(Untested(_plugin()))
 
 
 def test_a_checkpoint_of_another_number_of_processes_is_refused():

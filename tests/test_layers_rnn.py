@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 import dpfused
 from dpfused.instrument import detach, instrument
 from dpfused.layers import DPGRU, DPLSTM, DPRNN, dp_equivalent
+from dpfused.opacus import ModuleValidator
 from tests.oracle import assert_sums_close, expected_for
 
 BATCH, STEPS, INPUT, HIDDEN = 3, 4, 3, 4
@@ -273,11 +274,11 @@ def test_gradients_through_initial_states_match_oracle(kind):
 def test_each_projection_hands_over_one_piece_with_every_step(monkeypatch):
     """One factor piece per weight per forward, its T axis the time steps: no per-step pieces, so
     no cross terms between steps in the group norms."""
-    from dpfused import clipping as clipping_module
+    from dpfused import bookkeeper
 
     delivered = []
-    original = clipping_module.Bookkeeper.deliver
-    monkeypatch.setattr(clipping_module.Bookkeeper, "deliver",
+    original = bookkeeper.Bookkeeper.deliver
+    monkeypatch.setattr(bookkeeper.Bookkeeper, "deliver",
                         lambda self, layer, pieces: (delivered.extend(pieces),
                                                      original(self, layer, pieces))[1])
     model, oracle = _models("gru", False, num_layers=2, bidirectional=True, batch_first=True)
@@ -331,11 +332,11 @@ def test_fix_swaps_nn_recurrent_layers_with_identical_outputs():
         return m["rnn"](out.transpose(0, 1), h)
 
     before = run(model)
-    assert dpfused.ModuleValidator.validate(model) == []  # clipped as they are (issue 21)
-    fixed = dpfused.ModuleValidator.fix(model)
+    assert ModuleValidator.validate(model) == []  # clipped as they are (issue 21)
+    fixed = ModuleValidator.fix(model)
     assert [type(fixed[k]) for k in ("lstm", "gru", "rnn")] == [DPLSTM, DPGRU, DPRNN]
     assert fixed["rnn"].nonlinearity == "relu" and not fixed["gru"].weight_hh_l0.requires_grad
-    assert dpfused.ModuleValidator.is_valid(fixed)
+    assert ModuleValidator.is_valid(fixed)
     _assert_same(run(fixed), before)
     assert isinstance(dpfused.fix(nn.GRU(3, 4)), DPGRU)
 
@@ -343,7 +344,7 @@ def test_fix_swaps_nn_recurrent_layers_with_identical_outputs():
 def test_fix_leaves_an_lstm_with_projections_and_says_why():
     model = nn.Sequential(nn.LSTM(3, 4, proj_size=2))
     assert isinstance(dpfused.fix(model)[0], nn.LSTM)
-    (problem,) = dpfused.ModuleValidator.validate(model)
+    (problem,) = ModuleValidator.validate(model)
     assert "proj_size=2" in str(problem)
     with pytest.raises(TypeError, match="nn.LSTM, nn.GRU or nn.RNN"):
         dp_equivalent(nn.Linear(2, 2))

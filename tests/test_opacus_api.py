@@ -6,6 +6,7 @@ Opacus (schedulers, accountants) or the float64 torch.func oracle (per-parameter
 
 import math
 
+import dp_accounting
 import pytest
 import torch
 import torch.nn as nn
@@ -14,8 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
 import dpfused.opacus
-from dpfused import accountants, schedulers
-from dpfused.validate import ModuleValidator, UnsupportedModuleError
+from dpfused.opacus import accountants, schedulers
+from dpfused.opacus import BatchMemoryManager, ModuleValidator
+from dpfused.validate import UnsupportedModuleError
 from tests.oracle import expected_for, per_example_grads, snapshot
 from tests.test_clipping_oracle import _assert_close, _run
 
@@ -514,8 +516,8 @@ def test_len_inside_batch_memory_manager_counts_physical_batches(poisson):
     _, model, optimizer, loader = _private(
         loader=DataLoader(_dataset(40), batch_size=10), poisson_sampling=poisson)
     assert len(loader) == 4
-    with dpfused.BatchMemoryManager(data_loader=loader, max_physical_batch_size=3,
-                                    optimizer=optimizer) as physical:
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=3,
+                            optimizer=optimizer) as physical:
         assert len(physical) == math.ceil(4 * 10 / 3)  # Opacus' count
         x, y = next(iter(physical))
         assert len(x) <= 3
@@ -575,3 +577,20 @@ def test_get_noise_multiplier_follows_opacus_search():
     epsilon = accountants.RDPAccountant()
     epsilon.history = [(sigma, 0.02, int(5 / 0.02))]
     assert epsilon.get_epsilon(1e-5) <= 4.0
+
+
+def test_get_noise_multiplier_matches_calibration_and_opacus():
+    from opacus.accountants.utils import get_noise_multiplier as opacus_get_noise_multiplier
+
+    ours = accountants.get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5,
+                                            sample_rate=0.01, epochs=2, accountant="rdp",
+                                            epsilon_tolerance=0.01)
+    theirs = opacus_get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.01,
+                                         epochs=2, accountant="rdp", epsilon_tolerance=0.01)
+    assert ours == pytest.approx(theirs, rel=0.02)  # both bisect; Opacus to 0.01 in epsilon
+    accountant = dpfused.accounting.PrivacyAccountant(mechanism="rdp")
+    for _ in range(200):
+        accountant.record(dpfused.accounting.SampledStep(
+            event=dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(ours)),
+            sampling="poisson"))
+    assert 1.99 < accountant.get_epsilon(1e-5) <= 2.0

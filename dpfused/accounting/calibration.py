@@ -7,7 +7,7 @@ calibrated run and the run the sampler then draws agree.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import dp_accounting
@@ -22,41 +22,55 @@ from dpfused.accounting.records import (
     LastIterateUnavailable,
     LedgerEntry,
     SampledStep,
-    check_choice,
-    check_delta,
     check_neighboring,
     warn_if_delta_not_small,
+)
+from dpfused.arguments import (
+    check_choice,
+    check_delta,
+    check_max_batch_size,
+    check_partitions_given,
+    check_sample_rate,
+    check_target_epsilon,
 )
 from dpfused.sampling.samplers import batches_per_epoch, poisson_rate_of_batch_size
 from dpfused.step import SAMPLINGS, partition_sample_rate
 
-__all__ = ["calibrate_noise_multiplier"]
+__all__ = ["calibrate_noise_multiplier", "smallest_noise_multiplier"]
 
 
-def _bisect_sigma(
-    epsilon_of, target: float, *, start: float = 1.0, factor: float = 2.0, rtol: float = 1e-3
+def smallest_noise_multiplier(
+    epsilon_of: Callable[[float], float], target_epsilon: float, *, start: float = 1.0,
+    factor: float = 2.0, rtol: float = 1e-3,
 ) -> float:
-    """Smallest sigma (to relative tolerance rtol) with epsilon_of(sigma) <= target.
+    """The smallest sigma (to relative tolerance ``rtol``) with ``epsilon_of(sigma) <=
+    target_epsilon``: dpfused's one sigma search, for every calibration (this module's and the
+    Opacus wing's ``get_noise_multiplier``). Why not dp_accounting's ``calibrate_dp_mechanism``:
+    docs/design.md §7.5.
 
     Brackets from ``start`` by steps of ``factor``, then bisects geometrically; returns the
-    conservative end of the final bracket. ``epsilon_of`` must decrease in sigma.
+    conservative end of the final bracket, so ``epsilon_of(sigma) <= target_epsilon`` holds for the
+    sigma returned, as ``epsilon_of`` computes it. ``epsilon_of`` must decrease in sigma.
+
+    Raises:
+        ValueError: no sigma <= 1e6 reaches ``target_epsilon``.
     """
     lo, hi = None, start
-    while epsilon_of(hi) > target:
+    while epsilon_of(hi) > target_epsilon:
         lo, hi = hi, factor * hi
         if hi > 1e6:
             raise ValueError(
-                f"target_epsilon={target} is not reachable with noise_multiplier <= 1e6."
+                f"target_epsilon={target_epsilon} is not reachable with noise_multiplier <= 1e6."
             )
     if lo is None:
         lo = hi / factor
-        while epsilon_of(lo) <= target:
+        while epsilon_of(lo) <= target_epsilon:
             hi, lo = lo, lo / factor
             if lo < 1e-6:
                 return hi
     while hi - lo > rtol * hi:
         mid = math.sqrt(lo * hi)
-        if epsilon_of(mid) <= target:
+        if epsilon_of(mid) <= target_epsilon:
             hi = mid
         else:
             lo = mid
@@ -84,19 +98,17 @@ def _calibrate_composed(
                                     truncated=truncated[0] if truncated else None)
         return epsilon_of
 
-    if screen_of is not None and mechanism == "rdp":
-        raise ValueError(
-            "truncated Poisson sampling (max_batch_size) is accounted by the PLD accountant "
-            "only (dp_accounting's RDP accountant has no analysis of it); use accountant='pld'")
-    sigma_rdp = _bisect_sigma(epsilon_with("rdp", screen_of or runs_of), target)
+    sigma_rdp = smallest_noise_multiplier(epsilon_with("rdp", screen_of or runs_of), target)
     if mechanism == "rdp":
         return sigma_rdp
     if screen_of is None:
-        return _bisect_sigma(epsilon_with("pld", runs_of), target, start=sigma_rdp, factor=1.05)
+        return smallest_noise_multiplier(epsilon_with("pld", runs_of), target, start=sigma_rdp,
+                                         factor=1.05)
     # Each truncated PLD costs seconds: start from the untruncated PLD answer, a lower bound.
-    sigma_plain = _bisect_sigma(epsilon_with("pld", screen_of), target, start=sigma_rdp,
-                                factor=1.05)
-    return _bisect_sigma(epsilon_with("pld", runs_of), target, start=sigma_plain, factor=1.1)
+    sigma_plain = smallest_noise_multiplier(epsilon_with("pld", screen_of), target,
+                                            start=sigma_rdp, factor=1.05)
+    return smallest_noise_multiplier(epsilon_with("pld", runs_of), target, start=sigma_plain,
+                                     factor=1.1)
 
 
 def calibrate_noise_multiplier(
@@ -141,21 +153,17 @@ def calibrate_noise_multiplier(
         ValueError: bad or missing arguments, unknown mechanism/neighboring, target not reachable.
         LastIterateUnavailable: ``last_iterate`` asked for a setting the bound does not cover.
     """
-    if not (target_epsilon > 0):
-        raise ValueError(f"target_epsilon must be > 0; got {target_epsilon!r}.")
+    check_target_epsilon(target_epsilon)
     delta = check_delta(delta)
     warn_if_delta_not_small(delta, num_samples)
     check_choice("sampling", sampling, SAMPLINGS)
     check_choice("mechanism", mechanism, MECHANISMS)
     neighboring = check_neighboring(neighboring, sampling)
     composition = "replace_one" if neighboring == "replace_one" else "add_remove"
-    if max_batch_size is not None and sampling != "poisson":
-        raise ValueError(f"max_batch_size (truncated Poisson) applies to sampling='poisson' only; "
-                         f"got sampling={sampling!r}.")
-    if (partitions is None) != (sampling != "cyclic_poisson"):
-        raise ValueError("partitions goes with sampling='cyclic_poisson' (the number of "
-                         f"partitions b), and only there; got sampling={sampling!r}, "
-                         f"partitions={partitions!r}.")
+    if sample_rate is not None:
+        check_sample_rate(sample_rate, sampling=sampling)
+    check_max_batch_size(max_batch_size, sampling=sampling, accountant=mechanism)
+    check_partitions_given(partitions, sampling=sampling)
     if sampling == "cyclic_poisson":
         rate, cycles = _cyclic_poisson_schedule(sample_rate, num_samples, batch_size, epochs,
                                                 steps, last_iterate, partitions)
@@ -166,7 +174,7 @@ def calibrate_noise_multiplier(
     if sampling == "poisson":
         q, n = _poisson_schedule(sample_rate, num_samples, batch_size, epochs, steps, last_iterate)
         if max_batch_size is not None:
-            size = _dataset_size_for_truncation(num_samples, max_batch_size)
+            size = _dataset_size_for_truncation(num_samples)
             return _calibrate_composed(
                 target=target_epsilon, delta=delta,
                 runs_of=lambda sigma: ({}, [], {(size, q, int(max_batch_size), sigma): n}),
@@ -177,8 +185,6 @@ def calibrate_noise_multiplier(
             target=target_epsilon, delta=delta, runs_of=lambda sigma: ({(q, sigma): n}, []),
             mechanism=mechanism, neighboring=composition,
         )
-    if sample_rate is not None:
-        raise ValueError(f"sample_rate applies to sampling='poisson' only; got sampling={sampling!r}.")
     per_epoch = _fixed_batches_per_epoch(num_samples, batch_size, drop_last)
     if last_iterate is not None:
         return _calibrate_last_iterate(target_epsilon, delta, sampling, batch_size, per_epoch,
@@ -206,13 +212,12 @@ def _poisson_schedule(sample_rate, num_samples, batch_size, epochs, steps, last_
         if batch_size is None or num_samples is None:
             raise ValueError("sampling='poisson' needs sample_rate, or batch_size and num_samples.")
         sample_rate = poisson_rate_of_batch_size(batch_size, num_samples)
-    if not (0 < sample_rate <= 1):
-        raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate!r}.")
+    sample_rate = check_sample_rate(sample_rate)
     if steps is None:
         if epochs is None:
             raise ValueError("sampling='poisson' needs steps or epochs.")
         steps = int(epochs) * batches_per_epoch(sampling="poisson", sample_rate=sample_rate)
-    return float(sample_rate), int(steps)
+    return sample_rate, int(steps)
 
 
 def _cyclic_poisson_schedule(sample_rate, num_samples, batch_size, epochs, steps, last_iterate,
@@ -232,12 +237,10 @@ def _cyclic_poisson_schedule(sample_rate, num_samples, batch_size, epochs, steps
     return partition_sample_rate(q, partitions), -(-int(steps) // int(partitions))
 
 
-def _dataset_size_for_truncation(num_samples, max_batch_size) -> int:
+def _dataset_size_for_truncation(num_samples) -> int:
     if num_samples is None:
         raise ValueError("truncated Poisson calibration needs num_samples (the analysis of "
                          "TruncatedSubsampledGaussianDpEvent depends on the dataset size).")
-    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}.")
     return int(num_samples)
 
 
@@ -276,7 +279,7 @@ def _calibrate_last_iterate(target_epsilon, delta, sampling, batch_size, per_epo
         convex=bool(last_iterate.get("convex", False)),
         neighboring="replace_one" if neighboring == "replace_one" else "zero_out",
     ).rho
-    return _bisect_sigma(
+    return smallest_noise_multiplier(
         lambda sigma: gaussian_rdp_epsilon(rho_1 / sigma**2, delta), target_epsilon
     )
 

@@ -54,9 +54,8 @@ from dpfused.accounting.records import (
     MECHANISMS,
     NEIGHBORINGS,
     SampledStep,
-    check_choice,
-    check_delta,
 )
+from dpfused.arguments import check_choice, check_delta, refuse_truncation_under_rdp
 
 __all__ = ["composed_dp_event", "composed_epsilon", "epoch_sigmas", "poisson_runs",
            "truncated_runs"]
@@ -241,11 +240,8 @@ def composed_epsilon(
     check_choice("neighboring", neighboring, NEIGHBORINGS)
     runs = {key: n for key, n in poisson.items() if n > 0 and key[0] > 0}
     cut = {key: n for key, n in (truncated or {}).items() if n > 0 and key[1] > 0}
-    if cut and mechanism == "rdp":
-        raise ValueError(
-            "truncated Poisson sampling (max_batch_size) is accounted by dp_accounting's PLD "
-            "accountant only: its RDP accountant has no analysis of "
-            "TruncatedSubsampledGaussianDpEvent; use accountant='pld'")
+    if cut:
+        refuse_truncation_under_rdp(mechanism)
     if (any(sigma == 0 for _, sigma in runs) or any(s == 0 for s in epoch_noise)
             or any(key[3] == 0 for key in cut)):
         return math.inf

@@ -22,9 +22,8 @@ from dpfused.accounting.records import (
     NEIGHBORINGS,
     LastIterateUnavailable,
     LedgerEntry,
-    check_choice,
-    check_delta,
 )
+from dpfused.arguments import check_choice, check_delta
 
 __all__ = [
     "LastIterateBound",

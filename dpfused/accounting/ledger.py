@@ -27,11 +27,10 @@ from dpfused.accounting.records import (
     IterateFacts,
     LedgerEntry,
     SampledStep,
-    check_choice,
-    check_delta,
     check_neighboring,
     default_neighboring,
 )
+from dpfused.arguments import check_choice, check_delta
 
 __all__ = ["PrivacyAccountant"]
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import dp_accounting
 
+from dpfused.arguments import check_choice
 from dpfused.step import POISSON_SAMPLINGS, SAMPLINGS, LogicalBatch
 
 __all__ = [
@@ -99,18 +100,6 @@ def check_neighboring(neighboring: str | None, sampling: str) -> str:
             "slot; same epsilon), 'replace_one' (sensitivity 2C), or sampling='poisson'"
         )
     return neighboring
-
-
-def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}; got {value!r}.")
-    return value
-
-
-def check_delta(delta: float) -> float:
-    if not (isinstance(delta, (int, float)) and 0.0 < float(delta) < 1.0):
-        raise ValueError(f"delta must satisfy 0 < delta < 1; got {delta!r}.")
-    return float(delta)
 
 
 def warn_if_delta_not_small(delta: float, num_samples: int | None, *, stacklevel: int = 3) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 from dpfused.accounting.last_iterate import gaussian_rdp_epsilon, last_iterate_assumptions
 from dpfused.accounting.ledger import PrivacyAccountant
-from dpfused.accounting.records import UNSAMPLED, LastIterateUnavailable, check_delta
+from dpfused.accounting.records import UNSAMPLED, LastIterateUnavailable
+from dpfused.arguments import check_delta, check_flag, check_number
 
 __all__ = ["PrivacyReport", "privacy_report"]
 
@@ -176,12 +176,8 @@ def _check_last_iterate_options(smoothness, convex) -> None:
     """A wrong type or a NaN/inf is the caller's mistake and raises; L <= 0 is a number the bound
     does not cover, reported as ``last_iterate_reason`` like the bound's other refusals."""
     if smoothness is not None:
-        if isinstance(smoothness, bool) or not isinstance(smoothness, numbers.Real):
-            raise TypeError(f"smoothness must be a finite number > 0 (or None), got {smoothness!r}")
-        if not math.isfinite(smoothness):
-            raise ValueError(f"smoothness must be a finite number > 0 (or None), got {smoothness!r}")
-    if not isinstance(convex, bool):
-        raise TypeError(f"convex must be True or False, got {convex!r}")
+        check_number("smoothness", smoothness, "a finite number > 0 (or None)", math.isfinite)
+    check_flag("convex", convex)
 
 
 _ADJACENCY_IN_WORDS = {

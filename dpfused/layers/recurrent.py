@@ -22,7 +22,6 @@ again with the input's ``batch_sizes`` and sort order, as ``nn`` does.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from dpfused.arguments import check_integer, check_number
 
 __all__ = ["DPRNNBase", "DPLSTM", "DPGRU", "DPRNN", "dp_equivalent", "PLAIN", "run_layers"]
 
@@ -363,11 +364,8 @@ def _check_arguments(name, input_size, hidden_size, num_layers, dropout, proj_si
         )
     for arg, value in (("input_size", input_size), ("hidden_size", hidden_size),
                        ("num_layers", num_layers)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name}: {arg} must be a positive integer; got {value!r}")
-    if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
-            or not 0 <= dropout <= 1):
-        raise ValueError(f"{name}: dropout must be a number in [0, 1]; got {dropout!r}")
+        check_integer(f"{name}: {arg}", value)
+    check_number(f"{name}: dropout", dropout, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 
 
 _DP_CLASS_OF = {nn.LSTM: DPLSTM, nn.GRU: DPGRU, nn.RNN: DPRNN}

@@ -22,7 +22,7 @@ __all__ = ["BaseRule", "LayerRule", "register", "rule_for", "Tap"]
 
 
 class Tap(Protocol):
-    """What a rule's forward and backward talk to (implemented by ``dpfused.clipping``)."""
+    """What a rule's forward and backward talk to (implemented by ``dpfused.bookkeeper``)."""
 
     batch_first: bool
     forward_batch: int | None  # batch size seen by earlier layers of this forward

@@ -18,14 +18,20 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     Dataset,
-    IterableDataset,
     RandomSampler,
     Sampler,
     SequentialSampler,
 )
 from torch.utils.data._utils.collate import default_collate, default_convert
 
-from dpfused.hf_accelerate import refuse_prepared_loader
+from dpfused.arguments import (
+    check_choice,
+    check_data_loader,
+    check_integer,
+    check_map_style_dataset,
+    check_max_batch_size,
+    check_partitions_given,
+)
 from dpfused.sampling.collate import EmptySafeCollate
 from dpfused.sampling.samplers import (
     SAMPLINGS,
@@ -33,7 +39,6 @@ from dpfused.sampling.samplers import (
     CyclicPoissonBatchSampler,
     PoissonBatchSampler,
     ShuffleBatchSampler,
-    _check_positive_int,
     _DPBatchSampler,
     poisson_rate_of_batch_size,
 )
@@ -171,12 +176,7 @@ class DPDataLoader:
         lockstep: bool = False,
         **data_loader_kwargs: Any,
     ) -> None:
-        if isinstance(dataset, IterableDataset):
-            raise ValueError(
-                "DPDataLoader needs a map-style dataset (with __getitem__ and __len__): an "
-                "IterableDataset cannot be sampled per example, so Poisson/cyclic/shuffled batches "
-                "and their privacy accounting are impossible. Wrap the data in a map-style Dataset."
-            )
+        check_map_style_dataset(dataset, name="DPDataLoader's dataset")
         if not isinstance(batch_sampler, _DPBatchSampler):
             raise TypeError(
                 "batch_sampler must be a PoissonBatchSampler, CyclicBatchSampler or "
@@ -258,7 +258,7 @@ class DPDataLoader:
     def max_physical_batch_size(self, value: int | None) -> None:
         # Takes effect at the next iteration (BatchMemoryManager sets it before the loop).
         if value is not None:
-            value = _check_positive_int("max_physical_batch_size", value)
+            value = check_integer("max_physical_batch_size", value)
         self._physical.max_physical_batch_size = value
 
     @property
@@ -408,11 +408,11 @@ def make_private_data_loader(
         ValueError: an IterableDataset, an unknown sampling, or missing/inconsistent sizes.
     """
     dataset = _check_user_loader(data_loader)
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS}; got {sampling!r}.")
+    check_choice("sampling", sampling, SAMPLINGS)
     batch_size = _logical_batch_size(data_loader, batch_size, sampling)
     common = dict(num_samples=len(dataset), generator=generator, secure_mode=secure_mode)
-    _check_sampling_options(sampling, partitions, max_batch_size)
+    check_partitions_given(partitions, sampling=sampling)
+    check_max_batch_size(max_batch_size, sampling=sampling)
     if sampling == "poisson":
         batch_sampler = _poisson_sampler(common, sample_rate, batch_size, steps_per_epoch,
                                          max_batch_size)
@@ -436,21 +436,10 @@ def make_private_data_loader(
 
 
 def _check_user_loader(data_loader: DataLoader) -> Dataset:
-    """The loader's map-style dataset; refuses what cannot be sampled per example."""
-    # accelerate's prepared loaders pass isinstance(DataLoader) (they fake __class__) but carry a
-    # per-process batch size and their own sharding: refuse them rather than guess.
-    refuse_prepared_loader(data_loader)
-    if not isinstance(data_loader, DataLoader):
-        raise TypeError(f"data_loader must be a torch DataLoader; got {type(data_loader).__name__}.")
-    dataset = data_loader.dataset
-    if isinstance(dataset, IterableDataset):
-        raise ValueError(
-            "make_private_data_loader needs a map-style dataset (with __getitem__ and __len__): "
-            f"the loader's dataset is an IterableDataset ({type(dataset).__name__}), which cannot "
-            "be sampled per example, so DP sampling and its accounting are impossible. Wrap the "
-            "data in a map-style Dataset."
-        )
-    return dataset
+    """The loader's map-style dataset; refuses what cannot be sampled per example (and accelerate's
+    prepared loaders, which carry a per-process batch size and their own sharding)."""
+    check_data_loader(data_loader)
+    return data_loader.dataset
 
 
 def _logical_batch_size(data_loader: DataLoader, batch_size: int | None, sampling: str):
@@ -470,16 +459,6 @@ def _logical_batch_size(data_loader: DataLoader, batch_size: int | None, samplin
     if data_loader.batch_sampler is not None and batch_size is None:
         batch_size = getattr(data_loader.batch_sampler, "batch_size", None)
     return batch_size
-
-
-def _check_sampling_options(sampling, partitions, max_batch_size) -> None:
-    if (partitions is None) != (sampling != "cyclic_poisson"):
-        raise ValueError("partitions goes with sampling='cyclic_poisson' (the number of "
-                         f"partitions b), and only there; got sampling={sampling!r}, "
-                         f"partitions={partitions!r}.")
-    if max_batch_size is not None and sampling != "poisson":
-        raise ValueError(f"max_batch_size (truncated Poisson) applies to sampling='poisson' only; "
-                         f"got sampling={sampling!r}.")
 
 
 def _poisson_rate(common, sample_rate, batch_size, sampling) -> float:

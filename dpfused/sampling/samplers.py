@@ -28,10 +28,10 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from dpfused.arguments import check_generator, check_integer, check_sample_rate
 from dpfused.secure_random import ChaCha20Generator
 from dpfused.step import SAMPLINGS, partition_sample_rate
 
@@ -88,8 +88,7 @@ def _own_generator(generator: torch.Generator | None, secure_mode: bool):
         raise TypeError("generator: pass secure_mode=True instead of a ChaCha20Generator (a copy "
                         "of it would replay its stream).")
     else:
-        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise TypeError(f"generator must be a CPU torch.Generator; got {generator!r}.")
+        check_generator("generator", generator, cpu=True)
         own.set_state(generator.get_state())
     return own
 
@@ -126,12 +125,6 @@ def _permutation(generator, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
-    return int(value)
-
-
 # ---------------------------------------------------------------------------------------------
 # Batch samplers
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +143,7 @@ class _DPBatchSampler(Sampler[list[int]]):
     def __init__(
         self, *, num_samples: int, generator: torch.Generator | None, secure_mode: bool
     ) -> None:
-        self.num_samples = _check_positive_int("num_samples", num_samples)
+        self.num_samples = check_integer("num_samples", num_samples)
         self.secure_mode = bool(secure_mode)
         self.generator = _own_generator(generator, secure_mode)
         self.epoch = 0
@@ -261,11 +254,11 @@ class PoissonBatchSampler(_DPBatchSampler):
         generator: torch.Generator | None = None,
         secure_mode: bool = False,
     ) -> None:
-        self.sample_rate = _check_sample_rate(sample_rate)
+        self.sample_rate = check_sample_rate(sample_rate)
         if steps_per_epoch is not None:
-            _check_positive_int("steps_per_epoch", steps_per_epoch)
+            check_integer("steps_per_epoch", steps_per_epoch)
         self.max_batch_size = (None if max_batch_size is None
-                               else _check_positive_int("max_batch_size", max_batch_size))
+                               else check_integer("max_batch_size", max_batch_size))
         self.batches_per_epoch = batches_per_epoch(
             sampling="poisson", sample_rate=self.sample_rate, steps_per_epoch=steps_per_epoch)
         self.last_truncated = False
@@ -340,9 +333,9 @@ class CyclicPoissonBatchSampler(_DPBatchSampler):
         generator: torch.Generator | None = None,
         secure_mode: bool = False,
     ) -> None:
-        self.sample_rate = _check_sample_rate(sample_rate)
-        self.partitions = _check_positive_int("partitions", partitions)
-        check_partitions(num_samples=_check_positive_int("num_samples", num_samples),
+        self.sample_rate = check_sample_rate(sample_rate)
+        self.partitions = check_integer("partitions", partitions)
+        check_partitions(num_samples=check_integer("num_samples", num_samples),
                          sample_rate=self.sample_rate, partitions=self.partitions,
                          steps_per_epoch=steps_per_epoch)
         self.partition_rate = partition_sample_rate(self.sample_rate, self.partitions)
@@ -418,18 +411,10 @@ def check_partitions(*, num_samples: int, sample_rate: float, partitions: int,
             "example's steps b apart at this expected batch size; use fewer bands (at most "
             f"{math.floor(1 / sample_rate)}) or a smaller batch size")
     if steps_per_epoch is not None and (
-            _check_positive_int("steps_per_epoch", steps_per_epoch) % partitions):
+            check_integer("steps_per_epoch", steps_per_epoch) % partitions):
         raise ValueError(
             f"steps_per_epoch={steps_per_epoch} is not a multiple of the {partitions} partitions: "
             "cyclic_poisson epochs are whole cycles (step t draws from partition t mod b)")
-
-
-def _check_sample_rate(sample_rate) -> float:
-    if isinstance(sample_rate, bool) or not (
-        isinstance(sample_rate, (int, float, np.floating)) and 0.0 < sample_rate <= 1.0
-    ):
-        raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate!r}.")
-    return float(sample_rate)
 
 
 class _FixedSizeBatchSampler(_DPBatchSampler):
@@ -445,7 +430,7 @@ class _FixedSizeBatchSampler(_DPBatchSampler):
         secure_mode: bool,
     ) -> None:
         super().__init__(num_samples=num_samples, generator=generator, secure_mode=secure_mode)
-        self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.batch_size = check_integer("batch_size", batch_size)
         self.drop_last = bool(drop_last)
         if self.drop_last and self.batch_size > self.num_samples:
             raise ValueError(

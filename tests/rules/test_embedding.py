@@ -43,6 +43,6 @@ def test_embedding_pieces_and_norm_path(case):
 @SETTINGS
 @given(embedding_cases(), st.sampled_from(["flat", "per_layer"]))
 def test_embedding_released_gradient(case, clipping):
-    """The explain() path of embeddings needs clipping.py to record it: test_explain_paths.py."""
+    """The explain() path of embeddings needs bookkeeper.py to record it: test_explain_paths.py."""
     model, inputs = case
     released_matches_oracle(model, inputs, clipping=clipping)

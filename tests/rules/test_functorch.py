@@ -47,7 +47,7 @@ def test_fallback_pieces_and_norm_path(case):
 @SETTINGS
 @given(fallback_cases(), st.sampled_from(["flat", "per_layer"]))
 def test_fallback_released_gradient(case, clipping):
-    """The explain() path needs clipping.py to record it: tests/rules/test_explain_paths.py."""
+    """The explain() path needs bookkeeper.py to record it: tests/rules/test_explain_paths.py."""
     model, inputs = case
     released_matches_oracle(model, inputs, clipping=clipping)
 

@@ -51,7 +51,7 @@ def test_norm_pieces_and_norm_path(case):
 @SETTINGS
 @given(norm_cases(), st.sampled_from(["flat", "per_layer"]))
 def test_norm_released_gradient(case, clipping):
-    """The explain() path of norm layers needs clipping.py to record it: test_explain_paths.py."""
+    """The explain() path of norm layers needs bookkeeper.py to record it: test_explain_paths.py."""
     kind, model, inputs = case
     if not any(p.requires_grad for p in model.parameters()):
         return

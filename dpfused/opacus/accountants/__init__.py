@@ -1,6 +1,6 @@
 """Opacus' standalone accountants, for code that plans budgets without training:
 
-    from dpfused.accountants import RDPAccountant      # was: from opacus.accountants import ...
+    from dpfused.opacus.accountants import RDPAccountant      # was: from opacus.accountants import ...
     accountant = RDPAccountant()
     for _ in range(steps):
         accountant.step(noise_multiplier=1.1, sample_rate=0.01)
@@ -15,15 +15,15 @@ These accountants assume Poisson sampling, as Opacus'; a ``dpfused.PrivacyEngine
 sampling it performs itself (``engine.accountant``).
 """
 
-from dpfused.accountants import registry
-from dpfused.accountants.accountants import (
+from dpfused.opacus.accountants import registry
+from dpfused.opacus.accountants.accountants import (
     GaussianAccountant,
     IAccountant,
     PRVAccountant,
     RDPAccountant,
 )
-from dpfused.accountants.registry import create_accountant, register_accountant
-from dpfused.accountants.utils import get_noise_multiplier
+from dpfused.opacus.accountants.registry import create_accountant, register_accountant
+from dpfused.opacus.accountants.utils import get_noise_multiplier
 
 __all__ = ["GaussianAccountant", "IAccountant", "PRVAccountant", "RDPAccountant",
            "create_accountant", "get_noise_multiplier", "register_accountant", "registry"]

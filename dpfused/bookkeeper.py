@@ -1,7 +1,8 @@
-"""Clipping groups and the book-keeping of one step (docs/design.md §4).
+"""The book-keeper of one step, and the taps that feed it (docs/design.md §2, §4).
 
 Layers deliver pieces (per-example gradients in compact form) from their backward. The ``Bookkeeper``
-routes each piece to the clipping group of its parameter. A group completes:
+routes each piece to the clipping group of its parameter (the groups and their thresholds are
+``dpfused.groups``'). A group completes:
 
 - inside the backward of its only layer, when that layer is its group's sole member, shares no
   parameter and was called once in this forward: the ``per_layer`` fast path, where the clipped
@@ -31,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from dpfused import privacy_math
+from dpfused.arguments import check_choice, check_clipping_function
 from dpfused.groups import set_thresholds
 from dpfused.pieces import disjoint, joint_release_error, joint_weighted_sum, merge_factor_uses
 from dpfused.step import ClippedStep, LogicalBatch
@@ -81,10 +83,8 @@ class Bookkeeper:
     def __init__(self, groups, *, loss_reduction, batch_first, count_unclipped=False,
                  nonfinite="raise", clipping_function="standard",
                  stability=privacy_math.DEFAULT_STABILITY):
-        if nonfinite not in privacy_math.NONFINITE_CHOICES:
-            raise ValueError(f"nonfinite_gradients={nonfinite!r} is not supported; use one of "
-                             f"{privacy_math.NONFINITE_CHOICES}")
-        privacy_math.check_clipping_function(clipping_function, stability)
+        check_choice("nonfinite_gradients", nonfinite, privacy_math.NONFINITE_CHOICES)
+        check_clipping_function(clipping_function, stability)
         # min(1, C / N) or AUTO-S's C / (N + gamma): privacy_math.clip_factors.
         self.clipping_function, self.stability = clipping_function, float(stability)
         self.groups = groups

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dpfused.accountants.accountants import IAccountant, PRVAccountant, RDPAccountant
+from dpfused.opacus.accountants.accountants import (
+    GDP_REFUSAL,
+    IAccountant,
+    PRVAccountant,
+    RDPAccountant,
+)
 
 __all__ = ["create_accountant", "register_accountant"]
 
 _ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
-
-GDP_REFUSAL = (
-    "the Gaussian-DP accountant ('gdp', Opacus' GaussianAccountant) is refused: its central-limit "
-    "approximation is not an upper bound and can understate epsilon for few steps or large "
-    "sampling rates; use 'prv' (dp_accounting's privacy-loss distributions, tight) or 'rdp'")
 
 
 def register_accountant(mechanism: str, accountant: type[IAccountant], force: bool = False) -> None:

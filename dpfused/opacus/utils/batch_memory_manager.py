@@ -1,4 +1,5 @@
-"""Opacus' ``BatchMemoryManager``: bound the memory of a step without changing the privacy.
+"""Opacus' ``BatchMemoryManager`` (``opacus.utils.batch_memory_manager``): bound the memory of a
+step without changing the privacy.
 
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=32,
                             optimizer=optimizer) as loader:
@@ -8,7 +9,8 @@
 Inside the block the DP loader yields physical batches of at most ``max_physical_batch_size``
 examples; ``optimizer.step()`` skips all but the last physical batch of each logical batch, so the
 clipped sums accumulate and the noise is added once per logical batch (docs/design.md §5). The sampling,
-the accounting and the result are those of ``make_private(max_physical_batch_size=...)``.
+the accounting and the result are those of ``make_private(max_physical_batch_size=...)``, dpfused's
+own way to say it.
 As in Opacus, ``len()`` of the loader the block yields is the expected number of physical batches
 per epoch (``len(data_loader)`` outside the block stays the number of logical batches, the steps).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+from dpfused.arguments import check_instance, check_integer
 from dpfused.optimizer import DPOptimizer
 from dpfused.sampling import DPDataLoader
 
@@ -38,27 +41,18 @@ class BatchMemoryManager:
 
     def __init__(self, *, data_loader: DPDataLoader, max_physical_batch_size: int,
                  optimizer: DPOptimizer):
-        if not isinstance(data_loader, DPDataLoader):
-            raise TypeError(
-                f"BatchMemoryManager: data_loader must be the DPDataLoader make_private returned; "
-                f"got {type(data_loader).__name__}"
-            )
-        if not isinstance(optimizer, DPOptimizer):
-            raise TypeError(
-                f"BatchMemoryManager: optimizer must be the DPOptimizer make_private returned; "
-                f"got {type(optimizer).__name__}"
-            )
+        check_instance("BatchMemoryManager: data_loader", data_loader, DPDataLoader,
+                       "the DPDataLoader make_private returned")
+        check_instance("BatchMemoryManager: optimizer", optimizer, DPOptimizer,
+                       "the DPOptimizer make_private returned")
         if optimizer.instrumentation.book.begin not in data_loader.listeners:
             raise ValueError(
                 "BatchMemoryManager: the optimizer was made private with another data loader; it "
                 "could not tell where a logical batch ends. Pass the pair make_private returned"
             )
-        if (isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
-                or max_physical_batch_size < 1):
-            raise ValueError(f"BatchMemoryManager: max_physical_batch_size must be a positive int, "
-                             f"got {max_physical_batch_size!r}")
         self.data_loader = data_loader
-        self.max_physical_batch_size = max_physical_batch_size
+        self.max_physical_batch_size = check_integer("BatchMemoryManager: max_physical_batch_size",
+                                                     max_physical_batch_size)
         self.optimizer = optimizer
         self._saved: int | None = None
 

@@ -14,6 +14,13 @@ from dpfused.accounting.composition import _pld_epsilon
 
 __all__ = ["IAccountant", "PRVAccountant", "RDPAccountant", "GaussianAccountant"]
 
+# The one refusal of "gdp", wherever Opacus code names it (an accountant here, or the engine's).
+GDP_REFUSAL = (
+    "the Gaussian-DP accountant (accountant='gdp', Opacus' GaussianAccountant) is refused: its "
+    "central-limit approximation is not an upper bound and can understate epsilon for few steps "
+    "or large sampling rates; use 'prv' / 'pld' (dp_accounting's privacy-loss distributions, "
+    "tight) or 'rdp'")
+
 
 class IAccountant(abc.ABC):
     """Opacus' accountant interface: ``history`` is a list of (sigma, q, steps) runs."""
@@ -141,5 +148,4 @@ class GaussianAccountant:
     understate epsilon. Use ``PRVAccountant`` or ``RDPAccountant``."""
 
     def __init__(self, *args, **kwargs):
-        from dpfused.accountants.registry import GDP_REFUSAL
         raise ValueError(GDP_REFUSAL)

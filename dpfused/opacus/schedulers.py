@@ -1,4 +1,5 @@
-"""Opacus' noise and clipping schedulers, same API: ``from dpfused.schedulers import StepNoise``.
+"""Opacus' noise and clipping schedulers (``opacus.schedulers``), same API:
+``from dpfused.opacus.schedulers import StepNoise``.
 
 A scheduler sets ``optimizer.noise_multiplier`` (noise schedulers) or ``optimizer.max_grad_norm``
 (clipping schedulers) each time its ``step()`` is called, like torch's learning-rate schedulers.

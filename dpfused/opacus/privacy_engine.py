@@ -1,6 +1,4 @@
-"""Opacus compatibility: Opacus code runs on dpfused with one import changed.
-
-    from opacus import PrivacyEngine          ->   from dpfused.opacus import PrivacyEngine
+"""Opacus' ``PrivacyEngine`` on dpfused (``opacus.privacy_engine``): its keywords and return values.
 
 Opacus' keyword arguments (``poisson_sampling``, ``grad_sample_mode``, ``criterion``,
 ``secure_mode``, ``wrap_model``, ``rand_on_empty``, ``clipping="adaptive"`` with its keywords, a
@@ -14,9 +12,9 @@ The model is instrumented in place (dpfused has no wrapper module): with ``wrap_
 Opacus' GradSampleModule) is the model too; with ``wrap_model=False`` the first value is a
 ``GradSampleHooks`` whose ``cleanup()`` undoes the instrumentation, and the model is used as is.
 
-FSDP2 as in Opacus: ``FSDP2Wrapper(model)`` shards the model with torch's ``fully_shard`` (each
-layer dpfused has a rule for, then the root), and ``grad_sample_mode="ghost_fsdp"`` (or "fsdp")
-runs on dpfused's own FSDP2 path (docs/design.md §9). A loader with a ``DistributedSampler`` and
+FSDP2 as in Opacus: a model sharded by ``FSDP2Wrapper`` (``dpfused.opacus.utils.fsdp_utils``)
+with ``grad_sample_mode="ghost_fsdp"`` (or "fsdp") runs on dpfused's own FSDP2 path
+(docs/design.md §9). A loader with a ``DistributedSampler`` and
 ``batch_size=b`` per process stands, as in Opacus, for logical batches of ``b * num_replicas``:
 dpfused draws each one once and gives every process its slice. A private loader returned by an
 earlier ``make_private`` (a notebook cell run again) is unwrapped to the dataset and settings of
@@ -32,23 +30,21 @@ size). Opacus accounts such loaders as if they were Poisson, which understates e
 
 from __future__ import annotations
 
-import math
 import warnings
 
-import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from dpfused import accounting, distributed, engine, validate
+from dpfused import accounting, distributed, engine, privacy_math
 from dpfused.adaptive import AdaptiveClipping
-from dpfused.batch_memory import BatchMemoryManager
+from dpfused.arguments import check_choice, check_thresholds_total
 from dpfused.instrument import detach, plan
-from dpfused.rules import rule_for
+from dpfused.opacus.accountants.accountants import GDP_REFUSAL
+from dpfused.opacus.validators import ModuleValidator
 from dpfused.sampling import DPDataLoader
 from dpfused.sampling.loader import _worker_options_of
 
-__all__ = ["BatchMemoryManager", "FSDP2Wrapper", "GradSampleHooks", "PrivacyEngine",
-           "get_noise_multiplier"]
+__all__ = ["GradSampleHooks", "PrivacyEngine"]
 
 
 class PrivacyEngine(engine.PrivacyEngine):
@@ -70,13 +66,13 @@ class PrivacyEngine(engine.PrivacyEngine):
         Raises:
             UnsupportedModuleError: what the fix cannot repair.
         """
-        return validate.ModuleValidator.fix_and_validate(module)
+        return ModuleValidator.fix_and_validate(module)
 
     def is_compatible(self, *, module: nn.Module, optimizer=None, data_loader=None) -> bool:
-        return validate.ModuleValidator.is_valid(module)
+        return ModuleValidator.is_valid(module)
 
     def validate(self, *, module: nn.Module, optimizer=None, data_loader=None) -> None:
-        validate.ModuleValidator.validate(module, strict=True)
+        ModuleValidator.validate(module, strict=True)
 
     def make_private(self, *, module, optimizer, data_loader, max_grad_norm, sampling=None,
                      clipping="flat", thresholds=None, adaptive_clipping=None, **kwargs):
@@ -130,67 +126,6 @@ class GradSampleHooks:
         PrivacyEngine.detach(self._module)
 
     remove_hooks = cleanup
-
-
-def FSDP2Wrapper(model: nn.Module, **kwargs) -> nn.Module:  # noqa: N802 (Opacus' name)
-    """Opacus' ``FSDP2Wrapper``: shard ``model`` with torch's ``fully_shard``, layer by layer,
-    then the root, the way dpfused's FSDP2 path takes it (docs/design.md §9).
-
-    As Opacus' wrapper, every submodule that owns parameters and that dpfused has a layer rule
-    for (or whose parameters are all frozen) becomes its own FSDP unit, and the root holds the
-    rest. Two exceptions keep each parameter with the module that uses it: the children of a
-    rule that uses them directly (``nn.MultiheadAttention``'s ``out_proj``) stay in their
-    parent's unit, and a parameter shared by several modules (tied embedding and LM head) stays
-    in the root's.
-
-    Args:
-        model: the model, unsharded; ``torch.distributed`` initialized.
-        **kwargs: Opacus' ``mp_policy`` (a ``MixedPrecisionPolicy``; None: the default) and
-            ``opacus_high_precision_layers`` (layer classes whose parameters stay in the default
-            dtype).
-
-    Returns:
-        The model (``fully_shard`` changes it in place), an FSDP2 module.
-
-    Raises:
-        TypeError: an unknown keyword.
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp_policy = kwargs.pop("mp_policy", None) or MixedPrecisionPolicy()
-    high_precision = kwargs.pop("opacus_high_precision_layers", None) or ()
-    high_precision = (high_precision,) if isinstance(high_precision, type) else tuple(high_precision)
-    if kwargs:
-        raise TypeError(f"FSDP2Wrapper got unexpected keyword argument(s) {sorted(kwargs)}; it "
-                        "takes Opacus' mp_policy and opacus_high_precision_layers")
-    for unit in _shard_units(model):
-        policy = mp_policy
-        if high_precision and isinstance(unit, high_precision):
-            policy = MixedPrecisionPolicy(param_dtype=torch.get_default_dtype())
-        fully_shard(unit, mp_policy=policy)
-    return fully_shard(model, mp_policy=mp_policy)
-
-
-def _shard_units(model: nn.Module) -> list[nn.Module]:
-    """The submodules ``FSDP2Wrapper`` shards before the root (see there), every unit after the
-    units inside it (``fully_shard`` takes the parameters no inner unit has taken)."""
-    owners: dict[int, int] = {}  # id(param) -> how many modules register it
-    for sub in model.modules():
-        for p in sub.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    units, inside_claiming = [], set()
-    for sub in model.modules():  # parents before children
-        if sub is model or id(sub) in inside_claiming:
-            continue
-        rule = rule_for(sub)
-        if rule is not None and rule.claims_children:
-            inside_claiming.update(id(m) for m in sub.modules() if m is not sub)
-        own = list(sub.parameters(recurse=False))
-        if not own or any(owners[id(p)] > 1 for p in own):
-            continue
-        if rule is not None or not any(p.requires_grad for p in own):
-            units.append(sub)
-    return units[::-1]
 
 
 def _loader_to_wrap(data_loader):
@@ -449,26 +384,6 @@ def _sampling_of_loader(data_loader):
     return "shuffle", drop_last
 
 
-def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float,
-                         epochs: int | None = None, steps: int | None = None,
-                         accountant: str = "pld", **opacus_kwargs) -> float:
-    """Opacus' ``get_noise_multiplier`` for Poisson sampling, on dpfused's calibration.
-
-    Steps are ``steps`` or ``epochs * round(1/q)``; sigma is bisected to 0.1%, so Opacus'
-    ``epsilon_tolerance`` is accepted and not needed.
-
-    Raises:
-        ValueError: as ``accounting.calibrate_noise_multiplier``, or an unknown keyword.
-    """
-    opacus_kwargs.pop("epsilon_tolerance", None)
-    if opacus_kwargs:
-        raise TypeError(f"get_noise_multiplier got unexpected keyword argument(s) "
-                        f"{sorted(opacus_kwargs)}")
-    return accounting.calibrate_noise_multiplier(
-        target_epsilon=target_epsilon, delta=target_delta, sampling="poisson",
-        sample_rate=sample_rate, epochs=epochs, steps=steps, mechanism=_map_accountant(accountant))
-
-
 def _map_accountant(name):
     if name == "prv":
         warnings.warn("accountant='prv' (Opacus) maps to dpfused's 'pld' (dp_accounting's "
@@ -476,9 +391,8 @@ def _map_accountant(name):
                       stacklevel=3)
         return "pld"
     if name == "gdp":
-        raise ValueError("accountant='gdp' is refused: the Gaussian-DP CLT approximation is not an "
-                         "upper bound on epsilon; use 'pld' (default) or 'rdp'")
-    engine._check_choice("accountant", name, accounting.MECHANISMS)
+        raise ValueError(GDP_REFUSAL)
+    check_choice("accountant", name, accounting.MECHANISMS)
     return name
 
 
@@ -498,18 +412,13 @@ def _split_max_grad_norm(max_grad_norm, thresholds, clipping, *, module, optimiz
         if thresholds is not None:
             raise ValueError("give group thresholds either as max_grad_norm=[...] or thresholds=, not both")
         values = [float(v) for v in max_grad_norm]
-        total = math.sqrt(sum(v * v for v in values))
+        total = privacy_math.sensitivity(values)
         if clipping in ("per_layer", "per_parameter"):
             per_parameter = _per_parameter_thresholds(values, module, optimizer, clipping)
             if per_parameter is not None:
                 return total, per_parameter, "per_parameter"
         return total, values, clipping
-    if isinstance(thresholds, (dict, list, tuple)):
-        values = thresholds.values() if isinstance(thresholds, dict) else thresholds
-        total = math.sqrt(sum(float(v) ** 2 for v in values))
-        if not math.isclose(total, float(max_grad_norm), rel_tol=1e-6):
-            raise ValueError(f"thresholds give sqrt(sum C_g^2) = {total:.6g} but max_grad_norm="
-                             f"{max_grad_norm}; make them agree (max_grad_norm is the sensitivity)")
+    check_thresholds_total(thresholds, max_grad_norm)
     return max_grad_norm, thresholds, clipping
 
 
