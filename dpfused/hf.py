@@ -923,6 +923,12 @@ def _refuse_unsupported_sharding(trainer) -> None:
             "FSDP2 with ignored_modules is not supported by DPTrainer: every trainable parameter "
             "must be sharded by fully_shard, whose reduce-scatter adds the clipped sums up; "
             "remove ignored_modules")
+    if getattr(plugin, "activation_checkpointing", False):
+        raise ValueError(
+            "FSDP2 with activation checkpointing (fsdp_activation_checkpointing) is not supported "
+            "by DPTrainer: accelerate wraps the layers in checkpoint wrappers after the model was "
+            "checked, and dpfused's clipping of the recomputed layers is not tested there; set "
+            "fsdp_activation_checkpointing: false")
     policy = plugin.mixed_precision_policy
     if policy is not None and getattr(policy, "reduce_dtype", None) is not None:
         reduce, compute = policy.reduce_dtype, policy.param_dtype

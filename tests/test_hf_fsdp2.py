@@ -292,7 +292,7 @@ class _TrainerLike:
 
 def _plugin(**overrides):
     values = dict(fsdp_version=2, cpu_offload=None, ignored_modules=None,
-                  mixed_precision_policy=None)
+                  mixed_precision_policy=None, activation_checkpointing=False)
     values.update(overrides)
     return types.SimpleNamespace(**values)
 
@@ -314,9 +314,12 @@ def _offload():
     (_plugin(fsdp_version=1), False, "FSDP1 .*refused.*use FSDP2"),
     (_plugin(ignored_modules=["lm_head"]), False, "ignored_modules .*remove ignored_modules"),
     (_plugin(cpu_offload=_offload()), False, "CPU offload .*turn offloading off"),
+    (_plugin(activation_checkpointing=True), False,
+     "activation checkpointing .*fsdp_activation_checkpointing: false"),
     (_plugin(mixed_precision_policy=_narrow_reduce()), False,
      "reduce_dtype=torch.bfloat16.*set reduce_dtype to torch.float32"),
-], ids=["deepspeed", "fsdp1", "ignored-modules", "cpu-offload", "bf16-reduce"])
+], ids=["deepspeed", "fsdp1", "ignored-modules", "cpu-offload", "activation-checkpointing",
+        "bf16-reduce"])
 def test_unsupported_sharding_is_refused_with_the_fix(plugin, deepspeed, message):
     from dpfused.hf import _refuse_unsupported_sharding
 
