@@ -190,8 +190,8 @@ class PrivacyEngine:
         loader.add_listener(inst.book.begin)  # the one way a logical batch reaches the book
         reduction, self._noise_layout = None, "one"
         if noise_generator is None:  # never torch's global RNG: a resume could replay it (§7.6)
-            noise_generator = _os_seeded_noise_generator(inst.params, several=wrapper is module
-                                                         and not sharded)
+            noise_generator = _os_seeded_noise_generator(inst.params, several=world_size == 1
+                                                         and wrapper is module and not sharded)
         if wrapper is not module:  # DDP: its all-reduce carries the clipped sums (§9)
             reduction = distributed.DDPReduction(wrapper, inst.book)
             loader.add_listener(reduction.begin)
@@ -204,11 +204,15 @@ class PrivacyEngine:
             noise_generator = distributed.per_rank_generator(
                 noise_generator, next(iter(inst.params)).to_local().device)
             self._noise_layout = "per_rank"
+        elif world_size > 1:  # a plain module: one all-reduce at the release (§9)
+            reduction = distributed.ProcessGroupReduction(inst.book)
+            noise_generator = distributed.replicated_generator(
+                noise_generator, next(iter(inst.params)).device)
+            self._noise_layout = "replicated"
         dp_optimizer = DPOptimizer(
             optimizer, instrumentation=inst, noise_multiplier=noise_multiplier,
             accountant=self.accountant, generator=noise_generator, max_epsilon=max_epsilon,
-            delta=delta, distributed=world_size > 1 and reduction is None,
-            adaptive_clipping=adaptive_clipping, reduction=reduction,
+            delta=delta, adaptive_clipping=adaptive_clipping, reduction=reduction,
             expected_batch_size=_expected_batch_size_per_process(loader, world_size),
             noise=noise,
         )
