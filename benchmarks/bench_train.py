@@ -32,7 +32,8 @@ Writes a markdown table to stdout and train.json + train.png to --out.
 
 --fsdp / --ddp (multi-process; the script relaunches itself with torch.distributed.run, nccl on GPUs,
 gloo on the CPU) add rows "fsdp:<method>" / "ddp:<method>" for nonprivate, dpfused_per_layer and
-dpfused_flat: the model sharded with FSDP2 (fully_shard per block, then the root) or wrapped in
+dpfused_flat: the model sharded with FSDP2 (fully_shard per block, then the root; float32
+parameters, compute in the row's dtype, float32 reduce: MixedPrecisionPolicy) or wrapped in
 DistributedDataParallel, B examples per rank (logical batch B x ranks), examples/s over all ranks,
 peak memory of rank 0, ratios against the same mode's nonprivate row.
 """
@@ -308,7 +309,10 @@ def build_model(spec: ModelSpec, max_seq_len: int, device: torch.device,
 def make_trainer(method: str, spec: ModelSpec, data: TensorDataset, batch_size: int,
                  device: torch.device, dtype: torch.dtype, max_seq_len: int) -> Trainer:
     mode, _, method = method.rpartition(":")  # "fsdp:dpfused_flat" -> ("fsdp", "dpfused_flat")
-    model = parallelize(build_model(spec, max_seq_len, device, dtype), mode, device)
+    # FSDP2 keeps float32 parameters and computes in ``dtype`` (MixedPrecisionPolicy): dpfused
+    # refuses to let FSDP round the clipped sums to bfloat16 before the noise (design §9).
+    stored = torch.float32 if mode == "fsdp" else dtype
+    model = parallelize(build_model(spec, max_seq_len, device, stored), mode, device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     loader = DataLoader(data, batch_size=batch_size * world_of(mode), shuffle=False,
                         drop_last=True)
@@ -335,16 +339,19 @@ def make_trainer(method: str, spec: ModelSpec, data: TensorDataset, batch_size: 
     raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
 
 
-def parallelize(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    """--fsdp: FSDP2, each transformer block / ResNet stage, then the root; --ddp: DDP."""
+def parallelize(model: nn.Module, mode: str, device: torch.device,
+                compute_dtype: torch.dtype) -> nn.Module:
+    """--fsdp: FSDP2, each transformer block / ResNet stage, then the root, computing in
+    ``compute_dtype`` and reducing in float32; --ddp: DDP."""
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for module in model.modules():
             if isinstance(module, nn.ModuleList):
                 for block in module:
-                    fully_shard(block)
-        return fully_shard(model)
+                    fully_shard(block, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
     if mode == "ddp":
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
