@@ -100,7 +100,7 @@ class GradScaler:
             raise ValueError(
                 "GradScaler(dynamic=True) expects overflows: make_private(nonfinite_gradients="
                 "'drop') so an overflowing example contributes 0 instead of stopping the run")
-        if self.optimizer.distributed or self.optimizer.reduction is not None:
+        if self.optimizer.reduction is not None:
             raise ValueError(
                 "GradScaler(dynamic=True) is not supported on several processes yet (the count "
                 "would have to be reduced before its noise); use a static scale (dynamic=False)")

@@ -35,8 +35,8 @@ __all__ = ["NOISE_LAYOUTS", "check_ledger", "check_plain", "load_plain", "noise_
            "os_seeded_generator", "reseed_from_os", "restore_noise"]
 
 # How the DP optimizer's noise stream is laid out over processes (docs/design.md §9):
-# "one": one process, or data parallel where rank 0 alone draws; "replicated": DDP, every rank
-# draws the same stream; "per_rank": FSDP2, each rank draws its own stream for its own shard.
+# "one": one process; "replicated": data parallel over a plain module or DDP, every rank draws the
+# same stream; "per_rank": FSDP2, each rank draws its own stream for its own shard.
 NOISE_LAYOUTS = ("one", "replicated", "per_rank")
 
 _PLAIN_LEAVES = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)

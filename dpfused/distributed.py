@@ -4,8 +4,9 @@ Every rank draws the same logical batch and keeps its slice (``replicated_genera
 examples' norms and clip factors are local. What differs between engines is how the clipped sums of
 the ranks are added up and where the noise goes:
 
-- plain module (no wrapper): the optimizer all-reduces the noised sums after backward; rank 0 alone
-  adds noise (``privacy_math.noise_std_on_rank``). Unchanged, no class here.
+- plain module (no wrapper): :class:`ProcessGroupReduction`. One all-reduce of the clipped sums
+  (per device and dtype, over a flat buffer) at the release; every rank then adds the SAME noise
+  from a replicated generator, as under DDP.
 - ``DistributedDataParallel``: :class:`DDPReduction`. DDP's bucketed all-reduce carries the clipped
   sums, through a communication hook that sums (DDP's default averages). A bucket whose parameters'
   groups completed inside backward (``per_layer``'s fast path) is reduced as soon as DDP finds it
@@ -32,9 +33,10 @@ import torch.nn as nn
 from dpfused import privacy_math
 from dpfused.step import ClippedStep, LogicalBatch
 
-__all__ = ["DDPReduction", "FSDP2Reduction", "all_reduce_sum", "check_ddp", "check_same_data",
-           "check_sharding", "dataset_fingerprint", "drain_torch_threads_at_exit", "is_fsdp2",
-           "per_rank_generator", "replicated_generator", "unwrap"]
+__all__ = ["DDPReduction", "FSDP2Reduction", "ProcessGroupReduction", "all_reduce_sum",
+           "check_ddp", "check_same_data", "check_sharding", "dataset_fingerprint",
+           "drain_torch_threads_at_exit", "is_fsdp2", "per_rank_generator", "replicated_generator",
+           "unwrap"]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -64,7 +66,41 @@ def check_ddp(ddp: nn.parallel.DistributedDataParallel) -> None:
                          "clipped sums must be reduced in the parameters' dtype; drop it")
 
 
-class DDPReduction:
+class ProcessGroupReduction:
+    """Data parallel over a plain (unwrapped) module: one all-reduce of the clipped sums at the
+    release, then the same noise on every rank (its generator is replicated, §9).
+
+    The one data-parallel seam of ``DPOptimizer``: every multi-process path hands it a reduction
+    (this one, ``DDPReduction`` or ``FSDP2Reduction``) that adds the ranks' clipped sums and
+    counts up before the noise.
+    """
+
+    def __init__(self, book) -> None:
+        self.book = book
+
+    def begin(self, batch: LogicalBatch) -> None:
+        """A loader listener, as the wrappers' reductions are; nothing to prepare here."""
+
+    def global_sums(self, clipped: ClippedStep, params) -> dict[int, torch.Tensor]:
+        """sum over ranks of the clipped sums, per parameter, in one all-reduce per device and
+        dtype (a rank no example reached contributes zeros)."""
+        sums = [clipped.sums.get(id(p), torch.zeros_like(p)) for p in params]
+        return {id(p): s for p, s in zip(params, all_reduce_sum(sums))}
+
+    def noised_global_counts(self, counts: torch.Tensor, *, std: float, generator) -> torch.Tensor:
+        """Adaptive thresholds: the ranks' counts summed, plus the same N(0, std^2) on every
+        rank (the noise generator is replicated)."""
+        return privacy_math.noised_counts(all_reduce_sum([counts])[0], std=std,
+                                          generator=generator)
+
+    def local_shape(self, param) -> torch.Size:
+        return param.shape
+
+    def as_grad(self, param, grad: torch.Tensor) -> torch.Tensor:
+        return grad.to(param.dtype)
+
+
+class DDPReduction(ProcessGroupReduction):
     """Adds the ranks' clipped sums up through DDP's own bucketed all-reduce (module docstring).
 
     Args:
@@ -142,20 +178,7 @@ class DDPReduction:
                     "inside it) in the forward pass")
             sums, self._global = self._global, {}
             return {id(p): sums[id(p)] for p in params}
-        sums = [clipped.sums.get(id(p), torch.zeros_like(p)) for p in params]
-        return {id(p): s for p, s in zip(params, all_reduce_sum(sums))}
-
-    def noised_global_counts(self, counts: torch.Tensor, *, std: float, generator) -> torch.Tensor:
-        """Adaptive thresholds: the ranks' counts summed, plus the same N(0, std^2) on every
-        rank (the noise generator is replicated)."""
-        return privacy_math.noised_counts(all_reduce_sum([counts])[0], std=std,
-                                          generator=generator)
-
-    def local_shape(self, param) -> torch.Size:
-        return param.shape
-
-    def as_grad(self, param, grad: torch.Tensor) -> torch.Tensor:
-        return grad.to(param.dtype)
+        return super().global_sums(clipped, params)
 
 
 # ---- process exit --------------------------------------------------------------------------------

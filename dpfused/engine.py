@@ -290,8 +290,8 @@ class PrivacyEngine:
         reduction, self._noise_layout = None, "one"
         noise_generator = s["noise_generator"]
         if noise_generator is None:  # never torch's global RNG: a resume could replay it (§7.6)
-            noise_generator = _os_seeded_noise_generator(inst.params, several=wrapper is module
-                                                         and not sharded)
+            noise_generator = _os_seeded_noise_generator(inst.params, several=world_size == 1
+                                                         and wrapper is module and not sharded)
         if wrapper is not module:  # DDP: its all-reduce carries the clipped sums (§9)
             reduction = distributed.DDPReduction(wrapper, inst.book)
             loader.add_listener(reduction.begin)
@@ -304,11 +304,15 @@ class PrivacyEngine:
             noise_generator = distributed.per_rank_generator(
                 noise_generator, next(iter(inst.params)).to_local().device)
             self._noise_layout = "per_rank"
+        elif world_size > 1:  # a plain module: one all-reduce at the release (§9)
+            reduction = distributed.ProcessGroupReduction(inst.book)
+            noise_generator = distributed.replicated_generator(
+                noise_generator, next(iter(inst.params)).device)
+            self._noise_layout = "replicated"
         dp_optimizer = DPOptimizer(
             optimizer, instrumentation=inst, noise_multiplier=s["noise_multiplier"],
             accountant=self.accountant, generator=noise_generator, max_epsilon=s["max_epsilon"],
-            delta=s["delta"], distributed=world_size > 1 and reduction is None,
-            adaptive_clipping=s["adaptive_clipping"], reduction=reduction,
+            delta=s["delta"], adaptive_clipping=s["adaptive_clipping"], reduction=reduction,
             expected_batch_size=_expected_batch_size_per_process(loader, world_size),
             noise=s["noise"],
         )

@@ -41,14 +41,13 @@ class DPOptimizer(torch.optim.Optimizer):
         generator: torch.Generator for the noise (None: torch's default generator), or a dict
             {device: torch.Generator} for parameters on several devices (make_private's own).
         max_epsilon, delta: budget; a step that would exceed it raises PrivacyBudgetExhausted.
-        distributed: data parallel: clipped sums are all-reduced over torch.distributed's default
-            group, and only rank 0 adds noise.
         adaptive_clipping: an ``AdaptiveClipping``: after each step the group thresholds move
             toward a quantile of the per-example norms, from noisy counts (dpfused/adaptive.py).
-        reduction: a wrapper's reduction (``dpfused.distributed``): it adds the ranks' clipped
-            sums and counts up before the noise. DDP: every rank adds the same noise
-            (``generator`` is in the same state on every rank); FSDP2: each rank noises the
-            shard it owns (its own stream). Replaces ``distributed``.
+        reduction: on several processes, the data-parallel seam (``dpfused.distributed``'s
+            ``ProcessGroupReduction`` for a plain module, ``DDPReduction``, ``FSDP2Reduction``):
+            it adds the ranks' clipped sums and counts up before the noise. Plain and DDP: every
+            rank adds the same noise (``generator`` is in the same state on every rank); FSDP2:
+            each rank noises the shard it owns (its own stream). None on one process.
         expected_batch_size: Opacus' attribute of that name, for code that reads it: the
             expected logical batch size per process (``int(q N / world_size)`` under Poisson,
             ``int(b / world_size)`` otherwise). Informational: each step is normalized by its own
@@ -62,7 +61,7 @@ class DPOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, optimizer, *, instrumentation, noise_multiplier, accountant=None,
-                 generator=None, max_epsilon=None, delta=None, distributed=False,
+                 generator=None, max_epsilon=None, delta=None,
                  adaptive_clipping=None, reduction=None, expected_batch_size=None, noise=None):
         # Deliberately no super().__init__: this object is a view that shares the wrapped
         # optimizer's param_groups and state, so schedulers and checkpoints act on the real one.
@@ -72,7 +71,6 @@ class DPOptimizer(torch.optim.Optimizer):
         self.accountant = accountant
         self.generator = generator
         self.max_epsilon, self.delta = max_epsilon, delta
-        self.distributed = distributed
         self.adaptive_clipping = adaptive_clipping
         self.reduction = reduction
         check_noise(noise)
@@ -89,7 +87,6 @@ class DPOptimizer(torch.optim.Optimizer):
         self.last_expected_batch_size = float(expected_batch_size or 0)
         # Group-wise adaptive thresholds are rescaled to keep this total (the sensitivity).
         self._total_threshold = privacy_math.sensitivity([g.threshold for g in self._groups])
-        self.rank = torch.distributed.get_rank() if distributed else 0
         self.steps_taken = 0
         self.steps_skipped = 0
         self._warned_unsampled = False  # the first step with no guarantee warns
@@ -288,7 +285,7 @@ class DPOptimizer(torch.optim.Optimizer):
                                   adaptive_clipping=self.adaptive_clipping is not None,
                                   bands=1 if self.noise is None else self.noise.bands,
                                   strategy=None if self.noise is None else self.noise.strategy)
-        if self.distributed or self.reduction is not None:
+        if self.reduction is not None:
             raise RuntimeError(
                 "optimizer.step() found no batch drawn by the private data loader, under data "
                 "parallel training: every rank must take its slice of one logical batch the "
@@ -344,8 +341,7 @@ class DPOptimizer(torch.optim.Optimizer):
         """Write p.grad for every private parameter; returns the noisy counts (adaptive) or None."""
         if self.reduction is not None:
             return self._write_reduced_noised_gradients(clipped)
-        std = privacy_math.noise_std_on_rank(
-            privacy_math.noise_std(self.noise_multiplier, clipped.thresholds), rank=self.rank)
+        std = privacy_math.noise_std(self.noise_multiplier, clipped.thresholds)
         normalizer = self._normalizer(clipped)
         params = [p for group in self._groups for p in group.params]
         grads = [
@@ -358,8 +354,6 @@ class DPOptimizer(torch.optim.Optimizer):
         ]
         released = grads + ([self._noised_counts(clipped, params[0].device)]
                             if self.adaptive_clipping is not None else [])
-        if self.distributed:
-            released = distributed.all_reduce_sum(released)
         for p, grad in zip(params, released):
             p.grad = grad.to(p.dtype)
         return released[-1] if self.adaptive_clipping is not None else None
@@ -395,8 +389,8 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _noised_counts(self, clipped: ClippedStep, device):
         counts = self._unclipped_counts(clipped, device)
-        std = privacy_math.noise_std_on_rank(self.adaptive_clipping.count_noise_std, rank=self.rank)
-        return privacy_math.noised_counts(counts, std=std, generator=self._generator_on(device))
+        return privacy_math.noised_counts(counts, std=self.adaptive_clipping.count_noise_std,
+                                          generator=self._generator_on(device))
 
     def _generator_on(self, device):
         """The noise generator for ``device``: ``generator``, or its entry for that device."""

@@ -40,7 +40,6 @@ __all__ = [
     "sensitivity",
     "noise_std",
     "noise_std_of_rank_share",
-    "noise_std_on_rank",
     "gradient_normalizer",
     "truncated_expected_batch_size",
     "truncation_probability",
@@ -216,14 +215,6 @@ def sensitivity(thresholds: Sequence[float]) -> float:
 def noise_std(noise_multiplier: float, thresholds: Sequence[float]) -> float:
     """Standard deviation of the Gaussian noise on every coordinate: sigma * C."""
     return noise_multiplier * sensitivity(thresholds)
-
-
-def noise_std_on_rank(std: float, *, rank: int) -> float:
-    """Data parallel: rank 0 adds all the noise; the all-reduced sum then carries it exactly once.
-
-    Every other rank contributes only its clipped sums (docs/design.md §5).
-    """
-    return std if rank == 0 else 0.0
 
 
 def noise_std_of_rank_share(std: float, *, world_size: int) -> float:

@@ -3,8 +3,8 @@
 In secure mode every generator is a ChaCha20Generator keyed from the OS, so no seed can make two
 ranks agree by accident. What must still hold (docs/design.md §9): every rank draws the SAME
 logical batch (rank 0's sampler key is replicated), and the noise is added once: with a plain
-module rank 0 adds it before the all-reduce, with DDP every rank adds the same noise from the
-replicated key, with FSDP2 each rank noises its own shard. Either way the ranks' parameters stay
+module or DDP every rank adds the same noise from the replicated key after the all-reduce, with
+FSDP2 each rank noises its own shard. Either way the ranks' parameters stay
 equal, and the noise is really there.
 """
 
