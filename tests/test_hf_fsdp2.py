@@ -238,6 +238,9 @@ def test_bf16_lora_under_fsdp2_is_the_one_process_bf16_step(tmp_path):
 
 # ---- checkpoints: each rank resumes its own noise stream -------------------------------------------
 
+SIGMA = 4.0
+
+
 def _resume_worker(rank, port, folder):
     _launcher_environment(rank, port, LAYER["llama_lora"], "SHARDED_STATE_DICT")
     privacy = _privacy("off", noise=1.0)
@@ -247,8 +250,20 @@ def _resume_worker(rank, port, folder):
     resumed = _trainer(CpuFSDP2Trainer, "llama_lora", os.path.join(folder, "resumed"), privacy,
                        max_steps=4)
     resumed.train(resume_from_checkpoint=os.path.join(folder, "full", "checkpoint-2"))
+    # One step with noise and one without, on the same batches (the sampler's seed is the same):
+    # the difference of the parameters is the noise the step released, lr * N(0, sigma^2 C^2) / B.
+    steps = {}
+    for sigma in (SIGMA, 0.0):
+        one = _trainer(CpuFSDP2Trainer, "llama_lora", os.path.join(folder, f"one-{sigma}"),
+                       _privacy("off", noise=sigma), max_steps=1)
+        one.train()
+        steps[sigma] = _full_parameters(one)
+    noise = {n: steps[SIGMA][n] - steps[0.0][n] for n in steps[0.0]}
+    expected_std = one.args.learning_rate * SIGMA * one.privacy.per_sample_max_grad_norm / \
+        one.logical_batch_size
     torch.save({"full": _full_parameters(full), "resumed": _full_parameters(resumed),
-                "epsilons": (full.get_epsilon(), resumed.get_epsilon())},
+                "epsilons": (full.get_epsilon(), resumed.get_epsilon()),
+                "noise": noise, "expected_std": expected_std},
                os.path.join(folder, f"resume{rank}.pt"))
 
 
@@ -273,6 +288,19 @@ def test_a_sharded_resume_continues_each_ranks_own_noise_stream(tmp_path):
         assert ours["epsilons"][0] == ours["epsilons"][1]
         for name, value in ours["full"].items():
             assert torch.equal(ours["resumed"][name], value), name
+    # The noise of one step: every coordinate once, at the one-process scale sigma C / B (a
+    # rank adding its noise to the whole parameter, or every rank to its shard at another
+    # scale, is off by sqrt(2) or more), and the two ranks' shards (Shard(0): the first and the
+    # second half of the rows) from different streams, not the same draws twice.
+    noise = torch.load(tmp_path / "resume0.pt")
+    assert all(torch.equal(noise["noise"][n], v) for n, v in
+               torch.load(tmp_path / "resume1.pt")["noise"].items())  # one parameter everywhere
+    every = torch.cat([v.flatten() for v in noise["noise"].values()])
+    assert every.numel() > 150 and abs(every.std().item() / noise["expected_std"] - 1) < 0.2
+    for name, value in noise["noise"].items():
+        half = value.shape[0] // 2
+        assert value.shape[0] == 2 * half, name
+        assert not torch.allclose(value[:half], value[half:]), name
 
 
 # ---- in this process: what is refused, and why --------------------------------------------------
