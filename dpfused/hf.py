@@ -769,11 +769,10 @@ class DPTrainer(DPTrainingMixin, Trainer):
     Raises:
         ValueError: a setting that would change the privacy guarantee silently (each message names
             the fix): nn.DataParallel (n_gpu > 1 in one process), DeepSpeed, FSDP1 (and FSDP2
-            with CPU offload, ignored modules, a reduce dtype or trainable parameters narrower
-            than float32), fp16 (GradScaler), label_smoothing_factor, compute_loss_func, a
-            custom train sampler or train_sampling_strategy other than "random",
-            auto_find_batch_size,
-            model_init, push_to_hub with hub_strategy "checkpoint" or "all_checkpoints" (it would
+            with CPU offload, ignored modules, activation checkpointing, a reduce dtype or
+            trainable parameters narrower than float32), fp16 (GradScaler),
+            label_smoothing_factor, compute_loss_func, a custom train sampler or
+            train_sampling_strategy other than "random", auto_find_batch_size, model_init, push_to_hub with hub_strategy "checkpoint" or "all_checkpoints" (it would
             upload the secret resume state), a report_to integration set to upload checkpoint
             folders (the same), torch_compile, include_num_input_tokens_seen (a count of the
             private batches), an eval_dataset that is the train_dataset, log_loss="noised" with an

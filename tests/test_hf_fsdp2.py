@@ -15,6 +15,7 @@ the shards private (``make_private_deferred``).
   one-process bf16 step to bf16 accuracy.
 - Resume from a sharded checkpoint: each rank continues its own noise stream, the resumed run
   ends where the uninterrupted one does, bit for bit.
+- With noise: one step's noise is at the one-process scale, each rank's shard from its own stream.
 The refusals run in this process.
 """
 
