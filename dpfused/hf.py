@@ -89,6 +89,9 @@ IGNORE_INDEX = -100
 LOG_LOSS_CHOICES = ("off", "noised", "unprotected")
 
 
+_RENAMED_PRIVACY_ARGUMENTS = {"max_grad_norm": "per_sample_max_grad_norm", "seed": "privacy_seed"}
+
+
 @dataclass
 class PrivacyArguments:
     """How ``DPTrainer`` makes training private.
@@ -133,7 +136,8 @@ class PrivacyArguments:
     The old keywords ``max_grad_norm=`` and ``seed=`` still construct it directly (a
     DeprecationWarning names the new field). They are init-only (``dataclasses.InitVar``), so an
     ``HfArgumentParser`` never sees them and ``dataclasses.replace`` keeps working; as attributes
-    they read None: read ``per_sample_max_grad_norm`` and ``privacy_seed``.
+    they read None: read ``per_sample_max_grad_norm`` and ``privacy_seed``. Assigning them after
+    construction raises AttributeError (the value would be ignored).
     """
 
     noise_multiplier: float | None = None
@@ -177,6 +181,13 @@ class PrivacyArguments:
                              "of the operating system; remove privacy_seed (a seed makes them "
                              "predictable)")
         self._check_log_loss()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _RENAMED_PRIVACY_ARGUMENTS:  # would shadow the InitVar and be read by no one
+            new = _RENAMED_PRIVACY_ARGUMENTS[name]
+            raise AttributeError(f"PrivacyArguments.{name} is not read (it is the deprecated "
+                                 f"constructor keyword of {new}); set privacy.{new} = {value!r}")
+        super().__setattr__(name, value)
 
     def _take_deprecated(self, old: str, value, new: str) -> None:
         """``old=value`` given to the constructor: set field ``new`` (both given: refused)."""

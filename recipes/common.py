@@ -287,6 +287,16 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, targets: Iterable[str
 LOG_LOSS_CHOICES = ("off", "unprotected")
 
 
+def mechanism_in_words(cfg) -> str:
+    """The sampling and noise of a run as the progress line states them (``cfg``: a recipe's
+    Config with bands, max_batch_size and clipping_function)."""
+    sampling = (f"cyclic Poisson sampling ({cfg.bands} partitions), BandMF {cfg.bands} bands"
+                if cfg.bands > 1 else "Poisson sampling")
+    if cfg.max_batch_size is not None:
+        sampling += f" truncated to {cfg.max_batch_size}"
+    return sampling + (", automatic clipping" if cfg.clipping_function == "automatic" else "")
+
+
 def shows_training_loss(cfg) -> bool:
     """The bar shows the training loss only without DP or with --log-loss unprotected: the loss
     of the private batches is a function of the data that the DP guarantee does not cover."""

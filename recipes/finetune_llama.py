@@ -54,7 +54,7 @@ if HERE not in sys.path:  # there for `python recipes/...`, not for an import by
     sys.path.insert(0, HERE)
 from common import (GGUF_INSTALL, GGUF_PACKAGE, IGNORE_INDEX, TrainingLoop,  # noqa: E402
                     add_lora, document_separator, find_gguf, gpt2_tokenizer, load_corpus, load_gguf,
-                    parse_config, perplexity, split_articles, tokenize)
+                    mechanism_in_words, parse_config, perplexity, split_articles, tokenize)
 
 # dp_accounting's RDP screening logs convergence notes for fractional orders at small sigma; they
 # do not change epsilon (those orders are dropped), and peft 0.21 calls a deprecated transformers API.
@@ -243,14 +243,6 @@ def mechanism(cfg: Config, steps: int) -> dict:
     if cfg.max_batch_size is not None:
         kwargs["max_batch_size"] = cfg.max_batch_size
     return kwargs
-
-
-def mechanism_in_words(cfg: Config) -> str:
-    sampling = (f"cyclic Poisson sampling ({cfg.bands} partitions), BandMF {cfg.bands} bands"
-                if cfg.bands > 1 else "Poisson sampling")
-    if cfg.max_batch_size is not None:
-        sampling += f" truncated to {cfg.max_batch_size}"
-    return sampling + (", automatic clipping" if cfg.clipping_function == "automatic" else "")
 
 
 def log(*args) -> None:

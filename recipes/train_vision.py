@@ -45,7 +45,7 @@ import dpfused
 HERE = str(Path(__file__).resolve().parent)  # recipes/, where common.py lives
 if HERE not in sys.path:  # there for `python recipes/...`, not for an import by path
     sys.path.insert(0, HERE)
-from common import TrainingLoop, parse_config  # noqa: E402
+from common import TrainingLoop, mechanism_in_words, parse_config  # noqa: E402
 
 # dp_accounting's RDP screening logs convergence notes for fractional orders at small sigma; they
 # do not change epsilon (those orders are dropped).
@@ -233,14 +233,6 @@ def mechanism(cfg: Config, steps: int) -> dict:
     if cfg.max_batch_size is not None:
         kwargs["max_batch_size"] = cfg.max_batch_size
     return kwargs
-
-
-def mechanism_in_words(cfg: Config) -> str:
-    sampling = (f"cyclic Poisson sampling ({cfg.bands} partitions), BandMF {cfg.bands} bands"
-                if cfg.bands > 1 else "Poisson sampling")
-    if cfg.max_batch_size is not None:
-        sampling += f" truncated to {cfg.max_batch_size}"
-    return sampling + (", automatic clipping" if cfg.clipping_function == "automatic" else "")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,19 +8,16 @@ that clipped the whole logical batch with the torch.func oracle. One spawn runs 
 configuration. The refusals run in this process.
 """
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
 from dpfused.distributed import unwrap
-from tests.test_ddp import BATCH, CLIP, LR, STEPS, WORLD, _case, _group_names, _oracle, \
+from tests.distributed_harness import WORLD, run_on_ranks
+from tests.test_ddp import BATCH, CLIP, LR, STEPS, _case, _group_names, _oracle, \
     assert_same_update
 
 pytest.importorskip("accelerate")
@@ -93,35 +90,26 @@ def _fsdp2_after_make_private(accelerator) -> str:
     return str(refused.value)
 
 
-def _worker(rank, port, folder):
-    # What `accelerate launch --multi_gpu --num_processes 2` sets up on a CPU machine.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+def _every_config(rank):
+    # What `accelerate launch --multi_gpu --num_processes 2` sets up on a CPU machine: the
+    # launcher's environment (run_on_ranks), then Accelerator().
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     assert dist.is_initialized() and accelerator.num_processes == WORLD
-    try:
-        results = []
-        for config in CONFIGS:
-            if config[0] == "fsdp2":  # a fresh plugin: it remembers the model's layer class
-                use_fsdp2_on_cpu(accelerator)
-            results.append(_train(accelerator, *config))
-            assert accelerator.is_fsdp2 == (config[0] == "fsdp2")  # prepare kept the mode
-        use_fsdp2_on_cpu(accelerator)
-        torch.save({"results": results, "reversed": _fsdp2_after_make_private(accelerator)},
-                   os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    results = []
+    for config in CONFIGS:
+        if config[0] == "fsdp2":  # a fresh plugin: it remembers the model's layer class
+            use_fsdp2_on_cpu(accelerator)
+        results.append(_train(accelerator, *config))
+        assert accelerator.is_fsdp2 == (config[0] == "fsdp2")  # prepare kept the mode
+    use_fsdp2_on_cpu(accelerator)
+    return {"results": results, "reversed": _fsdp2_after_make_private(accelerator)}
 
 
 @pytest.mark.slow
 def test_models_prepared_by_accelerate_equal_one_process_oracle(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
-    saved = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    saved = run_on_ranks(_every_config, tmp_path, rendezvous="environment")
     ranks = [r["results"] for r in saved]
     for i, (kind, name, clipping, physical) in enumerate(CONFIGS):
         initial = dict(_case(name).model.named_parameters())

@@ -11,41 +11,18 @@ import warnings
 import dp_accounting
 import numpy as np
 import pytest
-import torch
-import torch.nn as nn
 from dp_accounting.pld import PLDAccountant
-from torch.utils.data import TensorDataset
 
 from dpfused import audit, privacy_math
-from dpfused.sampling import PoissonBatchSampler
+from tests.test_audit import _setup, sampler_ignores_q  # noqa: F401 (a fixture, used by name)
 
-NUM_REAL = 16
-
-
-def _setup(delta=1e-5):
-    g = torch.Generator().manual_seed(0)
-    dataset = TensorDataset(torch.randn(NUM_REAL, 4, generator=g),
-                            torch.randint(0, 2, (NUM_REAL,), generator=g))
-    return dict(make_model=lambda: nn.Linear(4, 2),
-                make_optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
-                dataset=dataset, loss_fn=nn.CrossEntropyLoss(reduction="none"),
-                max_grad_norm=1.0, delta=delta)
+NUM_REAL = 16  # _setup's real examples
 
 
 @pytest.fixture
 def noise_divided_by_3(monkeypatch):
     correct = privacy_math.noise_std
     monkeypatch.setattr(privacy_math, "noise_std", lambda *args, **kw: correct(*args, **kw) / 3)
-
-
-@pytest.fixture
-def sampler_ignores_q(monkeypatch):
-    def everyone(self, generator):
-        for _ in range(self.batches_per_epoch):
-            torch.rand(self.num_samples, generator=generator)  # the same draws, then ignored
-            yield list(range(self.num_samples))
-
-    monkeypatch.setattr(PoissonBatchSampler, "_epoch_batches", everyone)
 
 
 def _poisson_epsilon(q, sigma, steps, delta):

@@ -13,13 +13,13 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
 from dpfused.bandmf import BandMF, strategy_matrix
 from tests import models
+from tests.distributed_harness import run_on_ranks
 
 WORLD, BANDS, SIGMA, CLIP, STEPS = 2, 3, 1.3, 0.7, 6
 
@@ -90,29 +90,23 @@ def _fsdp_run(case, *, lr, zero_loss, steps, start=None, path=None):
     return torch.stack(released), full, optimizer.noise_history.nbytes, engine.get_epsilon(1e-5)
 
 
-def _worker(rank, init_file, folder):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    try:
-        out = {"ddp": _ddp_noise()}
-        noise, _, nbytes, _ = _fsdp_run(_fsdp_case(), lr=0.0, zero_loss=True, steps=STEPS)
-        out["fsdp_noise"], out["fsdp_history_bytes"] = noise, nbytes
-        _, out["uninterrupted"], _, out["epsilon"] = _fsdp_run(_fsdp_case(), lr=0.5,
-                                                              zero_loss=False, steps=6)
-        path = os.path.join(folder, "dcp")
-        _fsdp_run(_fsdp_case(), lr=0.5, zero_loss=False, steps=3, path=path)
-        _, out["resumed"], _, out["resumed_epsilon"] = _fsdp_run(
-            _fsdp_case(), lr=0.5, zero_loss=False, steps=3, start=path)
-        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _every_run(rank, folder):
+    out = {"ddp": _ddp_noise()}
+    noise, _, nbytes, _ = _fsdp_run(_fsdp_case(), lr=0.0, zero_loss=True, steps=STEPS)
+    out["fsdp_noise"], out["fsdp_history_bytes"] = noise, nbytes
+    _, out["uninterrupted"], _, out["epsilon"] = _fsdp_run(_fsdp_case(), lr=0.5,
+                                                          zero_loss=False, steps=6)
+    path = os.path.join(folder, "dcp")
+    _fsdp_run(_fsdp_case(), lr=0.5, zero_loss=False, steps=3, path=path)
+    _, out["resumed"], _, out["resumed_epsilon"] = _fsdp_run(
+        _fsdp_case(), lr=0.5, zero_loss=False, steps=3, start=path)
+    return out
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bandmf")
-    mp.spawn(_worker, args=(str(folder / "init"), str(folder)), nprocs=WORLD, join=True)
-    return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_every_run, folder, str(folder), world=WORLD)
 
 
 @pytest.mark.slow

@@ -6,20 +6,17 @@ per_layer, physical batches, activation checkpointing) to keep CI short.
 """
 
 import copy
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
 from tests import models
+from tests.distributed_harness import run_on_ranks
 from tests.oracle import clipped_sums, per_example_grads
 
-WORLD = 2
 BATCH = 8  # the logical batch: the whole dataset (cyclic sampling), 4 examples per rank
 STEPS, LR, CLIP = 2, 0.5, 0.05
 CONFIGS = [  # (clipping, max_physical_batch_size, activation checkpointing)
@@ -64,14 +61,8 @@ def _train_ddp(rank, name, clipping, physical, checkpointing):
             "deferred": optimizer.reduction.buckets_deferred}
 
 
-def _worker(rank, init_file, folder, name):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    try:
-        results = [_train_ddp(rank, name, *config) for config in CONFIGS]
-        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _every_config(rank, name):
+    return [_train_ddp(rank, name, *config) for config in CONFIGS]
 
 
 def _oracle(name, groups, normalizer=BATCH, case=None):
@@ -105,9 +96,7 @@ def assert_same_update(initial, ours, expected, name, config):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_ddp_two_ranks_equal_one_process_oracle(tmp_path, name):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), name), nprocs=WORLD,
-             join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_on_ranks(_every_config, tmp_path, name)
     initial = dict(_case(name).model.named_parameters())
     for i, config in enumerate(CONFIGS):
         expected = _oracle(name, ranks[0][i]["groups"])

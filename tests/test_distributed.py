@@ -4,20 +4,15 @@ Noise 0: every rank ends with the parameters of a single process that saw the wh
 Noise > 0: the noise is added exactly once (std sigma C / B) and every rank holds the same gradient.
 """
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
-
-WORLD = 2
+from tests.distributed_harness import WORLD, run_on_ranks
 
 
 def _dataset():
@@ -26,7 +21,7 @@ def _dataset():
                          torch.randint(0, 4, (48,), generator=g))
 
 
-def _train(rank, noise, steps, out, clipping="flat", adaptive=False):
+def _train(rank, noise, steps, clipping="flat", adaptive=False):
     torch.manual_seed(100 + rank)  # different inits: make_private must broadcast rank 0's
     model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 4)).double()
     if rank == 0:
@@ -51,46 +46,28 @@ def _train(rank, noise, steps, out, clipping="flat", adaptive=False):
                 grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
             if optimizer.steps_taken == steps:
                 break
-    torch.save({"params": [p.detach() for p in model.parameters()], "grads": grads,
-                "epsilon": engine.get_epsilon(1e-5),
-                "thresholds": [g.threshold for g in optimizer.instrumentation.groups]}, out)
+    return {"params": [p.detach() for p in model.parameters()], "grads": grads,
+            "epsilon": engine.get_epsilon(1e-5),
+            "thresholds": [g.threshold for g in optimizer.instrumentation.groups]}
 
 
-def _worker(rank, init_file, noise, steps, folder, clipping, adaptive):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    try:
-        _train(rank, noise, steps, os.path.join(folder, f"rank{rank}.pt"), clipping, adaptive)
-    finally:
-        dist.destroy_process_group()
-
-
-def _accelerate_worker(rank, port, folder):
+def _accelerate_worker(rank):
     # What `accelerate launch --num_processes 2` sets up: the environment, then Accelerator().
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     assert dist.is_initialized() and accelerator.num_processes == WORLD
-    try:
-        _train(rank, 0.0, 3, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    return _train(rank, 0.0, 3)
 
 
 def _run_distributed(tmp_path, noise, steps, clipping="flat", adaptive=False):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), noise, steps, str(tmp_path), clipping,
-                            adaptive), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_train, tmp_path, noise, steps, clipping, adaptive)
 
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     ranks = _run_distributed(tmp_path, noise=0.0, steps=3)
-    single = tmp_path / "single.pt"
-    _train(0, 0.0, 3, single)
-    single = torch.load(single)
+    single = _train(0, 0.0, 3)
     for ours in ranks:
         for a, b in zip(ours["params"], single["params"]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)  # summation order differs
@@ -109,12 +86,11 @@ def test_noise_is_added_once_across_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_adaptive_thresholds_agree_across_ranks_and_with_one_process(tmp_path):
-    # Counts are all-reduced and noised once (rank 0): every rank moves to the same thresholds,
-    # the ones a single process on the whole batch reaches with the same noise generator.
+    # Counts are all-reduced, then noised once (the same draw on every rank): every rank moves to
+    # the same thresholds, the ones a single process on the whole batch reaches with the same
+    # noise generator.
     ranks = _run_distributed(tmp_path, noise=0.0, steps=3, clipping="per_layer", adaptive=True)
-    single = tmp_path / "single.pt"
-    _train(0, 0.0, 3, single, clipping="per_layer", adaptive=True)
-    single = torch.load(single)
+    single = _train(0, 0.0, 3, clipping="per_layer", adaptive=True)
     assert single["thresholds"] != [0.3 / 2 ** 0.5] * 2  # they moved
     for ours in ranks:
         assert ours["thresholds"] == pytest.approx(single["thresholds"], rel=1e-9)
@@ -125,15 +101,9 @@ def test_adaptive_thresholds_agree_across_ranks_and_with_one_process(tmp_path):
 @pytest.mark.slow
 def test_accelerate_launch_setup_equals_one_process(tmp_path):
     # Under accelerate, make_private takes the unwrapped model and the raw DataLoader (see README).
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_accelerate_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
-    single = tmp_path / "single.pt"
-    _train(0, 0.0, 3, single)
-    single = torch.load(single)
-    for r in range(WORLD):
-        ours = torch.load(tmp_path / f"rank{r}.pt")
+    ranks = run_on_ranks(_accelerate_worker, tmp_path, rendezvous="environment")
+    single = _train(0, 0.0, 3)
+    for ours in ranks:
         for a, b in zip(ours["params"], single["params"]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 

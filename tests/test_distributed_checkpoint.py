@@ -11,14 +11,13 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
+from tests.distributed_harness import process_group, run_on_ranks
 from tests import models
 
 WORLD, N, BATCH, K, M, CLIP, SIGMA = 2, 12, 4, 2, 2, 0.1, 0.8
@@ -60,23 +59,14 @@ def _run(folder, noise, *, resume, seed):
             "params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}}
 
 
-def _worker(rank, init_file, folder):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    try:
-        out = {}
-        for noise in (0.0, SIGMA):
-            out[noise] = (_run(folder, noise, resume=False, seed=5),
-                          _run(folder, noise, resume=True, seed=50))
-        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _straight_and_resumed(rank, folder):
+    return {noise: (_run(folder, noise, resume=False, seed=5),
+                    _run(folder, noise, resume=True, seed=50)) for noise in (0.0, SIGMA)}
 
 
 @pytest.mark.slow
 def test_fsdp2_resume_from_a_sharded_checkpoint_is_the_uninterrupted_run(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_on_ranks(_straight_and_resumed, tmp_path, str(tmp_path), world=WORLD)
     for noise in (0.0, SIGMA):
         for r, rank in enumerate(ranks):
             straight, resumed = rank[noise]
@@ -92,15 +82,11 @@ def test_fsdp2_resume_from_a_sharded_checkpoint_is_the_uninterrupted_run(tmp_pat
     name = next(iter(ranks[0][0.0][0]["params"]))
     assert not torch.allclose(ranks[0][0.0][0]["params"][name], ranks[0][SIGMA][0]["params"][name])
     # Another world size cannot take over per-rank noise streams.
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0,
-                            world_size=1)
-    try:
+    with process_group(tmp_path):
         engine, model, optimizer = _plain_run(steps=0)
         with pytest.raises(ValueError, match="saved by 2 ranks with per-rank noise streams"):
             engine.load_distributed_checkpoint(path=tmp_path / f"checkpoint-{SIGMA}",
                                                module=model, optimizer=optimizer)
-    finally:
-        dist.destroy_process_group()
 
 
 def _plain_run(*, steps, secure=False, seed=0):

@@ -1,16 +1,14 @@
 """Sharded and wrapped models that dpfused cannot make private exactly get a clear error (§9)."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
+from tests.distributed_harness import process_group, run_on_ranks
 
 
 def _loader(n=16):
@@ -25,10 +23,8 @@ def _make(model, loader=None, **kwargs):
 
 @pytest.fixture
 def one_rank(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
-                            world_size=1)
-    yield
-    dist.destroy_process_group()
+    with process_group(tmp_path):
+        yield
 
 
 def _mlp():
@@ -118,21 +114,15 @@ def test_sharded_gradients_left_from_the_last_step_are_refused(one_rank):
     assert all(torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
 
 
-def _differing_loader_worker(rank, init_file, folder):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        with pytest.raises(ValueError, match=r"rank 1's data loader differs .*len\(dataset\): "
-                                             r"16 on rank 0, 20 on rank 1"):
-            _make(_mlp(), loader=_loader(16 if rank == 0 else 20))
-        open(os.path.join(folder, f"ok{rank}"), "w").close()
-    finally:
-        dist.destroy_process_group()
+def _differing_loader_worker(rank):
+    with pytest.raises(ValueError, match=r"rank 1's data loader differs .*len\(dataset\): "
+                                         r"16 on rank 0, 20 on rank 1"):
+        _make(_mlp(), loader=_loader(16 if rank == 0 else 20))
+    return "ok"
 
 
 def test_a_rank_whose_data_loader_differs_is_detected_on_every_rank(tmp_path):
-    mp.spawn(_differing_loader_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-             join=True)
-    assert all((tmp_path / f"ok{r}").exists() for r in range(2))
+    assert run_on_ranks(_differing_loader_worker, tmp_path, world=2) == ["ok", "ok"]
 
 
 class _Augmented(torch.utils.data.Dataset):
@@ -156,45 +146,39 @@ class _Augmented(torch.utils.data.Dataset):
         return self.x[i] + noise, self.y[i]
 
 
-def _same_length_worker(rank, init_file, folder):
+def _same_length_worker(rank):
     import random
 
     import numpy as np
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(rank)
-        np.random.seed(rank)
-        random.seed(rank)
-        _make(_mlp(), loader=DataLoader(_Augmented(), batch_size=4))  # the same data: accepted
-        # Each rank its own shard of equal length (what a DistributedSampler-minded user does).
-        with pytest.raises(ValueError, match=r"rank 1's data loader differs .*dataset content.*"
-                                             r"give every rank the WHOLE dataset"):
-            _make(_mlp(), loader=DataLoader(_Augmented(shift=float(rank)), batch_size=4))
-        # Items of any kind are fingerprinted: here one string differs.
-        records = [{"text": f"example {i}", "ids": torch.arange(3) + i} for i in range(8)]
-        if rank == 1:
-            records[5] = {"text": "another example", "ids": torch.arange(3) + 5}
-        fingerprints = [dpfused.distributed.dataset_fingerprint(records),
-                        dpfused.distributed.dataset_fingerprint(records[:5])]
-        every = [None, None]
-        dist.all_gather_object(every, fingerprints)
-        assert every[0][0] != every[1][0]  # record 5 differs
-        assert every[0][1] == every[1][1]  # records 0-4 agree
-        # The augmentations' generators are seeded for the fingerprint, then restored.
-        states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
-        dpfused.distributed.dataset_fingerprint(_Augmented())
-        assert torch.equal(states[0], torch.get_rng_state())
-        assert (states[1] == np.random.get_state()[1]).all() and states[2] == random.getstate()
-        open(os.path.join(folder, f"ok{rank}"), "w").close()
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(rank)
+    np.random.seed(rank)
+    random.seed(rank)
+    _make(_mlp(), loader=DataLoader(_Augmented(), batch_size=4))  # the same data: accepted
+    # Each rank its own shard of equal length (what a DistributedSampler-minded user does).
+    with pytest.raises(ValueError, match=r"rank 1's data loader differs .*dataset content.*"
+                                         r"give every rank the WHOLE dataset"):
+        _make(_mlp(), loader=DataLoader(_Augmented(shift=float(rank)), batch_size=4))
+    # Items of any kind are fingerprinted: here one string differs.
+    records = [{"text": f"example {i}", "ids": torch.arange(3) + i} for i in range(8)]
+    if rank == 1:
+        records[5] = {"text": "another example", "ids": torch.arange(3) + 5}
+    fingerprints = [dpfused.distributed.dataset_fingerprint(records),
+                    dpfused.distributed.dataset_fingerprint(records[:5])]
+    every = [None, None]
+    dist.all_gather_object(every, fingerprints)
+    assert every[0][0] != every[1][0]  # record 5 differs
+    assert every[0][1] == every[1][1]  # records 0-4 agree
+    # The augmentations' generators are seeded for the fingerprint, then restored.
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    dpfused.distributed.dataset_fingerprint(_Augmented())
+    assert torch.equal(states[0], torch.get_rng_state())
+    assert (states[1] == np.random.get_state()[1]).all() and states[2] == random.getstate()
+    return "ok"
 
 
 def test_ranks_with_different_data_of_the_same_length_are_refused(tmp_path):
-    mp.spawn(_same_length_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-             join=True)
-    assert all((tmp_path / f"ok{r}").exists() for r in range(2))
+    assert run_on_ranks(_same_length_worker, tmp_path, world=2) == ["ok", "ok"]
 
 
 def test_a_sharded_parameter_used_outside_forward_is_refused(one_rank):

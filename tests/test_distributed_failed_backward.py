@@ -9,16 +9,13 @@ holds a gradient, and redoing the batch gives exactly the step of a run that nev
 failed pass's partial reductions are not added in).
 """
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
+from tests.distributed_harness import run_on_ranks
 from dpfused.distributed import _fsdp_params_of
 from tests import models
 
@@ -81,21 +78,12 @@ def _run(fail):
             "params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}}
 
 
-def _worker(rank, init_file, folder):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    try:
-        out = {fail: _run(fail) for fail in (None, "nan", "raise")}
-        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _clean_and_failed(rank):
+    return {fail: _run(fail) for fail in (None, "nan", "raise")}
 
 
 def test_fsdp2_failed_backward_leaves_no_unnoised_gradient(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    for rank in range(WORLD):
-        out = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, out in enumerate(run_on_ranks(_clean_and_failed, tmp_path, world=WORLD)):
         clean = out[None]
         assert clean["reduced_after"] == 0  # every group reduced inside backward (the fast path)
         for fail in ("nan", "raise"):

@@ -7,17 +7,14 @@ the rounding: the pre-noise sum moves by a whole ulp, far more than max_grad_nor
 noise 0, replace-one neighbours D and D' (the target example replaced by a zero example).
 """
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
+from tests.distributed_harness import run_on_ranks
 
 WORLD, CLIP, TARGET = 2, 2.0, 0.031
 ALIGNED = 514  # examples with gradient [1, 0] on rank 1: 514 is a bf16 tie (ulp 4)
@@ -62,28 +59,21 @@ def _refusals():
                 max_grad_norm=CLIP)
 
 
-def _worker(rank, init_file, folder):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    try:
-        out = {}
-        for clipping in ("flat", "per_layer"):
-            for name, policy in (("default reduce", MixedPrecisionPolicy(
-                    param_dtype=torch.bfloat16)), ("bf16 reduce clamped", MixedPrecisionPolicy(
-                    param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16))):
-                out[clipping, name] = [_step(t, clipping, policy) for t in (True, False)]
-        _refusals()
-        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _steps_and_refusals(rank):
+    out = {}
+    for clipping in ("flat", "per_layer"):
+        for name, policy in (("default reduce", MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16)), ("bf16 reduce clamped", MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16))):
+            out[clipping, name] = [_step(t, clipping, policy) for t in (True, False)]
+    _refusals()
+    return out
 
 
 def test_fsdp2_bf16_compute_does_not_round_the_clipped_sum_before_the_noise(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     target = torch.tensor(TARGET, dtype=torch.bfloat16).item()  # the input, cast by FSDP
-    for rank in range(WORLD):
-        for config, (with_target, without) in torch.load(tmp_path / f"rank{rank}.pt").items():
+    for out in run_on_ranks(_steps_and_refusals, tmp_path, world=WORLD):
+        for config, (with_target, without) in out.items():
             moved = (without - with_target)[0, 0].item()  # SGD, lr 1: the sums' difference
             assert abs(moved) <= CLIP, (config, moved)  # before the fix: 4.0 (one bf16 ulp)
             assert moved == pytest.approx(target, abs=1e-3), config

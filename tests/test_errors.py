@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dpfused
 import dpfused.opacus
 from tests import models
+from tests.distributed_harness import process_group
 
 
 def _loader():
@@ -162,17 +163,12 @@ def test_per_layer_thresholds_must_match_groups():
 
 
 def test_ddp_with_a_static_graph_is_refused_and_a_plain_one_accepted(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
+    with process_group(tmp_path):
         ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 2), static_graph=True)
         with pytest.raises(ValueError, match="static_graph=True; dpfused's reduction needs DDP"):
             _make(ddp)
         ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
         assert _make(ddp)[0] is ddp  # the wrapper is returned; its module is instrumented
-    finally:
-        dist.destroy_process_group()
 
 
 # ---- Opacus' ModuleValidator ----------------------------------------------------------------------

@@ -12,21 +12,18 @@ model.
 """
 
 import copy
-import os
 from collections import Counter
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
 from tests import models
-from tests.test_ddp import BATCH, CLIP, LR, STEPS, WORLD, _group_names, _oracle, \
-    assert_same_update
+from tests.distributed_harness import WORLD, run_on_ranks
+from tests.test_ddp import BATCH, CLIP, LR, STEPS, _group_names, _oracle, assert_same_update
 
 CONFIGS = [  # (clipping, max_physical_batch_size, activation checkpointing, loss_reduction, sampling)
     ("flat", None, False, "mean", "cyclic"),
@@ -177,21 +174,16 @@ def _collectives(name, clipping):
             "units_after_backward": optimizer.reduction.units_reduced_after_backward}
 
 
-def _worker(rank, init_file, folder, name):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    try:
-        out = {"results": [_train(name, *config) for config in CONFIGS],
-               "poisson": _train_poisson(name, WORLD)}
-        if name == "llama":
-            out["adaptive"] = _train_poisson(name, WORLD, adaptive=True)
-            out["noise"] = _noise(name)
-            out["count_noise"] = _count_noise(name)
-            out["mixed"] = _train_mixed_precision(name)
-            out["collectives"] = {c: _collectives(name, c) for c in ("per_layer", "flat")}
-        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _every_run(rank, name):
+    out = {"results": [_train(name, *config) for config in CONFIGS],
+           "poisson": _train_poisson(name, WORLD)}
+    if name == "llama":
+        out["adaptive"] = _train_poisson(name, WORLD, adaptive=True)
+        out["noise"] = _noise(name)
+        out["count_noise"] = _count_noise(name)
+        out["mixed"] = _train_mixed_precision(name)
+        out["collectives"] = {c: _collectives(name, c) for c in ("per_layer", "flat")}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -201,10 +193,7 @@ def spawned(tmp_path_factory):
 
     def get(name):
         if name not in cache:
-            folder = tmp_path_factory.mktemp(name)
-            mp.spawn(_worker, args=(str(folder / "init"), str(folder), name), nprocs=WORLD,
-                     join=True)
-            cache[name] = [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
+            cache[name] = run_on_ranks(_every_run, tmp_path_factory.mktemp(name), name)
         return cache[name]
 
     return get

@@ -228,6 +228,12 @@ def test_the_old_keywords_still_construct_privacy_arguments_with_a_deprecation_w
         warnings.simplefilter("error")  # replace() passes no old keyword: no warning
         changed = dataclasses.replace(privacy, per_sample_max_grad_norm=0.5)
     assert (changed.per_sample_max_grad_norm, changed.privacy_seed) == (0.5, 11)
+    for old, new in (("max_grad_norm", "per_sample_max_grad_norm"), ("seed", "privacy_seed")):
+        with pytest.raises(AttributeError, match=f"not read.*set privacy.{new} = 0.5"):
+            setattr(changed, old, 0.5)  # silently ignored before
+    assert changed.per_sample_max_grad_norm == 0.5
+    changed.per_sample_max_grad_norm = 0.7  # the fields themselves stay assignable
+    assert changed.per_sample_max_grad_norm == 0.7
     assert {f.name for f in dataclasses.fields(PrivacyArguments)}.isdisjoint(
         {f.name for f in dataclasses.fields(transformers.TrainingArguments)})
 

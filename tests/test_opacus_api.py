@@ -18,6 +18,7 @@ import dpfused.opacus
 from dpfused.opacus import accountants, schedulers
 from dpfused.opacus import BatchMemoryManager, ModuleValidator
 from dpfused.validate import UnsupportedModuleError
+from tests.distributed_harness import process_group
 from tests.oracle import expected_for, per_example_grads, snapshot
 from tests.test_clipping_oracle import _assert_close, _run
 
@@ -260,14 +261,8 @@ def test_fsdp_modes_need_a_sharded_model_and_ghost_tp_is_refused():
 
 @pytest.fixture
 def one_process_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
-                            world_size=1)
-    try:
+    with process_group(tmp_path):
         yield
-    finally:
-        dist.destroy_process_group()
 
 
 class _Blocks(nn.Module):

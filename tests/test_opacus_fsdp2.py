@@ -17,16 +17,15 @@ a DistributedSampler), not ``b``, is part of what the oracle checks.
 """
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
+from tests.distributed_harness import run_on_ranks
 from tests.oracle import clipped_sums, per_example_grads
 
 WORLD, N, STEPS, LR, CLIP = 2, 8, 2, 0.5, 0.05
@@ -178,34 +177,27 @@ def _oracle(name, groups):
 
 
 # ---- two processes --------------------------------------------------------------------------------
-def _worker(rank, init_file, folder, name):
+def _client(rank, name):
     from torch.distributed.fsdp import FSDPModule
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    try:
-        model, optimizer, engine = CLIENTS[name]()
-        names = {id(p): n for n, p in model.named_parameters()}
-        torch.save({
-            "params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()
-                       if p.requires_grad},
-            "groups": [([names[id(p)] for p in g.params], g.threshold)
-                       for g in optimizer.instrumentation.groups],
-            "units": sorted(n or "<root>" for n, m in model.named_modules()
-                            if isinstance(m, FSDPModule)),
-            "steps": optimizer.steps_taken,
-            "epsilon": engine.get_epsilon(1e-5),
-        }, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    model, optimizer, engine = CLIENTS[name]()
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        "params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()
+                   if p.requires_grad},
+        "groups": [([names[id(p)] for p in g.params], g.threshold)
+                   for g in optimizer.instrumentation.groups],
+        "units": sorted(n or "<root>" for n, m in model.named_modules()
+                        if isinstance(m, FSDPModule)),
+        "steps": optimizer.steps_taken,
+        "epsilon": engine.get_epsilon(1e-5),
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CLIENTS))
 def test_opacus_fsdp2_client_on_two_ranks_equals_one_process_oracle(tmp_path, name):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), name), nprocs=WORLD,
-             join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_on_ranks(_client, tmp_path, name, world=WORLD)
     initial, expected = _oracle(name, ranks[0]["groups"])
     # HF Llama's RMSNorm computes in float32 (tests/test_clipping_oracle.py, _tolerance).
     tolerance = 1e-6 if name == "llama" else 1e-9

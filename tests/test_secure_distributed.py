@@ -8,18 +8,15 @@ FSDP2 each rank noises its own shard. Either way the ranks' parameters stay
 equal, and the noise is really there.
 """
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
+from tests.distributed_harness import run_on_ranks
 
 WORLD, STEPS = 2, 3
 KINDS = ("plain", "ddp", "fsdp2")
@@ -71,19 +68,13 @@ def _full(p):
     return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
 
 
-def _worker(rank, init_file, folder):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    try:
-        torch.save({kind: _train(kind) for kind in KINDS}, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _every_kind(rank):
+    return {kind: _train(kind) for kind in KINDS}
 
 
 @pytest.mark.slow
 def test_secure_mode_ranks_share_the_batches_and_add_the_noise_once(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_on_ranks(_every_kind, tmp_path, world=WORLD)
     for kind in KINDS:
         a, b = ranks[0][kind], ranks[1][kind]
         assert a["sizes"] == b["sizes"] and len(a["sizes"]) == STEPS, kind  # one logical batch

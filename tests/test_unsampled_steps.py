@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dpfused
 from dpfused.accounting import PrivacyAccountant, PrivacyBudgetExhausted, SampledStep
+from tests.distributed_harness import process_group
 from tests.oracle import clipped_sums, per_example_grads
 
 N, BATCH, CLIP, LR = 64, 16, 0.5, 0.1
@@ -227,17 +228,11 @@ def test_passes_before_the_draw_make_the_drawn_batch_a_step_with_no_guarantee():
 
 
 @pytest.mark.parametrize("wrapping", ["ddp", "fsdp2"])
-def test_data_parallel_training_refuses_such_a_step(wrapping):
+def test_data_parallel_training_refuses_such_a_step(wrapping, tmp_path):
     """Under DDP or FSDP2 every rank must hold its slice of one drawn logical batch; batches of
     the ranks' own cannot be summed and noised once. (One process in a gloo group suffices to
     reach the data-parallel paths.)"""
-    import tempfile
-
-    import torch.distributed as dist
-
-    init = tempfile.NamedTemporaryFile(delete=False)
-    dist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
-    try:
+    with process_group(tmp_path):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
         if wrapping == "ddp":
@@ -263,8 +258,6 @@ def test_data_parallel_training_refuses_such_a_step(wrapping):
         assert optimizer.steps_taken == 0
         for name, value in model.named_parameters():
             assert torch.equal(value.detach(), before[name]), name
-    finally:
-        dist.destroy_process_group()
 
 
 # ---- the ledger entry --------------------------------------------------------------------------
