@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import types
 
 import pytest
@@ -33,27 +32,19 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-import torch.multiprocessing as mp  # noqa: E402
-
 from dpfused.hf import PRIVACY_STATE_NAME, DPTrainer, PrivacyArguments  # noqa: E402
+from tests.distributed_harness import WORLD, run_on_ranks  # noqa: E402
 from tests.test_hf import ACCUMULATION, TokenBlocks, gpt2, llama_lora, training_args  # noqa: E402
 
-WORLD = 2
 LAYER = {"llama_lora": "LlamaDecoderLayer", "gpt2": "GPT2Block"}
 MODELS = {"llama_lora": llama_lora, "gpt2": gpt2}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launcher_environment(rank: int, port: int, layer: str, state_dict_type: str) -> None:
-    """What `accelerate launch --config_file <fsdp_version: 2 config>` exports to each process."""
+def _fsdp_environment(layer: str, state_dict_type: str) -> None:
+    """What `accelerate launch --config_file <fsdp_version: 2 config>` exports to each process
+    besides the rendezvous (which the harness sets)."""
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD), ACCELERATE_USE_FSDP="true", FSDP_VERSION="2",
+        ACCELERATE_USE_FSDP="true", FSDP_VERSION="2",
         FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP", FSDP_TRANSFORMER_CLS_TO_WRAP=layer,
         FSDP_RESHARD_AFTER_FORWARD="true", FSDP_CPU_RAM_EFFICIENT_LOADING="false",
         FSDP_OFFLOAD_PARAMS="false", FSDP_STATE_DICT_TYPE=state_dict_type)
@@ -116,21 +107,6 @@ def _full_parameters(trainer):
             for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
-def _spawn(worker, *args):
-    mp.spawn(_process, args=(worker, _free_port(), *args), nprocs=WORLD, join=True)
-
-
-def _process(rank, worker, port, *args):
-    """Run ``worker(rank, port, *args)`` and leave the process group however it ends."""
-    import torch.distributed as dist
-
-    try:
-        worker(rank, port, *args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 # ---- noise 0, float64: one process on the whole logical batch ------------------------------------
 
 EQUIVALENCE = [  # (model, clipping, per_device_train_batch_size, log_loss)
@@ -145,10 +121,10 @@ def _privacy(log_loss, noise=0.0, **extra):
                             accountant="rdp", log_loss=log_loss, **loss, **extra)
 
 
-def _equivalence_worker(rank, port, folder):
+def _equivalence_worker(rank, folder):
     results = []
     for name, clipping, physical, log_loss in EQUIVALENCE:
-        _launcher_environment(rank, port, LAYER[name], "FULL_STATE_DICT")
+        _fsdp_environment(LAYER[name], "FULL_STATE_DICT")
         trainer = _trainer(CpuFSDP2Trainer, name, os.path.join(folder, name),
                            _privacy(log_loss, clipping=clipping),
                            per_device_train_batch_size=physical)
@@ -162,13 +138,12 @@ def _equivalence_worker(rank, port, folder):
             "sharded": type(trainer.model).__name__})
         with pytest.raises(ValueError, match="trains once per trainer"):
             trainer.train()
-    torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
+    return results
 
 
 @pytest.mark.slow
 def test_two_fsdp2_processes_train_like_one_process_on_the_whole_logical_batch(tmp_path):
-    _spawn(_equivalence_worker, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_on_ranks(_equivalence_worker, tmp_path, str(tmp_path), rendezvous="environment")
     for i, (name, clipping, physical, log_loss) in enumerate(EQUIVALENCE):
         single = _trainer(DPTrainer, name, tmp_path / f"single-{name}",
                           _privacy(log_loss, clipping=clipping),
@@ -204,28 +179,27 @@ def test_two_fsdp2_processes_train_like_one_process_on_the_whole_logical_batch(t
 
 # ---- bf16 with LoRA --------------------------------------------------------------------------------
 
-def _bf16_worker(rank, port, folder):
-    _launcher_environment(rank, port, LAYER["llama_lora"], "FULL_STATE_DICT")
+def _bf16_worker(rank, folder):
+    _fsdp_environment(LAYER["llama_lora"], "FULL_STATE_DICT")
     trainer = _trainer(CpuFSDP2Trainer, "llama_lora", folder, _privacy("off"),
                        model=llama_lora().float(), bf16=True, max_steps=2)
     trainer.train()
     layer = trainer.model.get_base_model().model.layers[0]
     policy = layer._get_fsdp_state()._fsdp_param_group.mp_policy
     sharded = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
-    torch.save({"params": _full_parameters(trainer), "param_dtype": policy.param_dtype,
-                "sharded_dtypes": set(sharded.values())}, os.path.join(folder, f"rank{rank}.pt"))
+    return {"params": _full_parameters(trainer), "param_dtype": policy.param_dtype,
+            "sharded_dtypes": set(sharded.values())}
 
 
 @pytest.mark.slow
 def test_bf16_lora_under_fsdp2_is_the_one_process_bf16_step(tmp_path):
-    _spawn(_bf16_worker, str(tmp_path))
+    ranks = run_on_ranks(_bf16_worker, tmp_path, str(tmp_path), rendezvous="environment")
     model = llama_lora().float()
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     single = _trainer(DPTrainer, "llama_lora", tmp_path / "single", _privacy("off"), model=model,
                       bf16=True, max_steps=2, gradient_accumulation_steps=WORLD * ACCUMULATION)
     single.train()
-    for rank in range(WORLD):
-        ours = torch.load(tmp_path / f"rank{rank}.pt")
+    for ours in ranks:
         assert ours["param_dtype"] == torch.bfloat16  # computed in bf16 ...
         assert ours["sharded_dtypes"] == {torch.float32}  # ... on float32 master weights
         # The whole update, all adapters together: lora_A moves by less than float32 resolves
@@ -242,8 +216,8 @@ def test_bf16_lora_under_fsdp2_is_the_one_process_bf16_step(tmp_path):
 SIGMA = 4.0
 
 
-def _resume_worker(rank, port, folder):
-    _launcher_environment(rank, port, LAYER["llama_lora"], "SHARDED_STATE_DICT")
+def _resume_worker(rank, folder):
+    _fsdp_environment(LAYER["llama_lora"], "SHARDED_STATE_DICT")
     privacy = _privacy("off", noise=1.0)
     full = _trainer(CpuFSDP2Trainer, "llama_lora", os.path.join(folder, "full"), privacy,
                     max_steps=4, save_strategy="steps", save_steps=2)
@@ -262,10 +236,9 @@ def _resume_worker(rank, port, folder):
     noise = {n: steps[SIGMA][n] - steps[0.0][n] for n in steps[0.0]}
     expected_std = one.args.learning_rate * SIGMA * one.privacy.per_sample_max_grad_norm / \
         one.logical_batch_size
-    torch.save({"full": _full_parameters(full), "resumed": _full_parameters(resumed),
-                "epsilons": (full.get_epsilon(), resumed.get_epsilon()),
-                "noise": noise, "expected_std": expected_std},
-               os.path.join(folder, f"resume{rank}.pt"))
+    return {"full": _full_parameters(full), "resumed": _full_parameters(resumed),
+            "epsilons": (full.get_epsilon(), resumed.get_epsilon()), "noise": noise,
+            "expected_std": expected_std}
 
 
 @pytest.mark.slow
@@ -276,7 +249,7 @@ def test_a_sharded_resume_continues_each_ranks_own_noise_stream(tmp_path):
     replayed from its seed, it would add noise already released.)"""
     from dpfused.checkpoints import load_plain
 
-    _spawn(_resume_worker, str(tmp_path))
+    ranks = run_on_ranks(_resume_worker, tmp_path, str(tmp_path), rendezvous="environment")
     state = load_plain(tmp_path / "full" / "checkpoint-2" / PRIVACY_STATE_NAME, what="test")
     streams = state["noise_of_ranks"]
     assert [s["rank"] for s in streams] == [0, 1] and {s["layout"] for s in streams} == {"per_rank"}
@@ -284,8 +257,7 @@ def test_a_sharded_resume_continues_each_ranks_own_noise_stream(tmp_path):
                            streams[1]["generators"][0]["state"])
     assert any(n.startswith("pytorch_model_fsdp") for n in
                os.listdir(tmp_path / "full" / "checkpoint-2"))  # the model's shards
-    for rank in range(WORLD):
-        ours = torch.load(tmp_path / f"resume{rank}.pt")
+    for ours in ranks:
         assert ours["epsilons"][0] == ours["epsilons"][1]
         for name, value in ours["full"].items():
             assert torch.equal(ours["resumed"][name], value), name
@@ -293,9 +265,9 @@ def test_a_sharded_resume_continues_each_ranks_own_noise_stream(tmp_path):
     # rank adding its noise to the whole parameter, or every rank to its shard at another
     # scale, is off by sqrt(2) or more), and the two ranks' shards (Shard(0): the first and the
     # second half of the rows) from different streams, not the same draws twice.
-    noise = torch.load(tmp_path / "resume0.pt")
-    assert all(torch.equal(noise["noise"][n], v) for n, v in
-               torch.load(tmp_path / "resume1.pt")["noise"].items())  # one parameter everywhere
+    noise = ranks[0]
+    assert all(torch.equal(noise["noise"][n], v)
+               for n, v in ranks[1]["noise"].items())  # one parameter everywhere
     every = torch.cat([v.flatten() for v in noise["noise"].values()])
     assert every.numel() > 150 and abs(every.std().item() / noise["expected_std"] - 1) < 0.2
     for name, value in noise["noise"].items():
