@@ -23,14 +23,15 @@ import torch.nn as nn
 from dpfused import accounting, checkpoints, distributed, hf_accelerate, privacy_math
 from dpfused import sampling as dp_sampling
 from dpfused.adaptive import AdaptiveClipping
-from dpfused.arguments import check_calibration, check_choice, check_make_private
+from dpfused.arguments import (check_calibration, check_choice, check_make_private,
+                               check_module_and_optimizer)
 from dpfused.bandmf import BandMF, check_bands_fit
 from dpfused.instrument import detach, instrument, plan
 from dpfused.optimizer import DPOptimizer
 from dpfused.secure_random import ChaCha20Generator
 from dpfused.step import partition_sample_rate
 
-__all__ = ["PrivacyEngine"]
+__all__ = ["DeferredPrivacy", "PrivacyEngine"]
 
 _STATE_FORMAT = 2  # 2: plain data, the noise stream and ledger_start saved (docs/design.md §7.6)
 
@@ -157,38 +158,137 @@ class PrivacyEngine:
         """
         # Every argument, by name (nothing else is bound yet), for the checks of arguments.py.
         settings = {name: value for name, value in locals().items() if name != "self"}
-        optimizer = hf_accelerate.unwrap_optimizer(optimizer)  # accelerate's wrapper, if any
-        wrapper, module = module, distributed.unwrap(module)
-        check_make_private({**settings, "module": module, "optimizer": optimizer},
+        deferred = self._private_data_loader(settings, sharded=None)
+        return deferred.complete(module=module, optimizer=optimizer)
+
+    def make_private_deferred(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: torch.utils.data.DataLoader,
+        sharded: bool,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        **kwargs,
+    ) -> DeferredPrivacy:
+        """``make_private`` in two stages: the private data loader now, the module and optimizer
+        once they are sharded (``DeferredPrivacy.complete``). For frameworks that need the data
+        loader before they shard the model, as HuggingFace's Trainer under accelerate's FSDP
+        plugin does (``dpfused.hf.DPTrainer``; docs/design.md §9)::
+
+            deferred = engine.make_private_deferred(module=model, optimizer=optimizer,
+                data_loader=loader, sharded=True, noise_multiplier=1.0, max_grad_norm=1.0)
+            len(deferred.data_loader)                        # the loader exists, draws nothing yet
+            model, optimizer = accelerator.prepare(model, optimizer)   # fully_shard, in place
+            model, optimizer, loader = deferred.complete(module=model, optimizer=optimizer)
+
+        Every argument check of ``make_private`` runs now, on the module and optimizer as they are
+        (unsharded), and so do the cross-rank data check and the sampler's seed agreement; the
+        returned loader is the one ``make_private`` would return. Iterating it before ``complete``
+        raises (a batch drawn for an uninstrumented model would be trained on without clipping).
+
+        Args:
+            module, optimizer: the model and its optimizer, before sharding; ``complete`` must
+                get these very objects (sharded in place by ``fully_shard`` or
+                ``accelerator.prepare``; accelerate's optimizer wrapper and a DDP wrapper are
+                fine).
+            data_loader: as for ``make_private``.
+            sharded: True when the module will be sharded with FSDP2 before ``complete``: every
+                rank then runs the same number of physical batches per logical batch (FSDP's
+                collectives need it; docs/design.md §9, lockstep). False for a module that stays
+                unsharded (plain, or wrapped in DDP later).
+            noise_multiplier, max_grad_norm, **kwargs: every other ``make_private`` keyword.
+
+        Returns:
+            A ``DeferredPrivacy``: its ``data_loader`` now, ``complete(module=, optimizer=)``
+            later.
+
+        Raises:
+            ValueError / TypeError: what ``make_private`` refuses, before anything is changed.
+        """
+        if not isinstance(sharded, bool):
+            raise TypeError(f"sharded must be True or False, got {sharded!r}")
+        bound = inspect.signature(PrivacyEngine.make_private).bind(
+            self, module=module, optimizer=optimizer, data_loader=data_loader,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            **kwargs)  # TypeError for an unknown keyword
+        bound.apply_defaults()
+        settings = {name: value for name, value in bound.arguments.items() if name != "self"}
+        return self._private_data_loader(settings, sharded=sharded)
+
+    def make_private_deferred_with_epsilon(self, *, module, optimizer, data_loader,
+                                           target_epsilon: float, target_delta: float,
+                                           sharded: bool, epochs: int | None = None,
+                                           steps: int | None = None,
+                                           last_iterate: dict | None = None,
+                                           **kwargs) -> DeferredPrivacy:
+        """``make_private_deferred`` with sigma calibrated as ``make_private_with_epsilon``
+        calibrates it (same arguments, same guarantee)."""
+        sigma = self._sigma_for_epsilon(
+            module=module, optimizer=optimizer, data_loader=data_loader,
+            target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs, steps=steps,
+            last_iterate=last_iterate, kwargs=kwargs)
+        return self.make_private_deferred(module=module, optimizer=optimizer,
+                                          data_loader=data_loader, sharded=sharded,
+                                          noise_multiplier=sigma, **kwargs)
+
+    def _private_data_loader(self, settings: dict, *, sharded: bool | None) -> DeferredPrivacy:
+        """Stage one of make_private: every check of ``settings`` (make_private's arguments by
+        name), then the private data loader (``sharded`` None: lockstep if the module is sharded
+        already)."""
+        s = settings
+        optimizer = hf_accelerate.unwrap_optimizer(s["optimizer"])  # accelerate's wrapper, if any
+        wrapper, module = s["module"], distributed.unwrap(s["module"])
+        check_make_private({**s, "module": module, "optimizer": optimizer},
                            accountant=self.accountant_name, neighboring=self.neighboring)
         if wrapper is not module:
             distributed.check_ddp(wrapper)
-        distributed.check_sharding(module, clipping=clipping)
-        sharded = distributed.is_fsdp2(module)
-        noise_generator, sampling_generator = self._generators(noise_generator, sampling_generator)
+        distributed.check_sharding(module, clipping=s["clipping"])
+        lockstep = distributed.is_fsdp2(module) if sharded is None else sharded
+        noise_generator, sampling_generator = self._generators(s["noise_generator"],
+                                                               s["sampling_generator"])
         rank, world_size = _data_parallel_world()
         if world_size > 1:
             distributed.drain_torch_threads_at_exit()  # a torch bug at exit (§9)
             distributed.check_same_data(
-                data_loader, sampling=sampling, sample_rate=sample_rate, drop_last=drop_last,
-                shuffle_once=shuffle_once, clipping=clipping, loss_reduction=loss_reduction)
-            _broadcast_parameters(module, buffers_only=sharded)
+                s["data_loader"], sampling=s["sampling"], sample_rate=s["sample_rate"],
+                drop_last=s["drop_last"], shuffle_once=s["shuffle_once"], clipping=s["clipping"],
+                loss_reduction=s["loss_reduction"])
             sampling_generator = distributed.replicated_generator(sampling_generator,
                                                                   torch.device("cpu"))
         loader = dp_sampling.make_private_data_loader(
-            data_loader, sampling=sampling, sample_rate=sample_rate, shuffle_once=shuffle_once,
-            max_physical_batch_size=max_physical_batch_size, drop_last=drop_last,
-            generator=sampling_generator, secure_mode=self.secure_mode, rank=rank,
-            world_size=world_size, lockstep=sharded,
-            partitions=noise.bands if sampling == "cyclic_poisson" else None,
-            max_batch_size=max_batch_size)
-        inst = instrument(module, clipping=clipping, max_grad_norm=max_grad_norm,
-                          thresholds=thresholds, loss_reduction=loss_reduction,
-                          batch_first=batch_first, count_unclipped=adaptive_clipping is not None,
-                          nonfinite=nonfinite_gradients, clipping_function=clipping_function,
-                          stability=stability)
+            s["data_loader"], sampling=s["sampling"], sample_rate=s["sample_rate"],
+            shuffle_once=s["shuffle_once"], max_physical_batch_size=s["max_physical_batch_size"],
+            drop_last=s["drop_last"], generator=sampling_generator, secure_mode=self.secure_mode,
+            rank=rank, world_size=world_size, lockstep=lockstep,
+            partitions=s["noise"].bands if s["sampling"] == "cyclic_poisson" else None,
+            max_batch_size=s["max_batch_size"])
+        return DeferredPrivacy(engine=self, module=wrapper, optimizer=optimizer, loader=loader,
+                               settings={**s, "noise_generator": noise_generator},
+                               lockstep=lockstep, world_size=world_size,
+                               guarded=sharded is not None)
+
+    def _instrument(self, wrapper: nn.Module, optimizer, loader,
+                    settings: dict) -> tuple[nn.Module, DPOptimizer, dp_sampling.DPDataLoader]:
+        """Stage two of make_private: instrument the (wrapped or sharded) module, connect the
+        loader and the reduction, wrap the optimizer (all checked in stage one or by
+        ``DeferredPrivacy.complete``)."""
+        s = settings
+        module = distributed.unwrap(wrapper)
+        sharded = distributed.is_fsdp2(module)
+        _, world_size = _data_parallel_world()
+        if world_size > 1:
+            _broadcast_parameters(module, buffers_only=sharded)
+        inst = instrument(module, clipping=s["clipping"], max_grad_norm=s["max_grad_norm"],
+                          thresholds=s["thresholds"], loss_reduction=s["loss_reduction"],
+                          batch_first=s["batch_first"],
+                          count_unclipped=s["adaptive_clipping"] is not None,
+                          nonfinite=s["nonfinite_gradients"],
+                          clipping_function=s["clipping_function"], stability=s["stability"])
         loader.add_listener(inst.book.begin)  # the one way a logical batch reaches the book
         reduction, self._noise_layout = None, "one"
+        noise_generator = s["noise_generator"]
         if noise_generator is None:  # never torch's global RNG: a resume could replay it (§7.6)
             noise_generator = _os_seeded_noise_generator(inst.params, several=world_size == 1
                                                          and wrapper is module and not sharded)
@@ -210,11 +310,11 @@ class PrivacyEngine:
                 noise_generator, next(iter(inst.params)).device)
             self._noise_layout = "replicated"
         dp_optimizer = DPOptimizer(
-            optimizer, instrumentation=inst, noise_multiplier=noise_multiplier,
-            accountant=self.accountant, generator=noise_generator, max_epsilon=max_epsilon,
-            delta=delta, adaptive_clipping=adaptive_clipping, reduction=reduction,
+            optimizer, instrumentation=inst, noise_multiplier=s["noise_multiplier"],
+            accountant=self.accountant, generator=noise_generator, max_epsilon=s["max_epsilon"],
+            delta=s["delta"], adaptive_clipping=s["adaptive_clipping"], reduction=reduction,
             expected_batch_size=_expected_batch_size_per_process(loader, world_size),
-            noise=noise,
+            noise=s["noise"],
         )
         # A second make_private on this engine: the new loader counts its epochs from 0 again,
         # and they are new epochs (docs/design.md §7.2).
@@ -260,17 +360,25 @@ class PrivacyEngine:
         Returns:
             ``(module, optimizer, data_loader)``, as make_private.
         """
-        if "noise_multiplier" in kwargs:
-            raise ValueError("make_private_with_epsilon sets noise_multiplier itself; remove it")
-        check_calibration(target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs,
-                          steps=steps, last_iterate=last_iterate)
-        self._check_before_calibration(module, optimizer, data_loader, kwargs)
-        sigma = self._calibrated_sigma(
+        sigma = self._sigma_for_epsilon(
             module=module, optimizer=optimizer, data_loader=data_loader,
             target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs, steps=steps,
             last_iterate=last_iterate, kwargs=kwargs)
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, **kwargs)
+
+    def _sigma_for_epsilon(self, *, module, optimizer, data_loader, target_epsilon, target_delta,
+                           epochs, steps, last_iterate, kwargs) -> float:
+        """make_private_with_epsilon's checks (before the slow calibration) and its sigma."""
+        if "noise_multiplier" in kwargs:
+            raise ValueError("make_private_with_epsilon sets noise_multiplier itself; remove it")
+        check_calibration(target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs,
+                          steps=steps, last_iterate=last_iterate)
+        self._check_before_calibration(module, optimizer, data_loader, kwargs)
+        return self._calibrated_sigma(
+            module=module, optimizer=optimizer, data_loader=data_loader,
+            target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs, steps=steps,
+            last_iterate=last_iterate, kwargs=kwargs)
 
     def _check_before_calibration(self, module, optimizer, data_loader, kwargs):
         """make_private's argument checks, before the (slow) calibration rather than after it."""
@@ -566,6 +674,115 @@ class PrivacyEngine:
     @staticmethod
     def detach(module: nn.Module) -> nn.Module:
         return detach(module)
+
+
+class DeferredPrivacy:
+    """The first stage of ``PrivacyEngine.make_private_deferred``: the private data loader exists
+    and every argument was checked; ``complete`` makes the module and optimizer private once they
+    are sharded (docs/design.md §9).
+
+    Attributes:
+        data_loader: the ``DPDataLoader`` that ``complete`` returns too. Its length is known now;
+            iterating it before ``complete`` raises a RuntimeError, so no batch can train a
+            model that clips nothing.
+        sharded: True when the loader runs every rank in lockstep for FSDP2 (``complete`` then
+            takes an FSDP2-sharded module only), False for a module that stays unsharded.
+    """
+
+    def __init__(self, *, engine: PrivacyEngine, module: nn.Module, optimizer, loader,
+                 settings: dict, lockstep: bool, world_size: int, guarded: bool) -> None:
+        self._engine = engine
+        self._wrapper, self._module = module, distributed.unwrap(module)
+        self._optimizer = optimizer  # accelerate's wrapper already taken off
+        self._parameters = _parameter_ids(self._module, optimizer)
+        self._settings = settings
+        self._world_size = world_size
+        self._completed = False
+        self.data_loader = loader
+        self.sharded = lockstep
+        if guarded:
+            loader.add_listener(self._refuse_before_complete)
+
+    def complete(self, *, module: nn.Module, optimizer: torch.optim.Optimizer
+                 ) -> tuple[nn.Module, DPOptimizer, dp_sampling.DPDataLoader]:
+        """Instrument ``module`` in place and wrap ``optimizer``: the rest of ``make_private``.
+
+        Args:
+            module: the module given to ``make_private_deferred``, sharded in place since
+                (``fully_shard``, ``accelerator.prepare``) or wrapped in DistributedDataParallel.
+            optimizer: the optimizer given to ``make_private_deferred`` (its parameters swapped
+                for the shards by accelerate are fine; so is accelerate's wrapper around it).
+
+        Returns:
+            ``(module, optimizer, data_loader)``, as ``make_private`` returns them.
+
+        Raises:
+            ValueError / TypeError: another module or optimizer; a module sharded although the
+                loader was made with ``sharded=False`` (or the other way round); a process group
+                of another size; what ``make_private`` refuses of a sharded or wrapped module;
+                a second call. Nothing was changed.
+        """
+        if self._completed:
+            raise ValueError("DeferredPrivacy.complete was called already: it makes the module "
+                             "private once; call make_private_deferred again for another run")
+        inner_optimizer = hf_accelerate.unwrap_optimizer(optimizer)
+        inner = distributed.unwrap(module)
+        if inner is not self._module or inner_optimizer is not self._optimizer:
+            which = "module" if inner is not self._module else "optimizer"
+            raise ValueError(
+                f"{which} is not the {which} passed to make_private_deferred, whose checks and "
+                f"private data loader were made for it; shard that {which}'s model in place "
+                "(fully_shard, accelerator.prepare) and pass the same objects to complete")
+        if module is not self._wrapper or _parameter_ids(inner, inner_optimizer) != self._parameters:
+            _check_model(module, inner_optimizer, clipping=self._settings["clipping"])
+        self._check_layout(inner)
+        result = self._engine._instrument(module, inner_optimizer, self.data_loader,
+                                          self._settings)
+        self._completed = True
+        return result
+
+    def _check_layout(self, module: nn.Module) -> None:
+        """The loader's lockstep and world size must be those of the module as it is now."""
+        sharded = distributed.is_fsdp2(module)
+        if sharded != self.sharded:
+            raise ValueError(
+                f"the module is {'' if sharded else 'not '}sharded with FSDP2 but the data loader "
+                f"was made with sharded={self.sharded}: "
+                + ("FSDP2's collectives need every rank to run the same number of physical "
+                   "batches, which only a loader made with sharded=True does"
+                   if sharded else "pass sharded=False to make_private_deferred for a module "
+                   "that stays unsharded (plain or DistributedDataParallel)")
+                + "; call make_private_deferred again with the right sharded=")
+        _, world_size = _data_parallel_world()
+        if world_size != self._world_size:
+            raise ValueError(
+                f"the data loader was split over {self._world_size} processes and the default "
+                f"process group now has {world_size}; call make_private_deferred again after "
+                "torch.distributed is initialized")
+
+    def _refuse_before_complete(self, _batch) -> None:
+        """Loader listener: no batch before the module is instrumented."""
+        if not self._completed:
+            raise RuntimeError(
+                "the data loader of make_private_deferred was iterated before "
+                "DeferredPrivacy.complete(module=..., optimizer=...): its batches would train a "
+                "model that clips nothing. Shard the model, call complete, then iterate")
+
+
+def _parameter_ids(module: nn.Module, optimizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Which parameter objects the module and the optimizer hold (sharding replaces them)."""
+    return (tuple(id(p) for p in module.parameters()),
+            tuple(id(p) for group in optimizer.param_groups for p in group["params"]))
+
+
+def _check_model(module: nn.Module, optimizer, *, clipping: str) -> None:
+    """What make_private checks of the module (inside a DDP wrapper, if any) and its optimizer
+    (accelerate's wrapper already taken off)."""
+    inner = distributed.unwrap(module)
+    check_module_and_optimizer(inner, optimizer)
+    if module is not inner:
+        distributed.check_ddp(module)
+    distributed.check_sharding(inner, clipping=clipping)
 
 
 _SCHEDULER_KEYS = (("noise_scheduler", "noise_scheduler_state_dict"),

@@ -220,10 +220,12 @@ class PrivacyArguments:
 
 class _PhysicalBatches:
     """The physical batches of one logical batch, in order (what ``training_step`` receives);
-    ``len()`` counts their examples. The draw itself is described by ``step.LogicalBatch``."""
+    ``len()`` counts their examples. ``infos`` holds each one's ``step.LogicalBatch``, what the
+    loader handed its listeners when it drew it (its padding, whether it is the last)."""
 
-    def __init__(self, physical: list):
+    def __init__(self, physical: list, infos: list):
         self.physical = physical
+        self.infos = infos
 
     def __len__(self) -> int:
         return sum(_batch_size(b) for b in self.physical)
@@ -233,8 +235,10 @@ class _LogicalBatches:
     """Iterates a DPDataLoader's physical batches grouped into logical batches.
 
     ``len()`` is the number of logical batches per epoch; one iteration is (the rest of) an epoch.
-    After a logical batch is yielded, ``loader.current`` describes its last physical batch, which is
-    what DPOptimizer.step() reads to take the noised step.
+    The Trainer fetches a whole logical batch before its first forward, so the loader's listeners
+    (the book-keeper, the DDP or FSDP2 reduction) have seen its last physical batch by then;
+    ``training_step`` hands each physical batch's own ``LogicalBatch`` to them again just before
+    its forward (its padding, whether FSDP reduces it), as a hand-written loop would.
     """
 
     def __init__(self, loader):
@@ -245,12 +249,13 @@ class _LogicalBatches:
         return len(self.loader)
 
     def __iter__(self):
-        physical = []
+        physical, infos = [], []
         for batch in self.loader:
             physical.append(batch)
+            infos.append(self.loader.current)
             if self.loader.current.is_last_physical:
-                yield _PhysicalBatches(physical)
-                physical = []
+                yield _PhysicalBatches(physical, infos)
+                physical, infos = [], []
 
 
 class DPTrainingMixin:
@@ -282,6 +287,7 @@ class DPTrainingMixin:
         _refuse_evaluation_on_training_data(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         super().__init__(*args, **kwargs)
         _refuse_unsupported_args(self.args)  # also the defaults the Trainer filled in
+        _refuse_unsupported_sharding(self)  # what accelerate was set up with (launcher, args)
         _refuse_uploading_callbacks(self.callback_handler.callbacks)
         _refuse_evaluation_on_training_data(self.train_dataset, self.eval_dataset)
         self.privacy = privacy
@@ -303,6 +309,8 @@ class DPTrainingMixin:
         self._dp_loader = None
         self._loss_generator = None  # log_loss="noised": the logged loss's noise (never saved)
         self._loss_units = None  # log_loss="noised": this logical batch's clipped losses
+        self._padding = 0  # padding examples at the end of the physical batch running (FSDP2)
+        self._deferred = None  # FSDP2 under accelerate: the private loader, model made private later
         self.budget_exhausted = False
         self._last_training_loss = None
 
@@ -324,11 +332,10 @@ class DPTrainingMixin:
                 "with such a delta a mechanism may publish an example outright; use a smaller delta")
         self.model.train()
         self.create_optimizer()
-        module = self._data_parallel_module()
         self.privacy_engine = PrivacyEngine(accountant=privacy.accountant,
                                             secure_mode=privacy.secure_mode)
         common = dict(
-            module=module, optimizer=self.optimizer, data_loader=self._base_train_loader(),
+            optimizer=self.optimizer, data_loader=self._base_train_loader(),
             max_grad_norm=privacy.per_sample_max_grad_norm, clipping=privacy.clipping,
             loss_reduction="mean",  # compute_loss is a mean over the physical batch
             sampling=privacy.sampling, adaptive_clipping=privacy.adaptive_clipping,
@@ -339,15 +346,61 @@ class DPTrainingMixin:
         if privacy.max_epsilon is not None:
             common.update(max_epsilon=privacy.max_epsilon, delta=privacy.delta)
         if privacy.target_epsilon is not None:
-            _, optimizer, loader = self.privacy_engine.make_private_with_epsilon(
-                target_epsilon=privacy.target_epsilon, target_delta=privacy.delta,
-                **self._planned_length(), **common)
+            common.update(target_epsilon=privacy.target_epsilon, target_delta=privacy.delta,
+                          **self._planned_length())
         else:
-            _, optimizer, loader = self.privacy_engine.make_private(
-                noise_multiplier=privacy.noise_multiplier, **common)
-        if privacy.log_loss == "noised":
+            common.update(noise_multiplier=privacy.noise_multiplier)
+        if self.is_fsdp_enabled:  # accelerate shards the model after the loader exists
+            self._make_private_deferred(common)
+            return
+        common.update(module=self._data_parallel_module())
+        engine = self.privacy_engine
+        make = (engine.make_private_with_epsilon if privacy.target_epsilon is not None
+                else engine.make_private)
+        _, optimizer, loader = make(**common)
+        self._take_private(optimizer, loader)
+
+    def _make_private_deferred(self, common: dict) -> None:
+        """FSDP2 under accelerate: the private loader now (every rank in lockstep), the model and
+        optimizer once accelerate has sharded them (``_prepare_for_training``); docs/design.md §9."""
+        _check_sharded_precision(self.model, self.accelerator)
+        engine = self.privacy_engine
+        make = (engine.make_private_deferred_with_epsilon
+                if self.privacy.target_epsilon is not None else engine.make_private_deferred)
+        self._deferred = make(module=self.model, sharded=True, **common)
+        self._dp_loader = self._deferred.data_loader
+
+    def _take_private(self, optimizer, loader) -> None:
+        """The DP optimizer steps from now on (and releases the noised loss, if asked)."""
+        if self.privacy.log_loss == "noised":
             self._release_loss_with_each_step(optimizer)
         self.optimizer, self._dp_optimizer, self._dp_loader = optimizer, optimizer, loader
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """FSDP2: accelerate shards the model and swaps the optimizer's parameters for the shards
+        (the Trainer's own preparation); then the sharded model is made private, and only then
+        is a checkpoint resumed (its privacy state needs the DP optimizer)."""
+        if self._deferred is None:
+            return super()._prepare_for_training(max_steps, train_dataloader,
+                                                 resume_from_checkpoint)
+        if self._dp_optimizer is not None:
+            raise ValueError(
+                "DPTrainer under FSDP2 trains once per trainer (accelerate shards the model and "
+                "dpfused instruments it once); to continue a run, build a new DPTrainer and "
+                "call train(resume_from_checkpoint=...)")
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        _, optimizer, loader = self._deferred.complete(module=self.model, optimizer=self.optimizer)
+        self._take_private(optimizer, loader)
+        if self._created_lr_scheduler:  # it was made over accelerate's optimizer: remake it
+            self.lr_scheduler, self._created_lr_scheduler = None, False
+            self.create_scheduler(num_training_steps=max_steps)
+        if resume_from_checkpoint is not None:
+            self._load_from_checkpoint(resume_from_checkpoint, self.model_wrapped)
+            self._load_optimizer_and_scheduler(resume_from_checkpoint)
+            self._load_scaler(resume_from_checkpoint)
+        for attr in ("model", "optimizer", "lr_scheduler"):
+            setattr(self.callback_handler, attr, getattr(self, attr))
+        return model, train_dataloader
 
     def _generators(self) -> dict:
         """The sampler's and the noise's generators: seeded (``seed``, ``seed + 1``, or 63 bits of
@@ -434,18 +487,22 @@ class DPTrainingMixin:
         self._loss_units = torch.zeros((), dtype=torch.int64, device=self.args.device)
         total = torch.zeros((), dtype=torch.float64, device=self.args.device)
         count = 0
-        for i, batch in enumerate(inputs.physical):
+        for i, (batch, info) in enumerate(zip(inputs.physical, inputs.infos)):
             size = _batch_size(batch)
             if size == 0:  # an empty Poisson batch: no forward; the step still adds noise
                 continue
             batch = self._prepare_inputs(batch)
+            self._announce(info)
+            self._padding = info.padding
             with self._synchronized(model, last=i == len(inputs.physical) - 1):
                 with self.compute_loss_context_manager():
                     loss = self.compute_loss(model, batch)
                 loss.backward()  # per-example clipping happens inside; not accelerator.backward,
                 # which would divide by the caller's gradient_accumulation_steps
-            total += loss.detach().double() * size
-            count += size
+            self._padding = 0
+            if info.padding == 0:  # FSDP2's padding batches hold padding only: no example's loss
+                total += loss.detach().double() * size
+                count += size
         loss = (total / count).float() if count else torch.tensor(math.nan, device=self.args.device)
         self._last_training_loss = self._released_loss(loss)
         return self._last_training_loss
@@ -467,6 +524,14 @@ class DPTrainingMixin:
             torch.distributed.broadcast(released, src=0)  # one draw: rank 0's
         return released.float()
 
+    def _announce(self, info) -> None:
+        """Hand the loader's listeners (book-keeper, DDP or FSDP2 reduction) the ``LogicalBatch``
+        of the physical batch about to run: the Trainer drew the whole logical batch first, so
+        they last saw its last physical batch. Under FSDP2 a physical batch may be padding (an
+        example of another rank, run with multiplier 0) and only the last one is reduced."""
+        for listener in self._dp_loader.listeners:
+            listener(info)
+
     @staticmethod
     def _synchronized(model, *, last: bool):
         """DDP reduces the logical batch's last physical batch only (its clipped sums so far are
@@ -484,8 +549,11 @@ class DPTrainingMixin:
                                         num_items_in_batch=num_items_in_batch)
         losses, outputs = self.per_example_loss(model, inputs)
         if self._loss_units is not None and self.privacy.log_loss == "noised":
+            # FSDP2's padding (the batch's last examples, another rank's) is no example here:
+            # counted, it would add one example's loss to the release once per rank.
+            examples = losses[:losses.shape[0] - self._padding]
             self._loss_units += privacy_math.clipped_loss_units(
-                losses, bound=self.privacy.loss_bound).to(self._loss_units.device)
+                examples, bound=self.privacy.loss_bound).to(self._loss_units.device)
         loss = losses.mean()
         return (loss, outputs) if return_outputs else loss
 
@@ -618,21 +686,46 @@ class DPTrainingMixin:
             json.dump(self._privacy_summary(), f, indent=2)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """checkpoint-N only: the resume state, SECRET as the data (see the module docstring)."""
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.privacy_engine is not None and self.args.should_save:
-            state = self._privacy_state()
+        """checkpoint-N only: the resume state, SECRET as the data (see the module docstring).
+        Under FSDP2 every rank takes part (the model and optimizer shards, every rank's noise
+        stream); rank 0 writes the privacy state."""
+        with self._torch_optimizer_for_fsdp():
+            super()._save_optimizer_and_scheduler(output_dir)
+        if self._dp_optimizer is None:
+            return
+        state = self._privacy_state()  # collective under FSDP2
+        if self.args.should_save:
             checkpoints.check_plain(state, PRIVACY_STATE_NAME)
             torch.save(state, os.path.join(output_dir, PRIVACY_STATE_NAME))
 
     def _privacy_state(self) -> dict:
-        return {
+        state = {
             "engine": self.privacy_engine.state_dict(),  # ledger, sampler, the optimizer's noise
             "noise_multiplier": self._dp_optimizer.noise_multiplier,
             "sampling": self.privacy.sampling,
             "clipping": self.privacy.clipping,
             "logical_batch_size": self.logical_batch_size,
         }
+        if state["engine"]["noise"].get("layout") == "per_rank":
+            # FSDP2: each rank noises its own shard from its own stream; the engine's state holds
+            # this rank's only. All of them, in rank order, so each rank resumes its own.
+            state["noise_of_ranks"] = _gathered(state["engine"]["noise"])
+        return state
+
+    @contextlib.contextmanager
+    def _torch_optimizer_for_fsdp(self):
+        """FSDP2: accelerate saves and loads the optimizer state through torch's state-dict
+        helpers, which call ``step()`` on an optimizer that has no state yet, to create it. That
+        must be the torch optimizer (a step at learning rate 0), never the DP optimizer, whose
+        step releases a noised gradient and records it in the ledger."""
+        if self._deferred is None or self._dp_optimizer is None:
+            yield
+            return
+        self.optimizer = self._dp_optimizer.original_optimizer
+        try:
+            yield
+        finally:
+            self.optimizer = self._dp_optimizer
 
     def _privacy_summary(self) -> dict:
         """The privacy report as plain JSON: public facts of the run, nothing to replay it by."""
@@ -668,8 +761,9 @@ class DPTrainingMixin:
                 f"resume_from_checkpoint: {PRIVACY_STATE_NAME} records {steps} private steps but "
                 f"trainer_state.json global_step={self.state.global_step}; one private step is "
                 "one optimizer step, so the checkpoint's files do not belong together")
-        self.privacy_engine.load_state_dict(state["engine"])  # checks its ledger first
-        super()._load_optimizer_and_scheduler(checkpoint)
+        self.privacy_engine.load_state_dict(_own_noise(state))  # checks its ledger first
+        with self._torch_optimizer_for_fsdp():
+            super()._load_optimizer_and_scheduler(checkpoint)
         self._dp_optimizer.noise_multiplier = state["noise_multiplier"]
 
 
@@ -678,19 +772,28 @@ class DPTrainer(DPTrainingMixin, Trainer):
 
     See the module docstring for how batches, steps, losses and checkpoints map onto DP-SGD.
     Several processes (``torchrun`` / ``accelerate launch`` without an FSDP config) train with
-    DistributedDataParallel: each rank runs its slice of every logical batch.
+    DistributedDataParallel: each rank runs its slice of every logical batch. Under accelerate's
+    FSDP2 plugin (``accelerate launch --config_file <fsdp_version: 2 config>``, or
+    ``TrainingArguments(fsdp=True)``) accelerate shards the model, dpfused instruments the shards,
+    and FSDP's reduce-scatter carries the clipped sums (docs/design.md §9).
 
     Raises:
         ValueError: a setting that would change the privacy guarantee silently (each message names
-            the fix): nn.DataParallel (n_gpu > 1 in one process), DeepSpeed, FSDP, fp16 (GradScaler), label_smoothing_factor, compute_loss_func, a custom train
-            sampler or train_sampling_strategy other than "random", auto_find_batch_size,
-            model_init, push_to_hub with hub_strategy "checkpoint" or "all_checkpoints" (it would
+            the fix): nn.DataParallel (n_gpu > 1 in one process), DeepSpeed, FSDP1 (and FSDP2
+            with CPU offload, ignored modules, activation checkpointing, a reduce dtype or
+            trainable parameters narrower than float32), fp16 (GradScaler),
+            label_smoothing_factor, compute_loss_func, a custom train sampler or
+            train_sampling_strategy other than "random", auto_find_batch_size, model_init, push_to_hub with hub_strategy "checkpoint" or "all_checkpoints" (it would
             upload the secret resume state), a report_to integration set to upload checkpoint
             folders (the same), torch_compile, include_num_input_tokens_seen (a count of the
             private batches), an eval_dataset that is the train_dataset, log_loss="noised" with an
             overridden compute_loss.
         TypeError: a subclass that overrides compute_loss without the per-example contract.
     """
+
+    #: FSDP2 under accelerate is tested with this class (tests/test_hf_fsdp2.py); the other
+    #: DPTrainingMixin trainers (TRL's) train with DDP until they are.
+    dp_fsdp2_tested = True
 
 
 # ---- refusals ----------------------------------------------------------------------------------
@@ -744,11 +847,6 @@ def _refuse_unsupported_args(args) -> None:
          "a DeepSpeed config is not supported by DPTrainer (DeepSpeed owns the backward and the "
          "optimizer step, which per-example clipping and the single noised step replace); remove "
          "deepspeed= and train on one device, or with dpfused's make_private in a torchrun loop"),
-        (getattr(args, "fsdp", None),
-         "FSDP is not supported by DPTrainer yet; remove fsdp= and train on one device or with "
-         "DistributedDataParallel (torchrun / accelerate launch without an FSDP config), or shard "
-         "with fully_shard and call dpfused's make_private in your own loop "
-         "(recipes/finetune_llama.py --fsdp, recipes/accelerate_llama.py)"),
         (args.label_smoothing_factor,
          f"label_smoothing_factor={args.label_smoothing_factor} is refused: HF's label smoother "
          "averages over every token of the batch, so one example's loss depends on the others. Set "
@@ -791,11 +889,86 @@ def _refuse_unsupported_args(args) -> None:
         raise ValueError(
             f"{args.n_gpu} GPUs in one process: the Trainer would wrap the model in nn.DataParallel, "
             "whose replicas dpfused cannot instrument. Use one GPU (CUDA_VISIBLE_DEVICES=0)")
-    if args.world_size > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    plugin_args = getattr(args, "fsdp_plugin_args", None) or {}
+    if getattr(args, "fsdp", None) and plugin_args.get("fsdp_version", 2) != 2:
+        raise ValueError(_FSDP1)
+
+
+_FSDP1 = ("FSDP1 (fsdp_version 1, FullyShardedDataParallel) is refused by DPTrainer: it flattens "
+          "each unit's parameters into one, so no layer sees its own weight and per-example "
+          "clipping cannot be done; use FSDP2 (fsdp_config {'version': 2}, or fsdp_version: 2 in "
+          "the accelerate config), or DistributedDataParallel (no FSDP config)")
+
+
+def _refuse_unsupported_sharding(trainer) -> None:
+    """What the Trainer's accelerator was set up with (``accelerate launch``'s config or
+    ``TrainingArguments``): DeepSpeed and FSDP1 are refused; FSDP2 without what dpfused's
+    reduction cannot do exactly (docs/design.md §9)."""
+    if trainer.is_deepspeed_enabled:
         raise ValueError(
-            "accelerate's FSDP plugin is not supported by DPTrainer yet; launch without the FSDP "
-            "config (DPTrainer then trains with DistributedDataParallel), or shard with fully_shard "
-            "and call dpfused's make_private in your own loop (recipes/accelerate_llama.py)")
+            "DeepSpeed (accelerate's DeepSpeed plugin) is not supported by DPTrainer: its engine "
+            "runs backward and reduces the gradients itself, before dpfused could clip each "
+            "example. Use an FSDP2 config (fsdp_version: 2) or none (DistributedDataParallel)")
+    if getattr(trainer, "is_fsdp_xla_enabled", False):
+        raise ValueError("XLA FSDP (fsdp_config['xla']) is not supported by DPTrainer; use FSDP2 "
+                         "(fully_shard) on GPUs or CPUs, or DistributedDataParallel")
+    if not trainer.is_fsdp_enabled:
+        return
+    plugin = trainer.accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ValueError(_FSDP1)
+    if not getattr(type(trainer), "dp_fsdp2_tested", False):
+        raise ValueError(
+            f"FSDP2 is not supported by {type(trainer).__name__} yet (it is tested with "
+            "DPTrainer); train it with DistributedDataParallel (no FSDP config)")
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+        raise ValueError(
+            "FSDP2 with CPU offload (fsdp_offload_params / cpu_offload) is not supported by "
+            "DPTrainer: dpfused's reduction of the clipped sums is not tested with offloaded "
+            "shards; turn offloading off")
+    if plugin.ignored_modules:
+        raise ValueError(
+            "FSDP2 with ignored_modules is not supported by DPTrainer: every trainable parameter "
+            "must be sharded by fully_shard, whose reduce-scatter adds the clipped sums up; "
+            "remove ignored_modules")
+    if getattr(plugin, "activation_checkpointing", False):
+        raise ValueError(
+            "FSDP2 with activation checkpointing (fsdp_activation_checkpointing) is not supported "
+            "by DPTrainer: accelerate wraps the layers in checkpoint wrappers after the model was "
+            "checked, and dpfused's clipping of the recomputed layers is not tested there; set "
+            "fsdp_activation_checkpointing: false")
+    policy = plugin.mixed_precision_policy
+    if policy is not None and getattr(policy, "reduce_dtype", None) is not None:
+        reduce, compute = policy.reduce_dtype, policy.param_dtype
+        if reduce != compute and reduce.is_floating_point and \
+                torch.finfo(reduce).eps > torch.finfo(torch.float32).eps:
+            raise ValueError(
+                f"FSDP2 mixed_precision_policy reduce_dtype={reduce}: FSDP would reduce-scatter "
+                "the clipped sums in it, rounding the sum over the batch before the noise (one "
+                "example could then move it by far more than per_sample_max_grad_norm); set "
+                "reduce_dtype to torch.float32, or leave the policy to TrainingArguments(bf16="
+                "True)")
+
+
+def _check_sharded_precision(model, accelerator) -> None:
+    """FSDP2 stores and reduce-scatters the clipped sums in the trainable parameters' dtype
+    before the noise: refuse parameters narrower than float32 that accelerate will not upcast
+    (it keeps float32 master weights when mixed precision is on), before accelerate shards."""
+    if str(accelerator.mixed_precision) != "no":
+        return  # accelerate upcasts every trainable parameter to float32 before fully_shard
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.is_floating_point() and \
+                torch.finfo(param.dtype).eps > torch.finfo(torch.float32).eps:
+            raise ValueError(
+                f"parameter '{name}' is {param.dtype} under FSDP2: FSDP would store and reduce-"
+                f"scatter the clipped sums in {param.dtype}, rounding the sum over the batch "
+                "before the noise (one example could then move it by far more than "
+                "per_sample_max_grad_norm). Set TrainingArguments(bf16=True): accelerate then "
+                "keeps float32 master weights of the trainable parameters and computes in "
+                "bfloat16 (MixedPrecisionPolicy), and dpfused reduces the sums in float32; or "
+                "load the model in float32")
 
 
 # What an integration named in report_to uploads, when it uploads checkpoint folders (which hold
@@ -923,9 +1096,59 @@ def _batch_size(batch) -> int:
                     "batched tensor")
 
 
+def _gathered(noise: dict) -> list:
+    """Every rank's noise-stream state (``checkpoints.noise_state``), in rank order, on every
+    rank; tensors on the CPU (rank 0 writes them)."""
+    mine = _on_cpu(noise)
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+def _on_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, Mapping):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
+
+
+def _own_noise(state: dict) -> dict:
+    """The engine state to load on this rank: with per-rank noise streams (FSDP2), this rank's
+    own, never another rank's (two ranks on one stream would add the same noise to different
+    coordinates) and never a restarted one (it would replay noise already released).
+
+    Raises:
+        ValueError: the checkpoint's streams belong to another number of processes.
+    """
+    streams = state.get("noise_of_ranks")
+    if streams is None:
+        return state["engine"]
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if len(streams) != world:
+        raise ValueError(
+            f"resume_from_checkpoint: {PRIVACY_STATE_NAME} holds the noise streams of "
+            f"{len(streams)} processes (FSDP2: one per rank) and this run has {world}; a noise "
+            "stream cannot move to another number of processes without replaying noise already "
+            f"released or losing the exact resume. Resume with {len(streams)} processes")
+    return {**state["engine"], "noise": streams[rank]}
+
+
+def _model_class_name(model) -> str:
+    """The model's class name. FSDP2's ``fully_shard`` gives a sharded module a class of its
+    own (``FSDPLlamaForCausalLM``): the first class in its MRO that is not FSDP's."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(klass.__name__ for klass in type(model).__mro__
+                if not issubclass(klass, FSDPModule))
+
+
 def _head_kind(model, logits) -> str:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = type(base).__name__
+    name = _model_class_name(base)
     if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         return "causal_lm"
     if logits.dim() == 3:
