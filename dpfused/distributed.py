@@ -35,8 +35,8 @@ from dpfused.step import ClippedStep, LogicalBatch
 
 __all__ = ["DDPReduction", "FSDP2Reduction", "ProcessGroupReduction", "all_reduce_sum",
            "check_ddp", "check_same_data", "check_sharding", "dataset_fingerprint",
-           "drain_torch_threads_at_exit", "is_fsdp2", "per_rank_generator", "replicated_generator",
-           "unwrap"]
+           "drain_torch_threads_at_exit", "is_fsdp2", "narrower_than_float32", "per_rank_generator",
+           "replicated_generator", "unwrap"]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -471,7 +471,7 @@ def _check_reduce_precision(module: nn.Module) -> None:
             reduce_dtype = (None if policy.reduce_dtype == policy.param_dtype
                             else policy.reduce_dtype)
             for what, dtype in (("parameter", param.dtype), ("reduce", reduce_dtype)):
-                if dtype is not None and dtype.is_floating_point and _narrower_than_float32(dtype):
+                if dtype is not None and dtype.is_floating_point and narrower_than_float32(dtype):
                     raise ValueError(
                         f"parameter '{names.get(id(param), tuple(param.shape))}' has the "
                         f"{what} dtype {dtype} under fully_shard: FSDP would reduce-scatter the "
@@ -481,7 +481,9 @@ def _check_reduce_precision(module: nn.Module) -> None:
                         f"{_MIXED_PRECISION_FIX}")
 
 
-def _narrower_than_float32(dtype: torch.dtype) -> bool:
+def narrower_than_float32(dtype: torch.dtype) -> bool:
+    """A floating dtype with less precision than float32 (bf16, fp16, fp8): FSDP must not reduce
+    or store the clipped sums in it before the noise (§9)."""
     return torch.finfo(dtype).eps > torch.finfo(torch.float32).eps
 
 

@@ -68,6 +68,7 @@ from dpfused.arguments import (
     check_target_epsilon,
 )
 from dpfused.bandmf import BandMF
+from dpfused.distributed import narrower_than_float32
 from dpfused.engine import PrivacyEngine
 from dpfused.losses import per_example_lm_loss
 from dpfused.secure_random import ChaCha20Generator
@@ -942,8 +943,7 @@ def _refuse_unsupported_sharding(trainer) -> None:
     policy = plugin.mixed_precision_policy
     if policy is not None and getattr(policy, "reduce_dtype", None) is not None:
         reduce, compute = policy.reduce_dtype, policy.param_dtype
-        if reduce != compute and reduce.is_floating_point and \
-                torch.finfo(reduce).eps > torch.finfo(torch.float32).eps:
+        if reduce != compute and reduce.is_floating_point and narrower_than_float32(reduce):
             raise ValueError(
                 f"FSDP2 mixed_precision_policy reduce_dtype={reduce}: FSDP would reduce-scatter "
                 "the clipped sums in it, rounding the sum over the batch before the noise (one "
@@ -960,7 +960,7 @@ def _check_sharded_precision(model, accelerator) -> None:
         return  # accelerate upcasts every trainable parameter to float32 before fully_shard
     for name, param in model.named_parameters():
         if param.requires_grad and param.is_floating_point() and \
-                torch.finfo(param.dtype).eps > torch.finfo(torch.float32).eps:
+                narrower_than_float32(param.dtype):
             raise ValueError(
                 f"parameter '{name}' is {param.dtype} under FSDP2: FSDP would store and reduce-"
                 f"scatter the clipped sums in {param.dtype}, rounding the sum over the batch "
