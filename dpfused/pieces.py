@@ -37,7 +37,6 @@ Forms, the kernels (``dpfused.kernels``) each reaches, and its ``norm_path``:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -242,6 +241,17 @@ class OnehotPiece:
         out[groups.example[chosen] - first, groups.ids[chosen]] = rows.to(out.dtype)
         return out
 
+    def add_rows_into(self, total: torch.Tensor, examples: slice, pow2: torch.Tensor) -> None:
+        """``total[i] += G_i`` for ``examples`` (``total``: ``(b, V, D)``, rows pre-scaled by
+        ``pow2``), touching only the rows the examples hold; the same roundings as adding
+        ``materialize``: the float64 rows rounded to ``total``'s dtype, then one addition."""
+        first, stop, _ = examples.indices(self.batch_size)
+        groups = self.groups
+        chosen = (groups.example >= first) & (groups.example < stop)
+        rows = groups.sums[chosen] * pow2.double()[groups.example[chosen] - first].unsqueeze(1)
+        total.index_put_((groups.example[chosen] - first, groups.ids[chosen]),
+                         rows.to(total.dtype), accumulate=True)
+
     def compact(self) -> OnehotPiece:
         """Already the smaller form: (ids, grad) never exceed the per-example gradients' size."""
         return self
@@ -392,8 +402,7 @@ class DensePiece:
         chunk = max(1, _CHUNK_ELEMENTS // max(1, self._numel()))
         for start in range(0, self.batch_size, chunk):
             sl = slice(start, start + chunk)
-            flat = self.grads[sl].reshape(-1, param.numel()).double()
-            out += weights[sl].double() @ flat
+            kernels.add_examples_float64(out, self.grads[sl], weights[sl])
         return out.reshape(param.shape).to(dtype)
 
 
@@ -432,9 +441,23 @@ def joint_weighted_sum(pieces: list[Piece], weights: torch.Tensor) -> torch.Tens
     chunk = max(1, _CHUNK_ELEMENTS // max(1, param.numel()))
     for start in range(0, batch, chunk):
         sl = slice(start, start + chunk)
-        total = sum(p.materialize(sl, pow2[sl]) for p in pieces)
-        out += torch.einsum("b,b...->...", rest[sl], total.double())
+        kernels.add_examples_float64(out, _uses_added(pieces, sl, pow2[sl]), rest[sl])
     return out.to(_sum_dtype(param))
+
+
+def _uses_added(pieces: list[Piece], examples: slice, pow2: torch.Tensor) -> torch.Tensor:
+    """sum_u G^u_i of ``examples`` (rows pre-scaled by ``pow2``), in the widest accumulation
+    dtype of the pieces: the first piece materialized, each other added into it in place (one
+    rounding per use, ``joint_release_error``); an embedding use adds only its (example, id) rows."""
+    dtype = _accum_dtype(*[_any_tensor(p) for p in pieces])
+    pieces = sorted(pieces, key=lambda p: isinstance(p, OnehotPiece))  # a dense one first
+    total = pieces[0].materialize(examples, pow2).to(dtype)
+    for piece in pieces[1:]:
+        if isinstance(piece, OnehotPiece):
+            piece.add_rows_into(total, examples, pow2)
+        else:
+            total += piece.materialize(examples, pow2)
+    return total
 
 
 def joint_release_error(pieces: list[Piece]) -> torch.Tensor:

@@ -10,7 +10,7 @@ floating-point error (docs/design.md §3, "Floating point").
 from ._checks import (Estimate, FactorNorms, exact_fp32_matmul, factor_norms, gamma, row_norms,
                       unit_roundoff)
 from .chacha20 import chacha20_blocks
-from .clipped_grad import clipped_weight_grad, split_scale
+from .clipped_grad import add_examples_float64, clipped_weight_grad, split_scale
 from .direct_norm import direct_norm_sq, direct_norm_sq_bounded
 from .dispatch import choose_norm_path, resolve_impl, triton_available
 from .embedding_norm import (EmbeddingGroups, embedding_clipped_grad,
@@ -26,6 +26,7 @@ __all__ = [
     "FactorNorms",
     "chacha20_blocks",
     "choose_norm_path",
+    "add_examples_float64",
     "clipped_weight_grad",
     "direct_norm_sq",
     "direct_norm_sq_bounded",
