@@ -4,23 +4,12 @@ run under DPTrainer is tests/test_hf_fsdp2.py's."""
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import dpfused
 from dpfused.engine import DeferredPrivacy
-
-
-def _data(n=24, d=6, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, d, generator=g, dtype=torch.float64),
-                         torch.randint(0, classes, (n,), generator=g))
-
-
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+from tests.test_adaptive import _data, _mlp
 
 
 def _arguments(model, **overrides):
