@@ -287,6 +287,22 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, targets: Iterable[str
 LOG_LOSS_CHOICES = ("off", "unprotected")
 
 
+def mechanism(cfg, steps: int, *, momentum: float = 0.0) -> dict:
+    """make_private's sampling and mechanism arguments for a recipe's flags (the defaults:
+    DP-SGD); ``momentum``: the SGD momentum the optimized BandMF strategy is fitted to."""
+    kwargs = dict(sampling="poisson", clipping_function=cfg.clipping_function)
+    if cfg.bands > 1:  # an example joins at most one step in any `bands` consecutive ones
+        kwargs["sampling"] = "cyclic_poisson"
+    if cfg.bands > 1 or cfg.bandmf_strategy != "sqrt":
+        optimized = cfg.bandmf_strategy == "optimized"
+        kwargs["noise"] = dpfused.BandMF(
+            bands=cfg.bands, strategy=cfg.bandmf_strategy, steps=steps if optimized else None,
+            momentum=momentum if optimized else 0.0)
+    if cfg.max_batch_size is not None:
+        kwargs["max_batch_size"] = cfg.max_batch_size
+    return kwargs
+
+
 def mechanism_in_words(cfg) -> str:
     """The sampling and noise of a run as the progress line states them (``cfg``: a recipe's
     Config with bands, max_batch_size and clipping_function)."""

@@ -54,7 +54,7 @@ if HERE not in sys.path:  # there for `python recipes/...`, not for an import by
     sys.path.insert(0, HERE)
 from common import (GGUF_INSTALL, GGUF_PACKAGE, IGNORE_INDEX, TrainingLoop,  # noqa: E402
                     add_lora, document_separator, find_gguf, gpt2_tokenizer, load_corpus, load_gguf,
-                    mechanism_in_words, parse_config, perplexity, split_articles, tokenize)
+                    mechanism, mechanism_in_words, parse_config, perplexity, split_articles, tokenize)
 
 # dp_accounting's RDP screening logs convergence notes for fractional orders at small sigma; they
 # do not change epsilon (those orders are dropped), and peft 0.21 calls a deprecated transformers API.
@@ -229,20 +229,6 @@ def check_fsdp_batch(batch, world: int) -> None:
         raise RuntimeError(
             f"a Poisson batch of {batch.logical_size} examples cannot be split over {world} FSDP2 "
             "ranks; raise --batch-size (at the expected size 32 this practically never happens)")
-
-
-def mechanism(cfg: Config, steps: int) -> dict:
-    """make_private's sampling and mechanism arguments for the flags (the defaults: DP-SGD)."""
-    kwargs = dict(sampling="poisson", clipping_function=cfg.clipping_function)
-    if cfg.bands > 1:  # a block joins at most one step in any `bands` consecutive ones
-        kwargs["sampling"] = "cyclic_poisson"
-    if cfg.bands > 1 or cfg.bandmf_strategy != "sqrt":
-        optimized = cfg.bandmf_strategy == "optimized"
-        kwargs["noise"] = dpfused.BandMF(bands=cfg.bands, strategy=cfg.bandmf_strategy,
-                                         steps=steps if optimized else None)
-    if cfg.max_batch_size is not None:
-        kwargs["max_batch_size"] = cfg.max_batch_size
-    return kwargs
 
 
 def log(*args) -> None:

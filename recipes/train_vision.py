@@ -45,7 +45,7 @@ import dpfused
 HERE = str(Path(__file__).resolve().parent)  # recipes/, where common.py lives
 if HERE not in sys.path:  # there for `python recipes/...`, not for an import by path
     sys.path.insert(0, HERE)
-from common import TrainingLoop, mechanism_in_words, parse_config  # noqa: E402
+from common import TrainingLoop, mechanism, mechanism_in_words, parse_config  # noqa: E402
 
 # dp_accounting's RDP screening logs convergence notes for fractional orders at small sigma; they
 # do not change epsilon (those orders are dropped).
@@ -220,21 +220,6 @@ def build_model(cfg: Config, in_channels: int, image_size: int, num_classes: int
     return dpfused.fix(model).to(cfg.device)
 
 
-def mechanism(cfg: Config, steps: int) -> dict:
-    """make_private's sampling and mechanism arguments for the flags (the defaults: DP-SGD)."""
-    kwargs = dict(sampling="poisson", clipping_function=cfg.clipping_function)
-    if cfg.bands > 1:  # an image joins at most one step in any `bands` consecutive ones
-        kwargs["sampling"] = "cyclic_poisson"
-    if cfg.bands > 1 or cfg.bandmf_strategy != "sqrt":
-        optimized = cfg.bandmf_strategy == "optimized"
-        kwargs["noise"] = dpfused.BandMF(
-            bands=cfg.bands, strategy=cfg.bandmf_strategy, steps=steps if optimized else None,
-            momentum=cfg.momentum if optimized else 0.0)
-    if cfg.max_batch_size is not None:
-        kwargs["max_batch_size"] = cfg.max_batch_size
-    return kwargs
-
-
 # ----------------------------------------------------------------------------------------------------
 # Train / evaluate / save
 
@@ -278,7 +263,7 @@ class Recipe(TrainingLoop):
             clipping=cfg.clipping,
             loss_reduction="mean",  # F.cross_entropy's default reduction below
             max_physical_batch_size=cfg.max_physical_batch_size,
-            **mechanism(cfg, self.total_steps),
+            **mechanism(cfg, self.total_steps, momentum=cfg.momentum),
         )
         if cfg.epsilon is not None:  # calibrate for the steps train() will take, so epsilon is reached
             self.model, optimizer, train_loader = self.engine.make_private_with_epsilon(
