@@ -230,25 +230,22 @@ class OnehotPiece:
     def materialize(self, examples: slice = slice(None), pow2: torch.Tensor | None = None):
         """Per-example gradients ``(b, V, D)`` of ``examples`` in the accumulation dtype."""
         first, stop, _ = examples.indices(self.batch_size)
+        out = torch.zeros(stop - first, self.param.shape[0], self.grad.shape[2],
+                          dtype=_accum_dtype(self.grad), device=self.grad.device)
+        self.add_rows_into(out, examples, pow2)
+        return out
+
+    def add_rows_into(self, total: torch.Tensor, examples: slice,
+                      pow2: torch.Tensor | None = None) -> None:
+        """``total[i] += G_i`` for ``examples`` (``total``: ``(b, V, D)``; rows pre-scaled by
+        ``pow2`` if given), touching only the rows the examples hold: the float64 rows rounded
+        to ``total``'s dtype, then one addition (exact into zeros)."""
+        first, stop, _ = examples.indices(self.batch_size)
         groups = self.groups
         chosen = (groups.example >= first) & (groups.example < stop)
         rows = groups.sums[chosen]
         if pow2 is not None:
             rows = rows * pow2.double()[groups.example[chosen] - first].unsqueeze(1)
-        dim = self.grad.shape[2]
-        out = torch.zeros(stop - first, self.param.shape[0], dim, dtype=_accum_dtype(self.grad),
-                          device=self.grad.device)
-        out[groups.example[chosen] - first, groups.ids[chosen]] = rows.to(out.dtype)
-        return out
-
-    def add_rows_into(self, total: torch.Tensor, examples: slice, pow2: torch.Tensor) -> None:
-        """``total[i] += G_i`` for ``examples`` (``total``: ``(b, V, D)``, rows pre-scaled by
-        ``pow2``), touching only the rows the examples hold; the same roundings as adding
-        ``materialize``: the float64 rows rounded to ``total``'s dtype, then one addition."""
-        first, stop, _ = examples.indices(self.batch_size)
-        groups = self.groups
-        chosen = (groups.example >= first) & (groups.example < stop)
-        rows = groups.sums[chosen] * pow2.double()[groups.example[chosen] - first].unsqueeze(1)
         total.index_put_((groups.example[chosen] - first, groups.ids[chosen]),
                          rows.to(total.dtype), accumulate=True)
 
