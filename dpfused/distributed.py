@@ -36,7 +36,7 @@ from dpfused.step import ClippedStep, LogicalBatch
 __all__ = ["DDPReduction", "FSDP2Reduction", "ProcessGroupReduction", "all_reduce_sum",
            "check_ddp", "check_same_data", "check_sharding", "dataset_fingerprint",
            "drain_torch_threads_at_exit", "is_fsdp2", "narrower_than_float32", "per_rank_generator",
-           "replicated_generator", "unwrap"]
+           "reduce_dtype_of", "replicated_generator", "unwrap"]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -466,11 +466,7 @@ def _check_reduce_precision(module: nn.Module) -> None:
             param = fsdp_param.sharded_param
             if not param.requires_grad:
                 continue  # frozen (LoRA's base weights): never reduced
-            # FSDP's own rule (FSDPParam.init_dtype_attrs, run at the first forward): a reduce
-            # dtype equal to the compute dtype means "none": reduce in the gradients' dtype.
-            reduce_dtype = (None if policy.reduce_dtype == policy.param_dtype
-                            else policy.reduce_dtype)
-            for what, dtype in (("parameter", param.dtype), ("reduce", reduce_dtype)):
+            for what, dtype in (("parameter", param.dtype), ("reduce", reduce_dtype_of(policy))):
                 if dtype is not None and dtype.is_floating_point and narrower_than_float32(dtype):
                     raise ValueError(
                         f"parameter '{names.get(id(param), tuple(param.shape))}' has the "
@@ -479,6 +475,14 @@ def _check_reduce_precision(module: nn.Module) -> None:
                         "before the noise "
                         "(one example could then move it by far more than max_grad_norm); "
                         f"{_MIXED_PRECISION_FIX}")
+
+
+def reduce_dtype_of(policy) -> torch.dtype | None:
+    """The dtype FSDP2 reduce-scatters in under a MixedPrecisionPolicy, None for the gradients'
+    own. FSDP's rule (FSDPParam.init_dtype_attrs, run at the first forward): a reduce dtype equal
+    to the compute dtype means "none"."""
+    reduce = getattr(policy, "reduce_dtype", None)
+    return None if reduce == getattr(policy, "param_dtype", None) else reduce
 
 
 def narrower_than_float32(dtype: torch.dtype) -> bool:

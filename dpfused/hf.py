@@ -68,7 +68,7 @@ from dpfused.arguments import (
     check_target_epsilon,
 )
 from dpfused.bandmf import BandMF
-from dpfused.distributed import narrower_than_float32
+from dpfused.distributed import narrower_than_float32, reduce_dtype_of
 from dpfused.engine import PrivacyEngine
 from dpfused.losses import per_example_lm_loss
 from dpfused.secure_random import ChaCha20Generator
@@ -940,16 +940,13 @@ def _refuse_unsupported_sharding(trainer) -> None:
             "by DPTrainer: accelerate wraps the layers in checkpoint wrappers after the model was "
             "checked, and dpfused's clipping of the recomputed layers is not tested there; set "
             "fsdp_activation_checkpointing: false")
-    policy = plugin.mixed_precision_policy
-    if policy is not None and getattr(policy, "reduce_dtype", None) is not None:
-        reduce, compute = policy.reduce_dtype, policy.param_dtype
-        if reduce != compute and reduce.is_floating_point and narrower_than_float32(reduce):
-            raise ValueError(
-                f"FSDP2 mixed_precision_policy reduce_dtype={reduce}: FSDP would reduce-scatter "
-                "the clipped sums in it, rounding the sum over the batch before the noise (one "
-                "example could then move it by far more than per_sample_max_grad_norm); set "
-                "reduce_dtype to torch.float32, or leave the policy to TrainingArguments(bf16="
-                "True)")
+    reduce = reduce_dtype_of(plugin.mixed_precision_policy)
+    if reduce is not None and reduce.is_floating_point and narrower_than_float32(reduce):
+        raise ValueError(
+            f"FSDP2 mixed_precision_policy reduce_dtype={reduce}: FSDP would reduce-scatter the "
+            "clipped sums in it, rounding the sum over the batch before the noise (one example "
+            "could then move it by far more than per_sample_max_grad_norm); set reduce_dtype to "
+            "torch.float32, or leave the policy to TrainingArguments(bf16=True)")
 
 
 def _check_sharded_precision(model, accelerator) -> None:
